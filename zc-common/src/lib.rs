@@ -1,0 +1,120 @@
+//! Map keys and values shared by the eBPF programs and user space.
+//!
+//! Every type is `#[repr(C)]`, made only of fixed-width integers, and laid
+//! out without padding, so both sides agree on its bytes.
+#![no_std]
+
+/// `AF_INET`, as the kernel reports it in socket contexts.
+pub const AF_INET: u32 = 2;
+/// `AF_INET6`, as the kernel reports it in socket contexts.
+pub const AF_INET6: u32 = 10;
+
+/// Capacity of every socket map. A relay pair holds two entries.
+pub const MAX_SOCKETS: u32 = 65_536;
+
+/// One TCP socket, named by its 4-tuple as seen from that socket.
+///
+/// Addresses are the kernel's network-byte-order 32-bit words (an IPv4
+/// address fills `local_ip[0]`, the rest stay zero); ports are host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SockKey {
+    pub family: u32,
+    pub local_port: u32,
+    pub remote_port: u32,
+    pub local_ip: [u32; 4],
+    pub remote_ip: [u32; 4],
+}
+
+impl SockKey {
+    /// The same connection seen from its other end (the same-host case).
+    pub const fn reversed(&self) -> Self {
+        Self {
+            family: self.family,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            local_ip: self.remote_ip,
+            remote_ip: self.local_ip,
+        }
+    }
+}
+
+/// Normalises the `remote_port` field of `__sk_buff`, `sk_msg_md` and
+/// `bpf_sock_ops`: the kernel stores the big-endian port in the upper half
+/// of the word on little-endian hosts (net/core/filter.c, `BPF_LSH 16`),
+/// and older kernels in the lower half. Returns the port in host order.
+#[inline(always)]
+pub const fn remote_port_from_ctx(raw: u32) -> u32 {
+    let be = if raw & 0xffff == 0 { raw >> 16 } else { raw & 0xffff };
+    u16::from_be(be as u16) as u32
+}
+
+/// Where a paired socket's bytes go.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// The socket that receives what this one's remote end sends.
+    pub key: SockKey,
+    /// One of the `PEER_*` constants.
+    pub kind: u32,
+}
+
+/// Relay pair: bytes arriving on this socket leave through the peer
+/// (sk_skb stream verdict, redirect to the peer's egress).
+pub const PEER_RELAY: u32 = 1;
+/// Same-host short-circuit: what this socket sends is put straight into the
+/// peer's receive queue (sk_msg, redirect to the peer's ingress).
+pub const PEER_LOCAL: u32 = 2;
+
+/// Per-socket, per-CPU counters of what the programs redirected away from
+/// a socket. User space sums the CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub bytes: u64,
+    pub msgs: u64,
+    /// Redirects the kernel refused (peer gone); never expected in a
+    /// healthy pair, and each one means lost bytes.
+    pub failed: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain integers, no padding, any bit pattern is valid.
+    unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::Peer {}
+    unsafe impl aya::Pod for super::Counters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_padding() {
+        assert_eq!(core::mem::size_of::<SockKey>(), 4 * 3 + 16 * 2);
+        assert_eq!(core::mem::size_of::<Peer>(), core::mem::size_of::<SockKey>() + 4);
+        assert_eq!(core::mem::size_of::<Counters>(), 24);
+    }
+
+    #[test]
+    fn remote_port_is_read_from_either_half() {
+        let port: u16 = 8080;
+        let be = u16::to_be(port) as u32;
+        assert_eq!(remote_port_from_ctx(be << 16), 8080);
+        assert_eq!(remote_port_from_ctx(be), 8080);
+    }
+
+    #[test]
+    fn reversing_twice_is_identity() {
+        let k = SockKey {
+            family: AF_INET,
+            local_port: 1,
+            remote_port: 2,
+            local_ip: [3, 0, 0, 0],
+            remote_ip: [4, 0, 0, 0],
+        };
+        assert_eq!(k.reversed().reversed(), k);
+        assert_eq!(k.reversed().local_port, 2);
+    }
+}

@@ -1,0 +1,27 @@
+//! zc's kernel side: sockmap programs that move bytes between paired TCP
+//! sockets without a trip through user space.
+//!
+//! Maps (all keyed by [`SockKey`], the socket's own 4-tuple):
+//! - `TARGETS`: every socket that can receive a redirect. It has no
+//!   programs attached, so joining it changes nothing about a socket; it
+//!   only gives the redirect helpers something to look the peer up in.
+//! - `RELAY`: sockets whose arriving bytes go to their peer's egress
+//!   (`zc_verdict`, an sk_skb stream verdict program).
+//! - `LOCAL`: same-host sockets whose sent bytes go to their peer's
+//!   ingress (`zc_msg`, an sk_msg program).
+//! - `PEERS`: socket -> where its bytes go. `COUNTERS`: what moved.
+#![no_std]
+#![no_main]
+
+#[cfg(target_arch = "bpf")]
+mod programs;
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that could reach this.
+    loop {}
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

@@ -1,0 +1,124 @@
+use core::ptr::read_volatile;
+
+use aya_ebpf::{
+    bindings::{BPF_F_INGRESS, sk_action},
+    macros::{map, sk_msg, stream_verdict},
+    maps::{HashMap, PerCpuHashMap, SockHash},
+    programs::{SkBuffContext, SkMsgContext},
+};
+use aya_log_ebpf::debug;
+use zc_common::{
+    AF_INET, Counters, MAX_SOCKETS, PEER_LOCAL, PEER_RELAY, Peer, SockKey, remote_port_from_ctx,
+};
+
+#[map]
+static TARGETS: SockHash<SockKey> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+
+#[map]
+static RELAY: SockHash<SockKey> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+
+#[map]
+static LOCAL: SockHash<SockKey> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+
+#[map]
+static PEERS: HashMap<SockKey, Peer> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
+#[map]
+static COUNTERS: PerCpuHashMap<SockKey, Counters> =
+    PerCpuHashMap::with_max_entries(MAX_SOCKETS, 0);
+
+/// Builds a key from a socket context (`__sk_buff` or `sk_msg_md`, which
+/// name these fields alike). Every field is loaded on its own, volatile:
+/// the verifier rejects a load through a context pointer the compiler has
+/// offset ("dereference of modified ctx ptr"), which copying the IPv6
+/// arrays as a whole produces.
+macro_rules! key_of {
+    ($ctx:expr) => {{
+        let c = $ctx;
+        // SAFETY: the kernel hands the program a valid context for its run.
+        unsafe {
+            let family = read_volatile(&raw const (*c).family);
+            let mut key = SockKey {
+                family,
+                local_port: read_volatile(&raw const (*c).local_port),
+                remote_port: remote_port_from_ctx(read_volatile(&raw const (*c).remote_port)),
+                local_ip: [0; 4],
+                remote_ip: [0; 4],
+            };
+            if family == AF_INET {
+                key.local_ip[0] = read_volatile(&raw const (*c).local_ip4);
+                key.remote_ip[0] = read_volatile(&raw const (*c).remote_ip4);
+            } else {
+                key.local_ip[0] = read_volatile(&raw const (*c).local_ip6[0]);
+                key.local_ip[1] = read_volatile(&raw const (*c).local_ip6[1]);
+                key.local_ip[2] = read_volatile(&raw const (*c).local_ip6[2]);
+                key.local_ip[3] = read_volatile(&raw const (*c).local_ip6[3]);
+                key.remote_ip[0] = read_volatile(&raw const (*c).remote_ip6[0]);
+                key.remote_ip[1] = read_volatile(&raw const (*c).remote_ip6[1]);
+                key.remote_ip[2] = read_volatile(&raw const (*c).remote_ip6[2]);
+                key.remote_ip[3] = read_volatile(&raw const (*c).remote_ip6[3]);
+            }
+            key
+        }
+    }};
+}
+
+#[inline(always)]
+fn peer_of(key: &SockKey, kind: u32) -> Option<SockKey> {
+    // SAFETY: the value is only read, and copied out at once.
+    let peer = unsafe { PEERS.get(key) }?;
+    (peer.kind == kind).then_some(peer.key)
+}
+
+#[inline(always)]
+fn count(key: &SockKey, len: u32, ok: bool) {
+    // User space creates the entry when it pairs, so the hot path never
+    // allocates.
+    if let Some(c) = COUNTERS.get_ptr_mut(key) {
+        // SAFETY: per-CPU value, so no other CPU writes it concurrently.
+        unsafe {
+            if ok {
+                (*c).bytes += u64::from(len);
+                (*c).msgs += 1;
+            } else {
+                (*c).failed += 1;
+            }
+        }
+    }
+}
+
+/// Bytes arriving on a paired relay socket leave through its peer.
+#[stream_verdict]
+pub fn zc_verdict(ctx: SkBuffContext) -> u32 {
+    let key = key_of!(ctx.skb.skb);
+    let Some(mut peer) = peer_of(&key, PEER_RELAY) else {
+        debug!(&ctx, "zc_verdict: unpaired socket :{}, passing", key.local_port);
+        return sk_action::SK_PASS;
+    };
+    let len = ctx.len();
+    let verdict = TARGETS.redirect_skb(&ctx, &mut peer, 0) as u32;
+    let ok = verdict == sk_action::SK_PASS;
+    count(&key, len, ok);
+    if !ok {
+        debug!(&ctx, "zc_verdict: peer of :{} is gone, {} bytes dropped", key.local_port, len);
+    }
+    verdict
+}
+
+/// What a short-circuited local socket sends lands in its peer's receive
+/// queue, skipping the loopback TCP path.
+#[sk_msg]
+pub fn zc_msg(ctx: SkMsgContext) -> u32 {
+    let key = key_of!(ctx.msg);
+    let Some(mut peer) = peer_of(&key, PEER_LOCAL) else {
+        return sk_action::SK_PASS;
+    };
+    let len = ctx.size();
+    let verdict = LOCAL.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) as u32;
+    let ok = verdict == sk_action::SK_PASS;
+    count(&key, len, ok);
+    if !ok {
+        debug!(&ctx, "zc_msg: peer of :{} is gone", key.local_port);
+    }
+    verdict
+}

@@ -1,0 +1,276 @@
+//! Loads zc's eBPF object into the kernel and exposes its maps as typed
+//! operations. One [`Programs`] value owns every kernel object it created;
+//! dropping it detaches the programs and frees the maps.
+use std::{
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuHashMap, SockHash},
+    programs::{SkMsg, SkSkb},
+};
+use log::{debug, warn};
+use zc_common::{Counters, PEER_LOCAL, PEER_RELAY, Peer, SockKey};
+
+/// The object built from `zc-ebpf` by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zc"));
+
+/// Why the programs could not be made ready. Callers branch on it to pick
+/// a fallback and to tell the user what is missing.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("this zc binary was built without its eBPF object (AYA_BUILD_SKIP); rebuild with `cargo xtask build`")]
+    NoObject,
+    #[error("loading the eBPF object failed (needs root, or CAP_BPF and CAP_NET_ADMIN): {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("program `{0}` is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("map `{0}` is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("map `{0}` has an unexpected type: {1}")]
+    MapType(&'static str, #[source] aya::maps::MapError),
+    #[error("loading or attaching program `{0}` failed: {1}")]
+    Program(&'static str, #[source] aya::programs::ProgramError),
+}
+
+/// Failure of one pairing operation.
+#[derive(Debug, thiserror::Error)]
+pub enum PairError {
+    #[error("socket {0:?} is already paired")]
+    AlreadyPaired(SockKey),
+    #[error("both ends are the same socket")]
+    SameSocket,
+    #[error("reading the socket's addresses failed: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("updating map `{0}` failed: {1}")]
+    Map(&'static str, #[source] aya::maps::MapError),
+}
+
+struct Maps {
+    targets: SockHash<MapData, SockKey>,
+    relay: SockHash<MapData, SockKey>,
+    local: SockHash<MapData, SockKey>,
+    peers: HashMap<MapData, SockKey, Peer>,
+    counters: PerCpuHashMap<MapData, SockKey, Counters>,
+}
+
+/// The loaded programs and their maps. Cheap to clone; all clones share
+/// the same kernel objects.
+#[derive(Clone)]
+pub struct Programs {
+    inner: Arc<Mutex<Maps>>,
+    // Keeps programs and their attachments alive; dropped last.
+    _ebpf: Arc<Mutex<Ebpf>>,
+}
+
+fn take<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, LoadError>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
+    M::try_from(map).map_err(|e| LoadError::MapType(name, e))
+}
+
+impl Programs {
+    /// Loads the object, attaches `zc_verdict` to `RELAY` and `zc_msg` to
+    /// `LOCAL`, and starts forwarding eBPF-side logs to `log`.
+    pub fn load() -> Result<Self, LoadError> {
+        if OBJECT.is_empty() {
+            return Err(LoadError::NoObject);
+        }
+        let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(LoadError::Load)?;
+        start_log_forwarding(&mut ebpf);
+        let targets: SockHash<MapData, SockKey> = take(&mut ebpf, "TARGETS")?;
+        let relay: SockHash<MapData, SockKey> = take(&mut ebpf, "RELAY")?;
+        let local: SockHash<MapData, SockKey> = take(&mut ebpf, "LOCAL")?;
+        let peers = take(&mut ebpf, "PEERS")?;
+        let counters = take(&mut ebpf, "COUNTERS")?;
+
+        let verdict: &mut SkSkb = ebpf
+            .program_mut("zc_verdict")
+            .ok_or(LoadError::MissingProgram("zc_verdict"))?
+            .try_into()
+            .map_err(|e| LoadError::Program("zc_verdict", e))?;
+        verdict.load().map_err(|e| LoadError::Program("zc_verdict", e))?;
+        verdict.attach(relay.fd()).map_err(|e| LoadError::Program("zc_verdict", e))?;
+
+        let msg: &mut SkMsg = ebpf
+            .program_mut("zc_msg")
+            .ok_or(LoadError::MissingProgram("zc_msg"))?
+            .try_into()
+            .map_err(|e| LoadError::Program("zc_msg", e))?;
+        msg.load().map_err(|e| LoadError::Program("zc_msg", e))?;
+        msg.attach(local.fd()).map_err(|e| LoadError::Program("zc_msg", e))?;
+
+        Ok(Self {
+            inner: Arc::new(Mutex::new(Maps { targets, relay, local, peers, counters })),
+            _ebpf: Arc::new(Mutex::new(ebpf)),
+        })
+    }
+
+    fn maps(&self) -> MutexGuard<'_, Maps> {
+        // A panic while holding the lock cannot leave the maps half-updated
+        // in a way the kernel cares about, so keep going after poisoning.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Joins two connected TCP sockets so that what arrives on one leaves
+    /// through the other, in the kernel.
+    ///
+    /// Order matters. Both sockets first join `TARGETS` (no programs, so
+    /// nothing changes for them) and get their `PEERS` entries; only then
+    /// does each join `RELAY`, whose verdict program redirects into
+    /// `TARGETS`. So a redirect never finds its peer missing, and bytes
+    /// that arrive meanwhile simply wait in the receive queue. Joining
+    /// `RELAY` does not process bytes already queued, so each socket is
+    /// then kicked (see [`crate::sys::kick_data_ready`]).
+    pub fn pair_relay(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> Result<(SockKey, SockKey), PairError> {
+        let ka = crate::sys::sock_key(a).map_err(PairError::Socket)?;
+        let kb = crate::sys::sock_key(b).map_err(PairError::Socket)?;
+        self.pair_keys(PEER_RELAY, (ka, a), (kb, b))?;
+        Ok((ka, kb))
+    }
+
+    /// Short-circuits the two ends of one local TCP connection: what either
+    /// end sends goes straight into the other's receive queue.
+    pub fn pair_local(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> Result<(SockKey, SockKey), PairError> {
+        let ka = crate::sys::sock_key(a).map_err(PairError::Socket)?;
+        let kb = crate::sys::sock_key(b).map_err(PairError::Socket)?;
+        self.pair_keys(PEER_LOCAL, (ka, a), (kb, b))?;
+        Ok((ka, kb))
+    }
+
+    fn pair_keys(&self, kind: u32, (ka, a): (SockKey, BorrowedFd<'_>), (kb, b): (SockKey, BorrowedFd<'_>)) -> Result<(), PairError> {
+        if ka == kb {
+            return Err(PairError::SameSocket);
+        }
+        let mut m = self.maps();
+        for k in [&ka, &kb] {
+            if m.peers.get(k, 0).is_ok() {
+                return Err(PairError::AlreadyPaired(*k));
+            }
+        }
+        let result = (|| {
+            for k in [&ka, &kb] {
+                let zero = aya::maps::PerCpuValues::try_from(vec![Counters::default(); nr_cpus()])
+                    .map_err(PairError::Socket)?;
+                m.counters.insert(k, zero, 0).map_err(|e| PairError::Map("COUNTERS", e))?;
+            }
+            m.peers.insert(ka, Peer { key: kb, kind }, 0).map_err(|e| PairError::Map("PEERS", e))?;
+            m.peers.insert(kb, Peer { key: ka, kind }, 0).map_err(|e| PairError::Map("PEERS", e))?;
+            if kind == PEER_RELAY {
+                for (k, fd) in [(&ka, a), (&kb, b)] {
+                    m.targets.insert(k, fd.as_raw_fd(), 0).map_err(|e| PairError::Map("TARGETS", e))?;
+                }
+                for (k, fd) in [(&ka, a), (&kb, b)] {
+                    m.relay.insert(k, fd.as_raw_fd(), 0).map_err(|e| PairError::Map("RELAY", e))?;
+                }
+            } else {
+                for (k, fd) in [(&ka, a), (&kb, b)] {
+                    m.local.insert(k, fd.as_raw_fd(), 0).map_err(|e| PairError::Map("LOCAL", e))?;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            remove_locked(&mut m, &[ka, kb]);
+            return Err(e);
+        }
+        drop(m);
+        if kind == PEER_RELAY {
+            for fd in [a, b] {
+                if let Err(e) = crate::sys::kick_data_ready(fd) {
+                    warn!("kicking a newly paired socket failed: {e}");
+                }
+            }
+        }
+        debug!("paired {ka:?} <-> {kb:?}");
+        Ok(())
+    }
+
+    /// Removes both sockets of a pair from every map. Sockets leave the
+    /// program maps before `TARGETS`, so no redirect targets a socket that
+    /// is half removed.
+    pub fn unpair(&self, keys: &[SockKey]) {
+        remove_locked(&mut self.maps(), keys);
+    }
+
+    /// What the programs redirected away from `key`, summed over CPUs.
+    pub fn counters(&self, key: &SockKey) -> Option<Counters> {
+        let m = self.maps();
+        let per_cpu = m.counters.get(key, 0).ok()?;
+        Some(per_cpu.iter().fold(Counters::default(), |acc, c| Counters {
+            bytes: acc.bytes + c.bytes,
+            msgs: acc.msgs + c.msgs,
+            failed: acc.failed + c.failed,
+        }))
+    }
+
+    /// Number of entries in each map: (TARGETS, RELAY, LOCAL, PEERS).
+    pub fn entry_counts(&self) -> [usize; 4] {
+        let m = self.maps();
+        [m.targets.keys().count(), m.relay.keys().count(), m.local.keys().count(), m.peers.keys().count()]
+    }
+
+    /// Raw access for tests that need a socket in `RELAY` without a peer.
+    #[doc(hidden)]
+    pub fn insert_unpaired_relay(&self, fd: impl AsFd) -> Result<SockKey, PairError> {
+        let fd = fd.as_fd();
+        let k = crate::sys::sock_key(fd).map_err(PairError::Socket)?;
+        self.maps().relay.insert(k, fd.as_raw_fd(), 0).map_err(|e| PairError::Map("RELAY", e))?;
+        Ok(k)
+    }
+}
+
+fn remove_locked(m: &mut Maps, keys: &[SockKey]) {
+    // Missing entries are expected when undoing a partial pairing.
+    for k in keys {
+        let _ = m.relay.remove(k);
+        let _ = m.local.remove(k);
+    }
+    for k in keys {
+        let _ = m.targets.remove(k);
+        let _ = m.peers.remove(k);
+        let _ = m.counters.remove(k);
+    }
+}
+
+fn nr_cpus() -> usize {
+    aya::util::nr_cpus().unwrap_or(1)
+}
+
+/// eBPF-side logs arrive through aya-log's ring buffer; a task drains it
+/// into `log` whenever the buffer becomes readable. Failure is not fatal:
+/// the data path does not depend on logging.
+fn start_log_forwarding(ebpf: &mut Ebpf) {
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("eBPF-side logging is unavailable: {e}");
+            return;
+        }
+    };
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        debug!("no tokio runtime; eBPF-side logs are not forwarded");
+        return;
+    };
+    handle.spawn(async move {
+        // SAFETY: the logger owns its ring-buffer fd and keeps it open for
+        // as long as the AsyncFd holds it.
+        let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+        let mut fd = match registered {
+            Ok(fd) => fd,
+            Err(e) => {
+                warn!("eBPF-side logging is unavailable: {e}");
+                return;
+            }
+        };
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else { return };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}
