@@ -21,9 +21,13 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     // The bootstrap installs bpf-linker under ZC_TOOLS_DIR/bin (xtask sets
-    // it); put it first on PATH for the nested nightly cargo.
-    if let Some(tools) = env::var_os("ZC_TOOLS_DIR") {
-        let bin = PathBuf::from(tools).join("bin");
+    // it; default ~/.cache/zc-tools); put it first on PATH for the nested
+    // nightly cargo.
+    let tools = env::var_os("ZC_TOOLS_DIR")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/zc-tools")));
+    if let Some(tools) = tools {
+        let bin = tools.join("bin");
         let path = env::var_os("PATH").unwrap_or_default();
         let joined = env::join_paths(std::iter::once(bin).chain(env::split_paths(&path)))?;
         // SAFETY: build scripts are single-threaded at this point.

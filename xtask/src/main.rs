@@ -1,1 +1,108 @@
-fn main() {}
+//! Build, test and bench tooling for zc: `cargo xtask --help`.
+mod bootstrap;
+
+use std::{
+    path::PathBuf,
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "zc's build, test and bench tooling")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the eBPF build needs (nightly rust-src, a bpf-linker
+    /// built against the nightly's own LLVM). Cached: a second run only
+    /// checks versions.
+    Bootstrap,
+    /// Bootstrap, then build the `zc` binary (eBPF object embedded).
+    Build,
+    /// Build, then run `zc`; with no arguments runs `zc demo`, which relays
+    /// real bytes through the kernel and prints what it measured.
+    Run {
+        /// Arguments for `zc` (default: `demo`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build, then run the whole test suite (needs root: tests load BPF).
+    Test {
+        /// Extra arguments for `cargo test`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    // xtask lives one level below the workspace root.
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn cargo(tools: &bootstrap::Tools) -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root()).env("ZC_TOOLS_DIR", &tools.dir);
+    cmd
+}
+
+fn status(mut cmd: Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed ({st})");
+    }
+    Ok(())
+}
+
+fn build(tools: &bootstrap::Tools) -> Result<PathBuf> {
+    let mut cmd = cargo(tools);
+    cmd.args(["build", "--release", "--package", "zc-user", "--bin", "zc"]);
+    status(cmd)?;
+    Ok(workspace_root().join("target/release/zc"))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Bootstrap => {
+            let tools = bootstrap::ensure()?;
+            println!("bpf-linker ready: {}", tools.linker().display());
+        }
+        Cmd::Build => {
+            let tools = bootstrap::ensure()?;
+            let zc = build(&tools)?;
+            println!("built {}", zc.display());
+        }
+        Cmd::Run { args } => {
+            let tools = bootstrap::ensure()?;
+            let zc = build(&tools)?;
+            let args = if args.is_empty() { vec!["demo".to_string()] } else { args };
+            let mut cmd = Command::new(zc);
+            cmd.args(args);
+            status(cmd)?;
+        }
+        Cmd::Test { args } => {
+            let tools = bootstrap::ensure()?;
+            let zc = build(&tools)?;
+            let mut cmd = cargo(&tools);
+            // Integration tests start the real binary; point them at the
+            // release build made above.
+            cmd.args(["test", "--release", "--workspace"]).args(args).env("ZC_BIN", zc);
+            status(cmd)?;
+        }
+    }
+    Ok(())
+}

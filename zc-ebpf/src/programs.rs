@@ -96,6 +96,14 @@ pub fn zc_verdict(ctx: SkBuffContext) -> u32 {
         return sk_action::SK_PASS;
     };
     let len = ctx.len();
+    if len == 0 {
+        // A bare FIN. TCP has already recorded the shutdown; redirecting
+        // an empty skb makes the peer's psock backlog send 0 bytes, which
+        // it treats as a hard error (EPIPE on the peer, transmit stopped;
+        // net/core/skmsg.c sk_psock_backlog, seen on 6.18). Nothing to
+        // deliver, so drop it; zc carries the FIN itself.
+        return sk_action::SK_DROP;
+    }
     let verdict = TARGETS.redirect_skb(&ctx, &mut peer, 0) as u32;
     let ok = verdict == sk_action::SK_PASS;
     count(&key, len, ok);

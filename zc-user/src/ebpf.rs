@@ -42,6 +42,8 @@ pub enum PairError {
     AlreadyPaired(SockKey),
     #[error("both ends are the same socket")]
     SameSocket,
+    #[error("socket {0:?} is not an established TCP connection (it closed, or its remote end finished, before pairing)")]
+    NotEstablished(SockKey),
     #[error("reading the socket's addresses failed: {0}")]
     Socket(#[source] std::io::Error),
     #[error("updating map `{0}` failed: {1}")]
@@ -54,6 +56,18 @@ struct Maps {
     local: SockHash<MapData, SockKey>,
     peers: HashMap<MapData, SockKey, Peer>,
     counters: PerCpuHashMap<MapData, SockKey, Counters>,
+}
+
+/// What [`Programs::pair_relay`] set up.
+#[derive(Clone, Copy, Debug)]
+pub struct RelayPairing {
+    pub keys: [SockKey; 2],
+    /// Whether each socket's arriving bytes are redirected by the kernel.
+    /// `false` when its remote end finished sending (or failed) between
+    /// joining `TARGETS` and joining `RELAY`: TCP then leaves the
+    /// established state and the kernel refuses the socket. The caller
+    /// copies that direction itself; the other still runs in the kernel.
+    pub in_relay: [bool; 2],
 }
 
 /// The loaded programs and their maps. Cheap to clone; all clones share
@@ -126,23 +140,64 @@ impl Programs {
     /// that arrive meanwhile simply wait in the receive queue. Joining
     /// `RELAY` does not process bytes already queued, so each socket is
     /// then kicked (see [`crate::sys::kick_data_ready`]).
-    pub fn pair_relay(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> Result<(SockKey, SockKey), PairError> {
-        let ka = crate::sys::sock_key(a).map_err(PairError::Socket)?;
-        let kb = crate::sys::sock_key(b).map_err(PairError::Socket)?;
-        self.pair_keys(PEER_RELAY, (ka, a), (kb, b))?;
-        Ok((ka, kb))
+    ///
+    /// The kernel only accepts established sockets. If one is refused at
+    /// the `TARGETS` step nothing has moved yet: everything is undone and
+    /// [`PairError::NotEstablished`] returned. A refusal at the `RELAY`
+    /// step is reported in [`RelayPairing::in_relay`].
+    pub fn pair_relay(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> Result<RelayPairing, PairError> {
+        let keys = [crate::sys::sock_key(a).map_err(PairError::Socket)?, crate::sys::sock_key(b).map_err(PairError::Socket)?];
+        let fds = [a, b];
+        let mut m = self.prepare(PEER_RELAY, keys)?;
+        for i in 0..2 {
+            if let Err(e) = m.targets.insert(keys[i], fds[i].as_raw_fd(), 0) {
+                remove_locked(&mut m, &keys);
+                return Err(map_insert_error("TARGETS", keys[i], e));
+            }
+        }
+        let mut in_relay = [false; 2];
+        for i in 0..2 {
+            match m.relay.insert(keys[i], fds[i].as_raw_fd(), 0) {
+                Ok(()) => in_relay[i] = true,
+                Err(e) => match map_insert_error("RELAY", keys[i], e) {
+                    PairError::NotEstablished(_) => {}
+                    other => {
+                        remove_locked(&mut m, &keys);
+                        return Err(other);
+                    }
+                },
+            }
+        }
+        drop(m);
+        for i in 0..2 {
+            if in_relay[i] {
+                if let Err(e) = crate::sys::kick_data_ready(fds[i]) {
+                    warn!("kicking a newly paired socket failed: {e}");
+                }
+            }
+        }
+        debug!("paired {:?} <-> {:?} (in kernel: {in_relay:?})", keys[0], keys[1]);
+        Ok(RelayPairing { keys, in_relay })
     }
 
     /// Short-circuits the two ends of one local TCP connection: what either
     /// end sends goes straight into the other's receive queue.
-    pub fn pair_local(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> Result<(SockKey, SockKey), PairError> {
-        let ka = crate::sys::sock_key(a).map_err(PairError::Socket)?;
-        let kb = crate::sys::sock_key(b).map_err(PairError::Socket)?;
-        self.pair_keys(PEER_LOCAL, (ka, a), (kb, b))?;
-        Ok((ka, kb))
+    pub fn pair_local(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> Result<[SockKey; 2], PairError> {
+        let keys = [crate::sys::sock_key(a).map_err(PairError::Socket)?, crate::sys::sock_key(b).map_err(PairError::Socket)?];
+        let mut m = self.prepare(PEER_LOCAL, keys)?;
+        for (k, fd) in keys.iter().zip([a, b]) {
+            if let Err(e) = m.local.insert(k, fd.as_raw_fd(), 0) {
+                remove_locked(&mut m, &keys);
+                return Err(map_insert_error("LOCAL", *k, e));
+            }
+        }
+        debug!("short-circuited {:?} <-> {:?}", keys[0], keys[1]);
+        Ok(keys)
     }
 
-    fn pair_keys(&self, kind: u32, (ka, a): (SockKey, BorrowedFd<'_>), (kb, b): (SockKey, BorrowedFd<'_>)) -> Result<(), PairError> {
+    /// Checks the keys and writes the `COUNTERS` and `PEERS` entries;
+    /// returns the locked maps for the socket inserts.
+    fn prepare(&self, kind: u32, [ka, kb]: [SockKey; 2]) -> Result<MutexGuard<'_, Maps>, PairError> {
         if ka == kb {
             return Err(PairError::SameSocket);
         }
@@ -159,35 +214,13 @@ impl Programs {
                 m.counters.insert(k, zero, 0).map_err(|e| PairError::Map("COUNTERS", e))?;
             }
             m.peers.insert(ka, Peer { key: kb, kind }, 0).map_err(|e| PairError::Map("PEERS", e))?;
-            m.peers.insert(kb, Peer { key: ka, kind }, 0).map_err(|e| PairError::Map("PEERS", e))?;
-            if kind == PEER_RELAY {
-                for (k, fd) in [(&ka, a), (&kb, b)] {
-                    m.targets.insert(k, fd.as_raw_fd(), 0).map_err(|e| PairError::Map("TARGETS", e))?;
-                }
-                for (k, fd) in [(&ka, a), (&kb, b)] {
-                    m.relay.insert(k, fd.as_raw_fd(), 0).map_err(|e| PairError::Map("RELAY", e))?;
-                }
-            } else {
-                for (k, fd) in [(&ka, a), (&kb, b)] {
-                    m.local.insert(k, fd.as_raw_fd(), 0).map_err(|e| PairError::Map("LOCAL", e))?;
-                }
-            }
-            Ok(())
+            m.peers.insert(kb, Peer { key: ka, kind }, 0).map_err(|e| PairError::Map("PEERS", e))
         })();
         if let Err(e) = result {
             remove_locked(&mut m, &[ka, kb]);
             return Err(e);
         }
-        drop(m);
-        if kind == PEER_RELAY {
-            for fd in [a, b] {
-                if let Err(e) = crate::sys::kick_data_ready(fd) {
-                    warn!("kicking a newly paired socket failed: {e}");
-                }
-            }
-        }
-        debug!("paired {ka:?} <-> {kb:?}");
-        Ok(())
+        Ok(m)
     }
 
     /// Removes both sockets of a pair from every map. Sockets leave the
@@ -222,6 +255,17 @@ impl Programs {
         self.maps().relay.insert(k, fd.as_raw_fd(), 0).map_err(|e| PairError::Map("RELAY", e))?;
         Ok(k)
     }
+}
+
+/// The kernel answers EOPNOTSUPP when a socket is not established
+/// (net/core/sock_map.c, sock_map_sk_state_allowed).
+fn map_insert_error(map: &'static str, key: SockKey, e: aya::maps::MapError) -> PairError {
+    if let aya::maps::MapError::SyscallError(s) = &e {
+        if s.io_error.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            return PairError::NotEstablished(key);
+        }
+    }
+    PairError::Map(map, e)
 }
 
 fn remove_locked(m: &mut Maps, keys: &[SockKey]) {

@@ -1,1 +1,154 @@
-fn main() {}
+//! The `zc` command line.
+mod demo;
+
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+use log::{error, info};
+use zc_user::{
+    ebpf::Programs,
+    engine::{Engine, Mode, bpf::BpfEngine},
+    relay::{Config, Relay},
+    watch::Watcher,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "zc",
+    version,
+    about = "Move bytes between two TCP sockets without visiting user space",
+    long_about = "zc joins pairs of TCP sockets inside the kernel with eBPF sockmap programs: \
+                  what arrives on one socket leaves through the other without being copied \
+                  into any process.\n\nLogs go to stderr; set RUST_LOG (error, warn, info, debug) \
+                  to change how much. eBPF-side messages appear at debug level."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a TCP proxy: accept clients on --listen, connect each to
+    /// --upstream, and relay the bytes in the kernel.
+    #[command(
+        long_about = "Run a TCP proxy: accept clients on --listen, connect each to --upstream, and \
+                      join the two sockets so the bytes move without entering this process.\n\n\
+                      Half-close and reset are carried across: when one side shuts down its write \
+                      side, the other sees EOF after every byte sent before it; a reset on one side \
+                      resets the other.\n\nRuns until SIGINT or SIGTERM, then stops accepting, lets \
+                      open connections finish for --shutdown-grace, resets the rest and unloads \
+                      everything it loaded.\n\nNeeds root, or CAP_BPF and CAP_NET_ADMIN.",
+        after_help = "Example:\n  zc relay --listen 0.0.0.0:8080 --upstream 10.0.0.9:80\n  zc relay --listen [::]:5201 --upstream [::1]:5202"
+    )]
+    Relay(RelayArgs),
+    /// Show zc at work: relay bytes through the kernel next to a direct
+    /// connection and print throughput, integrity and the relay's CPU time.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct RelayArgs {
+    /// Address to accept clients on, e.g. 127.0.0.1:8080 or [::]:8080.
+    #[arg(long, value_name = "ADDR")]
+    listen: SocketAddr,
+    /// Address of the server each client is connected to.
+    #[arg(long, value_name = "ADDR")]
+    upstream: SocketAddr,
+    /// Data path. bpf: in-kernel sockmap redirect (needs root or
+    /// CAP_BPF+CAP_NET_ADMIN).
+    #[arg(long, value_enum, default_value_t = Mode::Bpf)]
+    mode: Mode,
+    /// Send buffer for both sockets of each pair, in bytes (0 keeps the
+    /// kernel's autotuning). Large buffers keep the in-kernel redirect
+    /// from stalling on a momentarily full destination.
+    #[arg(long, value_name = "BYTES", default_value_t = zc_user::engine::bpf::DEFAULT_SNDBUF)]
+    sndbuf: usize,
+    /// Most connections relayed at once; further clients wait in the
+    /// listen backlog.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    max_conns: usize,
+    /// Give up connecting to the upstream after this many seconds (the
+    /// client is then reset).
+    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+    connect_timeout: f64,
+    /// After SIGINT/SIGTERM, let open connections finish for this many
+    /// seconds before resetting them.
+    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+    shutdown_grace: f64,
+}
+
+fn secs(v: f64, what: &str) -> Result<Duration> {
+    Duration::try_from_secs_f64(v).with_context(|| format!("--{what} must be a non-negative number of seconds"))
+}
+
+async fn relay(args: RelayArgs) -> Result<()> {
+    raise_fd_limit();
+    let engine = match args.mode {
+        Mode::Bpf => {
+            let progs = Programs::load().context("BPF mode is unavailable")?;
+            let watcher = Watcher::start().context("starting the socket watcher")?;
+            Engine::Bpf(BpfEngine::new(progs, watcher).with_sndbuf(args.sndbuf))
+        }
+    };
+    let config = Config {
+        listen: args.listen,
+        upstream: args.upstream,
+        connect_timeout: secs(args.connect_timeout, "connect-timeout")?,
+        max_conns: args.max_conns.max(1),
+        shutdown_grace: secs(args.shutdown_grace, "shutdown-grace")?,
+    };
+    let relay = Relay::bind(config, engine).await?;
+    info!("zc relay: mode {}, listening on {}, upstream {}", args.mode, relay.local_addr()?, args.upstream);
+    relay.serve(stop_signal()).await?;
+    info!("zc relay: stopped; programs and maps unloaded");
+    Ok(())
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        error!("cannot install signal handlers; stop zc with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Each relayed connection holds two sockets; allow as many as the hard
+/// limit permits.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.cmd {
+            Cmd::Relay(args) => relay(args).await,
+            Cmd::Demo(args) => demo::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -101,6 +101,20 @@ pub fn inq(fd: BorrowedFd<'_>) -> io::Result<u64> {
     ioctl_int(fd, libc::FIONREAD)
 }
 
+/// Has the remote end's FIN arrived (the states after it, tcp_states.h)?
+/// Not reliable for a socket in TCP_CLOSE, which may or may not have.
+pub fn fin_received(info: &TcpInfo) -> bool {
+    // TIME_WAIT 6, CLOSE_WAIT 8, LAST_ACK 9, CLOSING 11.
+    matches!(info.state, 6 | 8 | 9 | 11)
+}
+
+/// Data bytes that arrived on the socket in order, read or not. The
+/// kernel's `tcpi_bytes_received` also counts the FIN's sequence number.
+pub fn bytes_received(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let info = tcp_info(fd)?;
+    Ok(info.bytes_received - u64::from(fin_received(&info)))
+}
+
 /// Bytes the application ever wrote into the socket: acknowledged plus
 /// still queued. Read in this order so a concurrent ACK can only make the
 /// sum too small, never too large (callers wait for it to reach a target).

@@ -1,0 +1,130 @@
+//! `zc demo`: the main job, end to end, on loopback. Starts a sink server,
+//! then sends the same verified stream to it directly and through a
+//! `zc relay --mode bpf` child process, and prints throughput, integrity
+//! and the relay's own CPU time.
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use zc_user::traffic::{self, Digest};
+
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// Bytes to send in each run (suffixes k, m, g are powers of 1024).
+    #[arg(long, value_name = "SIZE", default_value = "2g", value_parser = parse_size)]
+    bytes: u64,
+    /// Size of each write the client makes.
+    #[arg(long, value_name = "SIZE", default_value = "64k", value_parser = parse_size)]
+    write_size: u64,
+}
+
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim().to_ascii_lowercase();
+    let (num, mul) = match s.chars().last() {
+        Some('k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('m') => (&s[..s.len() - 1], 1 << 20),
+        Some('g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (&s[..], 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size like 4096, 64k, 8m or 1g"))?;
+    n.checked_mul(mul).ok_or_else(|| format!("`{s}` is too large"))
+}
+
+/// A sink server: each connection is read to EOF and answered with the
+/// digest of what arrived.
+fn start_sink() -> Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").context("binding the demo server")?;
+    let addr = l.local_addr()?;
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                if let Ok(d) = traffic::sink(&mut s) {
+                    let _ = s.write_all(&d.to_bytes());
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+fn run_once(to: SocketAddr, bytes: u64, write_size: usize) -> Result<(Duration, Digest, Digest)> {
+    let mut s = TcpStream::connect(to).with_context(|| format!("connecting to {to}"))?;
+    let t = Instant::now();
+    let sent = traffic::send(&mut s, bytes, write_size, 42)?;
+    let mut reply = [0u8; 16];
+    s.read_exact(&mut reply).context("reading the server's digest")?;
+    Ok((t.elapsed(), sent, Digest::from_bytes(reply)))
+}
+
+/// CPU seconds (user + system) a process has used, from /proc/PID/stat.
+fn cpu_secs(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the comm.
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((ticks(11) + ticks(12)) / hz)
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SIGTERM first so the relay unloads its programs cleanly.
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::SIGTERM);
+        let _ = self.0.wait();
+    }
+}
+
+fn start_relay(upstream: SocketAddr) -> Result<(KillOnDrop, SocketAddr)> {
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let listen: SocketAddr = ([127, 0, 0, 1], port).into();
+    let exe = std::env::current_exe().context("finding the zc binary")?;
+    let child = Command::new(exe)
+        .args(["relay", "--mode", "bpf", "--listen", &listen.to_string(), "--upstream", &upstream.to_string()])
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting zc relay")?;
+    let mut child = KillOnDrop(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(listen).is_err() {
+        if let Some(st) = child.0.try_wait()? {
+            bail!("zc relay exited before listening ({st}); see its error above");
+        }
+        if Instant::now() > deadline {
+            bail!("zc relay did not start listening on {listen} within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((child, listen))
+}
+
+pub async fn run(args: DemoArgs) -> Result<()> {
+    tokio::task::spawn_blocking(move || run_blocking(args)).await?
+}
+
+fn run_blocking(args: DemoArgs) -> Result<()> {
+    let ws = usize::try_from(args.write_size).context("--write-size too large")?.clamp(1, 1 << 20);
+    let server = start_sink()?;
+    let (relay, listen) = start_relay(server)?;
+    println!("zc demo: {} MiB in {} KiB writes, loopback", args.bytes >> 20, ws >> 10);
+    println!("{:<26} {:>10} {:>10} {:>16}", "path", "GB/s", "intact", "relay CPU (s)");
+    let gbps = |d: Duration| args.bytes as f64 / d.as_secs_f64() / 1e9;
+    let (t, sent, got) = run_once(server, args.bytes, ws)?;
+    println!("{:<26} {:>10.2} {:>10} {:>16}", "direct", gbps(t), sent == got, "-");
+    let before = cpu_secs(relay.0.id())?;
+    let (t, sent, got) = run_once(listen, args.bytes, ws)?;
+    let cpu = cpu_secs(relay.0.id())? - before;
+    println!("{:<26} {:>10.2} {:>10} {:>16.3}", "zc relay --mode bpf", gbps(t), sent == got, cpu);
+    drop(relay);
+    if sent != got {
+        bail!("the relayed stream arrived damaged: sent {sent:?}, received {got:?}");
+    }
+    Ok(())
+}

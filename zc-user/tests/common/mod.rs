@@ -1,0 +1,183 @@
+//! Shared test support: a relay in this process, traffic with digests,
+//! and loud failures when BPF is not available.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::{
+    net::SocketAddr,
+    os::fd::AsFd,
+    sync::Once,
+    time::Duration,
+};
+
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::oneshot,
+    task::JoinHandle,
+};
+use xxhash_rust::xxh3::Xxh3;
+use zc_user::{
+    ebpf::Programs,
+    engine::{Engine, bpf::BpfEngine},
+    relay::{Config, Relay},
+    watch::Watcher,
+};
+
+/// Generous bound for anything that must finish; hitting it means a hang
+/// (a missed EOF, a stalled redirect), never a slow machine.
+pub const HANG: Duration = Duration::from_secs(60);
+
+pub fn init() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = env_logger::builder().is_test(true).try_init();
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    });
+}
+
+/// Loads the programs or fails the test saying why.
+pub fn programs() -> Programs {
+    init();
+    if !nix::unistd::geteuid().is_root() {
+        panic!("this test loads BPF programs into the kernel and needs root (or CAP_BPF + CAP_NET_ADMIN); run the suite as root: `cargo xtask test`");
+    }
+    Programs::load().unwrap_or_else(|e| panic!("this test needs zc's BPF programs, and loading them failed: {e}"))
+}
+
+pub fn bpf_engine(progs: &Programs) -> Engine {
+    let watcher = Watcher::start().expect("starting the socket watcher");
+    Engine::Bpf(BpfEngine::new(progs.clone(), watcher))
+}
+
+/// A relay served by this process until the handle is stopped.
+pub struct TestRelay {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestRelay {
+    pub async fn start(engine: Engine, upstream: SocketAddr) -> Self {
+        let listen: SocketAddr = if upstream.is_ipv6() { "[::1]:0" } else { "127.0.0.1:0" }.parse().expect("addr");
+        let config = Config {
+            listen,
+            upstream,
+            connect_timeout: Duration::from_secs(5),
+            max_conns: 10_000,
+            shutdown_grace: Duration::from_secs(5),
+        };
+        let relay = Relay::bind(config, engine).await.expect("binding the relay");
+        let addr = relay.local_addr().expect("relay address");
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            relay.serve(async { let _ = rx.await; }).await.expect("relay failed");
+        });
+        Self { addr, stop: Some(tx), task: Some(task) }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.expect("relay task panicked");
+        }
+    }
+}
+
+/// Count and digest of one direction of a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Digest {
+    pub bytes: u64,
+    pub hash: u64,
+}
+
+/// Random bytes from `seed`, written in random sizes from 1 byte to
+/// `max_write` (log-uniform, so both tiny and huge writes occur).
+pub async fn send_random<W: AsyncWriteExt + Unpin>(w: &mut W, total: u64, max_write: usize, seed: u64) -> std::io::Result<Digest> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut h = Xxh3::new();
+    let mut buf = vec![0u8; max_write];
+    let mut left = total;
+    while left > 0 {
+        let bits = rng.random_range(0..=max_write.ilog2());
+        let n = (rng.random_range(1..=(1usize << bits)) as u64).min(left) as usize;
+        rng.fill(&mut buf[..n]);
+        w.write_all(&buf[..n]).await?;
+        h.update(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(Digest { bytes: total, hash: h.digest() })
+}
+
+/// Reads to EOF.
+pub async fn recv_all<R: AsyncReadExt + Unpin>(r: &mut R) -> std::io::Result<Digest> {
+    let mut h = Xxh3::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut bytes = 0;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(Digest { bytes, hash: h.digest() });
+        }
+        h.update(&buf[..n]);
+        bytes += n as u64;
+    }
+}
+
+/// Sends `total` random bytes and shuts down the write side while
+/// reading everything the other side sends; returns (sent, received).
+pub async fn exchange(s: TcpStream, total: u64, max_write: usize, seed: u64) -> (Digest, Digest) {
+    let (mut r, mut w) = s.into_split();
+    let send = async move {
+        let d = send_random(&mut w, total, max_write, seed).await.expect("sending");
+        w.shutdown().await.expect("shutting down the write side");
+        d
+    };
+    let recv = async move { recv_all(&mut r).await.expect("receiving") };
+    let (sent, got) = tokio::time::timeout(HANG, async { tokio::join!(send, recv) }).await.expect("exchange hung");
+    (sent, got)
+}
+
+/// A server that runs `exchange` on every connection with its own seed
+/// and reports both digests of each.
+pub async fn exchange_server(addr: &str, total: u64, max_write: usize) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<(Digest, Digest)>) {
+    let l = TcpListener::bind(addr).await.expect("binding the server");
+    let local = l.local_addr().expect("server address");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut n = 0u64;
+        while let Ok((s, _)) = l.accept().await {
+            let tx = tx.clone();
+            n += 1;
+            tokio::spawn(async move {
+                let r = exchange(s, total, max_write, 1_000_000 + n).await;
+                let _ = tx.send(r);
+            });
+        }
+    });
+    (local, rx)
+}
+
+/// Waits until every map of the programs is empty.
+pub async fn assert_maps_empty(progs: &Programs) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let counts = progs.entry_counts();
+        if counts == [0; 4] {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("map entries left behind after every pair ended: TARGETS, RELAY, LOCAL, PEERS = {counts:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+pub fn set_linger_zero(s: &impl AsFd) {
+    zc_user::sys::set_reset_on_close(s.as_fd()).expect("SO_LINGER");
+}
