@@ -49,7 +49,7 @@ pub const fn remote_port_from_ctx(raw: u32) -> u32 {
     u16::from_be(be as u16) as u32
 }
 
-/// Where a paired socket's bytes go.
+/// Where a paired socket's bytes go, and when to tell user space.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Peer {
@@ -57,6 +57,13 @@ pub struct Peer {
     pub key: SockKey,
     /// One of the `PEER_*` constants.
     pub kind: u32,
+    /// Non-zero: when this socket's `SENT` total passes `limit`, send its
+    /// key on `EVENTS` once and clear this flag (user space re-arms).
+    pub armed: u32,
+    pub _pad: u32,
+    /// Byte total (see `SENT`) beyond which user space wants to look at
+    /// the destination's backlog.
+    pub limit: u64,
 }
 
 /// Relay pair: bytes arriving on this socket leave through the peer
@@ -65,6 +72,10 @@ pub const PEER_RELAY: u32 = 1;
 /// Same-host short-circuit: what this socket sends is put straight into the
 /// peer's receive queue (sk_msg, redirect to the peer's ingress).
 pub const PEER_LOCAL: u32 = 2;
+
+/// Capacity of the ring buffer carrying [`SockKey`]s of sockets whose
+/// `SENT` total passed their limit.
+pub const EVENTS_BYTES: u32 = 256 << 10;
 
 /// Per-socket, per-CPU counters of what the programs redirected away from
 /// a socket. User space sums the CPUs.
@@ -93,7 +104,8 @@ mod tests {
     #[test]
     fn layouts_have_no_padding() {
         assert_eq!(core::mem::size_of::<SockKey>(), 4 * 3 + 16 * 2);
-        assert_eq!(core::mem::size_of::<Peer>(), core::mem::size_of::<SockKey>() + 4);
+        assert_eq!(core::mem::size_of::<Peer>(), core::mem::size_of::<SockKey>() + 4 * 3 + 8);
+        assert_eq!(core::mem::offset_of!(Peer, limit) % 8, 0);
         assert_eq!(core::mem::size_of::<Counters>(), 24);
     }
 

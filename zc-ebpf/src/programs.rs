@@ -3,12 +3,12 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, sk_action},
     macros::{map, sk_msg, stream_verdict},
-    maps::{HashMap, PerCpuHashMap, SockHash},
+    maps::{HashMap, PerCpuHashMap, RingBuf, SockHash},
     programs::{SkBuffContext, SkMsgContext},
 };
 use aya_log_ebpf::debug;
 use zc_common::{
-    AF_INET, Counters, MAX_SOCKETS, PEER_LOCAL, PEER_RELAY, Peer, SockKey, remote_port_from_ctx,
+    AF_INET, Counters, EVENTS_BYTES, MAX_SOCKETS, PEER_LOCAL, PEER_RELAY, Peer, SockKey, remote_port_from_ctx,
 };
 
 #[map]
@@ -22,6 +22,17 @@ static LOCAL: SockHash<SockKey> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
 #[map]
 static PEERS: HashMap<SockKey, Peer> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
+/// Running total of bytes redirected away from each relay socket. Only
+/// the verdict program writes it, and TCP runs a socket's data-ready hook
+/// under that socket's lock, so the plain read-modify-write is never
+/// concurrent for one key.
+#[map]
+static SENT: HashMap<SockKey, u64> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
+/// Keys of sockets whose `SENT` passed their `Peer::limit`.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 #[map]
 static COUNTERS: PerCpuHashMap<SockKey, Counters> =
@@ -70,6 +81,28 @@ fn peer_of(key: &SockKey, kind: u32) -> Option<SockKey> {
     (peer.kind == kind).then_some(peer.key)
 }
 
+/// Adds to the socket's running total and tells user space once when it
+/// passes the armed limit, so user space can hold the source back while
+/// the destination catches up (the kernel's redirect queue has no bound).
+#[inline(always)]
+fn account(key: &SockKey, len: u32) {
+    let Some(sent) = SENT.get_ptr_mut(key) else { return };
+    // SAFETY: see SENT; one writer per key at a time.
+    let total = unsafe {
+        *sent += u64::from(len);
+        *sent
+    };
+    let Some(peer) = PEERS.get_ptr_mut(key) else { return };
+    // SAFETY: a racing user-space update replaces the whole element; a
+    // write to the old one is lost harmlessly.
+    unsafe {
+        if (*peer).armed != 0 && total > (*peer).limit {
+            (*peer).armed = 0;
+            let _ = EVENTS.output::<SockKey>(key, 0);
+        }
+    }
+}
+
 #[inline(always)]
 fn count(key: &SockKey, len: u32, ok: bool) {
     // User space creates the entry when it pairs, so the hot path never
@@ -107,6 +140,9 @@ pub fn zc_verdict(ctx: SkBuffContext) -> u32 {
     let verdict = TARGETS.redirect_skb(&ctx, &mut peer, 0) as u32;
     let ok = verdict == sk_action::SK_PASS;
     count(&key, len, ok);
+    if ok {
+        account(&key, len);
+    }
     if !ok {
         debug!(&ctx, "zc_verdict: peer of :{} is gone, {} bytes dropped", key.local_port, len);
     }

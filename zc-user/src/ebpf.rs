@@ -8,7 +8,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuHashMap, SockHash},
+    maps::{HashMap, MapData, PerCpuHashMap, RingBuf, SockHash},
     programs::{SkMsg, SkSkb},
 };
 use log::{debug, warn};
@@ -55,8 +55,11 @@ struct Maps {
     relay: SockHash<MapData, SockKey>,
     local: SockHash<MapData, SockKey>,
     peers: HashMap<MapData, SockKey, Peer>,
+    sent: HashMap<MapData, SockKey, u64>,
     counters: PerCpuHashMap<MapData, SockKey, Counters>,
 }
+
+type Listeners = std::collections::HashMap<SockKey, tokio::sync::mpsc::UnboundedSender<SockKey>>;
 
 /// What [`Programs::pair_relay`] set up.
 #[derive(Clone, Copy, Debug)]
@@ -75,6 +78,7 @@ pub struct RelayPairing {
 #[derive(Clone)]
 pub struct Programs {
     inner: Arc<Mutex<Maps>>,
+    listeners: Arc<Mutex<Listeners>>,
     // Keeps programs and their attachments alive; dropped last.
     _ebpf: Arc<Mutex<Ebpf>>,
 }
@@ -100,7 +104,11 @@ impl Programs {
         let relay: SockHash<MapData, SockKey> = take(&mut ebpf, "RELAY")?;
         let local: SockHash<MapData, SockKey> = take(&mut ebpf, "LOCAL")?;
         let peers = take(&mut ebpf, "PEERS")?;
+        let sent = take(&mut ebpf, "SENT")?;
         let counters = take(&mut ebpf, "COUNTERS")?;
+        let events: RingBuf<MapData> = take(&mut ebpf, "EVENTS")?;
+        let listeners = Arc::new(Mutex::new(Listeners::new()));
+        start_event_forwarding(events, listeners.clone());
 
         let verdict: &mut SkSkb = ebpf
             .program_mut("zc_verdict")
@@ -119,7 +127,8 @@ impl Programs {
         msg.attach(local.fd()).map_err(|e| LoadError::Program("zc_msg", e))?;
 
         Ok(Self {
-            inner: Arc::new(Mutex::new(Maps { targets, relay, local, peers, counters })),
+            inner: Arc::new(Mutex::new(Maps { targets, relay, local, peers, sent, counters })),
+            listeners,
             _ebpf: Arc::new(Mutex::new(ebpf)),
         })
     }
@@ -145,10 +154,14 @@ impl Programs {
     /// the `TARGETS` step nothing has moved yet: everything is undone and
     /// [`PairError::NotEstablished`] returned. A refusal at the `RELAY`
     /// step is reported in [`RelayPairing::in_relay`].
-    pub fn pair_relay(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> Result<RelayPairing, PairError> {
+    ///
+    /// With a non-zero `window`, the verdict program reports each socket
+    /// on [`Programs::limit_events`] once it has redirected `window` bytes
+    /// (see [`Programs::rearm`]).
+    pub fn pair_relay(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>, window: u64) -> Result<RelayPairing, PairError> {
         let keys = [crate::sys::sock_key(a).map_err(PairError::Socket)?, crate::sys::sock_key(b).map_err(PairError::Socket)?];
         let fds = [a, b];
-        let mut m = self.prepare(PEER_RELAY, keys)?;
+        let mut m = self.prepare(PEER_RELAY, keys, window)?;
         for i in 0..2 {
             if let Err(e) = m.targets.insert(keys[i], fds[i].as_raw_fd(), 0) {
                 remove_locked(&mut m, &keys);
@@ -184,7 +197,7 @@ impl Programs {
     /// end sends goes straight into the other's receive queue.
     pub fn pair_local(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> Result<[SockKey; 2], PairError> {
         let keys = [crate::sys::sock_key(a).map_err(PairError::Socket)?, crate::sys::sock_key(b).map_err(PairError::Socket)?];
-        let mut m = self.prepare(PEER_LOCAL, keys)?;
+        let mut m = self.prepare(PEER_LOCAL, keys, 0)?;
         for (k, fd) in keys.iter().zip([a, b]) {
             if let Err(e) = m.local.insert(k, fd.as_raw_fd(), 0) {
                 remove_locked(&mut m, &keys);
@@ -197,7 +210,7 @@ impl Programs {
 
     /// Checks the keys and writes the `COUNTERS` and `PEERS` entries;
     /// returns the locked maps for the socket inserts.
-    fn prepare(&self, kind: u32, [ka, kb]: [SockKey; 2]) -> Result<MutexGuard<'_, Maps>, PairError> {
+    fn prepare(&self, kind: u32, [ka, kb]: [SockKey; 2], window: u64) -> Result<MutexGuard<'_, Maps>, PairError> {
         if ka == kb {
             return Err(PairError::SameSocket);
         }
@@ -213,8 +226,12 @@ impl Programs {
                     .map_err(PairError::Socket)?;
                 m.counters.insert(k, zero, 0).map_err(|e| PairError::Map("COUNTERS", e))?;
             }
-            m.peers.insert(ka, Peer { key: kb, kind }, 0).map_err(|e| PairError::Map("PEERS", e))?;
-            m.peers.insert(kb, Peer { key: ka, kind }, 0).map_err(|e| PairError::Map("PEERS", e))
+            for k in [&ka, &kb] {
+                m.sent.insert(k, 0, 0).map_err(|e| PairError::Map("SENT", e))?;
+            }
+            let peer = |key| Peer { key, kind, armed: u32::from(window > 0), _pad: 0, limit: window };
+            m.peers.insert(ka, peer(kb), 0).map_err(|e| PairError::Map("PEERS", e))?;
+            m.peers.insert(kb, peer(ka), 0).map_err(|e| PairError::Map("PEERS", e))
         })();
         if let Err(e) = result {
             remove_locked(&mut m, &[ka, kb]);
@@ -228,6 +245,50 @@ impl Programs {
     /// is half removed.
     pub fn unpair(&self, keys: &[SockKey]) {
         remove_locked(&mut self.maps(), keys);
+        let mut l = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        for k in keys {
+            l.remove(k);
+        }
+    }
+
+    /// Bytes the verdict program has redirected away from `key` so far.
+    pub fn sent(&self, key: &SockKey) -> Option<u64> {
+        self.maps().sent.get(key, 0).ok()
+    }
+
+    /// Sets the next byte total at which `key` is reported, and arms it.
+    pub fn rearm(&self, key: &SockKey, limit: u64) -> Result<(), PairError> {
+        let mut m = self.maps();
+        let mut peer = m.peers.get(key, 0).map_err(|e| PairError::Map("PEERS", e))?;
+        peer.limit = limit;
+        peer.armed = 1;
+        m.peers.insert(key, peer, 0).map_err(|e| PairError::Map("PEERS", e))
+    }
+
+    /// Stops redirecting what arrives on a relay socket: it leaves `RELAY`
+    /// (it stays a redirect target). Arriving bytes then wait in its
+    /// receive queue and TCP flow control holds its sender back.
+    pub fn pause(&self, key: &SockKey) -> Result<(), PairError> {
+        self.maps().relay.remove(key).map_err(|e| PairError::Map("RELAY", e))
+    }
+
+    /// Undoes [`Programs::pause`] and hands the verdict what queued up
+    /// meanwhile. Fails with [`PairError::NotEstablished`] if the remote
+    /// end finished in between; the caller then copies the rest.
+    pub fn resume(&self, key: &SockKey, fd: BorrowedFd<'_>) -> Result<(), PairError> {
+        self.maps().relay.insert(key, fd.as_raw_fd(), 0).map_err(|e| map_insert_error("RELAY", *key, e))?;
+        if let Err(e) = crate::sys::kick_data_ready(fd) {
+            warn!("kicking a resumed socket failed: {e}");
+        }
+        Ok(())
+    }
+
+    /// Receives the key of `key`'s socket each time it passes its armed
+    /// limit. Replaces any earlier listener for the key.
+    pub fn limit_events(&self, key: SockKey) -> tokio::sync::mpsc::UnboundedReceiver<SockKey> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.listeners.lock().unwrap_or_else(|p| p.into_inner()).insert(key, tx);
+        rx
     }
 
     /// What the programs redirected away from `key`, summed over CPUs.
@@ -241,10 +302,18 @@ impl Programs {
         }))
     }
 
-    /// Number of entries in each map: (TARGETS, RELAY, LOCAL, PEERS).
-    pub fn entry_counts(&self) -> [usize; 4] {
+    /// Number of entries in each map: (TARGETS, RELAY, LOCAL, PEERS,
+    /// SENT, COUNTERS).
+    pub fn entry_counts(&self) -> [usize; 6] {
         let m = self.maps();
-        [m.targets.keys().count(), m.relay.keys().count(), m.local.keys().count(), m.peers.keys().count()]
+        [
+            m.targets.keys().count(),
+            m.relay.keys().count(),
+            m.local.keys().count(),
+            m.peers.keys().count(),
+            m.sent.keys().count(),
+            m.counters.keys().count(),
+        ]
     }
 
     /// Raw access for tests that need a socket in `RELAY` without a peer.
@@ -277,12 +346,50 @@ fn remove_locked(m: &mut Maps, keys: &[SockKey]) {
     for k in keys {
         let _ = m.targets.remove(k);
         let _ = m.peers.remove(k);
+        let _ = m.sent.remove(k);
         let _ = m.counters.remove(k);
     }
 }
 
 fn nr_cpus() -> usize {
     aya::util::nr_cpus().unwrap_or(1)
+}
+
+/// Reads `EVENTS` whenever it becomes readable and hands each key to its
+/// listener.
+fn start_event_forwarding(events: RingBuf<MapData>, listeners: Arc<Mutex<Listeners>>) {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        debug!("no tokio runtime; limit events are not forwarded");
+        return;
+    };
+    handle.spawn(async move {
+        // SAFETY: the ring buffer owns its fd and keeps it open while held.
+        let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) };
+        let mut fd = match registered {
+            Ok(fd) => fd,
+            Err(e) => {
+                warn!("limit events are unavailable: {}", e.into_parts().1);
+                return;
+            }
+        };
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else { return };
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                if item.len() < std::mem::size_of::<SockKey>() {
+                    continue;
+                }
+                // SAFETY: the program writes whole SockKeys; read unaligned
+                // because the ring gives no alignment promise to Rust.
+                let key = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<SockKey>()) };
+                drop(item);
+                if let Some(tx) = listeners.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+                    let _ = tx.send(key);
+                }
+            }
+            guard.clear_ready();
+        }
+    });
 }
 
 /// eBPF-side logs arrive through aya-log's ring buffer; a task drains it

@@ -206,6 +206,7 @@ async fn slow_reader_gets_backpressure_without_loss(subject: Subject) {
         tokio::time::sleep(Duration::from_millis(40)).await;
         last = *accepted_rx.borrow();
     }
+    eprintln!("writer got {} MiB into the relay while the reader slept", last >> 20);
     assert!(last < 128 << 20, "the writer pushed {} MiB into a relay whose reader sleeps: no backpressure", last >> 20);
     let got = tokio::time::timeout(HANG, recv_all(&mut server)).await.expect("the stream stalled after the reader woke").expect("recv");
     let (sent, client) = writer.await.expect("writer");

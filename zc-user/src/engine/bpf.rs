@@ -1,23 +1,31 @@
 //! The BPF engine: both sockets join the kernel's sockmap pair and user
-//! space only watches for the ends of the stream.
+//! space only watches for the ends of the stream and for backlog.
 //!
 //! The kernel redirects bytes but not FIN or RST. So each direction is
 //! closed by hand: when the source's remote end shuts down, wait until
 //! every byte that arrived on the source has been written into the
-//! destination (the verdict counter against the destination's TCP byte
-//! counts), and only then shut the destination's write side. A reset on
-//! either side resets the other.
+//! destination (the verdict's running total against the destination's TCP
+//! byte counts), and only then shut the destination's write side. A reset
+//! on either side resets the other.
+//!
+//! The kernel's redirect queue (the destination psock's backlog) has no
+//! bound: a slow destination would let the source's sender fill kernel
+//! memory. The verdict reports a source each time it has redirected
+//! another `window` bytes; if the destination is then more than `window`
+//! behind, the source leaves the verdict map until the destination has
+//! caught up, so TCP flow control holds its sender back.
 use std::{
     net::{Shutdown, TcpStream},
+    os::fd::{AsFd, BorrowedFd},
     pin::Pin,
     sync::atomic::{AtomicU64, Ordering},
-    os::fd::{AsFd, BorrowedFd},
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result};
 use log::debug;
 use socket2::SockRef;
+use tokio::sync::mpsc::UnboundedReceiver;
 use zc_common::SockKey;
 
 use super::{
@@ -35,11 +43,16 @@ use crate::{
 /// absorb a burst keeps the path from stalling (measured in BENCHMARKS.md).
 pub const DEFAULT_SNDBUF: usize = 4 << 20;
 
+/// Default bytes a direction may have queued in the kernel's redirect
+/// backlog before its source is held back.
+pub const DEFAULT_WINDOW: u64 = 4 << 20;
+
 #[derive(Clone)]
 pub struct BpfEngine {
     progs: Programs,
     watcher: Watcher,
     sndbuf: usize,
+    window: u64,
 }
 
 /// Byte counts of one socket at pairing time, so that traffic from before
@@ -71,14 +84,41 @@ impl Drop for Paired<'_> {
     }
 }
 
+type Pump<'a> = Option<Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + 'a>>>;
+
+/// One relayed connection while it lives.
+struct Pair<'a> {
+    engine: &'a BpfEngine,
+    socks: [&'a TcpStream; 2],
+    keys: [SockKey; 2],
+    base: [Base; 2],
+    /// Whether the kernel redirects what arrives on each socket; `false`
+    /// once a direction is copied in user space instead.
+    in_relay: [bool; 2],
+    done: [bool; 2],
+    /// Bytes moved by the user-space copy of a direction, if any.
+    copied: &'a [AtomicU64; 2],
+}
+
+/// Why a direction could not finish normally.
+enum Abort {
+    Reset,
+}
+
 impl BpfEngine {
     pub fn new(progs: Programs, watcher: Watcher) -> Self {
-        Self { progs, watcher, sndbuf: DEFAULT_SNDBUF }
+        Self { progs, watcher, sndbuf: DEFAULT_SNDBUF, window: DEFAULT_WINDOW }
     }
 
     /// Send buffer given to both sockets of each pair (0: kernel default).
     pub fn with_sndbuf(mut self, bytes: usize) -> Self {
         self.sndbuf = bytes;
+        self
+    }
+
+    /// Backlog bound per direction (0: unbounded, as the kernel does).
+    pub fn with_window(mut self, bytes: u64) -> Self {
+        self.window = bytes;
         self
     }
 
@@ -96,7 +136,7 @@ impl BpfEngine {
         }
         let base = [Base::of(a.as_fd())?, Base::of(b.as_fd())?];
         let mut events = self.watcher.watch(&[a.as_fd(), b.as_fd()]).context("watching the pair")?;
-        let pairing = match self.progs.pair_relay(a.as_fd(), b.as_fd()) {
+        let pairing = match self.progs.pair_relay(a.as_fd(), b.as_fd(), self.window) {
             Ok(p) => p,
             Err(PairError::NotEstablished(k)) => {
                 // Nothing moved yet; a socket that already finished (say a
@@ -111,96 +151,194 @@ impl BpfEngine {
                 return Err(e).context("pairing the sockets in the kernel");
             }
         };
-        let keys = pairing.keys;
-        let paired = Paired { progs: &self.progs, keys };
-        let counts = [AtomicU64::new(0), AtomicU64::new(0)];
-        let [mut pump_a, mut pump_b]: [Option<Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + '_>>>; 2] = [None, None];
+        let paired = Paired { progs: &self.progs, keys: pairing.keys };
+        let mut limits = [self.progs.limit_events(pairing.keys[0]), self.progs.limit_events(pairing.keys[1])];
+        let copied = [AtomicU64::new(0), AtomicU64::new(0)];
+        let mut pair = Pair {
+            engine: self,
+            socks,
+            keys: pairing.keys,
+            base,
+            in_relay: pairing.in_relay,
+            done: [false; 2],
+            copied: &copied,
+        };
+        let mut pumps: [Pump<'_>; 2] = [None, None];
         for src in 0..2 {
-            if !pairing.in_relay[src] {
-                // Its remote end finished before the kernel would take the
-                // socket: what it sent waits in its receive queue, and only
-                // this copy writes into the destination.
-                let (r, w) = (to_tokio(socks[src].try_clone()?)?, to_tokio(socks[1 - src].try_clone()?)?);
-                let count = &counts[src];
-                let slot = if src == 0 { &mut pump_a } else { &mut pump_b };
-                *slot = Some(Box::pin(async move {
-                    let (mut r, mut w) = (r, w);
-                    pump(&mut r, &mut w, copy::DEFAULT_BUFFER, count).await
-                }));
+            if !pair.in_relay[src] {
+                pumps[src] = Some(pair.copy_direction(src)?);
             }
         }
-        let mut done = [false, false];
-        let mut summary = Summary::default();
-        while !(done[0] && done[1]) {
-            let ev = tokio::select! {
-                ev = events.next() => ev.ok_or_else(|| anyhow!("socket watcher stopped"))?,
-                r = poll_slot(&mut pump_a) => { done[0] = true; if r.is_err() { summary.reset = true; reset(&socks); break; } continue }
-                r = poll_slot(&mut pump_b) => { done[1] = true; if r.is_err() { summary.reset = true; reset(&socks); break; } continue }
-            };
-            let (src, dst) = (ev.side, 1 - ev.side);
-            if failed(socks[src]) {
-                debug!("side {src} failed; resetting the other");
-                reset(&socks);
-                summary.reset = true;
-                break;
-            }
-            if ev.read_closed && !done[src] && pairing.in_relay[src] {
-                match self.drain(socks[src], keys[src], base[src], socks[dst], base[dst]).await {
-                    Ok(n) => counts[src].store(n, Ordering::Relaxed),
-                    Err(e) => {
-                        debug!("direction {src}->{dst} cannot finish: {e:#}");
-                        reset(&socks);
-                        summary.reset = true;
-                        break;
-                    }
-                }
-                // EPIPE/ENOTCONN here means dst already failed; its own
-                // event reports that.
-                let _ = socks[dst].shutdown(Shutdown::Write);
-                done[src] = true;
-            }
+        let outcome = pair.run(&mut events, &mut limits, &mut pumps).await;
+        let reset_happened = matches!(outcome, Err(Abort::Reset));
+        if reset_happened {
+            reset(&socks);
         }
-        for i in 0..2 {
-            let n = if pairing.in_relay[i] && !done[i] {
-                self.progs.counters(&keys[i]).map_or(0, |c| c.bytes)
-            } else {
-                counts[i].load(Ordering::Relaxed)
-            };
-            if i == 0 { summary.a_to_b = n } else { summary.b_to_a = n }
+        let mut moved = [0u64; 2];
+        for (i, m) in moved.iter_mut().enumerate() {
+            *m = self.progs.sent(&pair.keys[i]).unwrap_or(0) + copied[i].load(Ordering::Relaxed);
         }
         // Leave the maps before the sockets close (the drop order below).
-        drop((pump_a, pump_b));
+        drop(pumps);
         drop(paired);
         drop(events);
-        Ok(summary)
+        Ok(Summary { a_to_b: moved[0], b_to_a: moved[1], reset: reset_happened })
+    }
+}
+
+impl<'a> Pair<'a> {
+    async fn run(
+        &mut self,
+        events: &mut crate::watch::Subscription,
+        limits: &mut [UnboundedReceiver<SockKey>; 2],
+        pumps: &mut [Pump<'a>; 2],
+    ) -> Result<(), Abort> {
+        let [pump_a, pump_b] = pumps;
+        let [limit_a, limit_b] = limits;
+        while !(self.done[0] && self.done[1]) {
+            tokio::select! {
+                ev = events.next() => {
+                    let Some(ev) = ev else {
+                        debug!("socket watcher stopped");
+                        return Err(Abort::Reset);
+                    };
+                    if failed(self.socks[ev.side]) {
+                        debug!("side {} failed; resetting the other", ev.side);
+                        return Err(Abort::Reset);
+                    }
+                    if ev.read_closed && !self.done[ev.side] && self.in_relay[ev.side] {
+                        self.finish_direction(ev.side).await?;
+                    }
+                }
+                Some(_) = limit_a.recv() => {
+                    if let Some(p) = self.hold_back(0).await? { *pump_a = Some(p) }
+                }
+                Some(_) = limit_b.recv() => {
+                    if let Some(p) = self.hold_back(1).await? { *pump_b = Some(p) }
+                }
+                r = poll_slot(pump_a) => { self.done[0] = true; r.map_err(|_| Abort::Reset)? }
+                r = poll_slot(pump_b) => { self.done[1] = true; r.map_err(|_| Abort::Reset)? }
+            }
+        }
+        Ok(())
     }
 
-    /// Waits until every byte received on `src` has been redirected and
-    /// written into `dst`; returns how many bytes that is.
-    ///
-    /// The kernel signals neither, so this polls the verdict counter and
-    /// the two sockets' TCP byte counts, backing off to 2 ms. It only runs
-    /// once per direction, at its end.
-    async fn drain(&self, src: &TcpStream, key: SockKey, sbase: Base, dst: &TcpStream, dbase: Base) -> Result<u64> {
+    /// Bytes written into socket `i` since pairing.
+    fn written(&self, i: usize) -> Result<u64, Abort> {
+        let w = sys::bytes_written(self.socks[i].as_fd()).map_err(|_| Abort::Reset)?;
+        Ok(w.saturating_sub(self.base[i].written))
+    }
+
+    fn sent(&self, src: usize) -> Result<u64, Abort> {
+        self.engine.progs.sent(&self.keys[src]).ok_or(Abort::Reset)
+    }
+
+    /// Waits until `dst` has taken every byte redirected from the other
+    /// socket. The kernel signals nothing when its redirect backlog
+    /// empties, so this polls, backing off to 2 ms.
+    async fn wait_caught_up(&self, dst: usize) -> Result<u64, Abort> {
+        let src = 1 - dst;
         let mut wait = Duration::from_micros(50);
+        let started = std::time::Instant::now();
+        let mut complained = false;
         loop {
-            let c = self.progs.counters(&key).ok_or_else(|| anyhow!("pair counters vanished"))?;
-            if c.failed > 0 {
-                bail!("the kernel dropped {} redirects: the destination left the map", c.failed);
+            let sent = self.sent(src)?;
+            let written = self.written(dst)?;
+            if written >= sent {
+                return Ok(sent);
             }
-            // Only called once src's FIN arrived, which tcpi_bytes_received
-            // counts as one more byte.
-            let received = sys::tcp_info(src.as_fd())?.bytes_received.saturating_sub(1 + sbase.read);
-            let written = sys::bytes_written(dst.as_fd())?.saturating_sub(dbase.written);
-            if received == c.bytes && written == c.bytes {
-                return Ok(c.bytes);
+            if !complained && started.elapsed() > Duration::from_secs(1) {
+                complained = true;
+                debug!("side {dst} has taken {written} of {sent} redirected bytes after 1 s");
             }
-            if failed(dst) {
-                bail!("destination failed with {} of {} bytes written", written, c.bytes);
+            if failed(self.socks[dst]) {
+                debug!("side {dst} failed while taking redirected bytes");
+                return Err(Abort::Reset);
             }
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_millis(2));
         }
+    }
+
+    /// The source's remote end sent FIN: once every byte it sent before
+    /// has reached the destination, pass the FIN on.
+    async fn finish_direction(&mut self, src: usize) -> Result<(), Abort> {
+        let dst = 1 - src;
+        // All bytes before the FIN have been handed to the verdict once
+        // the source's received count equals its redirected total.
+        // tcpi_bytes_received counts the FIN as one byte.
+        let mut wait = Duration::from_micros(50);
+        loop {
+            let info = sys::tcp_info(self.socks[src].as_fd()).map_err(|_| Abort::Reset)?;
+            let received = info.bytes_received.saturating_sub(1 + self.base[src].read);
+            let sent = self.sent(src)?;
+            if received <= sent {
+                break;
+            }
+            if wait == Duration::from_millis(2) {
+                debug!("side {src}: {received} bytes received, {sent} redirected");
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(2));
+        }
+        if let Some(c) = self.engine.progs.counters(&self.keys[src]) {
+            if c.failed > 0 {
+                debug!("the kernel dropped {} redirects from side {src}", c.failed);
+                return Err(Abort::Reset);
+            }
+        }
+        self.wait_caught_up(dst).await?;
+        // EPIPE/ENOTCONN here means dst already failed; its own event
+        // reports that.
+        let _ = self.socks[dst].shutdown(Shutdown::Write);
+        self.done[src] = true;
+        Ok(())
+    }
+
+    /// The verdict reported that `src` passed its limit. If the
+    /// destination lags by more than the window, stop redirecting from
+    /// `src` until it has caught up. Returns a copy task if `src`'s remote
+    /// end finished meanwhile and the kernel will no longer take it.
+    async fn hold_back(&mut self, src: usize) -> Result<Pump<'a>, Abort> {
+        let dst = 1 - src;
+        let window = self.engine.window;
+        let mut pump = None;
+        let (sent, written) = (self.sent(src)?, self.written(dst)?);
+        log::trace!("side {src} passed its limit: sent {sent}, written {written}");
+        if self.in_relay[src] && sent.saturating_sub(written) > window {
+            debug!("holding side {src} back: {} bytes queued for side {dst}", sent - written);
+            self.engine.progs.pause(&self.keys[src]).map_err(|_| Abort::Reset)?;
+            self.wait_caught_up(dst).await?;
+            debug!("resuming side {src}");
+            match self.engine.progs.resume(&self.keys[src], self.socks[src].as_fd()) {
+                Ok(()) => {}
+                Err(PairError::NotEstablished(_)) => {
+                    debug!("side {src} finished while held back; copying the rest");
+                    self.in_relay[src] = false;
+                    pump = Some(self.copy_direction(src).map_err(|_| Abort::Reset)?);
+                }
+                Err(e) => {
+                    debug!("resuming side {src} failed: {e}");
+                    return Err(Abort::Reset);
+                }
+            }
+        }
+        let limit = self.sent(src)? + window;
+        self.engine.progs.rearm(&self.keys[src], limit).map_err(|_| Abort::Reset)?;
+        Ok(pump)
+    }
+
+    /// Copies what arrives on `src` to the other socket in user space.
+    /// Only used once nothing of that direction is left in the kernel's
+    /// redirect path, so the copied bytes follow the redirected ones.
+    fn copy_direction(&self, src: usize) -> Result<Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + 'a>>> {
+        let r = to_tokio(self.socks[src].try_clone()?)?;
+        let w = to_tokio(self.socks[1 - src].try_clone()?)?;
+        let count = &self.copied[src];
+        Ok(Box::pin(async move {
+            let (mut r, mut w) = (r, w);
+            pump(&mut r, &mut w, copy::DEFAULT_BUFFER, count).await
+        }))
     }
 }
 
@@ -238,3 +376,4 @@ async fn poll_slot<T>(slot: &mut Option<Pin<Box<dyn Future<Output = T> + Send + 
         None => std::future::pending().await,
     }
 }
+

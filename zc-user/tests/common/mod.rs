@@ -168,11 +168,11 @@ pub async fn assert_maps_empty(progs: &Programs) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let counts = progs.entry_counts();
-        if counts == [0; 4] {
+        if counts == [0; 6] {
             return;
         }
         if tokio::time::Instant::now() > deadline {
-            panic!("map entries left behind after every pair ended: TARGETS, RELAY, LOCAL, PEERS = {counts:?}");
+            panic!("map entries left behind after every pair ended: TARGETS, RELAY, LOCAL, PEERS, SENT, COUNTERS = {counts:?}");
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
