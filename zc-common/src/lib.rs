@@ -57,13 +57,28 @@ pub struct Peer {
     pub key: SockKey,
     /// One of the `PEER_*` constants.
     pub kind: u32,
-    /// Non-zero: when this socket's `SENT` total passes `limit`, send its
-    /// key on `EVENTS` once and clear this flag (user space re-arms).
+    /// Non-zero: when this socket's [`Flow::sent`] passes `limit`, send
+    /// its key on `EVENTS` once and clear this flag (user space re-arms).
     pub armed: u32,
-    pub _pad: u32,
-    /// Byte total (see `SENT`) beyond which user space wants to look at
-    /// the destination's backlog.
+    /// Non-zero: user space asks the verdict to stop redirecting and pass
+    /// arriving bytes to the socket's own receive queue, where they count
+    /// against its receive buffer, so TCP flow control holds the sender.
+    pub hold: u32,
+    /// Byte total beyond which user space wants to look at the
+    /// destination's backlog.
     pub limit: u64,
+}
+
+/// What the verdict program did with a relay socket's bytes. Written only
+/// by the program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// Bytes redirected to the peer's egress.
+    pub sent: u64,
+    /// Bytes passed to the socket's own receive queue for user space to
+    /// forward (while held, and until user space has forwarded them all).
+    pub passed: u64,
 }
 
 /// Relay pair: bytes arriving on this socket leave through the peer
@@ -74,7 +89,7 @@ pub const PEER_RELAY: u32 = 1;
 pub const PEER_LOCAL: u32 = 2;
 
 /// Capacity of the ring buffer carrying [`SockKey`]s of sockets whose
-/// `SENT` total passed their limit.
+/// `Flow::sent` passed their limit.
 pub const EVENTS_BYTES: u32 = 256 << 10;
 
 /// Per-socket, per-CPU counters of what the programs redirected away from
@@ -95,6 +110,7 @@ mod pod {
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::Peer {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::Flow {}
 }
 
 #[cfg(test)]
@@ -107,6 +123,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<Peer>(), core::mem::size_of::<SockKey>() + 4 * 3 + 8);
         assert_eq!(core::mem::offset_of!(Peer, limit) % 8, 0);
         assert_eq!(core::mem::size_of::<Counters>(), 24);
+        assert_eq!(core::mem::size_of::<Flow>(), 16);
     }
 
     #[test]

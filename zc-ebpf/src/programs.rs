@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use zc_common::{
-    AF_INET, Counters, EVENTS_BYTES, MAX_SOCKETS, PEER_LOCAL, PEER_RELAY, Peer, SockKey, remote_port_from_ctx,
+    AF_INET, Counters, EVENTS_BYTES, Flow, MAX_SOCKETS, PEER_LOCAL, PEER_RELAY, Peer, SockKey, remote_port_from_ctx,
 };
 
 #[map]
@@ -23,14 +23,18 @@ static LOCAL: SockHash<SockKey> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 #[map]
 static PEERS: HashMap<SockKey, Peer> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
-/// Running total of bytes redirected away from each relay socket. Only
-/// the verdict program writes it, and TCP runs a socket's data-ready hook
-/// under that socket's lock, so the plain read-modify-write is never
-/// concurrent for one key.
+/// What the verdict did with each relay socket's bytes. Only the verdict
+/// writes it, and TCP runs a socket's data-ready hook under that socket's
+/// lock, so the plain read-modify-write is never concurrent for one key.
 #[map]
-static SENT: HashMap<SockKey, u64> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+static FLOW: HashMap<SockKey, Flow> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
-/// Keys of sockets whose `SENT` passed their `Peer::limit`.
+/// Bytes user space has read from a held socket and written to its peer.
+/// Only user space writes it.
+#[map]
+static FORWARDED: HashMap<SockKey, u64> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
+/// Keys of sockets whose `Flow::sent` passed their `Peer::limit`.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
@@ -75,32 +79,10 @@ macro_rules! key_of {
 }
 
 #[inline(always)]
-fn peer_of(key: &SockKey, kind: u32) -> Option<SockKey> {
+fn peer_of(key: &SockKey, kind: u32) -> Option<Peer> {
     // SAFETY: the value is only read, and copied out at once.
     let peer = unsafe { PEERS.get(key) }?;
-    (peer.kind == kind).then_some(peer.key)
-}
-
-/// Adds to the socket's running total and tells user space once when it
-/// passes the armed limit, so user space can hold the source back while
-/// the destination catches up (the kernel's redirect queue has no bound).
-#[inline(always)]
-fn account(key: &SockKey, len: u32) {
-    let Some(sent) = SENT.get_ptr_mut(key) else { return };
-    // SAFETY: see SENT; one writer per key at a time.
-    let total = unsafe {
-        *sent += u64::from(len);
-        *sent
-    };
-    let Some(peer) = PEERS.get_ptr_mut(key) else { return };
-    // SAFETY: a racing user-space update replaces the whole element; a
-    // write to the old one is lost harmlessly.
-    unsafe {
-        if (*peer).armed != 0 && total > (*peer).limit {
-            (*peer).armed = 0;
-            let _ = EVENTS.output::<SockKey>(key, 0);
-        }
-    }
+    (peer.kind == kind).then_some(*peer)
 }
 
 #[inline(always)]
@@ -120,11 +102,27 @@ fn count(key: &SockKey, len: u32, ok: bool) {
     }
 }
 
+/// Tells user space once when the socket's redirected total passes the
+/// armed limit, so it can compare with what the destination has taken:
+/// the kernel's redirect queue has no bound of its own.
+#[inline(always)]
+fn check_limit(key: &SockKey, sent: u64) {
+    let Some(peer) = PEERS.get_ptr_mut(key) else { return };
+    // SAFETY: a racing user-space update replaces the whole element; a
+    // write to the old one is lost harmlessly.
+    unsafe {
+        if (*peer).armed != 0 && sent > (*peer).limit {
+            (*peer).armed = 0;
+            let _ = EVENTS.output::<SockKey>(key, 0);
+        }
+    }
+}
+
 /// Bytes arriving on a paired relay socket leave through its peer.
 #[stream_verdict]
 pub fn zc_verdict(ctx: SkBuffContext) -> u32 {
     let key = key_of!(ctx.skb.skb);
-    let Some(mut peer) = peer_of(&key, PEER_RELAY) else {
+    let Some(peer) = peer_of(&key, PEER_RELAY) else {
         debug!(&ctx, "zc_verdict: unpaired socket :{}, passing", key.local_port);
         return sk_action::SK_PASS;
     };
@@ -137,13 +135,32 @@ pub fn zc_verdict(ctx: SkBuffContext) -> u32 {
         // deliver, so drop it; zc carries the FIN itself.
         return sk_action::SK_DROP;
     }
-    let verdict = TARGETS.redirect_skb(&ctx, &mut peer, 0) as u32;
+    let Some(flow) = FLOW.get_ptr_mut(&key) else {
+        return sk_action::SK_PASS;
+    };
+    // SAFETY: the value is only read.
+    let forwarded = unsafe { FORWARDED.get(&key) }.copied().unwrap_or(0);
+    // SAFETY: see FLOW; one writer per key at a time.
+    unsafe {
+        // Held, or user space still has passed bytes to forward: keep
+        // passing, so that every byte reaches the peer in arrival order.
+        if peer.hold != 0 || (*flow).passed != forwarded {
+            (*flow).passed += u64::from(len);
+            return sk_action::SK_PASS;
+        }
+    }
+    let mut dst = peer.key;
+    let verdict = TARGETS.redirect_skb(&ctx, &mut dst, 0) as u32;
     let ok = verdict == sk_action::SK_PASS;
     count(&key, len, ok);
     if ok {
-        account(&key, len);
-    }
-    if !ok {
+        // SAFETY: as above.
+        let sent = unsafe {
+            (*flow).sent += u64::from(len);
+            (*flow).sent
+        };
+        check_limit(&key, sent);
+    } else {
         debug!(&ctx, "zc_verdict: peer of :{} is gone, {} bytes dropped", key.local_port, len);
     }
     verdict
@@ -154,11 +171,12 @@ pub fn zc_verdict(ctx: SkBuffContext) -> u32 {
 #[sk_msg]
 pub fn zc_msg(ctx: SkMsgContext) -> u32 {
     let key = key_of!(ctx.msg);
-    let Some(mut peer) = peer_of(&key, PEER_LOCAL) else {
+    let Some(peer) = peer_of(&key, PEER_LOCAL) else {
         return sk_action::SK_PASS;
     };
     let len = ctx.size();
-    let verdict = LOCAL.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) as u32;
+    let mut dst = peer.key;
+    let verdict = LOCAL.redirect_msg(&ctx, &mut dst, u64::from(BPF_F_INGRESS)) as u32;
     let ok = verdict == sk_action::SK_PASS;
     count(&key, len, ok);
     if !ok {

@@ -12,7 +12,7 @@ use aya::{
     programs::{SkMsg, SkSkb},
 };
 use log::{debug, warn};
-use zc_common::{Counters, PEER_LOCAL, PEER_RELAY, Peer, SockKey};
+use zc_common::{Counters, Flow, PEER_LOCAL, PEER_RELAY, Peer, SockKey};
 
 /// The object built from `zc-ebpf` by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zc"));
@@ -55,7 +55,8 @@ struct Maps {
     relay: SockHash<MapData, SockKey>,
     local: SockHash<MapData, SockKey>,
     peers: HashMap<MapData, SockKey, Peer>,
-    sent: HashMap<MapData, SockKey, u64>,
+    flow: HashMap<MapData, SockKey, Flow>,
+    forwarded: HashMap<MapData, SockKey, u64>,
     counters: PerCpuHashMap<MapData, SockKey, Counters>,
 }
 
@@ -104,7 +105,8 @@ impl Programs {
         let relay: SockHash<MapData, SockKey> = take(&mut ebpf, "RELAY")?;
         let local: SockHash<MapData, SockKey> = take(&mut ebpf, "LOCAL")?;
         let peers = take(&mut ebpf, "PEERS")?;
-        let sent = take(&mut ebpf, "SENT")?;
+        let flow = take(&mut ebpf, "FLOW")?;
+        let forwarded = take(&mut ebpf, "FORWARDED")?;
         let counters = take(&mut ebpf, "COUNTERS")?;
         let events: RingBuf<MapData> = take(&mut ebpf, "EVENTS")?;
         let listeners = Arc::new(Mutex::new(Listeners::new()));
@@ -127,7 +129,7 @@ impl Programs {
         msg.attach(local.fd()).map_err(|e| LoadError::Program("zc_msg", e))?;
 
         Ok(Self {
-            inner: Arc::new(Mutex::new(Maps { targets, relay, local, peers, sent, counters })),
+            inner: Arc::new(Mutex::new(Maps { targets, relay, local, peers, flow, forwarded, counters })),
             listeners,
             _ebpf: Arc::new(Mutex::new(ebpf)),
         })
@@ -227,9 +229,10 @@ impl Programs {
                 m.counters.insert(k, zero, 0).map_err(|e| PairError::Map("COUNTERS", e))?;
             }
             for k in [&ka, &kb] {
-                m.sent.insert(k, 0, 0).map_err(|e| PairError::Map("SENT", e))?;
+                m.flow.insert(k, Flow::default(), 0).map_err(|e| PairError::Map("FLOW", e))?;
+                m.forwarded.insert(k, 0, 0).map_err(|e| PairError::Map("FORWARDED", e))?;
             }
-            let peer = |key| Peer { key, kind, armed: u32::from(window > 0), _pad: 0, limit: window };
+            let peer = |key| Peer { key, kind, armed: u32::from(window > 0), hold: 0, limit: window };
             m.peers.insert(ka, peer(kb), 0).map_err(|e| PairError::Map("PEERS", e))?;
             m.peers.insert(kb, peer(ka), 0).map_err(|e| PairError::Map("PEERS", e))
         })();
@@ -251,36 +254,37 @@ impl Programs {
         }
     }
 
-    /// Bytes the verdict program has redirected away from `key` so far.
-    pub fn sent(&self, key: &SockKey) -> Option<u64> {
-        self.maps().sent.get(key, 0).ok()
+    /// What the verdict program did with `key`'s bytes so far.
+    pub fn flow(&self, key: &SockKey) -> Option<Flow> {
+        self.maps().flow.get(key, 0).ok()
     }
 
-    /// Sets the next byte total at which `key` is reported, and arms it.
-    pub fn rearm(&self, key: &SockKey, limit: u64) -> Result<(), PairError> {
+    /// Records how many passed bytes user space has forwarded; the verdict
+    /// resumes redirecting once this equals [`Flow::passed`].
+    pub fn set_forwarded(&self, key: &SockKey, bytes: u64) -> Result<(), PairError> {
+        self.maps().forwarded.insert(key, bytes, 0).map_err(|e| PairError::Map("FORWARDED", e))
+    }
+
+    fn update_peer(&self, key: &SockKey, f: impl FnOnce(&mut Peer)) -> Result<(), PairError> {
         let mut m = self.maps();
         let mut peer = m.peers.get(key, 0).map_err(|e| PairError::Map("PEERS", e))?;
-        peer.limit = limit;
-        peer.armed = 1;
+        f(&mut peer);
         m.peers.insert(key, peer, 0).map_err(|e| PairError::Map("PEERS", e))
     }
 
-    /// Stops redirecting what arrives on a relay socket: it leaves `RELAY`
-    /// (it stays a redirect target). Arriving bytes then wait in its
-    /// receive queue and TCP flow control holds its sender back.
-    pub fn pause(&self, key: &SockKey) -> Result<(), PairError> {
-        self.maps().relay.remove(key).map_err(|e| PairError::Map("RELAY", e))
+    /// Sets the next redirected-byte total at which `key` is reported, and
+    /// arms the report.
+    pub fn rearm(&self, key: &SockKey, limit: u64) -> Result<(), PairError> {
+        self.update_peer(key, |p| {
+            p.limit = limit;
+            p.armed = 1;
+        })
     }
 
-    /// Undoes [`Programs::pause`] and hands the verdict what queued up
-    /// meanwhile. Fails with [`PairError::NotEstablished`] if the remote
-    /// end finished in between; the caller then copies the rest.
-    pub fn resume(&self, key: &SockKey, fd: BorrowedFd<'_>) -> Result<(), PairError> {
-        self.maps().relay.insert(key, fd.as_raw_fd(), 0).map_err(|e| map_insert_error("RELAY", *key, e))?;
-        if let Err(e) = crate::sys::kick_data_ready(fd) {
-            warn!("kicking a resumed socket failed: {e}");
-        }
-        Ok(())
+    /// Asks the verdict to pass (`true`) or redirect (`false`) what
+    /// arrives on `key`'s socket; see [`Peer::hold`].
+    pub fn set_hold(&self, key: &SockKey, hold: bool) -> Result<(), PairError> {
+        self.update_peer(key, |p| p.hold = u32::from(hold))
     }
 
     /// Receives the key of `key`'s socket each time it passes its armed
@@ -303,15 +307,16 @@ impl Programs {
     }
 
     /// Number of entries in each map: (TARGETS, RELAY, LOCAL, PEERS,
-    /// SENT, COUNTERS).
-    pub fn entry_counts(&self) -> [usize; 6] {
+    /// FLOW, FORWARDED, COUNTERS).
+    pub fn entry_counts(&self) -> [usize; 7] {
         let m = self.maps();
         [
             m.targets.keys().count(),
             m.relay.keys().count(),
             m.local.keys().count(),
             m.peers.keys().count(),
-            m.sent.keys().count(),
+            m.flow.keys().count(),
+            m.forwarded.keys().count(),
             m.counters.keys().count(),
         ]
     }
@@ -346,7 +351,8 @@ fn remove_locked(m: &mut Maps, keys: &[SockKey]) {
     for k in keys {
         let _ = m.targets.remove(k);
         let _ = m.peers.remove(k);
-        let _ = m.sent.remove(k);
+        let _ = m.flow.remove(k);
+        let _ = m.forwarded.remove(k);
         let _ = m.counters.remove(k);
     }
 }

@@ -49,9 +49,7 @@ pub struct Relay {
 
 impl Relay {
     pub async fn bind(config: Config, engine: Engine) -> Result<Self> {
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("listening on {}", config.listen))?;
+        let listener = listen(config.listen).with_context(|| format!("listening on {}", config.listen))?;
         Ok(Self { listener, engine, config, stats: Arc::default() })
     }
 
@@ -107,7 +105,24 @@ impl Relay {
     }
 }
 
+/// A listening socket with a deep accept queue: a burst of clients must
+/// wait for accept(), not be dropped by the kernel.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), None)?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // [::] accepts IPv4 too unless told otherwise; keep the kernel's
+        // default but make it explicit that v4-mapped peers are fine.
+        s.set_only_v6(false)?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    TcpListener::from_std(s.into())
+}
+
 async fn serve_one(client: TcpStream, peer: SocketAddr, engine: &Engine, cfg: &Config, stats: &Stats) -> Result<()> {
+    debug!("{peer}: accepted");
     let client = client.into_std()?;
     let upstream = match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(cfg.upstream)).await {
         Ok(Ok(s)) => s.into_std()?,
@@ -120,6 +135,7 @@ async fn serve_one(client: TcpStream, peer: SocketAddr, engine: &Engine, cfg: &C
             anyhow::bail!("connecting to upstream {} timed out after {:?}", cfg.upstream, cfg.connect_timeout);
         }
     };
+    debug!("{peer}: connected upstream");
     // A task aborted at shutdown drops the sockets mid-relay; make that an
     // abortive close so neither end mistakes it for a clean end of stream.
     let mut guard = ResetOnDrop { socks: [client.try_clone()?, upstream.try_clone()?], armed: true };

@@ -12,8 +12,16 @@
 //! bound: a slow destination would let the source's sender fill kernel
 //! memory. The verdict reports a source each time it has redirected
 //! another `window` bytes; if the destination is then more than `window`
-//! behind, the source leaves the verdict map until the destination has
-//! caught up, so TCP flow control holds its sender back.
+//! behind, the source is *held*: the verdict passes its bytes to its own
+//! receive queue, where they count against its receive buffer, so TCP flow
+//! control stops its sender. Once the destination has caught up, user
+//! space forwards what was passed, and the verdict redirects again as soon
+//! as nothing passed is left, so every byte keeps its place.
+//!
+//! Taking the source out of the verdict map instead would be simpler, but
+//! the kernel drops an skb that is being dequeued while the program is
+//! detached (sk_psock_verdict_recv finds no program: SK_DROP). Observed on
+//! 6.18 as lost bytes in the middle of a stream.
 use std::{
     net::{Shutdown, TcpStream},
     os::fd::{AsFd, BorrowedFd},
@@ -84,7 +92,6 @@ impl Drop for Paired<'_> {
     }
 }
 
-type Pump<'a> = Option<Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + 'a>>>;
 
 /// One relayed connection while it lives.
 struct Pair<'a> {
@@ -93,17 +100,42 @@ struct Pair<'a> {
     keys: [SockKey; 2],
     base: [Base; 2],
     /// Whether the kernel redirects what arrives on each socket; `false`
-    /// once a direction is copied in user space instead.
+    /// when the kernel refused it at pairing and it is copied instead.
     in_relay: [bool; 2],
+    /// A user-space forwarder drains this socket's passed bytes.
+    forwarding: [bool; 2],
     done: [bool; 2],
-    /// Bytes moved by the user-space copy of a direction, if any.
-    copied: &'a [AtomicU64; 2],
+    /// Bytes of each direction moved by user space: copied (not in relay)
+    /// or forwarded (passed by the verdict while held).
+    by_user: &'a [AtomicU64; 2],
 }
 
-/// Why a direction could not finish normally.
-enum Abort {
-    Reset,
+/// The pair must be reset.
+struct Abort;
+
+impl From<std::io::Error> for Abort {
+    fn from(e: std::io::Error) -> Self {
+        debug!("relay aborted: {e}");
+        Abort
+    }
 }
+
+impl From<PairError> for Abort {
+    fn from(e: PairError) -> Self {
+        debug!("relay aborted: {e}");
+        Abort
+    }
+}
+
+/// What a user-space forwarder ended with.
+enum Forwarded {
+    /// The source reached EOF; the direction can be finished.
+    Eof,
+    /// Nothing passed is left and the verdict redirects again.
+    BackToKernel,
+}
+
+type Task<'a, T> = Option<Pin<Box<dyn Future<Output = Result<T, Abort>> + Send + 'a>>>;
 
 impl BpfEngine {
     pub fn new(progs: Programs, watcher: Watcher) -> Self {
@@ -153,33 +185,28 @@ impl BpfEngine {
         };
         let paired = Paired { progs: &self.progs, keys: pairing.keys };
         let mut limits = [self.progs.limit_events(pairing.keys[0]), self.progs.limit_events(pairing.keys[1])];
-        let copied = [AtomicU64::new(0), AtomicU64::new(0)];
+        let by_user = [AtomicU64::new(0), AtomicU64::new(0)];
         let mut pair = Pair {
             engine: self,
             socks,
             keys: pairing.keys,
             base,
             in_relay: pairing.in_relay,
+            forwarding: [false; 2],
             done: [false; 2],
-            copied: &copied,
+            by_user: &by_user,
         };
-        let mut pumps: [Pump<'_>; 2] = [None, None];
-        for src in 0..2 {
-            if !pair.in_relay[src] {
-                pumps[src] = Some(pair.copy_direction(src)?);
-            }
-        }
-        let outcome = pair.run(&mut events, &mut limits, &mut pumps).await;
-        let reset_happened = matches!(outcome, Err(Abort::Reset));
+        let outcome = pair.run(&mut events, &mut limits).await;
+        let reset_happened = outcome.is_err();
         if reset_happened {
             reset(&socks);
         }
         let mut moved = [0u64; 2];
         for (i, m) in moved.iter_mut().enumerate() {
-            *m = self.progs.sent(&pair.keys[i]).unwrap_or(0) + copied[i].load(Ordering::Relaxed);
+            let sent = self.progs.flow(&pair.keys[i]).map_or(0, |f| f.sent);
+            *m = sent + by_user[i].load(Ordering::Relaxed);
         }
         // Leave the maps before the sockets close (the drop order below).
-        drop(pumps);
         drop(paired);
         drop(events);
         Ok(Summary { a_to_b: moved[0], b_to_a: moved[1], reset: reset_happened })
@@ -191,154 +218,264 @@ impl<'a> Pair<'a> {
         &mut self,
         events: &mut crate::watch::Subscription,
         limits: &mut [UnboundedReceiver<SockKey>; 2],
-        pumps: &mut [Pump<'a>; 2],
     ) -> Result<(), Abort> {
-        let [pump_a, pump_b] = pumps;
+        let mut copies: [Task<'a, ()>; 2] = [None, None];
+        for src in 0..2 {
+            if !self.in_relay[src] {
+                copies[src] = Some(self.copy_direction(src)?);
+            }
+        }
+        let mut forwarders: [Task<'a, Forwarded>; 2] = [None, None];
+        let [copy_a, copy_b] = &mut copies;
+        let [fwd_a, fwd_b] = &mut forwarders;
         let [limit_a, limit_b] = limits;
         while !(self.done[0] && self.done[1]) {
             tokio::select! {
                 ev = events.next() => {
                     let Some(ev) = ev else {
                         debug!("socket watcher stopped");
-                        return Err(Abort::Reset);
+                        return Err(Abort);
                     };
                     if failed(self.socks[ev.side]) {
                         debug!("side {} failed; resetting the other", ev.side);
-                        return Err(Abort::Reset);
+                        return Err(Abort);
                     }
-                    if ev.read_closed && !self.done[ev.side] && self.in_relay[ev.side] {
-                        self.finish_direction(ev.side).await?;
+                    let src = ev.side;
+                    // A forwarder sees the EOF itself.
+                    if ev.read_closed && !self.done[src] && self.in_relay[src] && !self.forwarding[src] {
+                        self.finish_direction(src).await?;
                     }
                 }
                 Some(_) = limit_a.recv() => {
-                    if let Some(p) = self.hold_back(0).await? { *pump_a = Some(p) }
+                    if let Some(f) = self.check_backlog(0).await? { *fwd_a = Some(f) }
                 }
                 Some(_) = limit_b.recv() => {
-                    if let Some(p) = self.hold_back(1).await? { *pump_b = Some(p) }
+                    if let Some(f) = self.check_backlog(1).await? { *fwd_b = Some(f) }
                 }
-                r = poll_slot(pump_a) => { self.done[0] = true; r.map_err(|_| Abort::Reset)? }
-                r = poll_slot(pump_b) => { self.done[1] = true; r.map_err(|_| Abort::Reset)? }
+                r = poll_slot(fwd_a) => self.forwarder_ended(0, r?).await?,
+                r = poll_slot(fwd_b) => self.forwarder_ended(1, r?).await?,
+                r = poll_slot(copy_a) => { r?; self.done[0] = true }
+                r = poll_slot(copy_b) => { r?; self.done[1] = true }
             }
         }
         Ok(())
     }
 
-    /// Bytes written into socket `i` since pairing.
-    fn written(&self, i: usize) -> Result<u64, Abort> {
-        let w = sys::bytes_written(self.socks[i].as_fd()).map_err(|_| Abort::Reset)?;
-        Ok(w.saturating_sub(self.base[i].written))
-    }
-
-    fn sent(&self, src: usize) -> Result<u64, Abort> {
-        self.engine.progs.sent(&self.keys[src]).ok_or(Abort::Reset)
-    }
-
-    /// Waits until `dst` has taken every byte redirected from the other
-    /// socket. The kernel signals nothing when its redirect backlog
-    /// empties, so this polls, backing off to 2 ms.
-    async fn wait_caught_up(&self, dst: usize) -> Result<u64, Abort> {
-        let src = 1 - dst;
-        let mut wait = Duration::from_micros(50);
-        let started = std::time::Instant::now();
-        let mut complained = false;
-        loop {
-            let sent = self.sent(src)?;
-            let written = self.written(dst)?;
-            if written >= sent {
-                return Ok(sent);
-            }
-            if !complained && started.elapsed() > Duration::from_secs(1) {
-                complained = true;
-                debug!("side {dst} has taken {written} of {sent} redirected bytes after 1 s");
-            }
-            if failed(self.socks[dst]) {
-                debug!("side {dst} failed while taking redirected bytes");
-                return Err(Abort::Reset);
-            }
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_millis(2));
+    async fn forwarder_ended(&mut self, src: usize, how: Forwarded) -> Result<(), Abort> {
+        self.forwarding[src] = false;
+        debug!("side {src}: forwarder ended ({}), {} bytes forwarded", matches!(how, Forwarded::Eof).then_some("EOF").unwrap_or("back to the kernel"), self.by_user[src].load(Ordering::Relaxed));
+        let fin = match how {
+            Forwarded::Eof => true,
+            // Its FIN may have come while the forwarder owned the source.
+            Forwarded::BackToKernel => sys::fin_received(&sys::tcp_info(self.socks[src].as_fd())?),
+        };
+        if fin && !self.done[src] {
+            self.finish_direction(src).await?;
         }
+        Ok(())
+    }
+
+    fn flow(&self, src: usize) -> Result<zc_common::Flow, Abort> {
+        self.engine.progs.flow(&self.keys[src]).ok_or(Abort)
     }
 
     /// The source's remote end sent FIN: once every byte it sent before
     /// has reached the destination, pass the FIN on.
     async fn finish_direction(&mut self, src: usize) -> Result<(), Abort> {
         let dst = 1 - src;
-        // All bytes before the FIN have been handed to the verdict once
-        // the source's received count equals its redirected total.
-        // tcpi_bytes_received counts the FIN as one byte.
-        let mut wait = Duration::from_micros(50);
+        // Every byte before the FIN has been through the verdict once the
+        // source's received count equals what the verdict redirected or
+        // passed. tcpi_bytes_received counts the FIN as one byte.
+        let mut wait = Backoff::new();
         loop {
-            let info = sys::tcp_info(self.socks[src].as_fd()).map_err(|_| Abort::Reset)?;
+            let info = sys::tcp_info(self.socks[src].as_fd())?;
             let received = info.bytes_received.saturating_sub(1 + self.base[src].read);
-            let sent = self.sent(src)?;
-            if received <= sent {
+            let f = self.flow(src)?;
+            if all_accounted(received, f, self.by_user[src].load(Ordering::Relaxed)) {
                 break;
             }
-            if wait == Duration::from_millis(2) {
-                debug!("side {src}: {received} bytes received, {sent} redirected");
-            }
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_millis(2));
+            wait.sleep(|| debug!("side {src}: {received} bytes received, {} through the verdict", f.sent + f.passed)).await;
         }
         if let Some(c) = self.engine.progs.counters(&self.keys[src]) {
             if c.failed > 0 {
                 debug!("the kernel dropped {} redirects from side {src}", c.failed);
-                return Err(Abort::Reset);
+                return Err(Abort);
             }
         }
-        self.wait_caught_up(dst).await?;
+        wait_caught_up(&self.engine.progs, self.keys[src], self.socks[dst], self.base[dst], &self.by_user[src]).await?;
         // EPIPE/ENOTCONN here means dst already failed; its own event
         // reports that.
         let _ = self.socks[dst].shutdown(Shutdown::Write);
+        debug!("side {src}: FIN passed on");
         self.done[src] = true;
         Ok(())
     }
 
     /// The verdict reported that `src` passed its limit. If the
-    /// destination lags by more than the window, stop redirecting from
-    /// `src` until it has caught up. Returns a copy task if `src`'s remote
-    /// end finished meanwhile and the kernel will no longer take it.
-    async fn hold_back(&mut self, src: usize) -> Result<Pump<'a>, Abort> {
+    /// destination lags by more than the window, hold `src` and return a
+    /// forwarder for what the verdict passes meanwhile.
+    async fn check_backlog(&mut self, src: usize) -> Result<Task<'a, Forwarded>, Abort> {
         let dst = 1 - src;
         let window = self.engine.window;
-        let mut pump = None;
-        let (sent, written) = (self.sent(src)?, self.written(dst)?);
-        log::trace!("side {src} passed its limit: sent {sent}, written {written}");
-        if self.in_relay[src] && sent.saturating_sub(written) > window {
-            debug!("holding side {src} back: {} bytes queued for side {dst}", sent - written);
-            self.engine.progs.pause(&self.keys[src]).map_err(|_| Abort::Reset)?;
-            self.wait_caught_up(dst).await?;
-            debug!("resuming side {src}");
-            match self.engine.progs.resume(&self.keys[src], self.socks[src].as_fd()) {
-                Ok(()) => {}
-                Err(PairError::NotEstablished(_)) => {
-                    debug!("side {src} finished while held back; copying the rest");
-                    self.in_relay[src] = false;
-                    pump = Some(self.copy_direction(src).map_err(|_| Abort::Reset)?);
-                }
-                Err(e) => {
-                    debug!("resuming side {src} failed: {e}");
-                    return Err(Abort::Reset);
-                }
+        let f = self.flow(src)?;
+        let mut task: Task<'a, Forwarded> = None;
+        if !self.forwarding[src] && !self.done[src] {
+            let taken = written(self.socks[dst], self.base[dst])?.saturating_sub(self.by_user[src].load(Ordering::Relaxed));
+            let lag = f.sent.saturating_sub(taken);
+            if lag > window {
+                debug!("holding side {src}: {lag} bytes wait in the kernel for side {dst}");
+                self.engine.progs.set_hold(&self.keys[src], true)?;
+                // A verdict run that read the old entry may still be
+                // redirecting. It runs under the socket's lock, so taking
+                // that lock once (any setsockopt does) waits it out; every
+                // later run sees the hold.
+                sys::kick_data_ready(self.socks[src].as_fd())?;
+                self.forwarding[src] = true;
+                task = Some(Box::pin(forward(
+                    self.engine.progs.clone(),
+                    self.keys[src],
+                    (self.socks[src], self.base[src]),
+                    to_tokio(self.socks[src].try_clone()?).map_err(|_| Abort)?,
+                    self.socks[dst],
+                    to_tokio(self.socks[dst].try_clone()?).map_err(|_| Abort)?,
+                    self.base[dst],
+                    &self.by_user[src],
+                )));
             }
         }
-        let limit = self.sent(src)? + window;
-        self.engine.progs.rearm(&self.keys[src], limit).map_err(|_| Abort::Reset)?;
-        Ok(pump)
+        self.engine.progs.rearm(&self.keys[src], f.sent + window)?;
+        Ok(task)
     }
 
     /// Copies what arrives on `src` to the other socket in user space.
-    /// Only used once nothing of that direction is left in the kernel's
-    /// redirect path, so the copied bytes follow the redirected ones.
-    fn copy_direction(&self, src: usize) -> Result<Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + 'a>>> {
-        let r = to_tokio(self.socks[src].try_clone()?)?;
-        let w = to_tokio(self.socks[1 - src].try_clone()?)?;
-        let count = &self.copied[src];
+    /// Only used when the kernel refused `src` at pairing, so nothing of
+    /// that direction is in the kernel's redirect path.
+    fn copy_direction(&self, src: usize) -> Result<Pin<Box<dyn Future<Output = Result<(), Abort>> + Send + 'a>>, Abort> {
+        let r = to_tokio(self.socks[src].try_clone()?).map_err(|_| Abort)?;
+        let w = to_tokio(self.socks[1 - src].try_clone()?).map_err(|_| Abort)?;
+        let count = &self.by_user[src];
         Ok(Box::pin(async move {
             let (mut r, mut w) = (r, w);
-            pump(&mut r, &mut w, copy::DEFAULT_BUFFER, count).await
+            pump(&mut r, &mut w, copy::DEFAULT_BUFFER, count).await.map_err(Abort::from)
         }))
+    }
+}
+
+/// Has every byte received on a source left it, either redirected by the
+/// kernel or read by user space (`read`)? User space must also have read
+/// everything the verdict passed. `read` may exceed `passed`: at the end
+/// of a held stream the socket can hand user space bytes the verdict never
+/// saw (seen on 6.18 after FIN), which are still in order.
+fn all_accounted(received: u64, f: zc_common::Flow, read: u64) -> bool {
+    f.passed <= read && received <= f.sent + read
+}
+
+/// Bytes written into `s` since pairing.
+fn written(s: &TcpStream, base: Base) -> Result<u64, Abort> {
+    Ok(sys::bytes_written(s.as_fd())?.saturating_sub(base.written))
+}
+
+/// Waits until `dst` has taken every byte of the direction from `src`:
+/// what the verdict redirected plus what user space wrote. The kernel
+/// signals nothing when its redirect backlog empties, so this polls.
+async fn wait_caught_up(progs: &Programs, src: SockKey, dst: &TcpStream, dbase: Base, by_user: &AtomicU64) -> Result<(), Abort> {
+    let mut wait = Backoff::new();
+    loop {
+        let sent = progs.flow(&src).ok_or(Abort)?.sent;
+        let expected = sent + by_user.load(Ordering::Relaxed);
+        let w = written(dst, dbase)?;
+        if w >= expected {
+            return Ok(());
+        }
+        if failed(dst) {
+            debug!("destination failed while taking redirected bytes");
+            return Err(Abort);
+        }
+        wait.sleep(|| debug!("destination has taken {w} of {expected} bytes")).await;
+    }
+}
+
+/// Forwards what the verdict passed to `src`'s own receive queue while
+/// held. First lets the destination take everything already redirected
+/// (so forwarded bytes follow them), then releases the hold: the verdict
+/// keeps passing until user space has forwarded every passed byte, then
+/// redirects again.
+async fn forward<'a>(
+    progs: Programs,
+    key: SockKey,
+    (src_std, sbase): (&'a TcpStream, Base),
+    src: tokio::net::TcpStream,
+    dst: &'a TcpStream,
+    mut dst_io: tokio::net::TcpStream,
+    dbase: Base,
+    by_user: &'a AtomicU64,
+) -> Result<Forwarded, Abort> {
+    use tokio::io::AsyncWriteExt as _;
+    wait_caught_up(&progs, key, dst, dbase, by_user).await?;
+    let released_at = progs.flow(&key).ok_or(Abort)?.sent;
+    progs.set_hold(&key, false)?;
+    let mut buf = vec![0u8; copy::DEFAULT_BUFFER];
+    let mut eof_wait: Option<Backoff> = None;
+    let mut last = (0, zc_common::Flow::default());
+    loop {
+        match &mut eof_wait {
+            None => src.readable().await?,
+            Some(w) => {
+                let (received, f) = last;
+                let fwd = by_user.load(Ordering::Relaxed);
+                w.sleep(|| debug!("after FIN: {received} received, {} redirected, {} passed, {fwd} forwarded", f.sent, f.passed)).await
+            }
+        }
+        match src.try_read(&mut buf) {
+            // The socket says EOF as soon as the FIN is in and its message
+            // queue is momentarily empty, though passed bytes may still
+            // be on their way into it (the psock backlog). Only an EOF
+            // with every received byte accounted for is the end.
+            Ok(0) => {
+                let received = sys::tcp_info(src_std.as_fd())?.bytes_received.saturating_sub(1 + sbase.read);
+                let f = progs.flow(&key).ok_or(Abort)?;
+                if all_accounted(received, f, by_user.load(Ordering::Relaxed)) {
+                    return Ok(Forwarded::Eof);
+                }
+                last = (received, f);
+                eof_wait.get_or_insert_with(Backoff::new);
+            }
+            Ok(n) => {
+                dst_io.write_all(&buf[..n]).await?;
+                let total = by_user.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+                progs.set_forwarded(&key, total)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let f = progs.flow(&key).ok_or(Abort)?;
+                if f.passed == by_user.load(Ordering::Relaxed) && f.sent > released_at {
+                    return Ok(Forwarded::BackToKernel);
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Polling delay for waits the kernel gives no event for: starts at 50 µs
+/// and doubles to 2 ms; says once, at debug level, when a wait is long.
+struct Backoff {
+    wait: Duration,
+    started: std::time::Instant,
+    complained: bool,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Self { wait: Duration::from_micros(50), started: std::time::Instant::now(), complained: false }
+    }
+
+    async fn sleep(&mut self, complain: impl FnOnce()) {
+        if !self.complained && self.started.elapsed() > Duration::from_secs(1) {
+            self.complained = true;
+            complain();
+        }
+        tokio::time::sleep(self.wait).await;
+        self.wait = (self.wait * 2).min(Duration::from_millis(2));
     }
 }
 
@@ -376,4 +513,3 @@ async fn poll_slot<T>(slot: &mut Option<Pin<Box<dyn Future<Output = T> + Send + 
         None => std::future::pending().await,
     }
 }
-

@@ -146,6 +146,18 @@ pub async fn exchange(s: TcpStream, total: u64, max_write: usize, seed: u64) -> 
 /// A server that runs `exchange` on every connection with its own seed
 /// and reports both digests of each.
 pub async fn exchange_server(addr: &str, total: u64, max_write: usize) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<(Digest, Digest)>) {
+    let (_, go) = tokio::sync::watch::channel(true);
+    exchange_server_gated(addr, total, max_write, go).await
+}
+
+/// Like [`exchange_server`], but each connection waits until `go` turns
+/// true before sending anything.
+pub async fn exchange_server_gated(
+    addr: &str,
+    total: u64,
+    max_write: usize,
+    go: tokio::sync::watch::Receiver<bool>,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<(Digest, Digest)>) {
     let l = TcpListener::bind(addr).await.expect("binding the server");
     let local = l.local_addr().expect("server address");
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -153,8 +165,10 @@ pub async fn exchange_server(addr: &str, total: u64, max_write: usize) -> (Socke
         let mut n = 0u64;
         while let Ok((s, _)) = l.accept().await {
             let tx = tx.clone();
+            let mut go = go.clone();
             n += 1;
             tokio::spawn(async move {
+                let _ = go.wait_for(|v| *v).await;
                 let r = exchange(s, total, max_write, 1_000_000 + n).await;
                 let _ = tx.send(r);
             });
@@ -168,11 +182,11 @@ pub async fn assert_maps_empty(progs: &Programs) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let counts = progs.entry_counts();
-        if counts == [0; 6] {
+        if counts == [0; 7] {
             return;
         }
         if tokio::time::Instant::now() > deadline {
-            panic!("map entries left behind after every pair ended: TARGETS, RELAY, LOCAL, PEERS, SENT, COUNTERS = {counts:?}");
+            panic!("map entries left behind after every pair ended: TARGETS, RELAY, LOCAL, PEERS, FLOW, FORWARDED, COUNTERS = {counts:?}");
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
