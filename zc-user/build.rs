@@ -1,4 +1,4 @@
-//! Builds the eBPF object from `zc-ebpf` and leaves it in `OUT_DIR/zc`,
+//! Builds the eBPF object from `zc-ebpf` and leaves it in `OUT_DIR/zc-ebpf`,
 //! where `src/ebpf.rs` embeds it, so the `zc` binary is self-contained.
 //!
 //! `cargo xtask build` bootstraps the toolchain first (nightly `rust-src`,
@@ -16,7 +16,7 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=ZC_TOOLS_DIR");
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
-        let stub = out_dir.join("zc");
+        let stub = out_dir.join("zc-ebpf");
         fs::write(&stub, []).with_context(|| format!("writing stub {}", stub.display()))?;
         return Ok(());
     }
@@ -41,14 +41,22 @@ fn main() -> anyhow::Result<()> {
     }
     let manifest = env::var("CARGO_MANIFEST_DIR")?;
     let root = PathBuf::from(manifest).join("..").join("zc-ebpf");
-    let root = root.to_str().ok_or_else(|| anyhow!("non-UTF-8 path {}", root.display()))?;
+    let root = root
+        .to_str()
+        .ok_or_else(|| anyhow!("non-UTF-8 path {}", root.display()))?;
     aya_build::build_ebpf(
-        [Package { name: "zc-ebpf", root_dir: root, ..Default::default() }],
+        [Package {
+            name: "zc-ebpf",
+            root_dir: root,
+            ..Default::default()
+        }],
         Toolchain::Nightly,
     )
 }
 
 fn which_bpf_linker() -> Option<PathBuf> {
     let path = env::var_os("PATH")?;
-    env::split_paths(&path).map(|d| d.join("bpf-linker")).find(|p| p.is_file())
+    env::split_paths(&path)
+        .map(|d| d.join("bpf-linker"))
+        .find(|p| p.is_file())
 }

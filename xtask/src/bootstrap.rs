@@ -37,14 +37,18 @@ fn tools_dir() -> Result<PathBuf> {
     if let Some(d) = env::var_os("ZC_TOOLS_DIR") {
         return Ok(PathBuf::from(d));
     }
-    let home = env::var_os("HOME").ok_or_else(|| anyhow!("neither ZC_TOOLS_DIR nor HOME is set"))?;
+    let home =
+        env::var_os("HOME").ok_or_else(|| anyhow!("neither ZC_TOOLS_DIR nor HOME is set"))?;
     Ok(PathBuf::from(home).join(".cache/zc-tools"))
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -65,19 +69,32 @@ fn nightly() -> Result<Nightly> {
             .map(|v| v.trim().to_string())
             .ok_or_else(|| anyhow!("`rustc +{TOOLCHAIN} -vV` printed no `{name}` line"))
     };
-    let sysroot = output(Command::new("rustc").args([&format!("+{TOOLCHAIN}"), "--print", "sysroot"]))?;
-    Ok(Nightly { sysroot: PathBuf::from(sysroot.trim()), commit: field("commit-hash:")?, llvm: field("LLVM version:")? })
+    let sysroot =
+        output(Command::new("rustc").args([&format!("+{TOOLCHAIN}"), "--print", "sysroot"]))?;
+    Ok(Nightly {
+        sysroot: PathBuf::from(sysroot.trim()),
+        commit: field("commit-hash:")?,
+        llvm: field("LLVM version:")?,
+    })
 }
 
 fn ensure_rust_src() -> Result<()> {
-    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", TOOLCHAIN]))
-        .context("rustup is required to manage the nightly toolchain")?;
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        TOOLCHAIN,
+    ]))
+    .context("rustup is required to manage the nightly toolchain")?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
     eprintln!("xtask: installing rust-src for the {TOOLCHAIN} toolchain");
     output(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", TOOLCHAIN]))
-        .context("could not install rust-src for the nightly toolchain (is crates.io/rustup reachable?)")?;
+        .context(
+            "could not install rust-src for the nightly toolchain (is crates.io/rustup reachable?)",
+        )?;
     Ok(())
 }
 
@@ -86,12 +103,18 @@ fn find_libllvm(sysroot: &Path) -> Result<PathBuf> {
     let entries = fs::read_dir(&lib).with_context(|| format!("reading {}", lib.display()))?;
     for e in entries {
         let path = e?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
         if name.starts_with("libLLVM") && name.contains(".so") {
             return Ok(path);
         }
     }
-    bail!("the nightly toolchain at {} ships no libLLVM shared library to build bpf-linker against", lib.display())
+    bail!(
+        "the nightly toolchain at {} ships no libLLVM shared library to build bpf-linker against",
+        lib.display()
+    )
 }
 
 pub fn ensure() -> Result<Tools> {
@@ -99,28 +122,52 @@ pub fn ensure() -> Result<Tools> {
     let n = nightly()?;
     let tools = Tools { dir: tools_dir()? };
     let stamp_path = tools.dir.join("stamp");
-    let stamp = format!("bpf-linker {BPF_LINKER_VERSION}\nnightly {}\nllvm {}\n", n.commit, n.llvm);
-    let works = || Command::new(tools.linker()).arg("--version").output().is_ok_and(|o| o.status.success());
+    let stamp = format!(
+        "bpf-linker {BPF_LINKER_VERSION}\nnightly {}\nllvm {}\n",
+        n.commit, n.llvm
+    );
+    let works = || {
+        Command::new(tools.linker())
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
     if fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp) && works() {
         return Ok(tools);
     }
 
     let major = n.llvm.split('.').next().unwrap_or_default();
-    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {} (about a minute)", n.llvm);
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {} (about a minute)",
+        n.llvm
+    );
     let prefix = tools.dir.join("llvm-prefix");
     fs::create_dir_all(prefix.join("lib"))?;
     fs::create_dir_all(prefix.join("bin"))?;
     let so = prefix.join("lib/libLLVM.so");
     let _ = fs::remove_file(&so);
-    symlink(find_libllvm(&n.sysroot)?, &so).context("linking libLLVM.so into the scratch prefix")?;
+    symlink(find_libllvm(&n.sysroot)?, &so)
+        .context("linking libLLVM.so into the scratch prefix")?;
     let config = prefix.join("bin/llvm-config");
     fs::write(&config, format!("#!/bin/sh\necho {}\n", n.llvm))?;
     fs::set_permissions(&config, fs::Permissions::from_mode(0o755))?;
 
     let rpath = format!("-Clink-arg=-Wl,-rpath,{}", n.sysroot.join("lib").display());
     let st = Command::new("cargo")
-        .args([&format!("+{TOOLCHAIN}"), "install", "bpf-linker", "--version", &format!("={BPF_LINKER_VERSION}")])
-        .args(["--locked", "--force", "--no-default-features", "--features", &format!("llvm-{major}")])
+        .args([
+            &format!("+{TOOLCHAIN}"),
+            "install",
+            "bpf-linker",
+            "--version",
+            &format!("={BPF_LINKER_VERSION}"),
+        ])
+        .args([
+            "--locked",
+            "--force",
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major}"),
+        ])
         .arg("--root")
         .arg(&tools.dir)
         .env("LLVM_PREFIX", &prefix)
@@ -128,10 +175,15 @@ pub fn ensure() -> Result<Tools> {
         .status()
         .context("running cargo install bpf-linker")?;
     if !st.success() {
-        bail!("building bpf-linker failed ({st}); it needs crates.io and the nightly's libLLVM (see the output above)");
+        bail!(
+            "building bpf-linker failed ({st}); it needs crates.io and the nightly's libLLVM (see the output above)"
+        );
     }
     if !works() {
-        bail!("bpf-linker was built but does not run: {}", tools.linker().display());
+        bail!(
+            "bpf-linker was built but does not run: {}",
+            tools.linker().display()
+        );
     }
     fs::write(&stamp_path, stamp)?;
     Ok(tools)

@@ -45,7 +45,11 @@ impl SockKey {
 /// and older kernels in the lower half. Returns the port in host order.
 #[inline(always)]
 pub const fn remote_port_from_ctx(raw: u32) -> u32 {
-    let be = if raw & 0xffff == 0 { raw >> 16 } else { raw & 0xffff };
+    let be = if raw & 0xffff == 0 {
+        raw >> 16
+    } else {
+        raw & 0xffff
+    };
     u16::from_be(be as u16) as u32
 }
 
@@ -120,7 +124,10 @@ mod tests {
     #[test]
     fn layouts_have_no_padding() {
         assert_eq!(core::mem::size_of::<SockKey>(), 4 * 3 + 16 * 2);
-        assert_eq!(core::mem::size_of::<Peer>(), core::mem::size_of::<SockKey>() + 4 * 3 + 8);
+        assert_eq!(
+            core::mem::size_of::<Peer>(),
+            core::mem::size_of::<SockKey>() + 4 * 3 + 8
+        );
         assert_eq!(core::mem::offset_of!(Peer, limit) % 8, 0);
         assert_eq!(core::mem::size_of::<Counters>(), 24);
         assert_eq!(core::mem::size_of::<Flow>(), 16);

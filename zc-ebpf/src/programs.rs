@@ -8,7 +8,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use zc_common::{
-    AF_INET, Counters, EVENTS_BYTES, Flow, MAX_SOCKETS, PEER_LOCAL, PEER_RELAY, Peer, SockKey, remote_port_from_ctx,
+    AF_INET, Counters, EVENTS_BYTES, Flow, MAX_SOCKETS, PEER_LOCAL, PEER_RELAY, Peer, SockKey,
+    remote_port_from_ctx,
 };
 
 #[map]
@@ -39,8 +40,7 @@ static FORWARDED: HashMap<SockKey, u64> = HashMap::with_max_entries(MAX_SOCKETS,
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 #[map]
-static COUNTERS: PerCpuHashMap<SockKey, Counters> =
-    PerCpuHashMap::with_max_entries(MAX_SOCKETS, 0);
+static COUNTERS: PerCpuHashMap<SockKey, Counters> = PerCpuHashMap::with_max_entries(MAX_SOCKETS, 0);
 
 /// Builds a key from a socket context (`__sk_buff` or `sk_msg_md`, which
 /// name these fields alike). Every field is loaded on its own, volatile:
@@ -107,7 +107,9 @@ fn count(key: &SockKey, len: u32, ok: bool) {
 /// the kernel's redirect queue has no bound of its own.
 #[inline(always)]
 fn check_limit(key: &SockKey, sent: u64) {
-    let Some(peer) = PEERS.get_ptr_mut(key) else { return };
+    let Some(peer) = PEERS.get_ptr_mut(key) else {
+        return;
+    };
     // SAFETY: a racing user-space update replaces the whole element; a
     // write to the old one is lost harmlessly.
     unsafe {
@@ -123,7 +125,10 @@ fn check_limit(key: &SockKey, sent: u64) {
 pub fn zc_verdict(ctx: SkBuffContext) -> u32 {
     let key = key_of!(ctx.skb.skb);
     let Some(peer) = peer_of(&key, PEER_RELAY) else {
-        debug!(&ctx, "zc_verdict: unpaired socket :{}, passing", key.local_port);
+        debug!(
+            &ctx,
+            "zc_verdict: unpaired socket :{}, passing", key.local_port
+        );
         return sk_action::SK_PASS;
     };
     let len = ctx.len();
@@ -161,7 +166,10 @@ pub fn zc_verdict(ctx: SkBuffContext) -> u32 {
         };
         check_limit(&key, sent);
     } else {
-        debug!(&ctx, "zc_verdict: peer of :{} is gone, {} bytes dropped", key.local_port, len);
+        debug!(
+            &ctx,
+            "zc_verdict: peer of :{} is gone, {} bytes dropped", key.local_port, len
+        );
     }
     verdict
 }

@@ -17,6 +17,14 @@ pub struct DemoArgs {
     /// Bytes to send in each run (suffixes k, m, g are powers of 1024).
     #[arg(long, value_name = "SIZE", default_value = "2g", value_parser = parse_size)]
     bytes: u64,
+    /// Extra arguments for the relay (e.g. "--window 8388608").
+    #[arg(
+        long,
+        value_name = "ARGS",
+        default_value = "",
+        allow_hyphen_values = true
+    )]
+    relay_args: String,
     /// Size of each write the client makes.
     #[arg(long, value_name = "SIZE", default_value = "64k", value_parser = parse_size)]
     write_size: u64,
@@ -30,8 +38,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         Some('g') => (&s[..s.len() - 1], 1 << 30),
         _ => (&s[..], 1),
     };
-    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size like 4096, 64k, 8m or 1g"))?;
-    n.checked_mul(mul).ok_or_else(|| format!("`{s}` is too large"))
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 4096, 64k, 8m or 1g"))?;
+    n.checked_mul(mul)
+        .ok_or_else(|| format!("`{s}` is too large"))
 }
 
 /// A sink server: each connection is read to EOF and answered with the
@@ -56,7 +67,8 @@ fn run_once(to: SocketAddr, bytes: u64, write_size: usize) -> Result<(Duration, 
     let t = Instant::now();
     let sent = traffic::send(&mut s, bytes, write_size, 42)?;
     let mut reply = [0u8; 16];
-    s.read_exact(&mut reply).context("reading the server's digest")?;
+    s.read_exact(&mut reply)
+        .context("reading the server's digest")?;
     Ok((t.elapsed(), sent, Digest::from_bytes(reply)))
 }
 
@@ -77,17 +89,29 @@ struct KillOnDrop(Child);
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         // SIGTERM first so the relay unloads its programs cleanly.
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::SIGTERM,
+        );
         let _ = self.0.wait();
     }
 }
 
-fn start_relay(upstream: SocketAddr) -> Result<(KillOnDrop, SocketAddr)> {
+fn start_relay(upstream: SocketAddr, extra: &str) -> Result<(KillOnDrop, SocketAddr)> {
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let listen: SocketAddr = ([127, 0, 0, 1], port).into();
     let exe = std::env::current_exe().context("finding the zc binary")?;
     let child = Command::new(exe)
-        .args(["relay", "--mode", "bpf", "--listen", &listen.to_string(), "--upstream", &upstream.to_string()])
+        .args([
+            "relay",
+            "--mode",
+            "bpf",
+            "--listen",
+            &listen.to_string(),
+            "--upstream",
+            &upstream.to_string(),
+        ])
+        .args(extra.split_whitespace())
         .stdin(Stdio::null())
         .spawn()
         .context("starting zc relay")?;
@@ -110,18 +134,39 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 }
 
 fn run_blocking(args: DemoArgs) -> Result<()> {
-    let ws = usize::try_from(args.write_size).context("--write-size too large")?.clamp(1, 1 << 20);
+    let ws = usize::try_from(args.write_size)
+        .context("--write-size too large")?
+        .clamp(1, 1 << 20);
     let server = start_sink()?;
-    let (relay, listen) = start_relay(server)?;
-    println!("zc demo: {} MiB in {} KiB writes, loopback", args.bytes >> 20, ws >> 10);
-    println!("{:<26} {:>10} {:>10} {:>16}", "path", "GB/s", "intact", "relay CPU (s)");
+    let (relay, listen) = start_relay(server, &args.relay_args)?;
+    println!(
+        "zc demo: {} MiB in {} KiB writes, loopback",
+        args.bytes >> 20,
+        ws >> 10
+    );
+    println!(
+        "{:<26} {:>10} {:>10} {:>16}",
+        "path", "GB/s", "intact", "relay CPU (s)"
+    );
     let gbps = |d: Duration| args.bytes as f64 / d.as_secs_f64() / 1e9;
     let (t, sent, got) = run_once(server, args.bytes, ws)?;
-    println!("{:<26} {:>10.2} {:>10} {:>16}", "direct", gbps(t), sent == got, "-");
+    println!(
+        "{:<26} {:>10.2} {:>10} {:>16}",
+        "direct",
+        gbps(t),
+        sent == got,
+        "-"
+    );
     let before = cpu_secs(relay.0.id())?;
     let (t, sent, got) = run_once(listen, args.bytes, ws)?;
     let cpu = cpu_secs(relay.0.id())? - before;
-    println!("{:<26} {:>10.2} {:>10} {:>16.3}", "zc relay --mode bpf", gbps(t), sent == got, cpu);
+    println!(
+        "{:<26} {:>10.2} {:>10} {:>16.3}",
+        "zc relay --mode bpf",
+        gbps(t),
+        sent == got,
+        cpu
+    );
     drop(relay);
     if sent != got {
         bail!("the relayed stream arrived damaged: sent {sent:?}, received {got:?}");

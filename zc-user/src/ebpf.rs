@@ -15,13 +15,15 @@ use log::{debug, warn};
 use zc_common::{Counters, Flow, PEER_LOCAL, PEER_RELAY, Peer, SockKey};
 
 /// The object built from `zc-ebpf` by build.rs.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zc"));
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zc-ebpf"));
 
 /// Why the programs could not be made ready. Callers branch on it to pick
 /// a fallback and to tell the user what is missing.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("this zc binary was built without its eBPF object (AYA_BUILD_SKIP); rebuild with `cargo xtask build`")]
+    #[error(
+        "this zc binary was built without its eBPF object (AYA_BUILD_SKIP); rebuild with `cargo xtask build`"
+    )]
     NoObject,
     #[error("loading the eBPF object failed (needs root, or CAP_BPF and CAP_NET_ADMIN): {0}")]
     Load(#[source] aya::EbpfError),
@@ -42,7 +44,9 @@ pub enum PairError {
     AlreadyPaired(SockKey),
     #[error("both ends are the same socket")]
     SameSocket,
-    #[error("socket {0:?} is not an established TCP connection (it closed, or its remote end finished, before pairing)")]
+    #[error(
+        "socket {0:?} is not an established TCP connection (it closed, or its remote end finished, before pairing)"
+    )]
     NotEstablished(SockKey),
     #[error("reading the socket's addresses failed: {0}")]
     Socket(#[source] std::io::Error),
@@ -117,8 +121,12 @@ impl Programs {
             .ok_or(LoadError::MissingProgram("zc_verdict"))?
             .try_into()
             .map_err(|e| LoadError::Program("zc_verdict", e))?;
-        verdict.load().map_err(|e| LoadError::Program("zc_verdict", e))?;
-        verdict.attach(relay.fd()).map_err(|e| LoadError::Program("zc_verdict", e))?;
+        verdict
+            .load()
+            .map_err(|e| LoadError::Program("zc_verdict", e))?;
+        verdict
+            .attach(relay.fd())
+            .map_err(|e| LoadError::Program("zc_verdict", e))?;
 
         let msg: &mut SkMsg = ebpf
             .program_mut("zc_msg")
@@ -126,10 +134,19 @@ impl Programs {
             .try_into()
             .map_err(|e| LoadError::Program("zc_msg", e))?;
         msg.load().map_err(|e| LoadError::Program("zc_msg", e))?;
-        msg.attach(local.fd()).map_err(|e| LoadError::Program("zc_msg", e))?;
+        msg.attach(local.fd())
+            .map_err(|e| LoadError::Program("zc_msg", e))?;
 
         Ok(Self {
-            inner: Arc::new(Mutex::new(Maps { targets, relay, local, peers, flow, forwarded, counters })),
+            inner: Arc::new(Mutex::new(Maps {
+                targets,
+                relay,
+                local,
+                peers,
+                flow,
+                forwarded,
+                counters,
+            })),
             listeners,
             _ebpf: Arc::new(Mutex::new(ebpf)),
         })
@@ -160,8 +177,16 @@ impl Programs {
     /// With a non-zero `window`, the verdict program reports each socket
     /// on [`Programs::limit_events`] once it has redirected `window` bytes
     /// (see [`Programs::rearm`]).
-    pub fn pair_relay(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>, window: u64) -> Result<RelayPairing, PairError> {
-        let keys = [crate::sys::sock_key(a).map_err(PairError::Socket)?, crate::sys::sock_key(b).map_err(PairError::Socket)?];
+    pub fn pair_relay(
+        &self,
+        a: BorrowedFd<'_>,
+        b: BorrowedFd<'_>,
+        window: u64,
+    ) -> Result<RelayPairing, PairError> {
+        let keys = [
+            crate::sys::sock_key(a).map_err(PairError::Socket)?,
+            crate::sys::sock_key(b).map_err(PairError::Socket)?,
+        ];
         let fds = [a, b];
         let mut m = self.prepare(PEER_RELAY, keys, window)?;
         for i in 0..2 {
@@ -185,20 +210,30 @@ impl Programs {
         }
         drop(m);
         for i in 0..2 {
-            if in_relay[i] {
-                if let Err(e) = crate::sys::kick_data_ready(fds[i]) {
-                    warn!("kicking a newly paired socket failed: {e}");
-                }
+            if in_relay[i]
+                && let Err(e) = crate::sys::kick_data_ready(fds[i])
+            {
+                warn!("kicking a newly paired socket failed: {e}");
             }
         }
-        debug!("paired {:?} <-> {:?} (in kernel: {in_relay:?})", keys[0], keys[1]);
+        debug!(
+            "paired {:?} <-> {:?} (in kernel: {in_relay:?})",
+            keys[0], keys[1]
+        );
         Ok(RelayPairing { keys, in_relay })
     }
 
     /// Short-circuits the two ends of one local TCP connection: what either
     /// end sends goes straight into the other's receive queue.
-    pub fn pair_local(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> Result<[SockKey; 2], PairError> {
-        let keys = [crate::sys::sock_key(a).map_err(PairError::Socket)?, crate::sys::sock_key(b).map_err(PairError::Socket)?];
+    pub fn pair_local(
+        &self,
+        a: BorrowedFd<'_>,
+        b: BorrowedFd<'_>,
+    ) -> Result<[SockKey; 2], PairError> {
+        let keys = [
+            crate::sys::sock_key(a).map_err(PairError::Socket)?,
+            crate::sys::sock_key(b).map_err(PairError::Socket)?,
+        ];
         let mut m = self.prepare(PEER_LOCAL, keys, 0)?;
         for (k, fd) in keys.iter().zip([a, b]) {
             if let Err(e) = m.local.insert(k, fd.as_raw_fd(), 0) {
@@ -212,7 +247,12 @@ impl Programs {
 
     /// Checks the keys and writes the `COUNTERS` and `PEERS` entries;
     /// returns the locked maps for the socket inserts.
-    fn prepare(&self, kind: u32, [ka, kb]: [SockKey; 2], window: u64) -> Result<MutexGuard<'_, Maps>, PairError> {
+    fn prepare(
+        &self,
+        kind: u32,
+        [ka, kb]: [SockKey; 2],
+        window: u64,
+    ) -> Result<MutexGuard<'_, Maps>, PairError> {
         if ka == kb {
             return Err(PairError::SameSocket);
         }
@@ -226,15 +266,31 @@ impl Programs {
             for k in [&ka, &kb] {
                 let zero = aya::maps::PerCpuValues::try_from(vec![Counters::default(); nr_cpus()])
                     .map_err(PairError::Socket)?;
-                m.counters.insert(k, zero, 0).map_err(|e| PairError::Map("COUNTERS", e))?;
+                m.counters
+                    .insert(k, zero, 0)
+                    .map_err(|e| PairError::Map("COUNTERS", e))?;
             }
             for k in [&ka, &kb] {
-                m.flow.insert(k, Flow::default(), 0).map_err(|e| PairError::Map("FLOW", e))?;
-                m.forwarded.insert(k, 0, 0).map_err(|e| PairError::Map("FORWARDED", e))?;
+                m.flow
+                    .insert(k, Flow::default(), 0)
+                    .map_err(|e| PairError::Map("FLOW", e))?;
+                m.forwarded
+                    .insert(k, 0, 0)
+                    .map_err(|e| PairError::Map("FORWARDED", e))?;
             }
-            let peer = |key| Peer { key, kind, armed: u32::from(window > 0), hold: 0, limit: window };
-            m.peers.insert(ka, peer(kb), 0).map_err(|e| PairError::Map("PEERS", e))?;
-            m.peers.insert(kb, peer(ka), 0).map_err(|e| PairError::Map("PEERS", e))
+            let peer = |key| Peer {
+                key,
+                kind,
+                armed: u32::from(window > 0),
+                hold: 0,
+                limit: window,
+            };
+            m.peers
+                .insert(ka, peer(kb), 0)
+                .map_err(|e| PairError::Map("PEERS", e))?;
+            m.peers
+                .insert(kb, peer(ka), 0)
+                .map_err(|e| PairError::Map("PEERS", e))
         })();
         if let Err(e) = result {
             remove_locked(&mut m, &[ka, kb]);
@@ -262,14 +318,22 @@ impl Programs {
     /// Records how many passed bytes user space has forwarded; the verdict
     /// resumes redirecting once this equals [`Flow::passed`].
     pub fn set_forwarded(&self, key: &SockKey, bytes: u64) -> Result<(), PairError> {
-        self.maps().forwarded.insert(key, bytes, 0).map_err(|e| PairError::Map("FORWARDED", e))
+        self.maps()
+            .forwarded
+            .insert(key, bytes, 0)
+            .map_err(|e| PairError::Map("FORWARDED", e))
     }
 
     fn update_peer(&self, key: &SockKey, f: impl FnOnce(&mut Peer)) -> Result<(), PairError> {
         let mut m = self.maps();
-        let mut peer = m.peers.get(key, 0).map_err(|e| PairError::Map("PEERS", e))?;
+        let mut peer = m
+            .peers
+            .get(key, 0)
+            .map_err(|e| PairError::Map("PEERS", e))?;
         f(&mut peer);
-        m.peers.insert(key, peer, 0).map_err(|e| PairError::Map("PEERS", e))
+        m.peers
+            .insert(key, peer, 0)
+            .map_err(|e| PairError::Map("PEERS", e))
     }
 
     /// Sets the next redirected-byte total at which `key` is reported, and
@@ -291,7 +355,10 @@ impl Programs {
     /// limit. Replaces any earlier listener for the key.
     pub fn limit_events(&self, key: SockKey) -> tokio::sync::mpsc::UnboundedReceiver<SockKey> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        self.listeners.lock().unwrap_or_else(|p| p.into_inner()).insert(key, tx);
+        self.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, tx);
         rx
     }
 
@@ -326,7 +393,10 @@ impl Programs {
     pub fn insert_unpaired_relay(&self, fd: impl AsFd) -> Result<SockKey, PairError> {
         let fd = fd.as_fd();
         let k = crate::sys::sock_key(fd).map_err(PairError::Socket)?;
-        self.maps().relay.insert(k, fd.as_raw_fd(), 0).map_err(|e| PairError::Map("RELAY", e))?;
+        self.maps()
+            .relay
+            .insert(k, fd.as_raw_fd(), 0)
+            .map_err(|e| PairError::Map("RELAY", e))?;
         Ok(k)
     }
 }
@@ -334,10 +404,10 @@ impl Programs {
 /// The kernel answers EOPNOTSUPP when a socket is not established
 /// (net/core/sock_map.c, sock_map_sk_state_allowed).
 fn map_insert_error(map: &'static str, key: SockKey, e: aya::maps::MapError) -> PairError {
-    if let aya::maps::MapError::SyscallError(s) = &e {
-        if s.io_error.raw_os_error() == Some(libc::EOPNOTSUPP) {
-            return PairError::NotEstablished(key);
-        }
+    if let aya::maps::MapError::SyscallError(s) = &e
+        && s.io_error.raw_os_error() == Some(libc::EOPNOTSUPP)
+    {
+        return PairError::NotEstablished(key);
     }
     PairError::Map(map, e)
 }
@@ -370,7 +440,9 @@ fn start_event_forwarding(events: RingBuf<MapData>, listeners: Arc<Mutex<Listene
     };
     handle.spawn(async move {
         // SAFETY: the ring buffer owns its fd and keeps it open while held.
-        let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) };
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE)
+        };
         let mut fd = match registered {
             Ok(fd) => fd,
             Err(e) => {
@@ -379,7 +451,9 @@ fn start_event_forwarding(events: RingBuf<MapData>, listeners: Arc<Mutex<Listene
             }
         };
         loop {
-            let Ok(mut guard) = fd.readable_mut().await else { return };
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
             let ring = guard.get_inner_mut();
             while let Some(item) = ring.next() {
                 if item.len() < std::mem::size_of::<SockKey>() {
@@ -389,7 +463,11 @@ fn start_event_forwarding(events: RingBuf<MapData>, listeners: Arc<Mutex<Listene
                 // because the ring gives no alignment promise to Rust.
                 let key = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<SockKey>()) };
                 drop(item);
-                if let Some(tx) = listeners.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+                if let Some(tx) = listeners
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&key)
+                {
                     let _ = tx.send(key);
                 }
             }
@@ -416,7 +494,9 @@ fn start_log_forwarding(ebpf: &mut Ebpf) {
     handle.spawn(async move {
         // SAFETY: the logger owns its ring-buffer fd and keeps it open for
         // as long as the AsyncFd holds it.
-        let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        };
         let mut fd = match registered {
             Ok(fd) => fd,
             Err(e) => {
@@ -425,7 +505,9 @@ fn start_log_forwarding(ebpf: &mut Ebpf) {
             }
         };
         loop {
-            let Ok(mut guard) = fd.readable_mut().await else { return };
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
             guard.get_inner_mut().flush();
             guard.clear_ready();
         }

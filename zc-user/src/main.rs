@@ -65,6 +65,11 @@ struct RelayArgs {
     /// from stalling on a momentarily full destination.
     #[arg(long, value_name = "BYTES", default_value_t = zc_user::engine::bpf::DEFAULT_SNDBUF)]
     sndbuf: usize,
+    /// Most bytes one direction may have waiting in the kernel's redirect
+    /// queue before zc holds the sender back (0: no bound). This is what
+    /// turns a slow reader into TCP backpressure instead of kernel memory.
+    #[arg(long, value_name = "BYTES", default_value_t = zc_user::engine::bpf::DEFAULT_WINDOW)]
+    window: u64,
     /// Most connections relayed at once; further clients wait in the
     /// listen backlog.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
@@ -80,7 +85,8 @@ struct RelayArgs {
 }
 
 fn secs(v: f64, what: &str) -> Result<Duration> {
-    Duration::try_from_secs_f64(v).with_context(|| format!("--{what} must be a non-negative number of seconds"))
+    Duration::try_from_secs_f64(v)
+        .with_context(|| format!("--{what} must be a non-negative number of seconds"))
 }
 
 async fn relay(args: RelayArgs) -> Result<()> {
@@ -89,7 +95,11 @@ async fn relay(args: RelayArgs) -> Result<()> {
         Mode::Bpf => {
             let progs = Programs::load().context("BPF mode is unavailable")?;
             let watcher = Watcher::start().context("starting the socket watcher")?;
-            Engine::Bpf(BpfEngine::new(progs, watcher).with_sndbuf(args.sndbuf))
+            Engine::Bpf(
+                BpfEngine::new(progs, watcher)
+                    .with_sndbuf(args.sndbuf)
+                    .with_window(args.window),
+            )
         }
     };
     let config = Config {
@@ -100,7 +110,12 @@ async fn relay(args: RelayArgs) -> Result<()> {
         shutdown_grace: secs(args.shutdown_grace, "shutdown-grace")?,
     };
     let relay = Relay::bind(config, engine).await?;
-    info!("zc relay: mode {}, listening on {}, upstream {}", args.mode, relay.local_addr()?, args.upstream);
+    info!(
+        "zc relay: mode {}, listening on {}, upstream {}",
+        args.mode,
+        relay.local_addr()?,
+        args.upstream
+    );
     relay.serve(stop_signal()).await?;
     info!("zc relay: stopped; programs and maps unloaded");
     Ok(())
@@ -109,7 +124,10 @@ async fn relay(args: RelayArgs) -> Result<()> {
 /// Resolves on the first SIGINT or SIGTERM.
 async fn stop_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
         error!("cannot install signal handlers; stop zc with SIGKILL");
         return std::future::pending().await;
     };
@@ -131,7 +149,11 @@ fn raise_fd_limit() {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             error!("cannot start the runtime: {e}");

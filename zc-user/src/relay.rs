@@ -49,8 +49,14 @@ pub struct Relay {
 
 impl Relay {
     pub async fn bind(config: Config, engine: Engine) -> Result<Self> {
-        let listener = listen(config.listen).with_context(|| format!("listening on {}", config.listen))?;
-        Ok(Self { listener, engine, config, stats: Arc::default() })
+        let listener =
+            listen(config.listen).with_context(|| format!("listening on {}", config.listen))?;
+        Ok(Self {
+            listener,
+            engine,
+            config,
+            stats: Arc::default(),
+        })
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
@@ -81,7 +87,8 @@ impl Relay {
                 },
             };
             self.stats.accepted.fetch_add(1, Ordering::Relaxed);
-            let (engine, cfg, stats) = (self.engine.clone(), self.config.clone(), self.stats.clone());
+            let (engine, cfg, stats) =
+                (self.engine.clone(), self.config.clone(), self.stats.clone());
             conns.spawn(async move {
                 let _permit = permit;
                 if let Err(e) = serve_one(client, peer, &engine, &cfg, &stats).await {
@@ -91,13 +98,20 @@ impl Relay {
             });
             while conns.try_join_next().is_some() {}
         }
-        info!("stopping: {} open connection(s), grace {:?}", conns.len(), self.config.shutdown_grace);
+        info!(
+            "stopping: {} open connection(s), grace {:?}",
+            conns.len(),
+            self.config.shutdown_grace
+        );
         let drained = tokio::time::timeout(self.config.shutdown_grace, async {
             while conns.join_next().await.is_some() {}
         })
         .await;
         if drained.is_err() {
-            warn!("resetting {} connection(s) still open after the grace period", conns.len());
+            warn!(
+                "resetting {} connection(s) still open after the grace period",
+                conns.len()
+            );
             conns.abort_all();
             while conns.join_next().await.is_some() {}
         }
@@ -121,33 +135,54 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(s.into())
 }
 
-async fn serve_one(client: TcpStream, peer: SocketAddr, engine: &Engine, cfg: &Config, stats: &Stats) -> Result<()> {
+async fn serve_one(
+    client: TcpStream,
+    peer: SocketAddr,
+    engine: &Engine,
+    cfg: &Config,
+    stats: &Stats,
+) -> Result<()> {
     debug!("{peer}: accepted");
     let client = client.into_std()?;
-    let upstream = match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(cfg.upstream)).await {
-        Ok(Ok(s)) => s.into_std()?,
-        Ok(Err(e)) => {
-            let _ = sys::set_reset_on_close(std::os::fd::AsFd::as_fd(&client));
-            return Err(e).with_context(|| format!("connecting to upstream {}", cfg.upstream));
-        }
-        Err(_) => {
-            let _ = sys::set_reset_on_close(std::os::fd::AsFd::as_fd(&client));
-            anyhow::bail!("connecting to upstream {} timed out after {:?}", cfg.upstream, cfg.connect_timeout);
-        }
-    };
+    let upstream =
+        match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(cfg.upstream)).await {
+            Ok(Ok(s)) => s.into_std()?,
+            Ok(Err(e)) => {
+                let _ = sys::set_reset_on_close(std::os::fd::AsFd::as_fd(&client));
+                return Err(e).with_context(|| format!("connecting to upstream {}", cfg.upstream));
+            }
+            Err(_) => {
+                let _ = sys::set_reset_on_close(std::os::fd::AsFd::as_fd(&client));
+                anyhow::bail!(
+                    "connecting to upstream {} timed out after {:?}",
+                    cfg.upstream,
+                    cfg.connect_timeout
+                );
+            }
+        };
     debug!("{peer}: connected upstream");
     // A task aborted at shutdown drops the sockets mid-relay; make that an
     // abortive close so neither end mistakes it for a clean end of stream.
-    let mut guard = ResetOnDrop { socks: [client.try_clone()?, upstream.try_clone()?], armed: true };
+    let mut guard = ResetOnDrop {
+        socks: [client.try_clone()?, upstream.try_clone()?],
+        armed: true,
+    };
     let summary = engine.relay(client, upstream).await;
     guard.armed = false;
     let summary = summary?;
     stats.finished.fetch_add(1, Ordering::Relaxed);
-    stats.bytes.fetch_add(summary.a_to_b + summary.b_to_a, Ordering::Relaxed);
+    stats
+        .bytes
+        .fetch_add(summary.a_to_b + summary.b_to_a, Ordering::Relaxed);
     if summary.reset {
         stats.reset.fetch_add(1, Ordering::Relaxed);
     }
-    debug!("{peer}: done, {} bytes up, {} down{}", summary.a_to_b, summary.b_to_a, if summary.reset { ", reset" } else { "" });
+    debug!(
+        "{peer}: done, {} bytes up, {} down{}",
+        summary.a_to_b,
+        summary.b_to_a,
+        if summary.reset { ", reset" } else { "" }
+    );
     Ok(())
 }
 

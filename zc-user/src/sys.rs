@@ -76,7 +76,9 @@ pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<TcpInfo> {
         return Err(io::Error::last_os_error());
     }
     if (len as usize) < mem::size_of::<TcpInfo>() {
-        return Err(io::Error::other("kernel's tcp_info lacks byte counters (Linux < 4.1)"));
+        return Err(io::Error::other(
+            "kernel's tcp_info lacks byte counters (Linux < 4.1)",
+        ));
     }
     Ok(info)
 }
@@ -118,6 +120,11 @@ pub fn bytes_received(fd: BorrowedFd<'_>) -> io::Result<u64> {
 /// Bytes the application ever wrote into the socket: acknowledged plus
 /// still queued. Read in this order so a concurrent ACK can only make the
 /// sum too small, never too large (callers wait for it to reach a target).
+///
+/// Both counts are in sequence space, which may also hold the SYN (the
+/// connecting side counts it, the accepting side does not, seen on 6.18)
+/// and, once the write side is shut, the FIN. Callers compare two readings
+/// taken before shutting down, never one reading with a byte count.
 pub fn bytes_written(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let acked = tcp_info(fd)?.bytes_acked;
     Ok(acked + outq(fd)?)
@@ -165,7 +172,11 @@ pub fn set_reset_on_close(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// carry: network-order 32-bit words, the port in host order.
 fn addr_words(addr: &SocketAddr) -> (u32, [u32; 4], u32) {
     match addr {
-        SocketAddr::V4(a) => (AF_INET, [u32::from_ne_bytes(a.ip().octets()), 0, 0, 0], u32::from(a.port())),
+        SocketAddr::V4(a) => (
+            AF_INET,
+            [u32::from_ne_bytes(a.ip().octets()), 0, 0, 0],
+            u32::from(a.port()),
+        ),
         SocketAddr::V6(a) => {
             let o = a.ip().octets();
             let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
@@ -177,15 +188,27 @@ fn addr_words(addr: &SocketAddr) -> (u32, [u32; 4], u32) {
 /// The map key of a connected TCP socket, as the eBPF programs compute it.
 pub fn sock_key(fd: impl AsFd) -> io::Result<SockKey> {
     let sock = SockRef::from(&fd);
-    let local = sock.local_addr()?.as_socket().ok_or_else(|| io::Error::other("not an IP socket"))?;
-    let peer = sock.peer_addr()?.as_socket().ok_or_else(|| io::Error::other("not an IP socket"))?;
+    let local = sock
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("not an IP socket"))?;
+    let peer = sock
+        .peer_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("not an IP socket"))?;
     Ok(key_from_addrs(&local, &peer))
 }
 
 pub fn key_from_addrs(local: &SocketAddr, remote: &SocketAddr) -> SockKey {
     let (family, local_ip, local_port) = addr_words(local);
     let (_, remote_ip, remote_port) = addr_words(remote);
-    SockKey { family, local_port, remote_port, local_ip, remote_ip }
+    SockKey {
+        family,
+        local_port,
+        remote_port,
+        local_ip,
+        remote_ip,
+    }
 }
 
 #[cfg(test)]
@@ -212,10 +235,16 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let mut c = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
         let (mut s, _) = l.accept().expect("accept");
+        let before = [
+            bytes_written(c.as_fd()).expect("written"),
+            bytes_written(s.as_fd()).expect("written"),
+        ];
         c.write_all(&[7u8; 1000]).expect("write");
+        s.write_all(&[8u8; 10]).expect("write");
         let mut buf = [0u8; 1000];
         s.read_exact(&mut buf).expect("read");
-        assert_eq!(bytes_written(c.as_fd()).expect("written"), 1000);
+        assert_eq!(bytes_written(c.as_fd()).expect("written") - before[0], 1000);
+        assert_eq!(bytes_written(s.as_fd()).expect("written") - before[1], 10);
         assert_eq!(tcp_info(s.as_fd()).expect("info").bytes_received, 1000);
         assert_eq!(inq(s.as_fd()).expect("inq"), 0);
     }

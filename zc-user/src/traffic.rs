@@ -28,7 +28,10 @@ impl Digest {
         n.copy_from_slice(&b[..8]);
         let mut h = [0u8; 8];
         h.copy_from_slice(&b[8..]);
-        Self { bytes: u64::from_be_bytes(n), hash: u64::from_be_bytes(h) }
+        Self {
+            bytes: u64::from_be_bytes(n),
+            hash: u64::from_be_bytes(h),
+        }
     }
 }
 
@@ -69,7 +72,12 @@ impl Pattern {
 
 /// Writes `total` bytes in writes of `write_size`, then shuts the write
 /// side; returns the digest of what was sent.
-pub fn send(stream: &mut TcpStream, total: u64, write_size: usize, seed: u64) -> io::Result<Digest> {
+pub fn send(
+    stream: &mut TcpStream,
+    total: u64,
+    write_size: usize,
+    seed: u64,
+) -> io::Result<Digest> {
     let mut pattern = Pattern::new(seed);
     let mut h = Xxh3::new();
     let mut left = total;
@@ -81,7 +89,10 @@ pub fn send(stream: &mut TcpStream, total: u64, write_size: usize, seed: u64) ->
         left -= n as u64;
     }
     stream.shutdown(Shutdown::Write)?;
-    Ok(Digest { bytes: total, hash: h.digest() })
+    Ok(Digest {
+        bytes: total,
+        hash: h.digest(),
+    })
 }
 
 /// Reads to EOF; returns count and digest of what arrived.
@@ -100,5 +111,8 @@ pub fn sink(stream: &mut impl Read) -> io::Result<Digest> {
             Err(e) => return Err(e),
         }
     }
-    Ok(Digest { bytes, hash: h.digest() })
+    Ok(Digest {
+        bytes,
+        hash: h.digest(),
+    })
 }

@@ -64,11 +64,16 @@ impl Watcher {
     /// tokio runtime.
     pub fn start() -> io::Result<Self> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
-        let inner = Arc::new(Inner { epoll, subs: Mutex::new(HashMap::new()), next: AtomicU64::new(0) });
+        let inner = Arc::new(Inner {
+            epoll,
+            subs: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(0),
+        });
         let raw = inner.epoll.0.as_raw_fd();
         // SAFETY: `raw` is the epoll fd owned by `inner`, which the task
         // below keeps alive for as long as it polls it.
-        let afd = unsafe { AsyncFd::register_with_interest(raw, Interest::READABLE) }.map_err(|e| e.into_parts().1)?;
+        let afd = unsafe { AsyncFd::register_with_interest(raw, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
         let task_inner = inner.clone();
         tokio::spawn(async move { dispatch(afd, task_inner).await });
         Ok(Self { inner })
@@ -79,10 +84,18 @@ impl Watcher {
         let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         lock(&self.inner.subs).insert(id, tx);
-        let mut sub = Subscription { inner: self.inner.clone(), id, fds: Vec::new(), rx };
+        let mut sub = Subscription {
+            inner: self.inner.clone(),
+            id,
+            fds: Vec::new(),
+            rx,
+        };
         for (side, fd) in fds.iter().enumerate() {
             let flags = EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
-            self.inner.epoll.add(fd, EpollEvent::new(flags, (id << 8) | side as u64)).map_err(io::Error::from)?;
+            self.inner
+                .epoll
+                .add(fd, EpollEvent::new(flags, (id << 8) | side as u64))
+                .map_err(io::Error::from)?;
             sub.fds.push(fd.as_raw_fd());
         }
         Ok(sub)
@@ -109,7 +122,9 @@ impl Drop for Subscription {
     }
 }
 
-fn lock(subs: &Subscribers) -> std::sync::MutexGuard<'_, HashMap<u64, mpsc::UnboundedSender<Event>>> {
+fn lock(
+    subs: &Subscribers,
+) -> std::sync::MutexGuard<'_, HashMap<u64, mpsc::UnboundedSender<Event>>> {
     subs.lock().unwrap_or_else(|p| p.into_inner())
 }
 

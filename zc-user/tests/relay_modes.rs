@@ -4,7 +4,7 @@
 //! instantiated for every mode.
 mod common;
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use common::*;
 use tokio::{
@@ -29,20 +29,32 @@ impl Subject {
 
 fn bpf() -> Subject {
     let progs = programs();
-    Subject { engine: bpf_engine(&progs), progs: Some(progs) }
+    Subject {
+        engine: bpf_engine(&progs),
+        progs: Some(progs),
+    }
 }
 
 /// Accepts one connection on a fresh listener after `connect` ran.
 async fn socket_pair(addr: &str) -> (TcpStream, TcpStream) {
     let l = TcpListener::bind(addr).await.expect("bind");
-    let c = TcpStream::connect(l.local_addr().expect("addr")).await.expect("connect");
+    let c = TcpStream::connect(l.local_addr().expect("addr"))
+        .await
+        .expect("connect");
     let (s, _) = l.accept().await.expect("accept");
     (c, s)
 }
 
 /// client <-> [a relay b] <-> server, relayed by `engine` in a task.
 /// Returns the client and server ends and the relay task.
-async fn relayed(engine: &Engine, addr: &str) -> (TcpStream, TcpStream, tokio::task::JoinHandle<zc_user::engine::Summary>) {
+async fn relayed(
+    engine: &Engine,
+    addr: &str,
+) -> (
+    TcpStream,
+    TcpStream,
+    tokio::task::JoinHandle<zc_user::engine::Summary>,
+) {
     let (client, a) = socket_pair(addr).await;
     let (b, server) = socket_pair(addr).await;
     let engine = engine.clone();
@@ -94,7 +106,10 @@ async fn ipv6_both_ways(subject: Subject) {
 async fn bytes_sent_before_pairing_arrive_first(subject: Subject) {
     let (mut client, a) = socket_pair("127.0.0.1:0").await;
     let (b, mut server) = socket_pair("127.0.0.1:0").await;
-    client.write_all(b"client speaks first;").await.expect("write");
+    client
+        .write_all(b"client speaks first;")
+        .await
+        .expect("write");
     server.write_all(b"server banner;").await.expect("write");
     // Let the bytes land in the relay sockets' receive queues.
     wait_inq(&a, 20).await;
@@ -108,8 +123,14 @@ async fn bytes_sent_before_pairing_arrive_first(subject: Subject) {
     server.shutdown().await.expect("shutdown");
     let mut at_server = String::new();
     let mut at_client = String::new();
-    tokio::time::timeout(HANG, server.read_to_string(&mut at_server)).await.expect("hang").expect("read");
-    tokio::time::timeout(HANG, client.read_to_string(&mut at_client)).await.expect("hang").expect("read");
+    tokio::time::timeout(HANG, server.read_to_string(&mut at_server))
+        .await
+        .expect("hang")
+        .expect("read");
+    tokio::time::timeout(HANG, client.read_to_string(&mut at_client))
+        .await
+        .expect("hang")
+        .expect("read");
     assert_eq!(at_server, "client speaks first; then more");
     assert_eq!(at_client, "server banner; then more");
     let summary = task.await.expect("relay task");
@@ -121,7 +142,10 @@ async fn wait_inq(s: &TcpStream, n: u64) {
     use std::os::fd::AsFd;
     let deadline = tokio::time::Instant::now() + HANG;
     while zc_user::sys::inq(s.as_fd()).expect("inq") < n {
-        assert!(tokio::time::Instant::now() < deadline, "bytes never arrived");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bytes never arrived"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
@@ -130,33 +154,59 @@ async fn wait_inq(s: &TcpStream, n: u64) {
 /// must see EOF only after every byte, and can still answer afterwards.
 async fn client_half_close_arrives_after_all_bytes(subject: Subject) {
     let (mut client, mut server, task) = relayed(&subject.engine, "127.0.0.1:0").await;
-    let sent = send_random(&mut client, 16 << 20, 1 << 20, 11).await.expect("send");
+    let sent = send_random(&mut client, 16 << 20, 1 << 20, 11)
+        .await
+        .expect("send");
     client.shutdown().await.expect("shutdown");
-    let got = tokio::time::timeout(HANG, recv_all(&mut server)).await.expect("server never saw EOF").expect("recv");
+    let got = tokio::time::timeout(HANG, recv_all(&mut server))
+        .await
+        .expect("server never saw EOF")
+        .expect("recv");
     assert_eq!(got, sent, "EOF arrived before every byte");
     // The other direction still works after the half-close.
-    let reply = send_random(&mut server, 4 << 20, 64 << 10, 12).await.expect("reply");
+    let reply = send_random(&mut server, 4 << 20, 64 << 10, 12)
+        .await
+        .expect("reply");
     server.shutdown().await.expect("shutdown");
-    let got = tokio::time::timeout(HANG, recv_all(&mut client)).await.expect("client never saw EOF").expect("recv");
+    let got = tokio::time::timeout(HANG, recv_all(&mut client))
+        .await
+        .expect("client never saw EOF")
+        .expect("recv");
     assert_eq!(got, reply);
     let summary = task.await.expect("relay task");
-    assert_eq!((summary.a_to_b, summary.b_to_a, summary.reset), (16 << 20, 4 << 20, false));
+    assert_eq!(
+        (summary.a_to_b, summary.b_to_a, summary.reset),
+        (16 << 20, 4 << 20, false)
+    );
     subject.finish().await;
 }
 
 /// The same, the server finishing first.
 async fn server_half_close_arrives_after_all_bytes(subject: Subject) {
     let (mut client, mut server, task) = relayed(&subject.engine, "127.0.0.1:0").await;
-    let sent = send_random(&mut server, 16 << 20, 1 << 20, 13).await.expect("send");
+    let sent = send_random(&mut server, 16 << 20, 1 << 20, 13)
+        .await
+        .expect("send");
     server.shutdown().await.expect("shutdown");
-    let got = tokio::time::timeout(HANG, recv_all(&mut client)).await.expect("client never saw EOF").expect("recv");
+    let got = tokio::time::timeout(HANG, recv_all(&mut client))
+        .await
+        .expect("client never saw EOF")
+        .expect("recv");
     assert_eq!(got, sent, "EOF arrived before every byte");
-    let reply = send_random(&mut client, 4 << 20, 64 << 10, 14).await.expect("reply");
+    let reply = send_random(&mut client, 4 << 20, 64 << 10, 14)
+        .await
+        .expect("reply");
     client.shutdown().await.expect("shutdown");
-    let got = tokio::time::timeout(HANG, recv_all(&mut server)).await.expect("server never saw EOF").expect("recv");
+    let got = tokio::time::timeout(HANG, recv_all(&mut server))
+        .await
+        .expect("server never saw EOF")
+        .expect("recv");
     assert_eq!(got, reply);
     let summary = task.await.expect("relay task");
-    assert_eq!((summary.a_to_b, summary.b_to_a, summary.reset), (4 << 20, 16 << 20, false));
+    assert_eq!(
+        (summary.a_to_b, summary.b_to_a, summary.reset),
+        (4 << 20, 16 << 20, false)
+    );
     subject.finish().await;
 }
 
@@ -165,14 +215,27 @@ async fn reset_reaches_the_other_side(subject: Subject, client_resets: bool) {
     let (mut client, mut server, task) = relayed(&subject.engine, "127.0.0.1:0").await;
     client.write_all(b"ping").await.expect("write");
     let mut buf = [0u8; 4];
-    tokio::time::timeout(HANG, server.read_exact(&mut buf)).await.expect("hang").expect("read");
-    let (resetter, mut victim) = if client_resets { (client, server) } else { (server, client) };
+    tokio::time::timeout(HANG, server.read_exact(&mut buf))
+        .await
+        .expect("hang")
+        .expect("read");
+    let (resetter, mut victim) = if client_resets {
+        (client, server)
+    } else {
+        (server, client)
+    };
     set_linger_zero(&resetter);
     drop(resetter);
     let mut rest = Vec::new();
-    let r = tokio::time::timeout(HANG, victim.read_to_end(&mut rest)).await.expect("the reset never arrived");
+    let r = tokio::time::timeout(HANG, victim.read_to_end(&mut rest))
+        .await
+        .expect("the reset never arrived");
     let err = r.expect_err("the other side saw a clean EOF instead of a reset");
-    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "unexpected error {err}");
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionReset,
+        "unexpected error {err}"
+    );
     let summary = task.await.expect("relay task");
     assert!(summary.reset);
     subject.finish().await;
@@ -198,7 +261,13 @@ async fn slow_reader_gets_backpressure_without_loss(subject: Subject) {
             let _ = accepted_tx.send(done);
         }
         client.shutdown().await.expect("shutdown");
-        (Digest { bytes: total, hash: h.digest() }, client)
+        (
+            Digest {
+                bytes: total,
+                hash: h.digest(),
+            },
+            client,
+        )
     });
     // Reader asleep: the accepted count must level off well below total.
     let mut last = 0;
@@ -206,9 +275,19 @@ async fn slow_reader_gets_backpressure_without_loss(subject: Subject) {
         tokio::time::sleep(Duration::from_millis(40)).await;
         last = *accepted_rx.borrow();
     }
-    eprintln!("writer got {} MiB into the relay while the reader slept", last >> 20);
-    assert!(last < 128 << 20, "the writer pushed {} MiB into a relay whose reader sleeps: no backpressure", last >> 20);
-    let got = tokio::time::timeout(HANG, recv_all(&mut server)).await.expect("the stream stalled after the reader woke").expect("recv");
+    eprintln!(
+        "writer got {} MiB into the relay while the reader slept",
+        last >> 20
+    );
+    assert!(
+        last < 128 << 20,
+        "the writer pushed {} MiB into a relay whose reader sleeps: no backpressure",
+        last >> 20
+    );
+    let got = tokio::time::timeout(HANG, recv_all(&mut server))
+        .await
+        .expect("the stream stalled after the reader woke")
+        .expect("recv");
     let (sent, client) = writer.await.expect("writer");
     assert_eq!(got, sent);
     drop(client);
@@ -222,7 +301,10 @@ async fn slow_reader_gets_backpressure_without_loss(subject: Subject) {
 /// so the relay really holds 1,000 live pairs.
 async fn thousand_concurrent_connections(subject: Subject) {
     // ZC_TEST_CONNS overrides the count when chasing a failure.
-    let n: usize = std::env::var("ZC_TEST_CONNS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let n: usize = std::env::var("ZC_TEST_CONNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
     const SIZE: u64 = 64 << 10;
     let (go_tx, go) = tokio::sync::watch::channel(false);
     let (server_addr, mut reports) = exchange_server_gated("127.0.0.1:0", SIZE, 16 << 10, go).await;
@@ -234,7 +316,12 @@ async fn thousand_concurrent_connections(subject: Subject) {
     if let Some(p) = &subject.progs {
         let deadline = tokio::time::Instant::now() + HANG;
         while p.entry_counts()[1] < 2 * n {
-            assert!(tokio::time::Instant::now() < deadline, "only {} of {} sockets were paired", p.entry_counts()[1], 2 * n);
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {} of {} sockets were paired",
+                p.entry_counts()[1],
+                2 * n
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -249,11 +336,16 @@ async fn thousand_concurrent_connections(subject: Subject) {
     }
     let mut server_results = std::collections::HashMap::new();
     for _ in 0..n {
-        let (srv_sent, srv_got) = tokio::time::timeout(HANG, reports.recv()).await.expect("hang").expect("report");
+        let (srv_sent, srv_got) = tokio::time::timeout(HANG, reports.recv())
+            .await
+            .expect("hang")
+            .expect("report");
         server_results.insert(srv_got, srv_sent);
     }
     for (sent, got) in client_results {
-        let srv_sent = server_results.get(&sent).expect("a client stream arrived damaged or not at all");
+        let srv_sent = server_results
+            .get(&sent)
+            .expect("a client stream arrived damaged or not at all");
         assert_eq!(*srv_sent, got, "a server stream arrived damaged");
     }
     relay.stop().await;

@@ -49,11 +49,11 @@ use crate::{
 /// Default send buffer for paired sockets. The redirect path retries a
 /// full destination only after a timer tick, so a destination that can
 /// absorb a burst keeps the path from stalling (measured in BENCHMARKS.md).
-pub const DEFAULT_SNDBUF: usize = 4 << 20;
+pub const DEFAULT_SNDBUF: usize = 16 << 20;
 
 /// Default bytes a direction may have queued in the kernel's redirect
 /// backlog before its source is held back.
-pub const DEFAULT_WINDOW: u64 = 4 << 20;
+pub const DEFAULT_WINDOW: u64 = 32 << 20;
 
 #[derive(Clone)]
 pub struct BpfEngine {
@@ -76,7 +76,10 @@ struct Base {
 impl Base {
     fn of(fd: BorrowedFd<'_>) -> std::io::Result<Self> {
         let received = sys::bytes_received(fd)?;
-        Ok(Self { read: received.saturating_sub(sys::inq(fd)?), written: sys::bytes_written(fd)? })
+        Ok(Self {
+            read: received.saturating_sub(sys::inq(fd)?),
+            written: sys::bytes_written(fd)?,
+        })
     }
 }
 
@@ -91,7 +94,6 @@ impl Drop for Paired<'_> {
         self.progs.unpair(&self.keys);
     }
 }
-
 
 /// One relayed connection while it lives.
 struct Pair<'a> {
@@ -139,7 +141,12 @@ type Task<'a, T> = Option<Pin<Box<dyn Future<Output = Result<T, Abort>> + Send +
 
 impl BpfEngine {
     pub fn new(progs: Programs, watcher: Watcher) -> Self {
-        Self { progs, watcher, sndbuf: DEFAULT_SNDBUF, window: DEFAULT_WINDOW }
+        Self {
+            progs,
+            watcher,
+            sndbuf: DEFAULT_SNDBUF,
+            window: DEFAULT_WINDOW,
+        }
     }
 
     /// Send buffer given to both sockets of each pair (0: kernel default).
@@ -167,7 +174,10 @@ impl BpfEngine {
             }
         }
         let base = [Base::of(a.as_fd())?, Base::of(b.as_fd())?];
-        let mut events = self.watcher.watch(&[a.as_fd(), b.as_fd()]).context("watching the pair")?;
+        let mut events = self
+            .watcher
+            .watch(&[a.as_fd(), b.as_fd()])
+            .context("watching the pair")?;
         let pairing = match self.progs.pair_relay(a.as_fd(), b.as_fd(), self.window) {
             Ok(p) => p,
             Err(PairError::NotEstablished(k)) => {
@@ -183,8 +193,14 @@ impl BpfEngine {
                 return Err(e).context("pairing the sockets in the kernel");
             }
         };
-        let paired = Paired { progs: &self.progs, keys: pairing.keys };
-        let mut limits = [self.progs.limit_events(pairing.keys[0]), self.progs.limit_events(pairing.keys[1])];
+        let paired = Paired {
+            progs: &self.progs,
+            keys: pairing.keys,
+        };
+        let mut limits = [
+            self.progs.limit_events(pairing.keys[0]),
+            self.progs.limit_events(pairing.keys[1]),
+        ];
         let by_user = [AtomicU64::new(0), AtomicU64::new(0)];
         let mut pair = Pair {
             engine: self,
@@ -209,7 +225,11 @@ impl BpfEngine {
         // Leave the maps before the sockets close (the drop order below).
         drop(paired);
         drop(events);
-        Ok(Summary { a_to_b: moved[0], b_to_a: moved[1], reset: reset_happened })
+        Ok(Summary {
+            a_to_b: moved[0],
+            b_to_a: moved[1],
+            reset: reset_happened,
+        })
     }
 }
 
@@ -220,9 +240,9 @@ impl<'a> Pair<'a> {
         limits: &mut [UnboundedReceiver<SockKey>; 2],
     ) -> Result<(), Abort> {
         let mut copies: [Task<'a, ()>; 2] = [None, None];
-        for src in 0..2 {
+        for (src, slot) in copies.iter_mut().enumerate() {
             if !self.in_relay[src] {
-                copies[src] = Some(self.copy_direction(src)?);
+                *slot = self.copy_direction(src)?;
             }
         }
         let mut forwarders: [Task<'a, Forwarded>; 2] = [None, None];
@@ -263,7 +283,13 @@ impl<'a> Pair<'a> {
 
     async fn forwarder_ended(&mut self, src: usize, how: Forwarded) -> Result<(), Abort> {
         self.forwarding[src] = false;
-        debug!("side {src}: forwarder ended ({}), {} bytes forwarded", matches!(how, Forwarded::Eof).then_some("EOF").unwrap_or("back to the kernel"), self.by_user[src].load(Ordering::Relaxed));
+        debug!(
+            "side {src}: forwarder ended ({}), {} bytes forwarded",
+            matches!(how, Forwarded::Eof)
+                .then_some("EOF")
+                .unwrap_or("back to the kernel"),
+            self.by_user[src].load(Ordering::Relaxed)
+        );
         let fin = match how {
             Forwarded::Eof => true,
             // Its FIN may have come while the forwarder owned the source.
@@ -294,15 +320,28 @@ impl<'a> Pair<'a> {
             if all_accounted(received, f, self.by_user[src].load(Ordering::Relaxed)) {
                 break;
             }
-            wait.sleep(|| debug!("side {src}: {received} bytes received, {} through the verdict", f.sent + f.passed)).await;
+            wait.sleep(|| {
+                debug!(
+                    "side {src}: {received} bytes received, {} through the verdict",
+                    f.sent + f.passed
+                )
+            })
+            .await;
         }
-        if let Some(c) = self.engine.progs.counters(&self.keys[src]) {
-            if c.failed > 0 {
-                debug!("the kernel dropped {} redirects from side {src}", c.failed);
-                return Err(Abort);
-            }
+        if let Some(c) = self.engine.progs.counters(&self.keys[src])
+            && c.failed > 0
+        {
+            debug!("the kernel dropped {} redirects from side {src}", c.failed);
+            return Err(Abort);
         }
-        wait_caught_up(&self.engine.progs, self.keys[src], self.socks[dst], self.base[dst], &self.by_user[src]).await?;
+        wait_caught_up(
+            &self.engine.progs,
+            self.keys[src],
+            self.socks[dst],
+            self.base[dst],
+            &self.by_user[src],
+        )
+        .await?;
         // EPIPE/ENOTCONN here means dst already failed; its own event
         // reports that.
         let _ = self.socks[dst].shutdown(Shutdown::Write);
@@ -320,7 +359,8 @@ impl<'a> Pair<'a> {
         let f = self.flow(src)?;
         let mut task: Task<'a, Forwarded> = None;
         if !self.forwarding[src] && !self.done[src] {
-            let taken = written(self.socks[dst], self.base[dst])?.saturating_sub(self.by_user[src].load(Ordering::Relaxed));
+            let taken = written(self.socks[dst], self.base[dst])?
+                .saturating_sub(self.by_user[src].load(Ordering::Relaxed));
             let lag = f.sent.saturating_sub(taken);
             if lag > window {
                 debug!("holding side {src}: {lag} bytes wait in the kernel for side {dst}");
@@ -331,16 +371,16 @@ impl<'a> Pair<'a> {
                 // later run sees the hold.
                 sys::kick_data_ready(self.socks[src].as_fd())?;
                 self.forwarding[src] = true;
-                task = Some(Box::pin(forward(
-                    self.engine.progs.clone(),
-                    self.keys[src],
-                    (self.socks[src], self.base[src]),
-                    to_tokio(self.socks[src].try_clone()?).map_err(|_| Abort)?,
-                    self.socks[dst],
-                    to_tokio(self.socks[dst].try_clone()?).map_err(|_| Abort)?,
-                    self.base[dst],
-                    &self.by_user[src],
-                )));
+                let fwd = Forwarder {
+                    progs: self.engine.progs.clone(),
+                    key: self.keys[src],
+                    src: (self.socks[src], self.base[src]),
+                    src_io: to_tokio(self.socks[src].try_clone()?).map_err(|_| Abort)?,
+                    dst: (self.socks[dst], self.base[dst]),
+                    dst_io: to_tokio(self.socks[dst].try_clone()?).map_err(|_| Abort)?,
+                    by_user: &self.by_user[src],
+                };
+                task = Some(Box::pin(fwd.run()));
             }
         }
         self.engine.progs.rearm(&self.keys[src], f.sent + window)?;
@@ -350,14 +390,16 @@ impl<'a> Pair<'a> {
     /// Copies what arrives on `src` to the other socket in user space.
     /// Only used when the kernel refused `src` at pairing, so nothing of
     /// that direction is in the kernel's redirect path.
-    fn copy_direction(&self, src: usize) -> Result<Pin<Box<dyn Future<Output = Result<(), Abort>> + Send + 'a>>, Abort> {
+    fn copy_direction(&self, src: usize) -> Result<Task<'a, ()>, Abort> {
         let r = to_tokio(self.socks[src].try_clone()?).map_err(|_| Abort)?;
         let w = to_tokio(self.socks[1 - src].try_clone()?).map_err(|_| Abort)?;
         let count = &self.by_user[src];
-        Ok(Box::pin(async move {
+        Ok(Some(Box::pin(async move {
             let (mut r, mut w) = (r, w);
-            pump(&mut r, &mut w, copy::DEFAULT_BUFFER, count).await.map_err(Abort::from)
-        }))
+            pump(&mut r, &mut w, copy::DEFAULT_BUFFER, count)
+                .await
+                .map_err(Abort::from)
+        })))
     }
 }
 
@@ -378,7 +420,13 @@ fn written(s: &TcpStream, base: Base) -> Result<u64, Abort> {
 /// Waits until `dst` has taken every byte of the direction from `src`:
 /// what the verdict redirected plus what user space wrote. The kernel
 /// signals nothing when its redirect backlog empties, so this polls.
-async fn wait_caught_up(progs: &Programs, src: SockKey, dst: &TcpStream, dbase: Base, by_user: &AtomicU64) -> Result<(), Abort> {
+async fn wait_caught_up(
+    progs: &Programs,
+    src: SockKey,
+    dst: &TcpStream,
+    dbase: Base,
+    by_user: &AtomicU64,
+) -> Result<(), Abort> {
     let mut wait = Backoff::new();
     loop {
         let sent = progs.flow(&src).ok_or(Abort)?.sent;
@@ -391,7 +439,8 @@ async fn wait_caught_up(progs: &Programs, src: SockKey, dst: &TcpStream, dbase: 
             debug!("destination failed while taking redirected bytes");
             return Err(Abort);
         }
-        wait.sleep(|| debug!("destination has taken {w} of {expected} bytes")).await;
+        wait.sleep(|| debug!("destination has taken {w} of {expected} bytes"))
+            .await;
     }
 }
 
@@ -400,15 +449,48 @@ async fn wait_caught_up(progs: &Programs, src: SockKey, dst: &TcpStream, dbase: 
 /// (so forwarded bytes follow them), then releases the hold: the verdict
 /// keeps passing until user space has forwarded every passed byte, then
 /// redirects again.
-async fn forward<'a>(
+struct Forwarder<'a> {
     progs: Programs,
     key: SockKey,
-    (src_std, sbase): (&'a TcpStream, Base),
-    src: tokio::net::TcpStream,
-    dst: &'a TcpStream,
-    mut dst_io: tokio::net::TcpStream,
-    dbase: Base,
+    src: (&'a TcpStream, Base),
+    src_io: tokio::net::TcpStream,
+    dst: (&'a TcpStream, Base),
+    dst_io: tokio::net::TcpStream,
     by_user: &'a AtomicU64,
+}
+
+impl Forwarder<'_> {
+    async fn run(self) -> Result<Forwarded, Abort> {
+        let Forwarder {
+            progs,
+            key,
+            src: (src_std, sbase),
+            src_io: src,
+            dst: (dst, dbase),
+            mut dst_io,
+            by_user,
+        } = self;
+        forward(
+            progs,
+            key,
+            (src_std, sbase),
+            src,
+            (dst, dbase),
+            &mut dst_io,
+            by_user,
+        )
+        .await
+    }
+}
+
+async fn forward(
+    progs: Programs,
+    key: SockKey,
+    (src_std, sbase): (&TcpStream, Base),
+    src: tokio::net::TcpStream,
+    (dst, dbase): (&TcpStream, Base),
+    dst_io: &mut tokio::net::TcpStream,
+    by_user: &AtomicU64,
 ) -> Result<Forwarded, Abort> {
     use tokio::io::AsyncWriteExt as _;
     wait_caught_up(&progs, key, dst, dbase, by_user).await?;
@@ -423,7 +505,13 @@ async fn forward<'a>(
             Some(w) => {
                 let (received, f) = last;
                 let fwd = by_user.load(Ordering::Relaxed);
-                w.sleep(|| debug!("after FIN: {received} received, {} redirected, {} passed, {fwd} forwarded", f.sent, f.passed)).await
+                w.sleep(|| {
+                    debug!(
+                        "after FIN: {received} received, {} redirected, {} passed, {fwd} forwarded",
+                        f.sent, f.passed
+                    )
+                })
+                .await
             }
         }
         match src.try_read(&mut buf) {
@@ -432,7 +520,9 @@ async fn forward<'a>(
             // be on their way into it (the psock backlog). Only an EOF
             // with every received byte accounted for is the end.
             Ok(0) => {
-                let received = sys::tcp_info(src_std.as_fd())?.bytes_received.saturating_sub(1 + sbase.read);
+                let received = sys::tcp_info(src_std.as_fd())?
+                    .bytes_received
+                    .saturating_sub(1 + sbase.read);
                 let f = progs.flow(&key).ok_or(Abort)?;
                 if all_accounted(received, f, by_user.load(Ordering::Relaxed)) {
                     return Ok(Forwarded::Eof);
@@ -466,7 +556,11 @@ struct Backoff {
 
 impl Backoff {
     fn new() -> Self {
-        Self { wait: Duration::from_micros(50), started: std::time::Instant::now(), complained: false }
+        Self {
+            wait: Duration::from_micros(50),
+            started: std::time::Instant::now(),
+            complained: false,
+        }
     }
 
     async fn sleep(&mut self, complain: impl FnOnce()) {

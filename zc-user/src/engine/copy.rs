@@ -27,7 +27,9 @@ pub struct CopyEngine {
 
 impl Default for CopyEngine {
     fn default() -> Self {
-        Self { buffer: DEFAULT_BUFFER }
+        Self {
+            buffer: DEFAULT_BUFFER,
+        }
     }
 }
 
@@ -50,19 +52,29 @@ impl CopyEngine {
                 let _ = sys::set_reset_on_close(s.as_fd());
             }
         }
-        Ok(Summary { a_to_b: counts[0].load(Ordering::Relaxed), b_to_a: counts[1].load(Ordering::Relaxed), reset })
+        Ok(Summary {
+            a_to_b: counts[0].load(Ordering::Relaxed),
+            b_to_a: counts[1].load(Ordering::Relaxed),
+            reset,
+        })
     }
 }
 
 pub fn to_tokio(s: StdTcpStream) -> Result<TcpStream> {
-    s.set_nonblocking(true).context("making the socket non-blocking")?;
+    s.set_nonblocking(true)
+        .context("making the socket non-blocking")?;
     TcpStream::from_std(s).context("registering the socket with the runtime")
 }
 
 /// Copies `src` to `dst` until EOF, then shuts `dst`'s write side so the
 /// far end sees EOF after the last byte. `count` is exact even when an
 /// error ends the copy: it counts bytes written, not bytes read.
-pub async fn pump<R, W>(src: &mut R, dst: &mut W, buffer: usize, count: &AtomicU64) -> io::Result<()>
+pub async fn pump<R, W>(
+    src: &mut R,
+    dst: &mut W,
+    buffer: usize,
+    count: &AtomicU64,
+) -> io::Result<()>
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,

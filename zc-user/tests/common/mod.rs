@@ -2,12 +2,7 @@
 //! and loud failures when BPF is not available.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
-use std::{
-    net::SocketAddr,
-    os::fd::AsFd,
-    sync::Once,
-    time::Duration,
-};
+use std::{net::SocketAddr, os::fd::AsFd, sync::Once, time::Duration};
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tokio::{
@@ -43,9 +38,13 @@ pub fn init() {
 pub fn programs() -> Programs {
     init();
     if !nix::unistd::geteuid().is_root() {
-        panic!("this test loads BPF programs into the kernel and needs root (or CAP_BPF + CAP_NET_ADMIN); run the suite as root: `cargo xtask test`");
+        panic!(
+            "this test loads BPF programs into the kernel and needs root (or CAP_BPF + CAP_NET_ADMIN); run the suite as root: `cargo xtask test`"
+        );
     }
-    Programs::load().unwrap_or_else(|e| panic!("this test needs zc's BPF programs, and loading them failed: {e}"))
+    Programs::load().unwrap_or_else(|e| {
+        panic!("this test needs zc's BPF programs, and loading them failed: {e}")
+    })
 }
 
 pub fn bpf_engine(progs: &Programs) -> Engine {
@@ -62,7 +61,13 @@ pub struct TestRelay {
 
 impl TestRelay {
     pub async fn start(engine: Engine, upstream: SocketAddr) -> Self {
-        let listen: SocketAddr = if upstream.is_ipv6() { "[::1]:0" } else { "127.0.0.1:0" }.parse().expect("addr");
+        let listen: SocketAddr = if upstream.is_ipv6() {
+            "[::1]:0"
+        } else {
+            "127.0.0.1:0"
+        }
+        .parse()
+        .expect("addr");
         let config = Config {
             listen,
             upstream,
@@ -70,13 +75,24 @@ impl TestRelay {
             max_conns: 10_000,
             shutdown_grace: Duration::from_secs(5),
         };
-        let relay = Relay::bind(config, engine).await.expect("binding the relay");
+        let relay = Relay::bind(config, engine)
+            .await
+            .expect("binding the relay");
         let addr = relay.local_addr().expect("relay address");
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(async move {
-            relay.serve(async { let _ = rx.await; }).await.expect("relay failed");
+            relay
+                .serve(async {
+                    let _ = rx.await;
+                })
+                .await
+                .expect("relay failed");
         });
-        Self { addr, stop: Some(tx), task: Some(task) }
+        Self {
+            addr,
+            stop: Some(tx),
+            task: Some(task),
+        }
     }
 
     pub async fn stop(mut self) {
@@ -98,7 +114,12 @@ pub struct Digest {
 
 /// Random bytes from `seed`, written in random sizes from 1 byte to
 /// `max_write` (log-uniform, so both tiny and huge writes occur).
-pub async fn send_random<W: AsyncWriteExt + Unpin>(w: &mut W, total: u64, max_write: usize, seed: u64) -> std::io::Result<Digest> {
+pub async fn send_random<W: AsyncWriteExt + Unpin>(
+    w: &mut W,
+    total: u64,
+    max_write: usize,
+    seed: u64,
+) -> std::io::Result<Digest> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut h = Xxh3::new();
     let mut buf = vec![0u8; max_write];
@@ -111,7 +132,10 @@ pub async fn send_random<W: AsyncWriteExt + Unpin>(w: &mut W, total: u64, max_wr
         h.update(&buf[..n]);
         left -= n as u64;
     }
-    Ok(Digest { bytes: total, hash: h.digest() })
+    Ok(Digest {
+        bytes: total,
+        hash: h.digest(),
+    })
 }
 
 /// Reads to EOF.
@@ -122,7 +146,10 @@ pub async fn recv_all<R: AsyncReadExt + Unpin>(r: &mut R) -> std::io::Result<Dig
     loop {
         let n = r.read(&mut buf).await?;
         if n == 0 {
-            return Ok(Digest { bytes, hash: h.digest() });
+            return Ok(Digest {
+                bytes,
+                hash: h.digest(),
+            });
         }
         h.update(&buf[..n]);
         bytes += n as u64;
@@ -134,18 +161,29 @@ pub async fn recv_all<R: AsyncReadExt + Unpin>(r: &mut R) -> std::io::Result<Dig
 pub async fn exchange(s: TcpStream, total: u64, max_write: usize, seed: u64) -> (Digest, Digest) {
     let (mut r, mut w) = s.into_split();
     let send = async move {
-        let d = send_random(&mut w, total, max_write, seed).await.expect("sending");
+        let d = send_random(&mut w, total, max_write, seed)
+            .await
+            .expect("sending");
         w.shutdown().await.expect("shutting down the write side");
         d
     };
     let recv = async move { recv_all(&mut r).await.expect("receiving") };
-    let (sent, got) = tokio::time::timeout(HANG, async { tokio::join!(send, recv) }).await.expect("exchange hung");
+    let (sent, got) = tokio::time::timeout(HANG, async { tokio::join!(send, recv) })
+        .await
+        .expect("exchange hung");
     (sent, got)
 }
 
 /// A server that runs `exchange` on every connection with its own seed
 /// and reports both digests of each.
-pub async fn exchange_server(addr: &str, total: u64, max_write: usize) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<(Digest, Digest)>) {
+pub async fn exchange_server(
+    addr: &str,
+    total: u64,
+    max_write: usize,
+) -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(Digest, Digest)>,
+) {
     let (_, go) = tokio::sync::watch::channel(true);
     exchange_server_gated(addr, total, max_write, go).await
 }
@@ -157,7 +195,10 @@ pub async fn exchange_server_gated(
     total: u64,
     max_write: usize,
     go: tokio::sync::watch::Receiver<bool>,
-) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<(Digest, Digest)>) {
+) -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(Digest, Digest)>,
+) {
     let l = TcpListener::bind(addr).await.expect("binding the server");
     let local = l.local_addr().expect("server address");
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -186,7 +227,9 @@ pub async fn assert_maps_empty(progs: &Programs) {
             return;
         }
         if tokio::time::Instant::now() > deadline {
-            panic!("map entries left behind after every pair ended: TARGETS, RELAY, LOCAL, PEERS, FLOW, FORWARDED, COUNTERS = {counts:?}");
+            panic!(
+                "map entries left behind after every pair ended: TARGETS, RELAY, LOCAL, PEERS, FLOW, FORWARDED, COUNTERS = {counts:?}"
+            );
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -1,0 +1,143 @@
+//! `zc relay` as a user runs it: a process that relays, then stops on
+//! SIGTERM and leaves nothing loaded behind.
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+fn loaded_zc_programs() -> Vec<u32> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("zc_")))
+        .map(|p| p.id())
+        .collect()
+}
+
+#[test]
+fn relay_process_relays_then_stops_on_sigterm_leaving_no_programs() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test runs `zc relay --mode bpf` and needs root; run `cargo xtask test` as root"
+    );
+    assert!(
+        loaded_zc_programs().is_empty(),
+        "zc programs were already loaded before the test: {:?}",
+        loaded_zc_programs()
+    );
+    let server = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let upstream = server.local_addr().expect("addr");
+    let listen: SocketAddr = (
+        [127, 0, 0, 1],
+        TcpListener::bind("127.0.0.1:0")
+            .expect("port")
+            .local_addr()
+            .expect("addr")
+            .port(),
+    )
+        .into();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_zc"))
+        .args([
+            "relay",
+            "--mode",
+            "bpf",
+            "--listen",
+            &listen.to_string(),
+            "--upstream",
+            &upstream.to_string(),
+            "--shutdown-grace",
+            "1",
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting zc relay");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut client = loop {
+        if let Ok(c) = TcpStream::connect(listen) {
+            break c;
+        }
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "zc relay exited early"
+        );
+        assert!(Instant::now() < deadline, "zc relay never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (mut s, _) = server.accept().expect("accept");
+    assert_eq!(
+        loaded_zc_programs().len(),
+        2,
+        "a running relay has its two programs loaded"
+    );
+    client
+        .write_all(b"hello through the kernel")
+        .expect("write");
+    client.shutdown(Shutdown::Write).expect("shutdown");
+    let mut got = String::new();
+    s.read_to_string(&mut got).expect("read");
+    assert_eq!(got, "hello through the kernel");
+    drop(s);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::SIGTERM,
+    )
+    .expect("kill");
+    let status = child.wait().expect("wait");
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut log)
+        .expect("log");
+    assert!(status.success(), "zc relay exited with {status}: {log}");
+    assert!(
+        log.contains("mode bpf"),
+        "the start line names the mode: {log}"
+    );
+    assert!(
+        loaded_zc_programs().is_empty(),
+        "programs left loaded after the relay stopped: {:?}",
+        loaded_zc_programs()
+    );
+    assert!(
+        !std::path::Path::new("/sys/fs/bpf/zc").exists(),
+        "the relay pinned objects under /sys/fs/bpf/zc"
+    );
+}
+
+#[test]
+fn forced_bpf_mode_without_privilege_fails_with_a_reason() {
+    // Drop every capability with setpriv (util-linux) and run as nobody.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(env!("CARGO_BIN_EXE_zc"))
+        .args([
+            "relay",
+            "--mode",
+            "bpf",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:9",
+        ])
+        .output()
+        .expect("setpriv is needed (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "zc relay --mode bpf ran without privilege"
+    );
+    assert!(
+        err.contains("BPF mode is unavailable") && err.contains("CAP_BPF"),
+        "unclear error: {err}"
+    );
+}
