@@ -431,22 +431,29 @@ fn nr_cpus() -> usize {
     aya::util::nr_cpus().unwrap_or(1)
 }
 
-/// Reads `EVENTS` whenever it becomes readable and hands each key to its
-/// listener.
-fn start_event_forwarding(events: RingBuf<MapData>, listeners: Arc<Mutex<Listeners>>) {
+/// Runs `drain` on `source` each time it becomes readable, in a task on
+/// the current tokio runtime. Both users are ring buffers that only
+/// support side channels (limit events, logs), so failing to start is
+/// logged, not fatal.
+fn drain_when_readable<T, F>(what: &'static str, source: T, mut drain: F)
+where
+    T: std::os::fd::AsRawFd + Send + 'static,
+    F: FnMut(&mut T) + Send + 'static,
+{
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
-        debug!("no tokio runtime; limit events are not forwarded");
+        warn!("{what} unavailable: no tokio runtime");
         return;
     };
     handle.spawn(async move {
-        // SAFETY: the ring buffer owns its fd and keeps it open while held.
+        // SAFETY: `source` owns its fd and keeps it open while the AsyncFd
+        // holds it.
         let registered = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE)
+            tokio::io::unix::AsyncFd::register_with_interest(source, tokio::io::Interest::READABLE)
         };
         let mut fd = match registered {
             Ok(fd) => fd,
             Err(e) => {
-                warn!("limit events are unavailable: {}", e.into_parts().1);
+                warn!("{what} unavailable: {}", e.into_parts().1);
                 return;
             }
         };
@@ -454,62 +461,38 @@ fn start_event_forwarding(events: RingBuf<MapData>, listeners: Arc<Mutex<Listene
             let Ok(mut guard) = fd.readable_mut().await else {
                 return;
             };
-            let ring = guard.get_inner_mut();
-            while let Some(item) = ring.next() {
-                if item.len() < std::mem::size_of::<SockKey>() {
-                    continue;
-                }
-                // SAFETY: the program writes whole SockKeys; read unaligned
-                // because the ring gives no alignment promise to Rust.
-                let key = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<SockKey>()) };
-                drop(item);
-                if let Some(tx) = listeners
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&key)
-                {
-                    let _ = tx.send(key);
-                }
-            }
+            drain(guard.get_inner_mut());
             guard.clear_ready();
         }
     });
 }
 
-/// eBPF-side logs arrive through aya-log's ring buffer; a task drains it
-/// into `log` whenever the buffer becomes readable. Failure is not fatal:
-/// the data path does not depend on logging.
-fn start_log_forwarding(ebpf: &mut Ebpf) {
-    let logger = match aya_log::EbpfLogger::init(ebpf) {
-        Ok(l) => l,
-        Err(e) => {
-            warn!("eBPF-side logging is unavailable: {e}");
-            return;
-        }
-    };
-    let Ok(handle) = tokio::runtime::Handle::try_current() else {
-        debug!("no tokio runtime; eBPF-side logs are not forwarded");
-        return;
-    };
-    handle.spawn(async move {
-        // SAFETY: the logger owns its ring-buffer fd and keeps it open for
-        // as long as the AsyncFd holds it.
-        let registered = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
-        };
-        let mut fd = match registered {
-            Ok(fd) => fd,
-            Err(e) => {
-                warn!("eBPF-side logging is unavailable: {e}");
-                return;
+/// Hands each key the verdict puts on `EVENTS` to its listener.
+fn start_event_forwarding(events: RingBuf<MapData>, listeners: Arc<Mutex<Listeners>>) {
+    drain_when_readable("limit events", events, move |ring| {
+        while let Some(item) = ring.next() {
+            if item.len() < std::mem::size_of::<SockKey>() {
+                continue;
             }
-        };
-        loop {
-            let Ok(mut guard) = fd.readable_mut().await else {
-                return;
-            };
-            guard.get_inner_mut().flush();
-            guard.clear_ready();
+            // SAFETY: the program writes whole SockKeys; read unaligned
+            // because the ring gives no alignment promise to Rust.
+            let key = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<SockKey>()) };
+            drop(item);
+            if let Some(tx) = listeners
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&key)
+            {
+                let _ = tx.send(key);
+            }
         }
     });
+}
+
+/// eBPF-side logs arrive through aya-log's ring buffer and go to `log`.
+fn start_log_forwarding(ebpf: &mut Ebpf) {
+    match aya_log::EbpfLogger::init(ebpf) {
+        Ok(logger) => drain_when_readable("eBPF-side logging", logger, |l| l.flush()),
+        Err(e) => warn!("eBPF-side logging is unavailable: {e}"),
+    }
 }

@@ -150,62 +150,43 @@ async fn wait_inq(s: &TcpStream, n: u64) {
     }
 }
 
-/// The client sends everything and shuts down its write side. The server
+/// One side sends everything and shuts down its write side. The other
 /// must see EOF only after every byte, and can still answer afterwards.
-async fn client_half_close_arrives_after_all_bytes(subject: Subject) {
-    let (mut client, mut server, task) = relayed(&subject.engine, "127.0.0.1:0").await;
-    let sent = send_random(&mut client, 16 << 20, 1 << 20, 11)
+async fn half_close_arrives_after_all_bytes(subject: Subject, client_first: bool) {
+    let (client, server, task) = relayed(&subject.engine, "127.0.0.1:0").await;
+    let (mut first, mut second) = if client_first {
+        (client, server)
+    } else {
+        (server, client)
+    };
+    let sent = send_random(&mut first, 16 << 20, 1 << 20, 11)
         .await
         .expect("send");
-    client.shutdown().await.expect("shutdown");
-    let got = tokio::time::timeout(HANG, recv_all(&mut server))
+    first.shutdown().await.expect("shutdown");
+    let got = tokio::time::timeout(HANG, recv_all(&mut second))
         .await
-        .expect("server never saw EOF")
+        .expect("the other side never saw EOF")
         .expect("recv");
     assert_eq!(got, sent, "EOF arrived before every byte");
     // The other direction still works after the half-close.
-    let reply = send_random(&mut server, 4 << 20, 64 << 10, 12)
+    let reply = send_random(&mut second, 4 << 20, 64 << 10, 12)
         .await
         .expect("reply");
-    server.shutdown().await.expect("shutdown");
-    let got = tokio::time::timeout(HANG, recv_all(&mut client))
+    second.shutdown().await.expect("shutdown");
+    let got = tokio::time::timeout(HANG, recv_all(&mut first))
         .await
-        .expect("client never saw EOF")
+        .expect("the first side never saw EOF")
         .expect("recv");
     assert_eq!(got, reply);
     let summary = task.await.expect("relay task");
+    let (up, down) = if client_first {
+        (16 << 20, 4 << 20)
+    } else {
+        (4 << 20, 16 << 20)
+    };
     assert_eq!(
         (summary.a_to_b, summary.b_to_a, summary.reset),
-        (16 << 20, 4 << 20, false)
-    );
-    subject.finish().await;
-}
-
-/// The same, the server finishing first.
-async fn server_half_close_arrives_after_all_bytes(subject: Subject) {
-    let (mut client, mut server, task) = relayed(&subject.engine, "127.0.0.1:0").await;
-    let sent = send_random(&mut server, 16 << 20, 1 << 20, 13)
-        .await
-        .expect("send");
-    server.shutdown().await.expect("shutdown");
-    let got = tokio::time::timeout(HANG, recv_all(&mut client))
-        .await
-        .expect("client never saw EOF")
-        .expect("recv");
-    assert_eq!(got, sent, "EOF arrived before every byte");
-    let reply = send_random(&mut client, 4 << 20, 64 << 10, 14)
-        .await
-        .expect("reply");
-    client.shutdown().await.expect("shutdown");
-    let got = tokio::time::timeout(HANG, recv_all(&mut server))
-        .await
-        .expect("server never saw EOF")
-        .expect("recv");
-    assert_eq!(got, reply);
-    let summary = task.await.expect("relay task");
-    assert_eq!(
-        (summary.a_to_b, summary.b_to_a, summary.reset),
-        (4 << 20, 16 << 20, false)
+        (up, down, false)
     );
     subject.finish().await;
 }
@@ -379,12 +360,12 @@ macro_rules! mode_tests {
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn client_half_close_reaches_server_after_every_byte() {
-                client_half_close_arrives_after_all_bytes(super::$mode()).await;
+                half_close_arrives_after_all_bytes(super::$mode(), true).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn server_half_close_reaches_client_after_every_byte() {
-                server_half_close_arrives_after_all_bytes(super::$mode()).await;
+                half_close_arrives_after_all_bytes(super::$mode(), false).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
