@@ -1,14 +1,19 @@
 //! The `zc` command line.
 mod demo;
 
-use std::{net::SocketAddr, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use log::{error, info};
 use zc_user::{
     ebpf::Programs,
-    engine::{Engine, Mode, bpf::BpfEngine},
+    engine::{
+        Engine, Mode,
+        bpf::BpfEngine,
+        copy::CopyEngine,
+        splice::{PipePool, SpliceEngine},
+    },
     relay::{Config, Relay},
     watch::Watcher,
 };
@@ -56,16 +61,28 @@ struct RelayArgs {
     /// Address of the server each client is connected to.
     #[arg(long, value_name = "ADDR")]
     upstream: SocketAddr,
-    /// Data path. bpf: in-kernel sockmap redirect (needs root or
-    /// CAP_BPF+CAP_NET_ADMIN).
+    /// Data path. bpf: in-kernel sockmap redirect, the bytes never enter
+    /// a process (needs root or CAP_BPF+CAP_NET_ADMIN). splice: splice(2)
+    /// through a pipe per direction, no user buffer. copy: read/write
+    /// through a buffer, the plain baseline.
     #[arg(long, value_enum, default_value_t = Mode::Bpf)]
     mode: Mode,
-    /// Send buffer for both sockets of each pair, in bytes (0 keeps the
+    /// splice mode: capacity asked for each pipe, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = zc_user::engine::splice::DEFAULT_PIPE_SIZE)]
+    pipe_size: usize,
+    /// splice mode: most pipes alive at once (two per connection); a
+    /// connection that finds none free is copied instead.
+    #[arg(long, value_name = "N", default_value_t = zc_user::engine::splice::DEFAULT_MAX_PIPES)]
+    max_pipes: usize,
+    /// copy mode: buffer per direction, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = zc_user::engine::copy::DEFAULT_BUFFER)]
+    buffer: usize,
+    /// bpf mode: send buffer for both sockets of each pair, in bytes (0 keeps the
     /// kernel's autotuning). Large buffers keep the in-kernel redirect
     /// from stalling on a momentarily full destination.
     #[arg(long, value_name = "BYTES", default_value_t = zc_user::engine::bpf::DEFAULT_SNDBUF)]
     sndbuf: usize,
-    /// Most bytes one direction may have waiting in the kernel's redirect
+    /// bpf mode: most bytes one direction may have waiting in the kernel's redirect
     /// queue before zc holds the sender back (0: no bound). This is what
     /// turns a slow reader into TCP backpressure instead of kernel memory.
     #[arg(long, value_name = "BYTES", default_value_t = zc_user::engine::bpf::DEFAULT_WINDOW)]
@@ -101,6 +118,11 @@ async fn relay(args: RelayArgs) -> Result<()> {
                     .with_window(args.window),
             )
         }
+        Mode::Splice => Engine::Splice(SpliceEngine::new(Arc::new(PipePool::new(
+            args.max_pipes,
+            args.pipe_size,
+        )))),
+        Mode::Copy => Engine::Copy(CopyEngine::new(args.buffer)),
     };
     let config = Config {
         listen: args.listen,

@@ -9,15 +9,13 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
-};
+use tokio::{io::Interest, net::TcpStream};
 
 use super::Summary;
 use crate::sys;
 
-/// Default buffer per direction.
+/// Default buffer per direction (64 KiB: the size of one loopback
+/// segment; to be tuned by the benchmark).
 pub const DEFAULT_BUFFER: usize = 64 << 10;
 
 #[derive(Clone, Debug)]
@@ -34,29 +32,35 @@ impl Default for CopyEngine {
 }
 
 impl CopyEngine {
-    pub async fn relay(&self, a: StdTcpStream, b: StdTcpStream) -> Result<Summary> {
-        let (mut a, mut b) = (to_tokio(a)?, to_tokio(b)?);
-        let counts = [AtomicU64::new(0), AtomicU64::new(0)];
-        let result = {
-            let (mut ar, mut aw) = a.split();
-            let (mut br, mut bw) = b.split();
-            // try_join: the first error cancels the other direction.
-            tokio::try_join!(
-                pump(&mut ar, &mut bw, self.buffer, &counts[0]),
-                pump(&mut br, &mut aw, self.buffer, &counts[1]),
-            )
-        };
-        let reset = result.is_err();
-        if reset {
-            for s in [&a, &b] {
-                let _ = sys::set_reset_on_close(s.as_fd());
-            }
+    pub fn new(buffer: usize) -> Self {
+        Self {
+            buffer: buffer.max(1),
         }
-        Ok(Summary {
-            a_to_b: counts[0].load(Ordering::Relaxed),
-            b_to_a: counts[1].load(Ordering::Relaxed),
-            reset,
-        })
+    }
+
+    pub async fn relay(&self, a: StdTcpStream, b: StdTcpStream) -> Result<Summary> {
+        let (a, b) = (to_tokio(a)?, to_tokio(b)?);
+        let counts = [AtomicU64::new(0), AtomicU64::new(0)];
+        // try_join: the first error cancels the other direction.
+        let result = tokio::try_join!(
+            pump(&a, &b, self.buffer, &counts[0]),
+            pump(&b, &a, self.buffer, &counts[1]),
+        );
+        Ok(finish(&a, &b, result.is_err(), &counts))
+    }
+}
+
+/// Arms a reset on both sockets if the relay failed, and sums up.
+pub fn finish(a: &TcpStream, b: &TcpStream, failed: bool, counts: &[AtomicU64; 2]) -> Summary {
+    if failed {
+        for s in [a, b] {
+            let _ = sys::set_reset_on_close(s.as_fd());
+        }
+    }
+    Summary {
+        a_to_b: counts[0].load(Ordering::Relaxed),
+        b_to_a: counts[1].load(Ordering::Relaxed),
+        reset: failed,
     }
 }
 
@@ -69,31 +73,42 @@ pub fn to_tokio(s: StdTcpStream) -> Result<TcpStream> {
 /// Copies `src` to `dst` until EOF, then shuts `dst`'s write side so the
 /// far end sees EOF after the last byte. `count` is exact even when an
 /// error ends the copy: it counts bytes written, not bytes read.
-pub async fn pump<R, W>(
-    src: &mut R,
-    dst: &mut W,
+pub async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
     buffer: usize,
     count: &AtomicU64,
-) -> io::Result<()>
-where
-    R: tokio::io::AsyncRead + Unpin,
-    W: tokio::io::AsyncWrite + Unpin,
-{
+) -> io::Result<()> {
     let mut buf = vec![0u8; buffer.max(1)];
     loop {
-        let n = src.read(&mut buf).await?;
+        let n = src
+            .async_io(Interest::READABLE, || src.try_read(&mut buf))
+            .await?;
         if n == 0 {
             break;
         }
-        let mut off = 0;
-        while off < n {
-            let w = dst.write(&buf[off..n]).await?;
-            if w == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            off += w;
-            count.fetch_add(w as u64, Ordering::Relaxed);
-        }
+        write_all(dst, &buf[..n], count).await?;
     }
-    dst.shutdown().await
+    shutdown_write(dst)
+}
+
+/// Writes all of `buf`, adding to `count` as bytes are taken.
+pub async fn write_all(dst: &TcpStream, buf: &[u8], count: &AtomicU64) -> io::Result<()> {
+    let mut off = 0;
+    while off < buf.len() {
+        let w = dst
+            .async_io(Interest::WRITABLE, || dst.try_write(&buf[off..]))
+            .await?;
+        if w == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        off += w;
+        count.fetch_add(w as u64, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Passes EOF on: the far end reads EOF after every byte written before.
+pub fn shutdown_write(dst: &TcpStream) -> io::Result<()> {
+    socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write)
 }

@@ -3,6 +3,7 @@
 //! half-close and reset. Callers never know which engine moved the bytes.
 pub mod bpf;
 pub mod copy;
+pub mod splice;
 
 use std::{fmt, net::TcpStream};
 
@@ -24,12 +25,19 @@ pub struct Summary {
 pub enum Mode {
     /// In-kernel sockmap redirect: the bytes never enter user space.
     Bpf,
+    /// splice(2) through a pipe: the bytes stay in kernel pages, but a
+    /// process moves them.
+    Splice,
+    /// read(2)/write(2) through a buffer: the plain baseline.
+    Copy,
 }
 
 impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Mode::Bpf => "bpf",
+            Mode::Splice => "splice",
+            Mode::Copy => "copy",
         })
     }
 }
@@ -38,12 +46,16 @@ impl fmt::Display for Mode {
 #[derive(Clone)]
 pub enum Engine {
     Bpf(bpf::BpfEngine),
+    Splice(splice::SpliceEngine),
+    Copy(copy::CopyEngine),
 }
 
 impl Engine {
     pub fn mode(&self) -> Mode {
         match self {
             Engine::Bpf(_) => Mode::Bpf,
+            Engine::Splice(_) => Mode::Splice,
+            Engine::Copy(_) => Mode::Copy,
         }
     }
 
@@ -51,6 +63,8 @@ impl Engine {
     pub async fn relay(&self, a: TcpStream, b: TcpStream) -> Result<Summary> {
         match self {
             Engine::Bpf(e) => e.relay(a, b).await,
+            Engine::Splice(e) => e.relay(a, b).await,
+            Engine::Copy(e) => e.relay(a, b).await,
         }
     }
 }
