@@ -395,8 +395,7 @@ impl<'a> Pair<'a> {
         let w = to_tokio(self.socks[1 - src].try_clone()?).map_err(|_| Abort)?;
         let count = &self.by_user[src];
         Ok(Some(Box::pin(async move {
-            let (mut r, mut w) = (r, w);
-            pump(&mut r, &mut w, copy::DEFAULT_BUFFER, count)
+            pump(&r, &w, copy::DEFAULT_BUFFER, count)
                 .await
                 .map_err(Abort::from)
         })))
