@@ -1,6 +1,7 @@
 //! zc: move bytes between two TCP sockets without visiting user space.
 pub mod ebpf;
 pub mod engine;
+pub mod probe;
 pub mod relay;
 pub mod sys;
 pub mod traffic;

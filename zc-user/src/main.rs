@@ -7,7 +7,6 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use log::{error, info};
 use zc_user::{
-    ebpf::Programs,
     engine::{
         Engine, Mode,
         bpf::BpfEngine,
@@ -48,9 +47,37 @@ enum Cmd {
         after_help = "Example:\n  zc relay --listen 0.0.0.0:8080 --upstream 10.0.0.9:80\n  zc relay --listen [::]:5201 --upstream [::1]:5202"
     )]
     Relay(RelayArgs),
+    /// Say which data path zc would use here and why: BPF programs,
+    /// redirect self-test, fallback.
+    Status(StatusArgs),
     /// Show zc at work: relay bytes through the kernel next to a direct
     /// connection and print throughput, integrity and the relay's CPU time.
     Demo(demo::DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// Print one JSON object instead of text, for scripts.
+    #[arg(long)]
+    json: bool,
+}
+
+async fn status(args: StatusArgs) -> Result<()> {
+    let (verdict, _) = zc_user::probe::choose().await;
+    if args.json {
+        println!("{}", serde_json::to_string(&verdict)?);
+    } else {
+        println!("kernel: {}", verdict.kernel);
+        println!(
+            "bpf:    {}",
+            verdict
+                .bpf_unavailable
+                .as_deref()
+                .unwrap_or("ready (programs load, redirect self-test passed)")
+        );
+        println!("mode:   {} ({})", verdict.mode, verdict.reason);
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -61,11 +88,13 @@ struct RelayArgs {
     /// Address of the server each client is connected to.
     #[arg(long, value_name = "ADDR")]
     upstream: SocketAddr,
-    /// Data path. bpf: in-kernel sockmap redirect, the bytes never enter
-    /// a process (needs root or CAP_BPF+CAP_NET_ADMIN). splice: splice(2)
-    /// through a pipe per direction, no user buffer. copy: read/write
-    /// through a buffer, the plain baseline.
-    #[arg(long, value_enum, default_value_t = Mode::Bpf)]
+    /// Data path. auto: bpf if its programs load and pass a self-test,
+    /// else splice, else copy (the choice and reason are logged). bpf:
+    /// in-kernel sockmap redirect, the bytes never enter a process (needs
+    /// root or CAP_BPF+CAP_NET_ADMIN). splice: splice(2) through a pipe
+    /// per direction, no user buffer. copy: read/write through a buffer,
+    /// the plain baseline. A forced mode that cannot work is an error.
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
     mode: Mode,
     /// splice mode: capacity asked for each pipe, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = zc_user::engine::splice::DEFAULT_PIPE_SIZE)]
@@ -108,9 +137,29 @@ fn secs(v: f64, what: &str) -> Result<Duration> {
 
 async fn relay(args: RelayArgs) -> Result<()> {
     raise_fd_limit();
-    let engine = match args.mode {
+    let (mode, why) = match args.mode {
+        Mode::Auto => {
+            let (verdict, progs) = zc_user::probe::choose().await;
+            let mode = match verdict.mode.as_str() {
+                "bpf" => Mode::Bpf,
+                "splice" => Mode::Splice,
+                _ => Mode::Copy,
+            };
+            (mode, (format!("auto: {}", verdict.reason), progs))
+        }
+        forced => (forced, ("forced".to_string(), None)),
+    };
+    let (why, ready) = why;
+    let engine = match mode {
+        Mode::Auto => anyhow::bail!("auto mode resolved to itself"),
         Mode::Bpf => {
-            let progs = Programs::load().context("BPF mode is unavailable")?;
+            let progs = match ready {
+                Some(p) => p,
+                None => zc_user::probe::bpf_ready()
+                    .await
+                    .map_err(anyhow::Error::msg)
+                    .context("BPF mode is unavailable")?,
+            };
             let watcher = Watcher::start().context("starting the socket watcher")?;
             Engine::Bpf(
                 BpfEngine::new(progs, watcher)
@@ -133,8 +182,7 @@ async fn relay(args: RelayArgs) -> Result<()> {
     };
     let relay = Relay::bind(config, engine).await?;
     info!(
-        "zc relay: mode {}, listening on {}, upstream {}",
-        args.mode,
+        "zc relay: mode {mode} ({why}), listening on {}, upstream {}",
         relay.local_addr()?,
         args.upstream
     );
@@ -186,6 +234,7 @@ fn main() -> ExitCode {
         match cli.cmd {
             Cmd::Relay(args) => relay(args).await,
             Cmd::Demo(args) => demo::run(args).await,
+            Cmd::Status(args) => status(args).await,
         }
     });
     match result {

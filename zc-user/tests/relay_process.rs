@@ -1,11 +1,14 @@
 //! `zc relay` as a user runs it: a process that relays, then stops on
 //! SIGTERM and leaves nothing loaded behind.
+mod common;
+
 use std::{
     io::{Read, Write},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    process::{Command, Stdio},
-    time::{Duration, Instant},
+    net::{Shutdown, TcpListener},
+    process::Command,
 };
+
+use common::process::{RelayProcess, UNPRIVILEGED};
 
 fn loaded_zc_programs() -> Vec<u32> {
     aya::programs::loaded_programs()
@@ -27,44 +30,13 @@ fn relay_process_relays_then_stops_on_sigterm_leaving_no_programs() {
         loaded_zc_programs()
     );
     let server = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let upstream = server.local_addr().expect("addr");
-    let listen: SocketAddr = (
-        [127, 0, 0, 1],
-        TcpListener::bind("127.0.0.1:0")
-            .expect("port")
-            .local_addr()
-            .expect("addr")
-            .port(),
-    )
-        .into();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_zc"))
-        .args([
-            "relay",
-            "--mode",
-            "bpf",
-            "--listen",
-            &listen.to_string(),
-            "--upstream",
-            &upstream.to_string(),
-            "--shutdown-grace",
-            "1",
-        ])
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting zc relay");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut client = loop {
-        if let Ok(c) = TcpStream::connect(listen) {
-            break c;
-        }
-        assert!(
-            child.try_wait().expect("wait").is_none(),
-            "zc relay exited early"
-        );
-        assert!(Instant::now() < deadline, "zc relay never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let relay = RelayProcess::start(
+        server.local_addr().expect("addr"),
+        &["--mode", "bpf", "--shutdown-grace", "1"],
+        &[],
+        false,
+    );
+    let mut client = relay.connect();
     let (mut s, _) = server.accept().expect("accept");
     assert_eq!(
         loaded_zc_programs().len(),
@@ -79,20 +51,8 @@ fn relay_process_relays_then_stops_on_sigterm_leaving_no_programs() {
     s.read_to_string(&mut got).expect("read");
     assert_eq!(got, "hello through the kernel");
     drop(s);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::SIGTERM,
-    )
-    .expect("kill");
-    let status = child.wait().expect("wait");
-    let mut log = String::new();
-    child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut log)
-        .expect("log");
-    assert!(status.success(), "zc relay exited with {status}: {log}");
+    let (ok, log) = relay.stop();
+    assert!(ok, "zc relay did not exit cleanly: {log}");
     assert!(
         log.contains("mode bpf"),
         "the start line names the mode: {log}"
@@ -112,13 +72,7 @@ fn relay_process_relays_then_stops_on_sigterm_leaving_no_programs() {
 fn forced_bpf_mode_without_privilege_fails_with_a_reason() {
     // Drop every capability with setpriv (util-linux) and run as nobody.
     let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-        ])
+        .args(UNPRIVILEGED)
         .arg(env!("CARGO_BIN_EXE_zc"))
         .args([
             "relay",

@@ -23,6 +23,9 @@ pub struct Summary {
 /// Which data path moves the bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
+    /// Pick at start: bpf if it loads and passes a self-test, else splice,
+    /// else copy; the choice and its reason are logged.
+    Auto,
     /// In-kernel sockmap redirect: the bytes never enter user space.
     Bpf,
     /// splice(2) through a pipe: the bytes stay in kernel pages, but a
@@ -35,6 +38,7 @@ pub enum Mode {
 impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Mode::Auto => "auto",
             Mode::Bpf => "bpf",
             Mode::Splice => "splice",
             Mode::Copy => "copy",

@@ -2,6 +2,8 @@
 //! and loud failures when BPF is not available.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub mod process;
+
 use std::{net::SocketAddr, os::fd::AsFd, sync::Once, time::Duration};
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
