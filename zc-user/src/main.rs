@@ -11,7 +11,7 @@ use zc_user::{
         Engine, Mode,
         bpf::BpfEngine,
         copy::CopyEngine,
-        splice::{PipePool, SpliceEngine},
+        splice::{PipePool, Recorder, SpliceEngine},
     },
     relay::{Config, Relay},
     watch::Watcher,
@@ -96,6 +96,13 @@ struct RelayArgs {
     /// the plain baseline. A forced mode that cannot work is an error.
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     mode: Mode,
+    /// Write each direction of every connection to its own file in DIR
+    /// (NNNNNN-client-to-upstream, NNNNNN-upstream-to-client) while
+    /// relaying. The pages are duplicated with tee(2), so recording never
+    /// passes through user space either; the in-kernel redirect cannot
+    /// duplicate a stream, so a recorded relay uses splice (and says so).
+    #[arg(long, value_name = "DIR")]
+    record: Option<std::path::PathBuf>,
     /// splice mode: capacity asked for each pipe, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = zc_user::engine::splice::DEFAULT_PIPE_SIZE)]
     pipe_size: usize,
@@ -137,8 +144,19 @@ fn secs(v: f64, what: &str) -> Result<Duration> {
 
 async fn relay(args: RelayArgs) -> Result<()> {
     raise_fd_limit();
-    let (mode, why) = match args.mode {
-        Mode::Auto => {
+    let (mode, why) = match (args.mode, &args.record) {
+        (Mode::Auto | Mode::Splice, Some(_)) => (
+            Mode::Splice,
+            (
+                "recording: the in-kernel redirect cannot duplicate a stream, so splice and tee"
+                    .to_string(),
+                None,
+            ),
+        ),
+        (forced, Some(_)) => {
+            anyhow::bail!("--record needs splice mode; --mode {forced} cannot duplicate the stream")
+        }
+        (Mode::Auto, None) => {
             let (verdict, progs) = zc_user::probe::choose().await;
             let mode = match verdict.mode.as_str() {
                 "bpf" => Mode::Bpf,
@@ -147,7 +165,7 @@ async fn relay(args: RelayArgs) -> Result<()> {
             };
             (mode, (format!("auto: {}", verdict.reason), progs))
         }
-        forced => (forced, ("forced".to_string(), None)),
+        (forced, None) => (forced, ("forced".to_string(), None)),
     };
     let (why, ready) = why;
     let engine = match mode {
@@ -167,10 +185,17 @@ async fn relay(args: RelayArgs) -> Result<()> {
                     .with_window(args.window),
             )
         }
-        Mode::Splice => Engine::Splice(SpliceEngine::new(Arc::new(PipePool::new(
-            args.max_pipes,
-            args.pipe_size,
-        )))),
+        Mode::Splice => {
+            let engine = SpliceEngine::new(Arc::new(PipePool::new(args.max_pipes, args.pipe_size)));
+            match &args.record {
+                Some(dir) => {
+                    let rec = Recorder::new(dir.clone())
+                        .with_context(|| format!("creating {}", dir.display()))?;
+                    Engine::Splice(engine.with_recorder(Arc::new(rec)))
+                }
+                None => Engine::Splice(engine),
+            }
+        }
         Mode::Copy => Engine::Copy(CopyEngine::new(args.buffer)),
     };
     let config = Config {

@@ -338,6 +338,16 @@ async fn thousand_concurrent_connections(subject: Subject) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+    // What holding n connections costs this process: threads stay those
+    // of the runtime (no thread per connection), pipes two per
+    // connection at most (splice mode).
+    let (threads, pipes) = process_threads_and_pipes();
+    eprintln!(
+        "{n} connections open: {threads} threads, {pipes} pipe fds in this process (test clients and servers included)"
+    );
+    assert!(threads < 64, "{threads} threads for {n} connections");
+    // Two pipes (four fds) per spliced connection, plus a few of the runtime.
+    assert!(pipes <= 4 * n + 16, "{pipes} pipe fds for {n} connections");
     go_tx.send(true).expect("servers gone");
     let mut clients = tokio::task::JoinSet::new();
     for (i, s) in streams.into_iter().enumerate() {
@@ -363,6 +373,23 @@ async fn thousand_concurrent_connections(subject: Subject) {
     }
     relay.stop().await;
     subject.finish().await;
+}
+
+fn process_threads_and_pipes() -> (usize, usize) {
+    let threads = std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(0);
+    let pipes = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|l| l.to_string_lossy().starts_with("pipe:"))
+                })
+                .count()
+        })
+        .unwrap_or(0);
+    (threads, pipes)
 }
 
 macro_rules! mode_tests {

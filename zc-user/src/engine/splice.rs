@@ -7,9 +7,11 @@
 //! call: "no data yet" when filling, "destination full" when draining;
 //! either way the task waits for that socket's readiness, never spins.
 use std::{
+    fs::File,
     io,
     net::TcpStream as StdTcpStream,
     os::fd::{AsFd, OwnedFd},
+    path::PathBuf,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -20,7 +22,7 @@ use anyhow::Result;
 use log::debug;
 use nix::{
     errno::Errno,
-    fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice},
+    fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice, tee},
     unistd::pipe2,
 };
 use tokio::{io::Interest, net::TcpStream};
@@ -111,6 +113,37 @@ fn make_pipe(size: usize) -> io::Result<Pipe> {
 #[derive(Clone)]
 pub struct SpliceEngine {
     pool: Arc<PipePool>,
+    record: Option<Arc<Recorder>>,
+}
+
+/// Where `--record` puts each direction of each connection.
+pub struct Recorder {
+    dir: PathBuf,
+    next: AtomicU64,
+}
+
+impl Recorder {
+    pub fn new(dir: PathBuf) -> io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self {
+            dir,
+            next: AtomicU64::new(1),
+        })
+    }
+
+    /// Files for the next connection: (a to b, b to a).
+    fn open(&self) -> io::Result<[(File, Pipe); 2]> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut out = Vec::with_capacity(2);
+        for name in ["client-to-upstream", "upstream-to-client"] {
+            let path = self.dir.join(format!("{id:06}-{name}"));
+            let f = File::create(&path)?;
+            out.push((f, make_pipe(DEFAULT_PIPE_SIZE)?));
+        }
+        let b = out.pop().ok_or_else(|| io::Error::other("no file"))?;
+        let a = out.pop().ok_or_else(|| io::Error::other("no file"))?;
+        Ok([a, b])
+    }
 }
 
 /// How a direction ended.
@@ -124,7 +157,15 @@ enum End {
 
 impl SpliceEngine {
     pub fn new(pool: Arc<PipePool>) -> Self {
-        Self { pool }
+        Self { pool, record: None }
+    }
+
+    /// Also writes each direction of every connection to its own file in
+    /// the recorder's directory, duplicating the pipe's pages with tee(2)
+    /// so the recording never passes through user space either.
+    pub fn with_recorder(mut self, rec: Arc<Recorder>) -> Self {
+        self.record = Some(rec);
+        self
     }
 
     pub fn pool(&self) -> &PipePool {
@@ -144,9 +185,13 @@ impl SpliceEngine {
         };
         let (a, b) = (to_tokio(a)?, to_tokio(b)?);
         let counts = [AtomicU64::new(0), AtomicU64::new(0)];
+        let [rec0, rec1] = match &self.record {
+            Some(r) => r.open().map(|[x, y]| [Some(x), Some(y)])?,
+            None => [None, None],
+        };
         let result = tokio::try_join!(
-            direction(&a, &b, &p0, &counts[0]),
-            direction(&b, &a, &p1, &counts[1])
+            direction(&a, &b, &p0, rec0.as_ref(), &counts[0]),
+            direction(&b, &a, &p1, rec1.as_ref(), &counts[1])
         );
         let failed = result.is_err();
         for p in [p0, p1] {
@@ -166,11 +211,14 @@ fn flags() -> SpliceFFlags {
 }
 
 /// Moves `src` to `dst` through `pipe` until EOF, then shuts `dst`'s write
-/// side. `count` holds the bytes the destination took.
+/// side. `count` holds the bytes the destination took. With `record`,
+/// every byte is first duplicated into the recording pipe (tee) and
+/// spliced into the file, so the file holds exactly what `dst` got.
 async fn direction(
     src: &TcpStream,
     dst: &TcpStream,
     pipe: &Pipe,
+    record: Option<&(File, Pipe)>,
     count: &AtomicU64,
 ) -> io::Result<End> {
     loop {
@@ -189,16 +237,28 @@ async fn direction(
             }
             Err(e) => return Err(e),
         };
+        // Bytes at the head of the pipe already in the recording.
+        let mut recorded = 0;
         while in_pipe > 0 {
+            let mut chunk = in_pipe;
+            if let Some((file, rec)) = record {
+                if recorded == 0 {
+                    recorded = record_head(pipe, in_pipe, file, rec)?;
+                }
+                // After a short tee, send only what was recorded; the rest
+                // is teed once it is at the head.
+                chunk = recorded;
+            }
             let drained = dst
                 .async_io(Interest::WRITABLE, || {
-                    Ok(splice(&pipe.read, None, dst, None, in_pipe, flags())?)
+                    Ok(splice(&pipe.read, None, dst, None, chunk, flags())?)
                 })
                 .await;
             match drained {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     in_pipe -= n;
+                    recorded = recorded.saturating_sub(n);
                     count.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Err(e) if e.raw_os_error() == Some(Errno::EINVAL as i32) => {
@@ -215,6 +275,34 @@ async fn direction(
     }
     shutdown_write(dst)?;
     Ok(End::Done)
+}
+
+/// Duplicates up to `len` bytes at the head of `pipe` into the empty
+/// recording pipe and splices them into the file; returns how many. The
+/// file is regular, so these splices complete without waiting on a peer.
+fn record_head(pipe: &Pipe, len: usize, file: &File, rec: &Pipe) -> io::Result<usize> {
+    let teed = tee(
+        &pipe.read,
+        &rec.write,
+        len.min(rec.size),
+        SpliceFFlags::SPLICE_F_NONBLOCK,
+    )?;
+    let mut left = teed;
+    while left > 0 {
+        let n = splice(
+            &rec.read,
+            None,
+            file,
+            None,
+            left,
+            SpliceFFlags::SPLICE_F_MOVE,
+        )?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        left -= n;
+    }
+    Ok(teed)
 }
 
 /// Empties `pipe` into `dst` with read(2)/write(2), for when splice will
