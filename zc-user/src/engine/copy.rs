@@ -14,9 +14,11 @@ use tokio::{io::Interest, net::TcpStream};
 use super::Summary;
 use crate::sys;
 
-/// Default buffer per direction (64 KiB: the size of one loopback
-/// segment; to be tuned by the benchmark).
-pub const DEFAULT_BUFFER: usize = 64 << 10;
+/// Default buffer per direction. Measured with iperf3 through `zc relay
+/// --mode copy` on loopback (2 cores, 6.18, two interleaved rounds):
+/// 16 KiB 1.84 GB/s, 64 KiB 2.2, 256 KiB 2.7-3.0, 1 MiB 2.6-2.8; 256 KiB
+/// also cost the least CPU per byte.
+pub const DEFAULT_BUFFER: usize = 256 << 10;
 
 #[derive(Clone, Debug)]
 pub struct CopyEngine {
