@@ -106,12 +106,10 @@ fn count(key: &SockKey, len: u32, ok: bool) {
 /// armed limit, so it can compare with what the destination has taken:
 /// the kernel's redirect queue has no bound of its own.
 #[inline(always)]
-fn check_limit(key: &SockKey, sent: u64) {
-    let Some(peer) = PEERS.get_ptr_mut(key) else {
-        return;
-    };
-    // SAFETY: a racing user-space update replaces the whole element; a
-    // write to the old one is lost harmlessly.
+fn check_limit(key: &SockKey, peer: *mut Peer, sent: u64) {
+    // SAFETY: `peer` points at the live map element looked up by the
+    // caller; a racing user-space update replaces the whole element, and
+    // a write to the old one is lost harmlessly.
     unsafe {
         if (*peer).armed != 0 && sent > (*peer).limit {
             (*peer).armed = 0;
@@ -124,7 +122,14 @@ fn check_limit(key: &SockKey, sent: u64) {
 #[stream_verdict]
 pub fn zc_verdict(ctx: SkBuffContext) -> u32 {
     let key = key_of!(ctx.skb.skb);
-    let Some(peer) = peer_of(&key, PEER_RELAY) else {
+    // One lookup serves the whole run: the destination, the hold flag
+    // and the limit all live in this entry.
+    let peer_ptr = PEERS.get_ptr_mut(&key);
+    // SAFETY: the value is copied out at once.
+    let Some(peer) = peer_ptr
+        .map(|p| unsafe { *p })
+        .filter(|p| p.kind == PEER_RELAY)
+    else {
         debug!(
             &ctx,
             "zc_verdict: unpaired socket :{}, passing", key.local_port
@@ -164,7 +169,9 @@ pub fn zc_verdict(ctx: SkBuffContext) -> u32 {
             (*flow).sent += u64::from(len);
             (*flow).sent
         };
-        check_limit(&key, sent);
+        if let Some(p) = peer_ptr {
+            check_limit(&key, p, sent);
+        }
     } else {
         debug!(
             &ctx,
