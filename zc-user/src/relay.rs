@@ -98,6 +98,8 @@ impl Relay {
             });
             while conns.try_join_next().is_some() {}
         }
+        // Reap what already ended so the count below is of open ones.
+        while conns.try_join_next().is_some() {}
         info!(
             "stopping: {} open connection(s), grace {:?}",
             conns.len(),
