@@ -101,12 +101,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Test { args } => {
             let tools = bootstrap::ensure()?;
-            let zc = build(&tools)?;
+            build(&tools)?;
             let mut cmd = cargo(&tools);
-            // Integration tests start the real binary; point them at the
-            // release build made above.
             // The default members: zc-ebpf is built by zc-user's build.rs.
-            cmd.args(["test", "--release"]).args(args).env("ZC_BIN", zc);
+            cmd.args(["test", "--release"]).args(args);
             status(cmd)?;
         }
     }

@@ -53,11 +53,6 @@ pub struct TcpInfo {
     pub bytes_received: u64,
 }
 
-/// `TCP_ESTABLISHED` and `TCP_CLOSE` from include/net/tcp_states.h.
-pub const TCP_ESTABLISHED: u8 = 1;
-pub const TCP_CLOSE: u8 = 7;
-pub const TCP_LISTEN: u8 = 10;
-
 pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<TcpInfo> {
     let mut info = TcpInfo::default();
     let mut len = mem::size_of::<TcpInfo>() as libc::socklen_t;

@@ -161,10 +161,6 @@ impl BpfEngine {
         self
     }
 
-    pub fn programs(&self) -> &Programs {
-        &self.progs
-    }
-
     pub async fn relay(&self, a: TcpStream, b: TcpStream) -> Result<Summary> {
         let socks = [&a, &b];
         for s in socks {
@@ -466,81 +462,58 @@ impl Forwarder<'_> {
             src: (src_std, sbase),
             src_io: src,
             dst: (dst, dbase),
-            mut dst_io,
+            dst_io,
             by_user,
         } = self;
-        forward(
-            progs,
-            key,
-            (src_std, sbase),
-            src,
-            (dst, dbase),
-            &mut dst_io,
-            by_user,
-        )
-        .await
-    }
-}
-
-async fn forward(
-    progs: Programs,
-    key: SockKey,
-    (src_std, sbase): (&TcpStream, Base),
-    src: tokio::net::TcpStream,
-    (dst, dbase): (&TcpStream, Base),
-    dst_io: &mut tokio::net::TcpStream,
-    by_user: &AtomicU64,
-) -> Result<Forwarded, Abort> {
-    use tokio::io::AsyncWriteExt as _;
-    wait_caught_up(&progs, key, dst, dbase, by_user).await?;
-    let released_at = progs.flow(&key).ok_or(Abort)?.sent;
-    progs.set_hold(&key, false)?;
-    let mut buf = vec![0u8; copy::DEFAULT_BUFFER];
-    let mut eof_wait: Option<Backoff> = None;
-    let mut last = (0, zc_common::Flow::default());
-    loop {
-        match &mut eof_wait {
-            None => src.readable().await?,
-            Some(w) => {
-                let (received, f) = last;
-                let fwd = by_user.load(Ordering::Relaxed);
-                w.sleep(|| {
+        wait_caught_up(&progs, key, dst, dbase, by_user).await?;
+        let released_at = progs.flow(&key).ok_or(Abort)?.sent;
+        progs.set_hold(&key, false)?;
+        let mut buf = vec![0u8; copy::DEFAULT_BUFFER];
+        let mut eof_wait: Option<Backoff> = None;
+        let mut last = (0, zc_common::Flow::default());
+        loop {
+            match &mut eof_wait {
+                None => src.readable().await?,
+                Some(w) => {
+                    let (received, f) = last;
+                    let fwd = by_user.load(Ordering::Relaxed);
+                    w.sleep(|| {
                     debug!(
                         "after FIN: {received} received, {} redirected, {} passed, {fwd} forwarded",
                         f.sent, f.passed
                     )
                 })
                 .await
-            }
-        }
-        match src.try_read(&mut buf) {
-            // The socket says EOF as soon as the FIN is in and its message
-            // queue is momentarily empty, though passed bytes may still
-            // be on their way into it (the psock backlog). Only an EOF
-            // with every received byte accounted for is the end.
-            Ok(0) => {
-                let received = sys::tcp_info(src_std.as_fd())?
-                    .bytes_received
-                    .saturating_sub(1 + sbase.read);
-                let f = progs.flow(&key).ok_or(Abort)?;
-                if all_accounted(received, f, by_user.load(Ordering::Relaxed)) {
-                    return Ok(Forwarded::Eof);
-                }
-                last = (received, f);
-                eof_wait.get_or_insert_with(Backoff::new);
-            }
-            Ok(n) => {
-                dst_io.write_all(&buf[..n]).await?;
-                let total = by_user.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
-                progs.set_forwarded(&key, total)?;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let f = progs.flow(&key).ok_or(Abort)?;
-                if f.passed == by_user.load(Ordering::Relaxed) && f.sent > released_at {
-                    return Ok(Forwarded::BackToKernel);
                 }
             }
-            Err(e) => return Err(e.into()),
+            match src.try_read(&mut buf) {
+                // The socket says EOF as soon as the FIN is in and its message
+                // queue is momentarily empty, though passed bytes may still
+                // be on their way into it (the psock backlog). Only an EOF
+                // with every received byte accounted for is the end.
+                Ok(0) => {
+                    let received = sys::tcp_info(src_std.as_fd())?
+                        .bytes_received
+                        .saturating_sub(1 + sbase.read);
+                    let f = progs.flow(&key).ok_or(Abort)?;
+                    if all_accounted(received, f, by_user.load(Ordering::Relaxed)) {
+                        return Ok(Forwarded::Eof);
+                    }
+                    last = (received, f);
+                    eof_wait.get_or_insert_with(Backoff::new);
+                }
+                Ok(n) => {
+                    copy::write_all(&dst_io, &buf[..n], by_user).await?;
+                    progs.set_forwarded(&key, by_user.load(Ordering::Relaxed))?;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let f = progs.flow(&key).ok_or(Abort)?;
+                    if f.passed == by_user.load(Ordering::Relaxed) && f.sent > released_at {
+                        return Ok(Forwarded::BackToKernel);
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
     }
 }

@@ -55,14 +55,6 @@ pub enum Engine {
 }
 
 impl Engine {
-    pub fn mode(&self) -> Mode {
-        match self {
-            Engine::Bpf(_) => Mode::Bpf,
-            Engine::Splice(_) => Mode::Splice,
-            Engine::Copy(_) => Mode::Copy,
-        }
-    }
-
     /// Relays between `a` and `b` until both directions end; closes both.
     pub async fn relay(&self, a: TcpStream, b: TcpStream) -> Result<Summary> {
         match self {

@@ -146,15 +146,6 @@ impl Recorder {
     }
 }
 
-/// How a direction ended.
-enum End {
-    /// EOF passed on; the pipe is empty.
-    Done,
-    /// The kernel refused splice for these sockets (EINVAL); the pipe is
-    /// drained and the rest was copied.
-    Copied,
-}
-
 impl SpliceEngine {
     pub fn new(pool: Arc<PipePool>) -> Self {
         Self { pool, record: None }
@@ -166,10 +157,6 @@ impl SpliceEngine {
     pub fn with_recorder(mut self, rec: Arc<Recorder>) -> Self {
         self.record = Some(rec);
         self
-    }
-
-    pub fn pool(&self) -> &PipePool {
-        &self.pool
     }
 
     pub async fn relay(&self, a: StdTcpStream, b: StdTcpStream) -> Result<Summary> {
@@ -220,7 +207,7 @@ async fn direction(
     pipe: &Pipe,
     record: Option<&(File, Pipe)>,
     count: &AtomicU64,
-) -> io::Result<End> {
+) -> io::Result<()> {
     loop {
         let filled = src
             .async_io(Interest::READABLE, || {
@@ -233,7 +220,7 @@ async fn direction(
             Err(e) if e.raw_os_error() == Some(Errno::EINVAL as i32) => {
                 debug!("splice refused for this socket (EINVAL); copying the rest");
                 pump(src, dst, copy::DEFAULT_BUFFER, count).await?;
-                return Ok(End::Copied);
+                return Ok(());
             }
             Err(e) => return Err(e),
         };
@@ -267,14 +254,14 @@ async fn direction(
                     );
                     drain_pipe(pipe, dst, in_pipe, count).await?;
                     pump(src, dst, copy::DEFAULT_BUFFER, count).await?;
-                    return Ok(End::Copied);
+                    return Ok(());
                 }
                 Err(e) => return Err(e),
             }
         }
     }
     shutdown_write(dst)?;
-    Ok(End::Done)
+    Ok(())
 }
 
 /// Duplicates up to `len` bytes at the head of `pipe` into the empty
