@@ -4,15 +4,14 @@ mod common;
 use std::{
     io::{Read, Write},
     net::{Shutdown, TcpListener},
-    process::Command,
 };
 
-use common::process::{RelayProcess, UNPRIVILEGED};
+use common::process::{RelayProcess, accept_upstream, zc_command};
 
 /// Relays one message through `relay` to `server` and checks it.
 fn relay_once(relay: &RelayProcess, server: &TcpListener) {
     let mut c = relay.connect();
-    let (mut s, _) = server.accept().expect("accept");
+    let mut s = accept_upstream(server);
     c.write_all(b"through whatever path was chosen")
         .expect("write");
     c.shutdown(Shutdown::Write).expect("shutdown");
@@ -26,6 +25,18 @@ fn relay_once(relay: &RelayProcess, server: &TcpListener) {
     assert_eq!(back, "and back");
 }
 
+/// Runs a relay with `args`/`env`, relays one exchange through it, stops
+/// it, and returns its log.
+fn relay_log(args: &[&str], env: &[(&str, &str)], unprivileged: bool) -> String {
+    let server = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let mut relay =
+        RelayProcess::start(server.local_addr().expect("addr"), args, env, unprivileged);
+    relay_once(&relay, &server);
+    let (ok, log) = relay.stop();
+    assert!(ok, "zc relay did not exit cleanly: {log}");
+    log
+}
+
 fn must_be_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
@@ -36,11 +47,7 @@ fn must_be_root() {
 #[test]
 fn auto_mode_with_privilege_chooses_bpf() {
     must_be_root();
-    let server = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let relay = RelayProcess::start(server.local_addr().expect("addr"), &[], &[], false);
-    relay_once(&relay, &server);
-    let (ok, log) = relay.stop();
-    assert!(ok, "{log}");
+    let log = relay_log(&[], &[], false);
     assert!(
         log.contains("mode bpf (auto: "),
         "auto mode did not choose bpf: {log}"
@@ -50,11 +57,7 @@ fn auto_mode_with_privilege_chooses_bpf() {
 #[test]
 fn auto_mode_without_capabilities_chooses_splice_and_says_why() {
     must_be_root();
-    let server = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let relay = RelayProcess::start(server.local_addr().expect("addr"), &[], &[], true);
-    relay_once(&relay, &server);
-    let (ok, log) = relay.stop();
-    assert!(ok, "{log}");
+    let log = relay_log(&[], &[], true);
     assert!(
         log.contains("mode splice (auto: BPF unavailable"),
         "expected splice with a reason: {log}"
@@ -69,16 +72,7 @@ fn auto_mode_without_capabilities_chooses_splice_and_says_why() {
 fn auto_mode_refuses_bpf_when_the_self_test_sees_damage() {
     must_be_root();
     for fault in ["corrupt", "stall"] {
-        let server = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let relay = RelayProcess::start(
-            server.local_addr().expect("addr"),
-            &[],
-            &[(zc_user::probe::FAULT_ENV, fault)],
-            false,
-        );
-        relay_once(&relay, &server);
-        let (ok, log) = relay.stop();
-        assert!(ok, "{log}");
+        let log = relay_log(&[], &[(zc_user::probe::FAULT_ENV, fault)], false);
         assert!(
             log.contains("mode splice (auto: BPF unavailable (the kernel's redirect path failed its self-test"),
             "a {fault}ed self-test must rule BPF out: {log}"
@@ -90,16 +84,7 @@ fn auto_mode_refuses_bpf_when_the_self_test_sees_damage() {
 fn forced_splice_and_copy_relay_as_asked() {
     must_be_root();
     for mode in ["splice", "copy"] {
-        let server = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let relay = RelayProcess::start(
-            server.local_addr().expect("addr"),
-            &["--mode", mode],
-            &[],
-            false,
-        );
-        relay_once(&relay, &server);
-        let (ok, log) = relay.stop();
-        assert!(ok, "{log}");
+        let log = relay_log(&["--mode", mode], &[], false);
         assert!(log.contains(&format!("mode {mode} (forced)")), "{log}");
     }
 }
@@ -108,13 +93,7 @@ fn forced_splice_and_copy_relay_as_asked() {
 fn status_reports_the_choice_as_text_and_json() {
     must_be_root();
     let run = |unprivileged: bool, json: bool| {
-        let mut cmd = if unprivileged {
-            let mut c = Command::new("setpriv");
-            c.args(UNPRIVILEGED).arg(env!("CARGO_BIN_EXE_zc"));
-            c
-        } else {
-            Command::new(env!("CARGO_BIN_EXE_zc"))
-        };
+        let mut cmd = zc_command(unprivileged);
         cmd.arg("status");
         if json {
             cmd.arg("--json");

@@ -167,6 +167,33 @@ async fn wait_inq(s: &TcpStream, n: u64) {
     }
 }
 
+/// `from` sends `total` random bytes and shuts its write side while `to`
+/// reads to EOF, together: no relay is obliged to buffer the whole stream.
+/// Returns (sent, received).
+async fn send_while_receiving(
+    from: &mut TcpStream,
+    to: &mut TcpStream,
+    total: u64,
+    max_write: usize,
+    seed: u64,
+) -> (Digest, Digest) {
+    tokio::join!(
+        async {
+            let d = send_random(from, total, max_write, seed)
+                .await
+                .expect("send");
+            from.shutdown().await.expect("shutdown");
+            d
+        },
+        async {
+            tokio::time::timeout(HANG, recv_all(to))
+                .await
+                .expect("EOF never arrived")
+                .expect("recv")
+        }
+    )
+}
+
 /// One side sends everything and shuts down its write side. The other
 /// must see EOF only after every byte, and can still answer afterwards.
 async fn half_close_arrives_after_all_bytes(subject: Subject, client_first: bool) {
@@ -176,39 +203,10 @@ async fn half_close_arrives_after_all_bytes(subject: Subject, client_first: bool
     } else {
         (server, client)
     };
-    // Sender and reader run together: no relay is obliged to buffer 16 MiB.
-    let (sent, got) = tokio::join!(
-        async {
-            let d = send_random(&mut first, 16 << 20, 1 << 20, 11)
-                .await
-                .expect("send");
-            first.shutdown().await.expect("shutdown");
-            d
-        },
-        async {
-            tokio::time::timeout(HANG, recv_all(&mut second))
-                .await
-                .expect("the other side never saw EOF")
-                .expect("recv")
-        }
-    );
+    let (sent, got) = send_while_receiving(&mut first, &mut second, 16 << 20, 1 << 20, 11).await;
     assert_eq!(got, sent, "EOF arrived before every byte");
     // The other direction still works after the half-close.
-    let (reply, got) = tokio::join!(
-        async {
-            let d = send_random(&mut second, 4 << 20, 64 << 10, 12)
-                .await
-                .expect("reply");
-            second.shutdown().await.expect("shutdown");
-            d
-        },
-        async {
-            tokio::time::timeout(HANG, recv_all(&mut first))
-                .await
-                .expect("the first side never saw EOF")
-                .expect("recv")
-        }
-    );
+    let (reply, got) = send_while_receiving(&mut second, &mut first, 4 << 20, 64 << 10, 12).await;
     assert_eq!(got, reply);
     let summary = task.await.expect("relay task");
     let (up, down) = if client_first {

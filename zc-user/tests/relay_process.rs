@@ -5,10 +5,9 @@ mod common;
 use std::{
     io::{Read, Write},
     net::{Shutdown, TcpListener},
-    process::Command,
 };
 
-use common::process::{RelayProcess, UNPRIVILEGED};
+use common::process::{RelayProcess, accept_upstream, zc_command};
 
 fn loaded_zc_programs() -> Vec<u32> {
     aya::programs::loaded_programs()
@@ -30,14 +29,14 @@ fn relay_process_relays_then_stops_on_sigterm_leaving_no_programs() {
         loaded_zc_programs()
     );
     let server = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let relay = RelayProcess::start(
+    let mut relay = RelayProcess::start(
         server.local_addr().expect("addr"),
         &["--mode", "bpf", "--shutdown-grace", "1"],
         &[],
         false,
     );
     let mut client = relay.connect();
-    let (mut s, _) = server.accept().expect("accept");
+    let mut s = accept_upstream(&server);
     assert_eq!(
         loaded_zc_programs().len(),
         2,
@@ -71,9 +70,7 @@ fn relay_process_relays_then_stops_on_sigterm_leaving_no_programs() {
 #[test]
 fn forced_bpf_mode_without_privilege_fails_with_a_reason() {
     // Drop every capability with setpriv (util-linux) and run as nobody.
-    let out = Command::new("setpriv")
-        .args(UNPRIVILEGED)
-        .arg(env!("CARGO_BIN_EXE_zc"))
+    let out = zc_command(true)
         .args([
             "relay",
             "--mode",

@@ -1,6 +1,5 @@
 //! `zc` run as a user would run it: a child process.
 use std::{
-    io::Read,
     net::{SocketAddr, TcpListener, TcpStream},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -15,37 +14,41 @@ pub const UNPRIVILEGED: [&str; 5] = [
     "--bounding-set=-all",
 ];
 
+/// The `zc` binary, run as nobody without capabilities if `unprivileged`.
+pub fn zc_command(unprivileged: bool) -> Command {
+    if unprivileged {
+        let mut c = Command::new("setpriv");
+        c.args(UNPRIVILEGED).arg(env!("CARGO_BIN_EXE_zc"));
+        c
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_zc"))
+    }
+}
+
 pub struct RelayProcess {
     pub child: Child,
     pub listen: SocketAddr,
+    log: std::sync::mpsc::Receiver<String>,
+    seen: String,
 }
 
 impl RelayProcess {
-    /// Starts `zc relay --listen <free port> --upstream <upstream> ARGS`
-    /// (as nobody if `unprivileged`) and waits until it accepts.
+    /// Starts `zc relay --listen 127.0.0.1:0 --upstream <upstream> ARGS`
+    /// (as nobody if `unprivileged`) and waits for its start line, which
+    /// names the port the kernel gave it. Letting the relay pick the port
+    /// avoids racing other sockets for a port chosen in advance (a client
+    /// can even connect to itself on a port nobody listens on).
     pub fn start(
         upstream: SocketAddr,
         args: &[&str],
         env: &[(&str, &str)],
         unprivileged: bool,
     ) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .expect("port")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let listen: SocketAddr = ([127, 0, 0, 1], port).into();
-        let mut cmd = if unprivileged {
-            let mut c = Command::new("setpriv");
-            c.args(UNPRIVILEGED).arg(env!("CARGO_BIN_EXE_zc"));
-            c
-        } else {
-            Command::new(env!("CARGO_BIN_EXE_zc"))
-        };
+        let mut cmd = zc_command(unprivileged);
         cmd.args([
             "relay",
             "--listen",
-            &listen.to_string(),
+            "127.0.0.1:0",
             "--upstream",
             &upstream.to_string(),
         ])
@@ -56,40 +59,101 @@ impl RelayProcess {
         let mut child = cmd
             .spawn()
             .expect("starting zc relay (setpriv comes with util-linux)");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        // A probe connection would itself be relayed; wait for the port
-        // to be bound instead.
-        while TcpListener::bind(listen).is_ok() {
-            if let Some(st) = child.try_wait().expect("wait") {
-                let mut err = String::new();
-                child.stderr.take().map(|mut e| e.read_to_string(&mut err));
-                panic!("zc relay exited early ({st}): {err}");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, log) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in
+                std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
             }
-            assert!(
-                Instant::now() < deadline,
-                "zc relay never listened on {listen}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        });
+        let mut seen = String::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let listen = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match log.recv_timeout(left) {
+                Ok(line) => {
+                    seen.push_str(&line);
+                    seen.push('\n');
+                    if let Some(rest) = line.split("listening on ").nth(1) {
+                        let addr = rest.split(',').next().unwrap_or_default();
+                        break addr
+                            .parse()
+                            .unwrap_or_else(|e| panic!("bad address in `{line}`: {e}"));
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("zc relay did not start listening within 20 s; its log:\n{seen}");
+                }
+            }
+        };
+        Self {
+            child,
+            listen,
+            log,
+            seen,
         }
-        Self { child, listen }
     }
 
+    /// A client connection; reads time out rather than hang a test.
     pub fn connect(&self) -> TcpStream {
-        TcpStream::connect(self.listen).expect("connecting to the relay")
+        let c = TcpStream::connect(self.listen).expect("connecting to the relay");
+        c.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        c
     }
 
-    /// SIGTERM, wait; returns whether it exited cleanly and its log.
-    pub fn stop(mut self) -> (bool, String) {
+    /// SIGTERM, wait; returns whether it exited cleanly and its whole log.
+    pub fn stop(&mut self) -> (bool, String) {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::SIGTERM,
         )
         .expect("kill");
         let status = self.child.wait().expect("wait");
-        let mut log = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            e.read_to_string(&mut log).expect("log");
+        let mut log = std::mem::take(&mut self.seen);
+        // The reader thread ends at EOF, after the child exited.
+        while let Ok(line) = self.log.recv_timeout(Duration::from_secs(5)) {
+            log.push_str(&line);
+            log.push('\n');
         }
         (status.success(), log)
+    }
+}
+
+impl Drop for RelayProcess {
+    /// A test that fails midway must not leave a relay (and its loaded
+    /// programs) behind for the next test.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Accepts the relay's upstream connection, failing instead of hanging.
+pub fn accept_upstream(server: &TcpListener) -> TcpStream {
+    server.set_nonblocking(true).expect("nonblocking");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match server.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).expect("blocking");
+                s.set_read_timeout(Some(Duration::from_secs(30)))
+                    .expect("timeout");
+                return s;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the relay never connected upstream"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
     }
 }
