@@ -1,0 +1,263 @@
+//! The bench's server and the workloads its client runs against a system.
+//! The first byte of every connection tells the server what to do, so one
+//! server serves all systems: `B` count to EOF and answer with the count,
+//! `H` also hash what arrived, `E` echo until EOF.
+use std::{
+    io::{self, Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    sync::{
+        Arc, Barrier,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use xxhash_rust::xxh3::Xxh3;
+use zc_user::traffic::{Digest, Pattern};
+
+use super::topology::{Netns, Topology, within};
+
+const STALL: Duration = Duration::from_secs(20);
+
+pub struct Server {
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+}
+
+impl Server {
+    pub fn start(topo: &Topology) -> Result<Self> {
+        let listener = within(topo.server.as_ref(), || {
+            TcpListener::bind(SocketAddr::new(topo.server_ip, 0))
+        })?
+        .context("binding the bench server")?;
+        let port = listener.local_addr()?.port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        std::thread::Builder::new()
+            .name("bench-server".into())
+            .spawn(move || accept_loop(listener, &flag))
+            .context("starting the bench server")?;
+        Ok(Self { port, stop })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn accept_loop(listener: TcpListener, stop: &AtomicBool) {
+    let mut pfd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: one valid pollfd; a short timeout lets the loop see `stop`.
+        let n = unsafe { libc::poll(&mut pfd, 1, 100) };
+        if n <= 0 {
+            continue;
+        }
+        let Ok((s, _)) = listener.accept() else {
+            continue;
+        };
+        let _ = std::thread::Builder::new()
+            .stack_size(128 << 10)
+            .spawn(move || serve(s));
+    }
+}
+
+fn serve(mut s: TcpStream) -> io::Result<()> {
+    let _ = s.set_nodelay(true);
+    let mut kind = [0u8; 1];
+    if s.read(&mut kind)? == 0 {
+        return Ok(());
+    }
+    let mut buf = vec![0u8; 256 << 10];
+    match kind[0] {
+        b'E' => loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            s.write_all(&buf[..n])?;
+        },
+        k @ (b'B' | b'H') => {
+            let mut h = Xxh3::new();
+            let mut bytes = 0u64;
+            loop {
+                let n = s.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                if k == b'H' {
+                    h.update(&buf[..n]);
+                }
+                bytes += n as u64;
+            }
+            let hash = if k == b'H' { h.digest() } else { 0 };
+            s.write_all(&Digest { bytes, hash }.to_bytes())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn connect(ns: Option<&Netns>, addr: SocketAddr) -> Result<TcpStream> {
+    let sock = within(ns, || {
+        socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )
+    })?
+    .context("creating a client socket")?;
+    sock.connect(&addr.into())
+        .with_context(|| format!("connecting to {addr}"))?;
+    let s: TcpStream = sock.into();
+    s.set_read_timeout(Some(STALL))?;
+    s.set_write_timeout(Some(STALL))?;
+    Ok(s)
+}
+
+pub struct Bulk {
+    pub bytes: u64,
+    pub secs: f64,
+    /// Every stream's byte count (and hash, if verified) matched.
+    pub intact: bool,
+}
+
+/// `streams` connections write `write_size` chunks for `dur`, then shut
+/// down and wait for the server's count; time runs until the last count.
+pub fn bulk(
+    topo: &Topology,
+    addr: SocketAddr,
+    write_size: usize,
+    streams: usize,
+    dur: Duration,
+    verify: bool,
+) -> Result<Bulk> {
+    let conns = (0..streams)
+        .map(|_| connect(topo.client.as_ref(), addr))
+        .collect::<Result<Vec<_>>>()?;
+    let start = Arc::new(Barrier::new(streams + 1));
+    let handles: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let start = start.clone();
+            std::thread::spawn(move || one_stream(s, write_size, dur, verify, i as u64, &start))
+        })
+        .collect();
+    start.wait();
+    let t = Instant::now();
+    let mut out = Bulk {
+        bytes: 0,
+        secs: 0.0,
+        intact: true,
+    };
+    for h in handles {
+        let (sent, got) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("a bench stream panicked"))??;
+        out.bytes += got.bytes;
+        out.intact &= sent.bytes == got.bytes && (!verify || sent.hash == got.hash);
+    }
+    out.secs = t.elapsed().as_secs_f64();
+    Ok(out)
+}
+
+fn one_stream(
+    mut s: TcpStream,
+    write_size: usize,
+    dur: Duration,
+    verify: bool,
+    seed: u64,
+    start: &Barrier,
+) -> Result<(Digest, Digest)> {
+    let mut pattern = Pattern::new(seed + 1);
+    let mut h = Xxh3::new();
+    let mut bytes = 0u64;
+    s.write_all(if verify { b"H" } else { b"B" })?;
+    start.wait();
+    let t = Instant::now();
+    while t.elapsed() < dur {
+        let buf = pattern.next(write_size);
+        s.write_all(buf).context("writing (the system stalled?)")?;
+        if verify {
+            h.update(buf);
+        }
+        bytes += buf.len() as u64;
+    }
+    s.shutdown(Shutdown::Write)?;
+    let mut reply = [0u8; 16];
+    s.read_exact(&mut reply)
+        .context("waiting for the server's count (the system stalled or lost the stream)")?;
+    let hash = if verify { h.digest() } else { 0 };
+    Ok((Digest { bytes, hash }, Digest::from_bytes(reply)))
+}
+
+/// Round trips of `size`-byte messages for `dur`, after a warm-up of 100
+/// that lets a relay finish pairing. Returns each round trip, microseconds.
+pub fn ping_pong(
+    topo: &Topology,
+    addr: SocketAddr,
+    size: usize,
+    dur: Duration,
+) -> Result<Vec<f64>> {
+    let mut s = connect(topo.client.as_ref(), addr)?;
+    s.set_nodelay(true)?;
+    s.write_all(b"E")?;
+    let mut pattern = Pattern::new(7);
+    let mut back = vec![0u8; size];
+    let mut rtts = Vec::with_capacity(100_000);
+    let mut round = |s: &mut TcpStream| -> Result<f64> {
+        let msg = pattern.next(size);
+        let t = Instant::now();
+        s.write_all(msg)?;
+        s.read_exact(&mut back)
+            .context("waiting for the echo (the system stalled?)")?;
+        let us = t.elapsed().as_secs_f64() * 1e6;
+        if back != msg {
+            bail!("the echo differs from the message");
+        }
+        Ok(us)
+    };
+    for _ in 0..100 {
+        round(&mut s)?;
+    }
+    let t = Instant::now();
+    while t.elapsed() < dur {
+        rtts.push(round(&mut s)?);
+    }
+    Ok(rtts)
+}
+
+/// Opens `n` connections, each proven end to end with one echo, and keeps
+/// them open while `measure` runs; returns the setup rate (conn/s).
+pub fn many_conns(
+    topo: &Topology,
+    addr: SocketAddr,
+    n: usize,
+    measure: impl FnOnce() -> Result<()>,
+) -> Result<f64> {
+    let t = Instant::now();
+    let mut open = Vec::with_capacity(n);
+    let mut back = [0u8; 64];
+    for i in 0..n {
+        let mut s = connect(topo.client.as_ref(), addr)
+            .with_context(|| format!("opening connection {} of {n}", i + 1))?;
+        let msg = [b'x'; 64];
+        s.write_all(b"E")?;
+        s.write_all(&msg)?;
+        s.read_exact(&mut back)
+            .with_context(|| format!("echo on connection {} of {n}", i + 1))?;
+        open.push(s);
+    }
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    measure()?;
+    drop(open);
+    Ok(rate)
+}

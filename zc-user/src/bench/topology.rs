@@ -1,0 +1,205 @@
+//! Where the bench's client, relay and server live: all on loopback, or in
+//! three network namespaces (client, relay, server) joined by veth pairs,
+//! which the bench creates and removes itself.
+use std::{
+    fs::File,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    os::fd::AsRawFd as _,
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use log::{debug, warn};
+
+/// A named network namespace, held open by a file descriptor.
+pub struct Netns {
+    pub name: String,
+    file: File,
+}
+
+impl Netns {
+    /// Runs `f` with the calling thread inside this namespace. Sockets keep
+    /// the namespace they were created in, so creating them here is enough.
+    pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+        let home = File::open("/proc/thread-self/ns/net").context("opening this thread's netns")?;
+        setns(&self.file).with_context(|| format!("entering netns {}", self.name))?;
+        let out = f();
+        setns(&home).context("returning to the original netns")?;
+        Ok(out)
+    }
+}
+
+fn setns(f: &File) -> std::io::Result<()> {
+    // SAFETY: setns only reads the descriptor, which `f` keeps open.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+pub struct Topology {
+    pub name: &'static str,
+    pub client: Option<Netns>,
+    pub relay: Option<Netns>,
+    pub server: Option<Netns>,
+    /// Address the server and the relays bind on; clients reach relays here.
+    pub server_ip: IpAddr,
+    pub relay_ip: IpAddr,
+    created: Vec<String>,
+}
+
+/// Runs `f` in `ns` if there is one, else right here.
+pub fn within<T>(ns: Option<&Netns>, f: impl FnOnce() -> T) -> Result<T> {
+    match ns {
+        Some(ns) => ns.run(f),
+        None => Ok(f()),
+    }
+}
+
+impl Topology {
+    pub fn loopback() -> Self {
+        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        Self {
+            name: "loopback",
+            client: None,
+            relay: None,
+            server: None,
+            server_ip: lo,
+            relay_ip: lo,
+            created: Vec::new(),
+        }
+    }
+
+    /// client (10.211.1.1) -- veth -- relay (10.211.1.2 | 10.211.2.1)
+    /// -- veth -- server (10.211.2.2). The relay namespace forwards, so a
+    /// direct connection crosses the same two links as a relayed one.
+    pub fn namespaces() -> Result<Self> {
+        remove_stale();
+        let tag = format!("zcb{}", std::process::id());
+        let [c, r, s] = ["c", "r", "s"].map(|x| format!("{tag}{x}"));
+        let mut topo = Self {
+            name: "netns",
+            client: None,
+            relay: None,
+            server: None,
+            server_ip: IpAddr::V4(Ipv4Addr::new(10, 211, 2, 2)),
+            relay_ip: IpAddr::V4(Ipv4Addr::new(10, 211, 1, 2)),
+            created: Vec::new(),
+        };
+        for ns in [&c, &r, &s] {
+            ip(&["netns", "add", ns])?;
+            topo.created.push(ns.clone());
+        }
+        let (cr, rc, rs, sr) = (
+            format!("{tag}cr"),
+            format!("{tag}rc"),
+            format!("{tag}rs"),
+            format!("{tag}sr"),
+        );
+        let steps: Vec<Vec<&str>> = vec![
+            vec![
+                "link", "add", &cr, "netns", &c, "type", "veth", "peer", "name", &rc, "netns", &r,
+            ],
+            vec![
+                "link", "add", &sr, "netns", &s, "type", "veth", "peer", "name", &rs, "netns", &r,
+            ],
+            vec!["-n", &c, "addr", "add", "10.211.1.1/24", "dev", &cr],
+            vec!["-n", &r, "addr", "add", "10.211.1.2/24", "dev", &rc],
+            vec!["-n", &r, "addr", "add", "10.211.2.1/24", "dev", &rs],
+            vec!["-n", &s, "addr", "add", "10.211.2.2/24", "dev", &sr],
+            vec!["-n", &c, "link", "set", &cr, "up"],
+            vec!["-n", &r, "link", "set", &rc, "up"],
+            vec!["-n", &r, "link", "set", &rs, "up"],
+            vec!["-n", &s, "link", "set", &sr, "up"],
+            vec!["-n", &c, "link", "set", "lo", "up"],
+            vec!["-n", &r, "link", "set", "lo", "up"],
+            vec!["-n", &s, "link", "set", "lo", "up"],
+            vec!["-n", &c, "route", "add", "default", "via", "10.211.1.2"],
+            vec!["-n", &s, "route", "add", "default", "via", "10.211.2.1"],
+        ];
+        for step in &steps {
+            ip(step)?;
+        }
+        let fwd = Command::new("ip")
+            .args(["netns", "exec", &r, "sh", "-c"])
+            .arg("echo 1 > /proc/sys/net/ipv4/ip_forward")
+            .status()
+            .context("running ip netns exec")?;
+        if !fwd.success() {
+            bail!("could not enable forwarding in netns {r}");
+        }
+        let open = |n: &str| -> Result<Netns> {
+            let file = File::open(format!("/run/netns/{n}"))
+                .with_context(|| format!("opening /run/netns/{n}"))?;
+            Ok(Netns {
+                name: n.to_string(),
+                file,
+            })
+        };
+        topo.client = Some(open(&c)?);
+        topo.relay = Some(open(&r)?);
+        topo.server = Some(open(&s)?);
+        Ok(topo)
+    }
+
+    /// Where a client reaches a server listening on `port` directly.
+    pub fn server_addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.server_ip, port)
+    }
+
+    /// `ip netns exec NS` for processes that run in the relay's place.
+    pub fn relay_prefix(&self) -> Vec<String> {
+        match &self.relay {
+            Some(ns) => vec!["ip".into(), "netns".into(), "exec".into(), ns.name.clone()],
+            None => Vec::new(),
+        }
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes the veth ends inside it.
+        for ns in self.created.drain(..) {
+            if let Err(e) = ip(&["netns", "del", &ns]) {
+                warn!("could not remove netns {ns}: {e:#}");
+            }
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Namespaces left by a bench that was killed: `zcb<pid>x` whose pid is gone.
+fn remove_stale() {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("zcb")
+            .and_then(|r| r.get(..r.len().saturating_sub(1)))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            debug!("removing stale bench netns {name}");
+            let _ = ip(&["netns", "del", &name]);
+        }
+    }
+}
