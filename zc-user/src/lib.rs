@@ -1,4 +1,5 @@
 //! zc: move bytes between two TCP sockets without visiting user space.
+pub mod agent;
 pub mod ebpf;
 pub mod engine;
 pub mod probe;

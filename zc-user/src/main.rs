@@ -1,4 +1,5 @@
 //! The `zc` command line.
+mod agent_cmd;
 mod bench;
 mod demo;
 
@@ -73,6 +74,29 @@ enum Cmd {
                       zc bench --peer 'socat=socat TCP-LISTEN:{listen_port},bind={listen_host},fork,reuseaddr TCP:{upstream}'"
     )]
     Bench(bench::BenchArgs),
+    /// Run the agent: pair sockets of other processes (an unmodified
+    /// proxy) in the kernel when `zc pair` asks.
+    #[command(
+        long_about = "Run the agent that pairs sockets of other processes in the kernel. A proxy \
+                      you already run keeps accepting and connecting; `zc pair --pid PID --fd A \
+                      --fd B` then hands two of its sockets to the agent, which joins them with \
+                      the sockmap redirect so the proxy stops touching the bytes. The agent \
+                      carries half-close and reset across and removes a pair when it ends.\n\n\
+                      Requests arrive on a Unix control socket (0600; 0660 with --group), and \
+                      each is checked against the sender's credentials: root may pair any \
+                      process's sockets, others only their own, dumpable processes'.\n\n\
+                      Needs root (pidfd_getfd and BPF).",
+        after_help = "Example:\n  zc agent &\n  ss -tnp | grep haproxy      # find the proxy's pid and fds\n  \
+                      zc pair --pid 4242 --fd 12 --fd 13\n  zc list\n  zc unpair 1"
+    )]
+    Agent(agent_cmd::AgentArgs),
+    /// Ask the agent to pair two sockets of a running process, by pid and
+    /// fd numbers.
+    Pair(agent_cmd::PairArgs),
+    /// Ask the agent to end a pairing; the owner keeps its sockets.
+    Unpair(agent_cmd::UnpairArgs),
+    /// List the agent's pairs.
+    List(agent_cmd::ListArgs),
 }
 
 #[derive(clap::Args)]
@@ -280,6 +304,10 @@ fn main() -> ExitCode {
             Cmd::Relay(args) => relay(args).await,
             Cmd::Demo(args) => demo::run(args).await,
             Cmd::Bench(args) => bench::run(args).await,
+            Cmd::Agent(args) => agent_cmd::agent(args).await,
+            Cmd::Pair(args) => agent_cmd::pair(args).await,
+            Cmd::Unpair(args) => agent_cmd::unpair(args).await,
+            Cmd::List(args) => agent_cmd::list(args).await,
             Cmd::Status(args) => status(args).await,
         }
     });

@@ -61,7 +61,14 @@ pub struct BpfEngine {
     watcher: Watcher,
     sndbuf: usize,
     window: u64,
+    /// The sockets belong to another process (the agent pairing a proxy's
+    /// sockets): zc must never read or write them itself, or it would race
+    /// the owner's own reads and writes.
+    foreign: bool,
 }
+
+/// Told once the pair is in the kernel, or why it could not be.
+pub type PairedReport = tokio::sync::oneshot::Sender<Result<[SockKey; 2], String>>;
 
 /// Byte counts of one socket at pairing time, so that traffic from before
 /// the pairing is not mistaken for redirected bytes.
@@ -146,7 +153,17 @@ impl BpfEngine {
             watcher,
             sndbuf: DEFAULT_SNDBUF,
             window: DEFAULT_WINDOW,
+            foreign: false,
         }
+    }
+
+    /// For sockets another process owns: no user-space copy or forwarding
+    /// ever (a pair the kernel refuses fails instead), and no holding back,
+    /// which would need user space to forward.
+    pub fn for_foreign_sockets(mut self) -> Self {
+        self.foreign = true;
+        self.window = 0;
+        self
     }
 
     /// Send buffer given to both sockets of each pair (0: kernel default).
@@ -162,6 +179,22 @@ impl BpfEngine {
     }
 
     pub async fn relay(&self, a: TcpStream, b: TcpStream) -> Result<Summary> {
+        self.relay_reporting(a, b, None).await
+    }
+
+    /// [`Self::relay`], telling `report` as soon as the pair is in the
+    /// kernel (or why not).
+    pub async fn relay_reporting(
+        &self,
+        a: TcpStream,
+        b: TcpStream,
+        report: Option<PairedReport>,
+    ) -> Result<Summary> {
+        let fail = |report: Option<PairedReport>, e: &anyhow::Error| {
+            if let Some(r) = report {
+                let _ = r.send(Err(format!("{e:#}")));
+            }
+        };
         let socks = [&a, &b];
         for s in socks {
             s.set_nodelay(true).context("setting TCP_NODELAY")?;
@@ -175,7 +208,20 @@ impl BpfEngine {
             .watch(&[a.as_fd(), b.as_fd()])
             .context("watching the pair")?;
         let pairing = match self.progs.pair_relay(a.as_fd(), b.as_fd(), self.window) {
+            Ok(p) if self.foreign && p.in_relay != [true, true] => {
+                self.progs.unpair(&p.keys);
+                let e = anyhow::anyhow!(
+                    "a socket's remote end finished while it was being paired; left to its owner"
+                );
+                fail(report, &e);
+                return Err(e);
+            }
             Ok(p) => p,
+            Err(e) if self.foreign => {
+                let e = anyhow::Error::new(e).context("pairing the sockets in the kernel");
+                fail(report, &e);
+                return Err(e);
+            }
             Err(PairError::NotEstablished(k)) => {
                 // Nothing moved yet; a socket that already finished (say a
                 // client that sent its request and shut down at once) is
@@ -193,6 +239,9 @@ impl BpfEngine {
             progs: &self.progs,
             keys: pairing.keys,
         };
+        if let Some(r) = report {
+            let _ = r.send(Ok(pairing.keys));
+        }
         let mut limits = [
             self.progs.limit_events(pairing.keys[0]),
             self.progs.limit_events(pairing.keys[1]),

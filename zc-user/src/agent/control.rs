@@ -1,0 +1,170 @@
+//! The control socket: a SOCK_SEQPACKET Unix socket, one message per
+//! request and per response, with the sender's credentials from
+//! SO_PEERCRED. Server and client halves both live here.
+use std::{
+    io,
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+    path::Path,
+};
+
+use anyhow::{Context as _, Result, bail};
+use nix::sys::socket::{
+    AddressFamily, Backlog, SockFlag, SockType, UnixAddr, accept4, bind, connect, getsockopt,
+    listen, socket, sockopt::PeerCredentials,
+};
+use tokio::io::{Interest, unix::AsyncFd};
+
+use super::{
+    proto::{MAX_REQUEST, Response},
+    take::Requester,
+};
+
+/// Where `zc agent` listens and the other commands connect by default.
+pub const DEFAULT_SOCKET: &str = "/run/zc/zc.sock";
+
+/// Binds the control socket, 0600 (0660 and group-owned with `group`).
+/// A socket file left by a dead agent is replaced; a live agent is not.
+pub fn bind_control(path: &Path, group: Option<u32>) -> Result<AsyncFd<OwnedFd>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if connect_control(path).is_ok() {
+            bail!(
+                "another zc agent is serving {}; stop it first",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("creating the control socket")?;
+    // Nobody else may connect between bind and chmod.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = bind(fd.as_raw_fd(), &UnixAddr::new(path)?);
+    nix::sys::stat::umask(old);
+    bound.with_context(|| format!("binding {}", path.display()))?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .with_context(|| format!("giving {} to group {gid}", path.display()))?;
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o660))?;
+    }
+    listen(&fd, Backlog::new(64)?).context("listening on the control socket")?;
+    Ok(register(fd)?)
+}
+
+fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: the AsyncFd owns the descriptor, so it stays open exactly as
+    // long as it is registered.
+    Ok(unsafe { AsyncFd::register(fd) }?)
+}
+
+/// Accepts one client and reads its credentials.
+pub async fn accept(listener: &AsyncFd<OwnedFd>) -> io::Result<(AsyncFd<OwnedFd>, Requester)> {
+    let fd = listener
+        .async_io(Interest::READABLE, |l| {
+            accept4(l.as_raw_fd(), SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC)
+                .map_err(io::Error::from)
+        })
+        .await?;
+    // SAFETY: accept4 returned a new descriptor nothing else owns.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let cred = getsockopt(&fd, PeerCredentials)?;
+    let who = Requester {
+        uid: cred.uid(),
+        gid: cred.gid(),
+        pid: cred.pid(),
+    };
+    Ok((register(fd)?, who))
+}
+
+/// Reads one message; `None` at EOF. The flag says whether it was cut
+/// short (longer than [`MAX_REQUEST`]).
+pub async fn recv(conn: &AsyncFd<OwnedFd>) -> io::Result<Option<(Vec<u8>, bool)>> {
+    let mut buf = vec![0u8; MAX_REQUEST + 1];
+    let n = conn
+        .async_io(Interest::READABLE, |c| {
+            // SAFETY: buf is writable for its length; MSG_TRUNC makes the
+            // kernel return the message's real length.
+            let n = unsafe {
+                libc::recv(
+                    c.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_TRUNC,
+                )
+            };
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        })
+        .await?;
+    if n == 0 {
+        return Ok(None);
+    }
+    let truncated = n > MAX_REQUEST;
+    buf.truncate(n.min(MAX_REQUEST));
+    Ok(Some((buf, truncated)))
+}
+
+pub async fn send(conn: &AsyncFd<OwnedFd>, resp: &Response) -> io::Result<()> {
+    let body = serde_json::to_vec(resp).map_err(io::Error::other)?;
+    conn.async_io(Interest::WRITABLE, |c| {
+        nix::sys::socket::send(c.as_raw_fd(), &body, nix::sys::socket::MsgFlags::empty())
+            .map_err(io::Error::from)
+    })
+    .await?;
+    Ok(())
+}
+
+/// Client side: connects (blocking) to the agent.
+pub fn connect_control(path: &Path) -> Result<OwnedFd> {
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(fd.as_raw_fd(), &UnixAddr::new(path)?).with_context(|| {
+        format!(
+            "connecting to the zc agent at {} (is `zc agent` running?)",
+            path.display()
+        )
+    })?;
+    Ok(fd)
+}
+
+/// Client side: one raw request message, one response.
+pub fn call_raw(path: &Path, body: &[u8]) -> Result<Response> {
+    let fd = connect_control(path)?;
+    nix::sys::socket::send(
+        fd.as_fd().as_raw_fd(),
+        body,
+        nix::sys::socket::MsgFlags::empty(),
+    )
+    .context("sending the request")?;
+    let mut buf = vec![0u8; 1 << 20];
+    let n = nix::sys::socket::recv(
+        fd.as_raw_fd(),
+        &mut buf,
+        nix::sys::socket::MsgFlags::empty(),
+    )
+    .context("reading the agent's answer")?;
+    if n == 0 {
+        bail!("the agent closed the connection without answering");
+    }
+    serde_json::from_slice(&buf[..n]).context("reading the agent's answer")
+}
+
+/// Client side: one request, one response.
+pub fn call(path: &Path, req: &super::proto::Request) -> Result<Response> {
+    call_raw(path, &serde_json::to_vec(req)?)
+}

@@ -1,0 +1,282 @@
+//! `zc agent`: pairs sockets of other processes (an unmodified proxy) in
+//! the kernel on request over a control socket.
+pub mod control;
+pub mod proto;
+pub mod take;
+
+use std::{
+    collections::BTreeMap,
+    net::TcpStream,
+    os::{
+        fd::{AsFd as _, OwnedFd},
+        unix::fs::MetadataExt as _,
+    },
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use log::{debug, info, warn};
+use tokio::{io::unix::AsyncFd, task::AbortHandle};
+
+use self::{
+    proto::{ErrorKind, PairInfo, Request, Response},
+    take::{Refusal, Requester, refuse},
+};
+use crate::engine::bpf::BpfEngine;
+
+struct Entry {
+    info: PairInfo,
+    /// Socket inodes: one socket has one inode however many fds name it.
+    inodes: [u64; 2],
+    owner_uid: u32,
+    task: AbortHandle,
+}
+
+pub struct Agent {
+    engine: BpfEngine,
+    pairs: Mutex<BTreeMap<u64, Entry>>,
+    next: AtomicU64,
+}
+
+impl Agent {
+    pub fn new(engine: BpfEngine) -> Arc<Self> {
+        Arc::new(Self {
+            engine: engine.for_foreign_sockets(),
+            pairs: Mutex::new(BTreeMap::new()),
+            next: AtomicU64::new(1),
+        })
+    }
+
+    fn pairs(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry>> {
+        self.pairs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serves the control socket until `stop` resolves.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: AsyncFd<OwnedFd>,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                r = control::accept(&listener) => match r {
+                    Ok((conn, who)) => {
+                        let me = self.clone();
+                        tokio::spawn(async move { me.conversation(conn, who).await });
+                    }
+                    Err(e) => warn!("accepting a control connection: {e}"),
+                },
+            }
+        }
+        let n = self.pairs().len();
+        info!("zc agent: stopping; {n} pair(s) end with it");
+        for e in self.pairs().values() {
+            e.task.abort();
+        }
+    }
+
+    async fn conversation(self: Arc<Self>, conn: AsyncFd<OwnedFd>, who: Requester) {
+        loop {
+            let msg = match control::recv(&conn).await {
+                Ok(Some(m)) => m,
+                Ok(None) => return,
+                Err(e) => {
+                    debug!("control connection from pid {}: {e}", who.pid);
+                    return;
+                }
+            };
+            let resp = match proto::decode(&msg.0, msg.1) {
+                Ok(req) => self.clone().handle(req, who).await,
+                Err(e) => Response::Error {
+                    kind: ErrorKind::Malformed,
+                    message: e.to_string(),
+                },
+            };
+            if let Response::Error { message, .. } = &resp {
+                info!("request from uid {} pid {} refused: {message}", who.uid, who.pid);
+            }
+            if control::send(&conn, &resp).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn handle(self: Arc<Self>, req: Request, who: Requester) -> Response {
+        let result = match req {
+            Request::List => Ok(Response::Pairs {
+                pairs: self.pairs().values().map(|e| e.info.clone()).collect(),
+            }),
+            Request::Unpair { id } => self.unpair(id, who),
+            Request::PairPid { pid, fds } => self.pair_pid(pid, fds, who).await,
+        };
+        result.unwrap_or_else(|r| Response::Error {
+            kind: r.kind,
+            message: r.message,
+        })
+    }
+
+    fn unpair(&self, id: u64, who: Requester) -> Result<Response, Refusal> {
+        let mut pairs = self.pairs();
+        let e = pairs
+            .get(&id)
+            .ok_or_else(|| refuse(ErrorKind::NotFound, format!("no pair {id}")))?;
+        if who.uid != 0 && who.uid != e.owner_uid {
+            return Err(refuse(
+                ErrorKind::Denied,
+                format!("pair {id} was made by another user"),
+            ));
+        }
+        if let Some(e) = pairs.remove(&id) {
+            // Dropping the relay takes both sockets out of the maps; the
+            // owner's fds are untouched.
+            e.task.abort();
+            info!("pair {id} ({}) unpaired", e.info.source);
+        }
+        Ok(Response::Unpaired { id })
+    }
+
+    async fn pair_pid(
+        self: Arc<Self>,
+        pid: i32,
+        fds: [i32; 2],
+        who: Requester,
+    ) -> Result<Response, Refusal> {
+        take::check_access(who, pid)?;
+        let mut socks = Vec::with_capacity(2);
+        for fd in fds {
+            let what = format!("fd {fd} of pid {pid}");
+            let owned = take::take_fd(pid, fd)?;
+            socks.push(take::established_tcp(owned, &what)?);
+        }
+        let [a, b]: [TcpStream; 2] = socks
+            .try_into()
+            .map_err(|_| refuse(ErrorKind::Internal, "two sockets expected"))?;
+        let inodes = [inode(&a)?, inode(&b)?];
+        if inodes[0] == inodes[1] {
+            return Err(refuse(
+                ErrorKind::Invalid,
+                format!("fds {} and {} of pid {pid} are the same socket", fds[0], fds[1]),
+            ));
+        }
+        let family = |s: &TcpStream| s.local_addr().map(|a| a.is_ipv4());
+        if family(&a).ok() != family(&b).ok() {
+            return Err(refuse(
+                ErrorKind::Invalid,
+                "the sockets are of different address families (IPv4 and IPv6)",
+            ));
+        }
+        let sockets = [describe(&a), describe(&b)];
+        let source = format!("pid {pid} fds {},{}", fds[0], fds[1]);
+        self.start(a, b, inodes, sockets, source, who).await
+    }
+
+    async fn start(
+        self: Arc<Self>,
+        a: TcpStream,
+        b: TcpStream,
+        inodes: [u64; 2],
+        sockets: [String; 2],
+        source: String,
+        who: Requester,
+    ) -> Result<Response, Refusal> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let info = PairInfo {
+            id,
+            source,
+            sockets,
+        };
+        let rx = self.claim_and_spawn(id, a, b, inodes, &info, who.uid)?;
+        let outcome = rx.await;
+        if !matches!(outcome, Ok(Ok(_))) {
+            self.pairs().remove(&id);
+        }
+        match outcome {
+            Ok(Ok(_keys)) => {}
+            Ok(Err(msg)) => return Err(refuse(ErrorKind::Invalid, msg)),
+            Err(_) => {
+                return Err(refuse(
+                    ErrorKind::Invalid,
+                    "the sockets could not be prepared for pairing (closed meanwhile?)",
+                ));
+            }
+        }
+        info!("pair {id}: {} <-> {} ({})", info.sockets[0], info.sockets[1], info.source);
+        Ok(Response::Paired { id, pair: info })
+    }
+}
+
+impl Agent {
+    /// Claims the sockets (so a concurrent request for either is refused
+    /// rather than racing this one) and starts relaying them.
+    fn claim_and_spawn(
+        self: &Arc<Self>,
+        id: u64,
+        a: TcpStream,
+        b: TcpStream,
+        inodes: [u64; 2],
+        info: &PairInfo,
+        owner_uid: u32,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<[zc_common::SockKey; 2], String>>, Refusal>
+    {
+        let mut pairs = self.pairs();
+        if let Some((other, _)) = pairs
+            .iter()
+            .find(|(_, e)| e.inodes.iter().any(|i| inodes.contains(i)))
+        {
+            return Err(refuse(
+                ErrorKind::Invalid,
+                format!("a socket is already paired (pair {other})"),
+            ));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let me = self.clone();
+        let task = tokio::spawn(async move {
+            let end = me.engine.relay_reporting(a, b, Some(tx)).await;
+            if let Some(e) = me.pairs().remove(&id) {
+                match end {
+                    Ok(s) => info!(
+                        "pair {id} ({}) ended: {} and {} bytes{}",
+                        e.info.source,
+                        s.a_to_b,
+                        s.b_to_a,
+                        if s.reset { ", reset" } else { "" }
+                    ),
+                    Err(err) => debug!("pair {id} ended: {err:#}"),
+                }
+            }
+        });
+        pairs.insert(
+            id,
+            Entry {
+                info: info.clone(),
+                inodes,
+                owner_uid,
+                task: task.abort_handle(),
+            },
+        );
+        Ok(rx)
+    }
+}
+
+fn inode(s: &TcpStream) -> Result<u64, Refusal> {
+    let f = std::fs::File::from(
+        s.as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| refuse(ErrorKind::Internal, e.to_string()))?,
+    );
+    f.metadata()
+        .map(|m| m.ino())
+        .map_err(|e| refuse(ErrorKind::Internal, e.to_string()))
+}
+
+/// A socket as `ss` prints it: local-remote.
+fn describe(s: &TcpStream) -> String {
+    match (s.local_addr(), s.peer_addr()) {
+        (Ok(l), Ok(r)) => format!("{l}-{r}"),
+        _ => "?".into(),
+    }
+}
