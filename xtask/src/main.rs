@@ -76,6 +76,48 @@ fn build(tools: &bootstrap::Tools) -> Result<PathBuf> {
     Ok(workspace_root().join("target/release/zc"))
 }
 
+/// Programs the tests run beside zc, as a user would (an unmodified proxy).
+/// Installed from the distribution's packages when missing.
+const TEST_PROGRAMS: [(&str, &str); 1] = [("socat", "socat")];
+
+fn ensure_test_programs() -> Result<()> {
+    let missing: Vec<&str> = TEST_PROGRAMS
+        .iter()
+        .filter(|(bin, _)| {
+            !std::env::var_os("PATH")
+                .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+        })
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("installing test programs: {}", missing.join(" "));
+    let install = || {
+        let mut cmd = Command::new("apt-get");
+        cmd.args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        status(cmd)
+    };
+    // A fresh machine may have no package lists yet.
+    install()
+        .or_else(|_| {
+            status({
+                let mut c = Command::new("apt-get");
+                c.arg("update");
+                c
+            })?;
+            install()
+        })
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "the tests need {} (Debian packages); installing failed: {e:#}",
+                missing.join(", ")
+            )
+        })
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Bootstrap => {
@@ -101,6 +143,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Test { args } => {
             let tools = bootstrap::ensure()?;
+            ensure_test_programs()?;
             build(&tools)?;
             let mut cmd = cargo(&tools);
             // The default members: zc-ebpf is built by zc-user's build.rs.

@@ -2,7 +2,7 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, sk_action},
-    macros::{map, sk_msg, stream_verdict},
+    macros::{map, sk_msg, stream_parser, stream_verdict},
     maps::{HashMap, PerCpuHashMap, RingBuf, SockHash},
     programs::{SkBuffContext, SkMsgContext},
 };
@@ -17,6 +17,14 @@ static TARGETS: SockHash<SockKey> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
 #[map]
 static RELAY: SockHash<SockKey> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+
+/// Relay sockets another process owns (the agent's pairs). Besides the
+/// verdict, a stream parser is attached here: in parser mode the kernel
+/// does not wake the owner's reader after each redirected skb. Without it
+/// every redirect wakes a reader blocked in read(2), which then returns
+/// EAGAIN, and proxies such as socat treat that as a fatal error.
+#[map]
+static FOREIGN: SockHash<SockKey> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
 #[map]
 static LOCAL: SockHash<SockKey> = SockHash::with_max_entries(MAX_SOCKETS, 0);
@@ -179,6 +187,13 @@ pub fn zc_verdict(ctx: SkBuffContext) -> u32 {
         );
     }
     verdict
+}
+
+/// Every skb is one message: the verdict sees what TCP delivered, as it
+/// does without a parser.
+#[stream_parser]
+pub fn zc_parser(ctx: SkBuffContext) -> u32 {
+    ctx.len()
 }
 
 /// What a short-circuited local socket sends lands in its peer's receive

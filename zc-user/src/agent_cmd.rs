@@ -116,7 +116,10 @@ pub async fn pair(args: PairArgs) -> Result<()> {
 }
 
 pub async fn unpair(args: UnpairArgs) -> Result<()> {
-    answer(control::call(&args.socket, &Request::Unpair { id: args.id })?)?;
+    answer(control::call(
+        &args.socket,
+        &Request::Unpair { id: args.id },
+    )?)?;
     println!("pair {} unpaired", args.id);
     Ok(())
 }

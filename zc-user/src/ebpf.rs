@@ -57,6 +57,7 @@ pub enum PairError {
 struct Maps {
     targets: SockHash<MapData, SockKey>,
     relay: SockHash<MapData, SockKey>,
+    foreign: SockHash<MapData, SockKey>,
     local: SockHash<MapData, SockKey>,
     peers: HashMap<MapData, SockKey, Peer>,
     flow: HashMap<MapData, SockKey, Flow>,
@@ -107,6 +108,7 @@ impl Programs {
         start_log_forwarding(&mut ebpf);
         let targets: SockHash<MapData, SockKey> = take(&mut ebpf, "TARGETS")?;
         let relay: SockHash<MapData, SockKey> = take(&mut ebpf, "RELAY")?;
+        let foreign: SockHash<MapData, SockKey> = take(&mut ebpf, "FOREIGN")?;
         let local: SockHash<MapData, SockKey> = take(&mut ebpf, "LOCAL")?;
         let peers = take(&mut ebpf, "PEERS")?;
         let flow = take(&mut ebpf, "FLOW")?;
@@ -124,9 +126,22 @@ impl Programs {
         verdict
             .load()
             .map_err(|e| LoadError::Program("zc_verdict", e))?;
-        verdict
-            .attach(relay.fd())
-            .map_err(|e| LoadError::Program("zc_verdict", e))?;
+        for map in [&relay, &foreign] {
+            verdict
+                .attach(map.fd())
+                .map_err(|e| LoadError::Program("zc_verdict", e))?;
+        }
+        let parser: &mut SkSkb = ebpf
+            .program_mut("zc_parser")
+            .ok_or(LoadError::MissingProgram("zc_parser"))?
+            .try_into()
+            .map_err(|e| LoadError::Program("zc_parser", e))?;
+        parser
+            .load()
+            .map_err(|e| LoadError::Program("zc_parser", e))?;
+        parser
+            .attach(foreign.fd())
+            .map_err(|e| LoadError::Program("zc_parser", e))?;
 
         let msg: &mut SkMsg = ebpf
             .program_mut("zc_msg")
@@ -141,6 +156,7 @@ impl Programs {
             inner: Arc::new(Mutex::new(Maps {
                 targets,
                 relay,
+                foreign,
                 local,
                 peers,
                 flow,
@@ -183,6 +199,28 @@ impl Programs {
         b: BorrowedFd<'_>,
         window: u64,
     ) -> Result<RelayPairing, PairError> {
+        self.pair_in(false, a, b, window)
+    }
+
+    /// [`Self::pair_relay`] for sockets another process owns and reads:
+    /// they join `FOREIGN`, where a stream parser keeps the kernel from
+    /// waking the owner's reads after each redirect.
+    pub fn pair_foreign(
+        &self,
+        a: BorrowedFd<'_>,
+        b: BorrowedFd<'_>,
+        window: u64,
+    ) -> Result<RelayPairing, PairError> {
+        self.pair_in(true, a, b, window)
+    }
+
+    fn pair_in(
+        &self,
+        foreign: bool,
+        a: BorrowedFd<'_>,
+        b: BorrowedFd<'_>,
+        window: u64,
+    ) -> Result<RelayPairing, PairError> {
         let keys = [
             crate::sys::sock_key(a).map_err(PairError::Socket)?,
             crate::sys::sock_key(b).map_err(PairError::Socket)?,
@@ -196,10 +234,16 @@ impl Programs {
             }
         }
         let mut in_relay = [false; 2];
+        let name = if foreign { "FOREIGN" } else { "RELAY" };
         for i in 0..2 {
-            match m.relay.insert(keys[i], fds[i].as_raw_fd(), 0) {
+            let map = if foreign {
+                &mut m.foreign
+            } else {
+                &mut m.relay
+            };
+            match map.insert(keys[i], fds[i].as_raw_fd(), 0) {
                 Ok(()) => in_relay[i] = true,
-                Err(e) => match map_insert_error("RELAY", keys[i], e) {
+                Err(e) => match map_insert_error(name, keys[i], e) {
                     PairError::NotEstablished(_) => {}
                     other => {
                         remove_locked(&mut m, &keys);
@@ -416,6 +460,7 @@ fn remove_locked(m: &mut Maps, keys: &[SockKey]) {
     // Missing entries are expected when undoing a partial pairing.
     for k in keys {
         let _ = m.relay.remove(k);
+        let _ = m.foreign.remove(k);
         let _ = m.local.remove(k);
     }
     for k in keys {

@@ -69,8 +69,11 @@ fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
 pub async fn accept(listener: &AsyncFd<OwnedFd>) -> io::Result<(AsyncFd<OwnedFd>, Requester)> {
     let fd = listener
         .async_io(Interest::READABLE, |l| {
-            accept4(l.as_raw_fd(), SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC)
-                .map_err(io::Error::from)
+            accept4(
+                l.as_raw_fd(),
+                SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            )
+            .map_err(io::Error::from)
         })
         .await?;
     // SAFETY: accept4 returned a new descriptor nothing else owns.

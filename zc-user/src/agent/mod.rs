@@ -97,7 +97,10 @@ impl Agent {
                 },
             };
             if let Response::Error { message, .. } = &resp {
-                info!("request from uid {} pid {} refused: {message}", who.uid, who.pid);
+                info!(
+                    "request from uid {} pid {} refused: {message}",
+                    who.uid, who.pid
+                );
             }
             if control::send(&conn, &resp).await.is_err() {
                 return;
@@ -159,7 +162,10 @@ impl Agent {
         if inodes[0] == inodes[1] {
             return Err(refuse(
                 ErrorKind::Invalid,
-                format!("fds {} and {} of pid {pid} are the same socket", fds[0], fds[1]),
+                format!(
+                    "fds {} and {} of pid {pid} are the same socket",
+                    fds[0], fds[1]
+                ),
             ));
         }
         let family = |s: &TcpStream| s.local_addr().map(|a| a.is_ipv4());
@@ -204,7 +210,10 @@ impl Agent {
                 ));
             }
         }
-        info!("pair {id}: {} <-> {} ({})", info.sockets[0], info.sockets[1], info.source);
+        info!(
+            "pair {id}: {} <-> {} ({})",
+            info.sockets[0], info.sockets[1], info.source
+        );
         Ok(Response::Paired { id, pair: info })
     }
 }

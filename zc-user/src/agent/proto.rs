@@ -101,7 +101,10 @@ mod tests {
     fn well_formed_requests_decode() {
         assert_eq!(
             decode(br#"{"op":"pair_pid","pid":42,"fds":[5,7]}"#, false),
-            Ok(Request::PairPid { pid: 42, fds: [5, 7] })
+            Ok(Request::PairPid {
+                pid: 42,
+                fds: [5, 7]
+            })
         );
         assert_eq!(decode(br#"{"op":"list"}"#, false), Ok(Request::List));
         assert_eq!(

@@ -52,7 +52,11 @@ pub fn check_access(who: Requester, pid: i32) -> Result<(), Refusal> {
     let uids: Vec<u32> = status
         .lines()
         .find_map(|l| l.strip_prefix("Uid:"))
-        .map(|v| v.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+        .map(|v| {
+            v.split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
         .unwrap_or_default();
     let same_user = !uids.is_empty() && uids.iter().all(|&u| u == who.uid);
     if !same_user || meta.uid() != who.uid {
@@ -118,23 +122,26 @@ pub fn take_fd(pid: i32, fd: i32) -> Result<OwnedFd, Refusal> {
 /// as a stream. `what` names it in errors ("fd 5 of pid 42").
 pub fn established_tcp(fd: OwnedFd, what: &str) -> Result<TcpStream, Refusal> {
     let invalid = |m: String| refuse(ErrorKind::Invalid, m);
-    let meta = std::fs::File::from(fd.try_clone().map_err(|e| invalid(format!("{what}: {e}")))?)
-        .metadata()
-        .map_err(|e| invalid(format!("{what}: {e}")))?;
+    let meta = std::fs::File::from(
+        fd.try_clone()
+            .map_err(|e| invalid(format!("{what}: {e}")))?,
+    )
+    .metadata()
+    .map_err(|e| invalid(format!("{what}: {e}")))?;
     if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
         return Err(invalid(format!("{what} is not a socket")));
     }
     let sock = SockRef::from(&fd);
-    let domain = sock
-        .domain()
-        .map_err(|e| invalid(format!("{what}: {e}")))?;
+    let domain = sock.domain().map_err(|e| invalid(format!("{what}: {e}")))?;
     if domain != socket2::Domain::IPV4 && domain != socket2::Domain::IPV6 {
         return Err(invalid(format!(
             "{what} is not a TCP socket (a Unix or other non-IP socket)"
         )));
     }
     let ty = sock.r#type().map_err(|e| invalid(format!("{what}: {e}")))?;
-    let proto = sock.protocol().map_err(|e| invalid(format!("{what}: {e}")))?;
+    let proto = sock
+        .protocol()
+        .map_err(|e| invalid(format!("{what}: {e}")))?;
     if ty != socket2::Type::STREAM || proto.is_some_and(|p| p != socket2::Protocol::TCP) {
         return Err(invalid(format!("{what} is not a TCP socket (UDP or raw)")));
     }

@@ -207,7 +207,12 @@ impl BpfEngine {
             .watcher
             .watch(&[a.as_fd(), b.as_fd()])
             .context("watching the pair")?;
-        let pairing = match self.progs.pair_relay(a.as_fd(), b.as_fd(), self.window) {
+        let pair = if self.foreign {
+            self.progs.pair_foreign(a.as_fd(), b.as_fd(), self.window)
+        } else {
+            self.progs.pair_relay(a.as_fd(), b.as_fd(), self.window)
+        };
+        let pairing = match pair {
             Ok(p) if self.foreign && p.in_relay != [true, true] => {
                 self.progs.unpair(&p.keys);
                 let e = anyhow::anyhow!(

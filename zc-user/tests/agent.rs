@@ -1,0 +1,391 @@
+//! `zc agent` beside an unmodified proxy (socat): its sockets are found
+//! the way a user finds them (ss/proc), paired by pid and fd, and then the
+//! bytes flow intact while the proxy's CPU time stays flat. Every bad
+//! request is refused precisely and changes nothing.
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::{fd::AsRawFd, unix::net::UnixStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::process::{UNPRIVILEGED, zc_command};
+use zc_user::traffic::{self, Digest};
+
+struct Agent {
+    child: Child,
+    socket: PathBuf,
+    dir: PathBuf,
+}
+
+impl Agent {
+    fn start(tag: &str) -> Self {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "zc agent takes fds with pidfd_getfd and loads BPF: run `cargo xtask test` as root"
+        );
+        let dir = std::env::temp_dir().join(format!("zc-agent-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let socket = dir.join("zc.sock");
+        let child = zc_command(false)
+            .args(["agent", "--socket"])
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting zc agent");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "zc agent did not create its socket"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, socket, dir }
+    }
+
+    /// Runs `zc ARGS --socket S`; returns (success, stdout, stderr).
+    fn zc(&self, args: &[&str]) -> (bool, String, String) {
+        let out = zc_command(false)
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .output()
+            .expect("running zc");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn pairs(&self) -> Vec<serde_json::Value> {
+        let (ok, out, err) = self.zc(&["list", "--json"]);
+        assert!(ok, "zc list failed: {err}");
+        serde_json::from_str(&out).expect("zc list --json")
+    }
+
+    fn pair(&self, pid: u32, fds: [i32; 2]) -> (bool, String, String) {
+        self.zc(&[
+            "pair",
+            "--pid",
+            &pid.to_string(),
+            "--fd",
+            &fds[0].to_string(),
+            "--fd",
+            &fds[1].to_string(),
+        ])
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The socket inode for a TCP connection local -> remote, from
+/// /proc/net/tcp (what `ss -e` shows as ino).
+fn inode_of(local: SocketAddr, remote: SocketAddr) -> Option<u64> {
+    let hex = |a: SocketAddr| match a {
+        SocketAddr::V4(v4) => format!(
+            "{:08X}:{:04X}",
+            u32::from_ne_bytes(v4.ip().octets()),
+            v4.port()
+        ),
+        SocketAddr::V6(_) => String::new(),
+    };
+    let (l, r) = (hex(local), hex(remote));
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.get(1) == Some(&l.as_str()) && f.get(2) == Some(&r.as_str()))
+            .then(|| f.get(9)?.parse().ok())
+            .flatten()
+    })
+}
+
+/// The fd number under which `pid` holds socket `inode`.
+fn fd_of(pid: u32, inode: u64) -> Option<i32> {
+    let want = format!("socket:[{inode}]");
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .flatten()
+        .find(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy() == want))
+        .and_then(|e| e.file_name().to_str()?.parse().ok())
+}
+
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let f: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("comm")
+        .1
+        .split_whitespace()
+        .collect();
+    let t = |i: usize| f[i].parse::<f64>().expect("ticks");
+    (t(11) + t(12)) / 100.0
+}
+
+/// socat relaying one connection: 127.0.0.1:port -> upstream.
+struct Socat {
+    child: Child,
+    port: u16,
+}
+
+impl Socat {
+    fn start(upstream: SocketAddr) -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+            .port();
+        let child = Command::new("socat")
+            .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr"))
+            .arg(format!("TCP:{upstream}"))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("socat must be installed (cargo xtask test installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string("/proc/net/tcp")
+            .map(|t| !t.contains(&format!(":{port:04X} 00000000:0000 0A")))
+            .unwrap_or(true)
+        {
+            assert!(Instant::now() < deadline, "socat did not listen");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self { child, port }
+    }
+}
+
+impl Drop for Socat {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Client -> socat -> server, connected; returns (client, server side,
+/// socat's two fds).
+fn through_socat(socat: &Socat, server: &TcpListener) -> (TcpStream, TcpStream, [i32; 2]) {
+    let client = TcpStream::connect(("127.0.0.1", socat.port)).expect("connect to socat");
+    let (up, _) = server.accept().expect("socat connects upstream");
+    for s in [&client, &up] {
+        s.set_read_timeout(Some(common::HANG)).expect("timeout");
+    }
+    let pid = socat.child.id();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let a = inode_of(
+            client.peer_addr().expect("peer"),
+            client.local_addr().expect("local"),
+        )
+        .and_then(|i| fd_of(pid, i));
+        let b = inode_of(
+            up.peer_addr().expect("peer"),
+            up.local_addr().expect("local"),
+        )
+        .and_then(|i| fd_of(pid, i));
+        if let (Some(a), Some(b)) = (a, b) {
+            return (client, up, [a, b]);
+        }
+        assert!(Instant::now() < deadline, "socat's sockets not found");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn socat_pair_by_pid_and_fd_moves_a_gigabyte_each_way_intact_without_socat() {
+    let agent = Agent::start("socat");
+    let server = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let socat = Socat::start(server.local_addr().expect("addr"));
+    let (mut client, mut up, fds) = through_socat(&socat, &server);
+    // Before pairing, socat relays as usual.
+    client.write_all(b"hello").expect("write");
+    let mut hello = [0u8; 5];
+    up.read_exact(&mut hello).expect("read");
+    assert_eq!(&hello, b"hello");
+
+    let (ok, out, err) = agent.pair(socat.child.id(), fds);
+    assert!(ok, "zc pair failed: {err}");
+    assert!(out.starts_with("pair 1: "), "{out}");
+    let pairs = agent.pairs();
+    assert_eq!(pairs.len(), 1, "{pairs:?}");
+
+    let cpu_before = cpu_secs(socat.child.id());
+    const N: u64 = 1 << 30;
+    // Both directions at once, fixed lengths: nobody half-closes here.
+    let mut c2 = client.try_clone().expect("clone");
+    let mut u2 = up.try_clone().expect("clone");
+    let sent_up = std::thread::spawn(move || send_n(&mut c2, N, 1));
+    let sent_down = std::thread::spawn(move || send_n(&mut u2, N, 2));
+    let got_up = read_n(&mut up, N);
+    let got_down = read_n(&mut client, N);
+    assert_eq!(
+        sent_up.join().expect("sender"),
+        got_up,
+        "client -> server damaged"
+    );
+    assert_eq!(
+        sent_down.join().expect("sender"),
+        got_down,
+        "server -> client damaged"
+    );
+    let socat_cpu = cpu_secs(socat.child.id()) - cpu_before;
+    assert!(
+        socat_cpu < 0.1,
+        "socat used {socat_cpu:.2} s of CPU for 2 GiB: it still touches the bytes"
+    );
+
+    // Unpairing hands the sockets back: socat relays again.
+    let (ok, _, err) = agent.zc(&["unpair", "1"]);
+    assert!(ok, "zc unpair failed: {err}");
+    assert!(agent.pairs().is_empty());
+    client.write_all(b"again").expect("write");
+    up.read_exact(&mut hello).expect("read");
+    assert_eq!(&hello, b"again", "after unpair, socat relays again");
+}
+
+fn send_n(s: &mut TcpStream, n: u64, seed: u64) -> Digest {
+    let mut p = traffic::Pattern::new(seed);
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut left = n;
+    while left > 0 {
+        let buf = p.next((64 << 10).min(left as usize));
+        s.write_all(buf).expect("write");
+        h.update(buf);
+        left -= buf.len() as u64;
+    }
+    Digest {
+        bytes: n,
+        hash: h.digest(),
+    }
+}
+
+fn read_n(s: &mut TcpStream, n: u64) -> Digest {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut got = 0u64;
+    while got < n {
+        let want = buf.len().min((n - got) as usize);
+        let k = s.read(&mut buf[..want]).expect("read");
+        assert!(k > 0, "EOF after {got} of {n} bytes");
+        h.update(&buf[..k]);
+        got += k as u64;
+    }
+    Digest {
+        bytes: got,
+        hash: h.digest(),
+    }
+}
+
+/// A connected loopback TCP pair owned by this process.
+fn tcp_pair(v6: bool) -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind(if v6 { "[::1]:0" } else { "127.0.0.1:0" }).expect("bind");
+    let c = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+    let (s, _) = l.accept().expect("accept");
+    (c, s)
+}
+
+#[test]
+fn bad_pair_requests_are_refused_precisely_and_change_nothing() {
+    let agent = Agent::start("bad");
+    let me = std::process::id();
+    let (a, b) = tcp_pair(false);
+    let (a6, _b6) = tcp_pair(true);
+    let (c, d) = tcp_pair(false);
+    let udp = UdpSocket::bind("127.0.0.1:0").expect("udp");
+    let (unix, _unix2) = UnixStream::pair().expect("unix");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let unconnected =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let file = std::fs::File::open("/proc/self/status").expect("file");
+    let a_dup = a.try_clone().expect("dup");
+    let fd = |s: &dyn AsRawFd| s.as_raw_fd();
+    let ok_fd = fd(&a);
+
+    // Pair c and d for real, so "already paired" has something to hit.
+    let (ok, _, err) = agent.pair(me, [fd(&c), fd(&d)]);
+    assert!(ok, "pairing our own connected sockets failed: {err}");
+
+    let cases: Vec<(u32, [i32; 2], &str)> = vec![
+        (999_999_999, [3, 4], "no process with pid 999999999"),
+        (me, [ok_fd, 999], "has no open fd 999"),
+        (me, [ok_fd, fd(&file)], "is not a socket"),
+        (me, [ok_fd, fd(&udp)], "not a TCP socket (UDP"),
+        (me, [ok_fd, fd(&unix)], "not a TCP socket (a Unix"),
+        (me, [ok_fd, fd(&listener)], "is a listening socket"),
+        (me, [ok_fd, fd(&unconnected)], "is not connected"),
+        (me, [ok_fd, ok_fd], "cannot be paired with itself"),
+        (me, [ok_fd, fd(&a_dup)], "are the same socket"),
+        (me, [ok_fd, fd(&a6)], "different address families"),
+        (me, [ok_fd, fd(&c)], "already paired (pair 1)"),
+    ];
+    for (pid, fds, says) in cases {
+        let (ok, _, err) = agent.pair(pid, fds);
+        assert!(!ok, "pid {pid} fds {fds:?} was accepted");
+        assert!(
+            err.contains(says),
+            "pid {pid} fds {fds:?}: expected `{says}` in: {err}"
+        );
+        let pairs = agent.pairs();
+        assert_eq!(
+            pairs.len(),
+            1,
+            "a refused request changed the pairs: {pairs:?}"
+        );
+    }
+    let (ok, _, err) = agent.zc(&["unpair", "7"]);
+    assert!(!ok && err.contains("no pair 7"), "{err}");
+
+    // The refused sockets still work as their owner left them.
+    let (mut a, mut b) = (a, b);
+    a.write_all(b"still mine").expect("write");
+    let mut got = [0u8; 10];
+    b.read_exact(&mut got).expect("read");
+    assert_eq!(&got, b"still mine");
+
+    // Raw requests that are not requests.
+    for (body, says) in [
+        (&b"not json"[..], "not valid JSON"),
+        (br#"{"op":"pair_pid","pid":1}"#, "not valid JSON"),
+        (&[b' '; 5000][..], "larger than 4096"),
+    ] {
+        let resp = zc_user::agent::control::call_raw(&agent.socket, body).expect("call");
+        let text = format!("{resp:?}");
+        assert!(text.contains("Malformed") && text.contains(says), "{text}");
+    }
+    assert_eq!(agent.pairs().len(), 1);
+}
+
+#[test]
+fn an_unprivileged_user_cannot_reach_the_agent() {
+    let agent = Agent::start("unpriv");
+    let (c, d) = tcp_pair(false);
+    let out = Command::new("setpriv")
+        .args(UNPRIVILEGED)
+        .arg(env!("CARGO_BIN_EXE_zc"))
+        .args(["pair", "--pid", &std::process::id().to_string()])
+        .args([
+            "--fd",
+            &c.as_raw_fd().to_string(),
+            "--fd",
+            &d.as_raw_fd().to_string(),
+        ])
+        .arg("--socket")
+        .arg(&agent.socket)
+        .output()
+        .expect("setpriv");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "nobody paired root's sockets");
+    assert!(err.contains("Permission denied"), "{err}");
+    assert!(agent.pairs().is_empty());
+}
