@@ -6,11 +6,11 @@ use anyhow::{Context as _, Result, bail};
 use log::info;
 use zc_user::{
     agent::{
-        Agent,
+        Agent, OnStop,
         control::{self, DEFAULT_SOCKET},
         proto::{Request, Response},
     },
-    engine::bpf::BpfEngine,
+    ebpf::Programs,
     watch::Watcher,
 };
 
@@ -23,7 +23,23 @@ pub struct AgentArgs {
     /// (it becomes 0660 and group-owned); without it only root can.
     #[arg(long, value_name = "GROUP")]
     group: Option<String>,
+    /// Directory on bpffs where the agent pins its maps, so pairs outlive
+    /// the agent (kill -9 included) and a restarted agent adopts them.
+    /// bpffs is mounted on /sys/fs/bpf if it is not there.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// On SIGINT/SIGTERM, end every pair and remove the pinned maps
+    /// (default: pairs stay in the kernel and keep moving bytes).
+    #[arg(long)]
+    unpin_on_exit: bool,
+    /// Remove everything an agent pinned under --pin-dir, ending any pairs
+    /// left there, and exit. Refuses while an agent serves --socket.
+    #[arg(long)]
+    cleanup: bool,
 }
+
+/// Where `zc agent` pins its maps by default.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/zc";
 
 #[derive(clap::Args)]
 pub struct PairArgs {
@@ -60,16 +76,24 @@ pub struct ListArgs {
 
 pub async fn agent(args: AgentArgs) -> Result<()> {
     crate::raise_fd_limit();
+    if args.cleanup {
+        return cleanup(&args);
+    }
     let group = match &args.group {
         None => None,
         Some(g) => Some(resolve_group(g)?),
     };
-    let progs = zc_user::probe::bpf_ready()
-        .await
-        .map_err(anyhow::Error::msg)
-        .context("zc agent needs BPF")?;
+    ensure_bpffs(&args.pin_dir)?;
+    std::fs::create_dir_all(&args.pin_dir)
+        .with_context(|| format!("creating {}", args.pin_dir.display()))?;
+    let progs = Programs::load_pinned(&args.pin_dir).with_context(|| {
+        format!(
+            "loading the programs with maps pinned in {}",
+            args.pin_dir.display()
+        )
+    })?;
     let watcher = Watcher::start().context("starting the socket watcher")?;
-    let agent = Agent::new(BpfEngine::new(progs, watcher));
+    let agent = Agent::new(progs, watcher);
     let listener = control::bind_control(&args.socket, group)?;
     info!(
         "zc agent: serving {} ({})",
@@ -79,8 +103,77 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
             None => "root only".into(),
         }
     );
-    agent.serve(listener, crate::stop_signal()).await;
+    let on_stop = if args.unpin_on_exit {
+        OnStop::Remove
+    } else {
+        OnStop::Keep
+    };
+    agent.serve(listener, crate::stop_signal(), on_stop).await;
     let _ = std::fs::remove_file(&args.socket);
+    if args.unpin_on_exit {
+        unpin(&args.pin_dir)?;
+    }
+    Ok(())
+}
+
+fn cleanup(args: &AgentArgs) -> Result<()> {
+    if control::connect_control(&args.socket).is_ok() {
+        bail!(
+            "an agent is serving {}; stop it first (or stop it with --unpin-on-exit)",
+            args.socket.display()
+        );
+    }
+    let n = unpin(&args.pin_dir)?;
+    println!(
+        "removed {n} pinned object(s) from {}; pairs left there have ended",
+        args.pin_dir.display()
+    );
+    Ok(())
+}
+
+/// Removes the agent's pins; a map is freed (and its sockets released
+/// from it) once nothing holds it.
+fn unpin(dir: &std::path::Path) -> Result<usize> {
+    let mut n = 0;
+    for name in zc_user::ebpf::PINNED {
+        let p = dir.join(name);
+        match std::fs::remove_file(&p) {
+            Ok(()) => n += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", p.display())),
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("removing {} (not ours alone?)", dir.display()));
+        }
+    }
+    Ok(n)
+}
+
+/// Mounts bpffs on /sys/fs/bpf when the pin directory lives there and
+/// nothing is mounted yet.
+fn ensure_bpffs(dir: &std::path::Path) -> Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let root = std::path::Path::new("/sys/fs/bpf");
+    if !dir.starts_with(root) {
+        return Ok(());
+    }
+    let c = std::ffi::CString::new("/sys/fs/bpf")?;
+    // SAFETY: statfs writes into the zeroed struct we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    let fs = std::ffi::CString::new("bpf")?;
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe { libc::mount(fs.as_ptr(), c.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("mounting bpffs on /sys/fs/bpf");
+    }
+    info!("mounted bpffs on /sys/fs/bpf");
     Ok(())
 }
 

@@ -85,6 +85,9 @@ pub struct RelayPairing {
 pub struct Programs {
     inner: Arc<Mutex<Maps>>,
     listeners: Arc<Mutex<Listeners>>,
+    /// Set when pairs must outlive this process (a pinned agent stopping
+    /// without --unpin-on-exit): ending relays then leave the maps alone.
+    retain: Arc<std::sync::atomic::AtomicBool>,
     // Keeps programs and their attachments alive; dropped last.
     _ebpf: Arc<Mutex<Ebpf>>,
 }
@@ -101,10 +104,27 @@ impl Programs {
     /// Loads the object, attaches `zc_verdict` to `RELAY` and `zc_msg` to
     /// `LOCAL`, and starts forwarding eBPF-side logs to `log`.
     pub fn load() -> Result<Self, LoadError> {
+        Self::load_with(&mut EbpfLoader::new())
+    }
+
+    /// Like [`Self::load`], with every map that holds pairing state pinned
+    /// under `dir` (bpffs). Maps already pinned there are reused, so pairs
+    /// made by an earlier process keep working and can be adopted.
+    pub fn load_pinned(dir: &std::path::Path) -> Result<Self, LoadError> {
+        let paths: Vec<(&'static str, std::path::PathBuf)> =
+            PINNED.iter().map(|n| (*n, dir.join(n))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        Self::load_with(&mut loader)
+    }
+
+    fn load_with(loader: &mut EbpfLoader<'_>) -> Result<Self, LoadError> {
         if OBJECT.is_empty() {
             return Err(LoadError::NoObject);
         }
-        let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(LoadError::Load)?;
+        let mut ebpf = loader.load(OBJECT).map_err(LoadError::Load)?;
         start_log_forwarding(&mut ebpf);
         let targets: SockHash<MapData, SockKey> = take(&mut ebpf, "TARGETS")?;
         let relay: SockHash<MapData, SockKey> = take(&mut ebpf, "RELAY")?;
@@ -164,6 +184,7 @@ impl Programs {
                 counters,
             })),
             listeners,
+            retain: Arc::default(),
             _ebpf: Arc::new(Mutex::new(ebpf)),
         })
     }
@@ -343,6 +364,35 @@ impl Programs {
         Ok(m)
     }
 
+    /// From now on, relays that end leave their pairs in the maps (see
+    /// [`Self::unpair_ended`]).
+    pub fn retain_pairs(&self) {
+        self.retain
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// For a relay that ended: removes its pair unless pairs are retained.
+    pub fn unpair_ended(&self, keys: &[SockKey]) {
+        if !self.retain.load(std::sync::atomic::Ordering::Relaxed) {
+            self.unpair(keys);
+        }
+    }
+
+    /// Relay pairs present in the maps, each once, in key order: also
+    /// those made by an earlier process on the same pinned maps.
+    pub fn relay_pairs(&self) -> Vec<[SockKey; 2]> {
+        let m = self.maps();
+        let mut out: Vec<[SockKey; 2]> = m
+            .peers
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, p)| p.kind == PEER_RELAY && key_bytes(k) < key_bytes(&p.key))
+            .map(|(k, p)| [k, p.key])
+            .collect();
+        out.sort_by_key(|p| key_bytes(&p[0]));
+        out
+    }
+
     /// Removes both sockets of a pair from every map. Sockets leave the
     /// program maps before `TARGETS`, so no redirect targets a socket that
     /// is half removed.
@@ -470,6 +520,29 @@ fn remove_locked(m: &mut Maps, keys: &[SockKey]) {
         let _ = m.forwarded.remove(k);
         let _ = m.counters.remove(k);
     }
+}
+
+/// Maps an agent pins: everything a pair needs to keep working, and its
+/// counters. The ring buffers stay private to each process.
+pub const PINNED: [&str; 8] = [
+    "TARGETS",
+    "RELAY",
+    "FOREIGN",
+    "LOCAL",
+    "PEERS",
+    "FLOW",
+    "FORWARDED",
+    "COUNTERS",
+];
+
+fn key_bytes(k: &SockKey) -> [u32; 11] {
+    let mut b = [0u32; 11];
+    b[0] = k.family;
+    b[1] = k.local_port;
+    b[2] = k.remote_port;
+    b[3..7].copy_from_slice(&k.local_ip);
+    b[7..11].copy_from_slice(&k.remote_ip);
+    b
 }
 
 fn nr_cpus() -> usize {

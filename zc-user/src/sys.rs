@@ -206,6 +206,26 @@ pub fn key_from_addrs(local: &SocketAddr, remote: &SocketAddr) -> SockKey {
     }
 }
 
+/// The (local, remote) addresses a key was made from.
+pub fn addrs_of_key(k: &SockKey) -> (SocketAddr, SocketAddr) {
+    let addr = |ip: [u32; 4], port: u32| -> SocketAddr {
+        let port = u16::try_from(port).unwrap_or(0);
+        if k.family == AF_INET6 {
+            let mut o = [0u8; 16];
+            for (i, w) in ip.iter().enumerate() {
+                o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            (std::net::Ipv6Addr::from(o), port).into()
+        } else {
+            (std::net::Ipv4Addr::from(ip[0].to_ne_bytes()), port).into()
+        }
+    };
+    (
+        addr(k.local_ip, k.local_port),
+        addr(k.remote_ip, k.remote_port),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::{TcpListener, TcpStream};
@@ -220,6 +240,11 @@ mod tests {
         let kc = sock_key(&c).expect("key");
         let ks = sock_key(&s).expect("key");
         assert_eq!(kc.reversed(), ks);
+        let (l, r) = addrs_of_key(&kc);
+        assert_eq!(
+            (l, r),
+            (c.local_addr().expect("l"), c.peer_addr().expect("r"))
+        );
         assert_eq!(kc.family, AF_INET);
         assert_eq!(kc.local_ip[0], u32::from_ne_bytes([127, 0, 0, 1]));
     }

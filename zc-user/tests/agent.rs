@@ -17,9 +17,10 @@ use common::process::{UNPRIVILEGED, zc_command};
 use zc_user::traffic::{self, Digest};
 
 struct Agent {
-    child: Child,
+    child: Option<Child>,
     socket: PathBuf,
     dir: PathBuf,
+    pin_dir: PathBuf,
 }
 
 impl Agent {
@@ -28,24 +29,52 @@ impl Agent {
             nix::unistd::geteuid().is_root(),
             "zc agent takes fds with pidfd_getfd and loads BPF: run `cargo xtask test` as root"
         );
-        let dir = std::env::temp_dir().join(format!("zc-agent-{tag}-{}", std::process::id()));
+        let id = format!("{tag}-{}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("zc-agent-{id}"));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let socket = dir.join("zc.sock");
+        let mut agent = Self {
+            child: None,
+            socket: dir.join("zc.sock"),
+            dir,
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/zc-test-{id}")),
+        };
+        agent.spawn();
+        agent
+    }
+
+    /// Starts (or restarts) the agent process and waits for its socket.
+    fn spawn(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
         let child = zc_command(false)
             .args(["agent", "--socket"])
-            .arg(&socket)
+            .arg(&self.socket)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
             .stdin(Stdio::null())
             .spawn()
             .expect("starting zc agent");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !socket.exists() {
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.socket.exists() {
+            if let Some(c) = &mut self.child
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                panic!("zc agent exited ({st}) before serving; its log is above");
+            }
             assert!(
                 Instant::now() < deadline,
-                "zc agent did not create its socket"
+                "zc agent did not create {} within 30 s",
+                self.socket.display()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Self { child, socket, dir }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().expect("SIGKILL");
+            c.wait().expect("wait");
+        }
     }
 
     /// Runs `zc ARGS --socket S`; returns (success, stdout, stderr).
@@ -84,11 +113,19 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::SIGTERM,
-        );
-        let _ = self.child.wait();
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+        let _ = zc_command(false)
+            .args(["agent", "--cleanup", "--socket"])
+            .arg(&self.socket)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .output();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -254,6 +291,78 @@ fn socat_pair_by_pid_and_fd_moves_a_gigabyte_each_way_intact_without_socat() {
     assert_eq!(&hello, b"again", "after unpair, socat relays again");
 }
 
+#[test]
+fn kill_9_of_the_agent_mid_transfer_loses_nothing_and_a_restart_adopts_the_pair() {
+    let mut agent = Agent::start("kill9");
+    let server = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let socat = Socat::start(server.local_addr().expect("addr"));
+    let (mut client, mut up, fds) = through_socat(&socat, &server);
+    let (ok, _, err) = agent.pair(socat.child.id(), fds);
+    assert!(ok, "zc pair failed: {err}");
+
+    const N: u64 = 1 << 30;
+    let mut c2 = client.try_clone().expect("clone");
+    let mut u2 = up.try_clone().expect("clone");
+    let sent_up = std::thread::spawn(move || send_n(&mut c2, N, 3));
+    let sent_down = std::thread::spawn(move || send_n(&mut u2, N, 4));
+    // Read a first part, kill the agent mid-stream, read the rest.
+    let mut client_r = client.try_clone().expect("clone");
+    let down = std::thread::spawn(move || read_n(&mut client_r, N));
+    let mut first = vec![0u8; 64 << 20];
+    up.read_exact(&mut first).expect("first 64 MiB");
+    agent.kill9();
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&first);
+    let rest = read_n_into(&mut up, N - first.len() as u64, &mut h);
+    let got_up = Digest {
+        bytes: first.len() as u64 + rest,
+        hash: h.digest(),
+    };
+    assert_eq!(
+        sent_up.join().expect("sender"),
+        got_up,
+        "client -> server damaged"
+    );
+    assert_eq!(
+        sent_down.join().expect("sender"),
+        down.join().expect("reader")
+    );
+
+    // A new agent on the same pinned maps adopts the pair and can end it.
+    agent.spawn();
+    let pairs = agent.pairs();
+    assert_eq!(
+        pairs.len(),
+        1,
+        "the restarted agent lists the pair: {pairs:?}"
+    );
+    assert_eq!(pairs[0]["source"], "adopted");
+    let local = up.peer_addr().expect("addr").to_string();
+    assert!(
+        pairs[0]["sockets"].to_string().contains(&local),
+        "{pairs:?} names socat's upstream socket {local}"
+    );
+    let (ok, _, err) = agent.zc(&["unpair", &pairs[0]["id"].to_string()]);
+    assert!(ok, "unpairing an adopted pair failed: {err}");
+    client.write_all(b"again").expect("write");
+    let mut again = [0u8; 5];
+    up.read_exact(&mut again).expect("read");
+    assert_eq!(&again, b"again", "after unpair, socat relays again");
+}
+
+fn read_n_into(s: &mut TcpStream, n: u64, h: &mut xxhash_rust::xxh3::Xxh3) -> u64 {
+    let mut buf = vec![0u8; 256 << 10];
+    let mut got = 0u64;
+    while got < n {
+        let want = buf.len().min((n - got) as usize);
+        let k = s.read(&mut buf[..want]).expect("read");
+        assert!(k > 0, "EOF after {got} of {n} bytes");
+        h.update(&buf[..k]);
+        got += k as u64;
+    }
+    got
+}
+
 fn send_n(s: &mut TcpStream, n: u64, seed: u64) -> Digest {
     let mut p = traffic::Pattern::new(seed);
     let mut h = xxhash_rust::xxh3::Xxh3::new();
@@ -272,17 +381,9 @@ fn send_n(s: &mut TcpStream, n: u64, seed: u64) -> Digest {
 
 fn read_n(s: &mut TcpStream, n: u64) -> Digest {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
-    let mut buf = vec![0u8; 256 << 10];
-    let mut got = 0u64;
-    while got < n {
-        let want = buf.len().min((n - got) as usize);
-        let k = s.read(&mut buf[..want]).expect("read");
-        assert!(k > 0, "EOF after {got} of {n} bytes");
-        h.update(&buf[..k]);
-        got += k as u64;
-    }
+    let bytes = read_n_into(s, n, &mut h);
     Digest {
-        bytes: got,
+        bytes,
         hash: h.digest(),
     }
 }

@@ -24,29 +24,77 @@ use self::{
     proto::{ErrorKind, PairInfo, Request, Response},
     take::{Refusal, Requester, refuse},
 };
-use crate::engine::bpf::BpfEngine;
+use zc_common::SockKey;
+
+use crate::{ebpf::Programs, engine::bpf::BpfEngine};
 
 struct Entry {
     info: PairInfo,
+    keys: [SockKey; 2],
     /// Socket inodes: one socket has one inode however many fds name it.
+    /// Unknown (0) for adopted pairs.
     inodes: [u64; 2],
     owner_uid: u32,
-    task: AbortHandle,
+    /// The relay watching this pair; none for a pair adopted from pinned
+    /// maps, which the kernel carries on its own.
+    task: Option<AbortHandle>,
 }
 
 pub struct Agent {
     engine: BpfEngine,
+    progs: Programs,
     pairs: Mutex<BTreeMap<u64, Entry>>,
     next: AtomicU64,
 }
 
+/// What happens to the pairs when the agent stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnStop {
+    /// They stay in the pinned maps and keep moving bytes.
+    Keep,
+    /// They end with the agent.
+    Remove,
+}
+
 impl Agent {
-    pub fn new(engine: BpfEngine) -> Arc<Self> {
-        Arc::new(Self {
-            engine: engine.for_foreign_sockets(),
+    /// An agent over `progs`; pairs already in its (pinned) maps are
+    /// adopted and listed.
+    pub fn new(progs: Programs, watcher: crate::watch::Watcher) -> Arc<Self> {
+        let agent = Arc::new(Self {
+            engine: BpfEngine::new(progs.clone(), watcher).for_foreign_sockets(),
+            progs,
             pairs: Mutex::new(BTreeMap::new()),
             next: AtomicU64::new(1),
-        })
+        });
+        agent.adopt();
+        agent
+    }
+
+    fn adopt(&self) {
+        let found = self.progs.relay_pairs();
+        let mut pairs = self.pairs();
+        for keys in found {
+            let id = self.next.fetch_add(1, Ordering::Relaxed);
+            let sockets = keys.map(|k| {
+                let (l, r) = crate::sys::addrs_of_key(&k);
+                format!("{l}-{r}")
+            });
+            info!("adopted pair {id}: {} <-> {}", sockets[0], sockets[1]);
+            pairs.insert(
+                id,
+                Entry {
+                    info: PairInfo {
+                        id,
+                        source: "adopted".into(),
+                        sockets,
+                    },
+                    keys,
+                    inodes: [0; 2],
+                    owner_uid: 0,
+                    task: None,
+                },
+            );
+        }
     }
 
     fn pairs(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry>> {
@@ -58,6 +106,7 @@ impl Agent {
         self: Arc<Self>,
         listener: AsyncFd<OwnedFd>,
         stop: impl std::future::Future<Output = ()>,
+        on_stop: OnStop,
     ) {
         tokio::pin!(stop);
         loop {
@@ -73,9 +122,29 @@ impl Agent {
             }
         }
         let n = self.pairs().len();
-        info!("zc agent: stopping; {n} pair(s) end with it");
-        for e in self.pairs().values() {
-            e.task.abort();
+        match on_stop {
+            OnStop::Keep => {
+                self.progs.retain_pairs();
+                info!(
+                    "zc agent: stopping; {n} pair(s) stay in the kernel and keep moving bytes \
+                     (a restarted agent adopts them; `zc agent --cleanup` removes them)"
+                );
+            }
+            OnStop::Remove => {
+                info!("zc agent: stopping; {n} pair(s) end with it");
+                for e in std::mem::take(&mut *self.pairs()).into_values() {
+                    self.end(e);
+                }
+            }
+        }
+    }
+
+    fn end(&self, e: Entry) {
+        match e.task {
+            // Dropping the relay takes both sockets out of the maps; the
+            // owner's fds are untouched.
+            Some(t) => t.abort(),
+            None => self.progs.unpair(&e.keys),
         }
     }
 
@@ -134,10 +203,8 @@ impl Agent {
             ));
         }
         if let Some(e) = pairs.remove(&id) {
-            // Dropping the relay takes both sockets out of the maps; the
-            // owner's fds are untouched.
-            e.task.abort();
             info!("pair {id} ({}) unpaired", e.info.source);
+            self.end(e);
         }
         Ok(Response::Unpaired { id })
     }
@@ -229,8 +296,7 @@ impl Agent {
         inodes: [u64; 2],
         info: &PairInfo,
         owner_uid: u32,
-    ) -> Result<tokio::sync::oneshot::Receiver<Result<[zc_common::SockKey; 2], String>>, Refusal>
-    {
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<[SockKey; 2], String>>, Refusal> {
         let mut pairs = self.pairs();
         if let Some((other, _)) = pairs
             .iter()
@@ -241,6 +307,15 @@ impl Agent {
                 format!("a socket is already paired (pair {other})"),
             ));
         }
+        let keys = match (crate::sys::sock_key(&a), crate::sys::sock_key(&b)) {
+            (Ok(ka), Ok(kb)) => [ka, kb],
+            _ => {
+                return Err(refuse(
+                    ErrorKind::Invalid,
+                    "a socket closed during the request",
+                ));
+            }
+        };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let me = self.clone();
         let task = tokio::spawn(async move {
@@ -262,9 +337,10 @@ impl Agent {
             id,
             Entry {
                 info: info.clone(),
+                keys,
                 inodes,
                 owner_uid,
-                task: task.abort_handle(),
+                task: Some(task.abort_handle()),
             },
         );
         Ok(rx)

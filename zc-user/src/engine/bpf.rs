@@ -98,7 +98,7 @@ struct Paired<'a> {
 
 impl Drop for Paired<'_> {
     fn drop(&mut self) {
-        self.progs.unpair(&self.keys);
+        self.progs.unpair_ended(&self.keys);
     }
 }
 
