@@ -2,9 +2,10 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, sk_action},
-    macros::{map, sk_msg, stream_parser, stream_verdict},
-    maps::{HashMap, PerCpuHashMap, RingBuf, SockHash},
-    programs::{SkBuffContext, SkMsgContext},
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
+    macros::{lsm, map, sk_msg, stream_parser, stream_verdict},
+    maps::{Array, HashMap, PerCpuHashMap, RingBuf, SockHash},
+    programs::{LsmContext, SkBuffContext, SkMsgContext},
 };
 use aya_log_ebpf::debug;
 use zc_common::{
@@ -46,6 +47,18 @@ static FORWARDED: HashMap<SockKey, u64> = HashMap::with_max_entries(MAX_SOCKETS,
 /// Keys of sockets whose `Flow::sent` passed their `Peer::limit`.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// Cookies (SO_COOKIE) of sockets whose stream end the agent carries:
+/// their owner may not shut them down (see `zc_shutdown`).
+#[map]
+static GUARDED: HashMap<u64, u32> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
+/// Set by the agent: [GUARD_AGENT] its tgid, [GUARD_SK] the offset of
+/// `sk` in `struct socket`, [GUARD_COOKIE] of `skc_cookie` in `struct
+/// sock_common` (both read from the kernel's BTF, so no layout is
+/// compiled in).
+#[map]
+static GUARD_CONFIG: Array<u64> = Array::with_max_entries(3, 0);
 
 #[map]
 static COUNTERS: PerCpuHashMap<SockKey, Counters> = PerCpuHashMap::with_max_entries(MAX_SOCKETS, 0);
@@ -187,6 +200,54 @@ pub fn zc_verdict(ctx: SkBuffContext) -> u32 {
         );
     }
     verdict
+}
+
+const GUARD_AGENT: u32 = 0;
+const GUARD_SK: u32 = 1;
+const GUARD_COOKIE: u32 = 2;
+const EPERM: i32 = 1;
+
+/// An unmodified proxy that sees EOF on one paired socket shuts down the
+/// other at once, while bytes redirected before the EOF may still wait in
+/// the kernel's queue for that socket: its FIN would overtake them and
+/// they would be lost. So shutdown(2) of a guarded socket is refused to
+/// everyone but the agent, which shuts it down itself once every byte has
+/// left (a close(2) by the owner stays harmless: the agent holds its own
+/// reference).
+#[lsm(hook = "socket_shutdown")]
+pub fn zc_shutdown(ctx: LsmContext) -> i32 {
+    // Another LSM program may already have refused.
+    let earlier: i32 = ctx.arg(2);
+    if earlier != 0 {
+        return earlier;
+    }
+    let cfg = |i| GUARD_CONFIG.get(i).copied().unwrap_or(0);
+    let (agent, sk_off, cookie_off) = (cfg(GUARD_AGENT), cfg(GUARD_SK), cfg(GUARD_COOKIE));
+    if agent == 0 || sk_off == 0 || cookie_off == 0 {
+        return 0;
+    }
+    if bpf_get_current_pid_tgid() >> 32 == agent {
+        return 0;
+    }
+    let sock: *const u8 = ctx.arg(0);
+    // SAFETY: probe reads of kernel memory; a bad address yields an error.
+    let cookie = unsafe {
+        let Ok(sk) = bpf_probe_read_kernel(sock.add(sk_off as usize) as *const *const u8) else {
+            return 0;
+        };
+        if sk.is_null() {
+            return 0;
+        }
+        let Ok(c) = bpf_probe_read_kernel(sk.add(cookie_off as usize) as *const u64) else {
+            return 0;
+        };
+        c
+    };
+    // SAFETY: only checked for presence.
+    if cookie != 0 && unsafe { GUARDED.get(&cookie) }.is_some() {
+        return -EPERM;
+    }
+    0
 }
 
 /// Every skb is one message: the verdict sees what TCP delivered, as it

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result, bail};
-use log::info;
+use log::{info, warn};
 use zc_user::{
     agent::{
         Agent, OnStop,
@@ -92,6 +92,15 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
             args.pin_dir.display()
         )
     })?;
+    match progs.enable_shutdown_guard() {
+        Ok(()) => {
+            info!("shutdown guard active: a proxy cannot end a paired stream before its bytes")
+        }
+        Err(e) => warn!(
+            "{e}; a proxy that shuts a socket down as soon as it sees EOF may cut off bytes \
+             still queued in the kernel"
+        ),
+    }
     let watcher = Watcher::start().context("starting the socket watcher")?;
     let agent = Agent::new(progs, watcher);
     let listener = control::bind_control(&args.socket, group)?;

@@ -33,6 +33,8 @@ pub enum LoadError {
     MissingMap(&'static str),
     #[error("map `{0}` has an unexpected type: {1}")]
     MapType(&'static str, #[source] aya::maps::MapError),
+    #[error("the shutdown guard is unavailable: {0}")]
+    Guard(String),
     #[error("loading or attaching program `{0}` failed: {1}")]
     Program(&'static str, #[source] aya::programs::ProgramError),
 }
@@ -63,6 +65,10 @@ struct Maps {
     flow: HashMap<MapData, SockKey, Flow>,
     forwarded: HashMap<MapData, SockKey, u64>,
     counters: PerCpuHashMap<MapData, SockKey, Counters>,
+    guarded: HashMap<MapData, u64, u32>,
+    guard_config: aya::maps::Array<MapData, u64>,
+    /// Cookies of guarded sockets, to unguard them by key.
+    cookies: std::collections::HashMap<SockKey, u64>,
 }
 
 type Listeners = std::collections::HashMap<SockKey, tokio::sync::mpsc::UnboundedSender<SockKey>>;
@@ -135,6 +141,8 @@ impl Programs {
         let forwarded = take(&mut ebpf, "FORWARDED")?;
         let counters = take(&mut ebpf, "COUNTERS")?;
         let events: RingBuf<MapData> = take(&mut ebpf, "EVENTS")?;
+        let guarded = take(&mut ebpf, "GUARDED")?;
+        let guard_config = take(&mut ebpf, "GUARD_CONFIG")?;
         let listeners = Arc::new(Mutex::new(Listeners::new()));
         start_event_forwarding(events, listeners.clone());
 
@@ -182,6 +190,9 @@ impl Programs {
                 flow,
                 forwarded,
                 counters,
+                guarded,
+                guard_config,
+                cookies: std::collections::HashMap::new(),
             })),
             listeners,
             retain: Arc::default(),
@@ -273,6 +284,19 @@ impl Programs {
                 },
             }
         }
+        if foreign {
+            // Guard before the kick: from here on the proxy may see EOF.
+            for i in 0..2 {
+                match crate::sys::socket_cookie(fds[i]) {
+                    Ok(c) => {
+                        if m.guarded.insert(c, 1, 0).is_ok() {
+                            m.cookies.insert(keys[i], c);
+                        }
+                    }
+                    Err(e) => warn!("no cookie for {:?}, not guarded: {e}", keys[i]),
+                }
+            }
+        }
         drop(m);
         for i in 0..2 {
             if in_relay[i]
@@ -362,6 +386,43 @@ impl Programs {
             return Err(e);
         }
         Ok(m)
+    }
+
+    /// Loads and attaches `zc_shutdown` (BPF LSM, socket_shutdown hook):
+    /// from now on, sockets paired with [`Self::pair_foreign`] can only be
+    /// shut down by this process. Needs a kernel with BTF and the bpf LSM
+    /// active.
+    pub fn enable_shutdown_guard(&self) -> Result<(), LoadError> {
+        let offsets = crate::btf::Offsets::of_running_kernel(&[
+            ("socket", "sk"),
+            ("sock_common", "skc_cookie"),
+        ])
+        .and_then(|o| Ok((o.get("socket", "sk")?, o.get("sock_common", "skc_cookie")?)))
+        .map_err(|e| LoadError::Guard(format!("{e:#}")))?;
+        {
+            let mut m = self.maps();
+            for (i, v) in [
+                (0, u64::from(std::process::id())),
+                (1, u64::from(offsets.0)),
+                (2, u64::from(offsets.1)),
+            ] {
+                m.guard_config
+                    .set(i, v, 0)
+                    .map_err(|e| LoadError::MapType("GUARD_CONFIG", e))?;
+            }
+        }
+        let btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::Guard(e.to_string()))?;
+        let mut ebpf = self._ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        let prog: &mut aya::programs::Lsm = ebpf
+            .program_mut("zc_shutdown")
+            .ok_or(LoadError::MissingProgram("zc_shutdown"))?
+            .try_into()
+            .map_err(|e| LoadError::Program("zc_shutdown", e))?;
+        prog.load("socket_shutdown", &btf)
+            .map_err(|e| LoadError::Program("zc_shutdown", e))?;
+        prog.attach()
+            .map_err(|e| LoadError::Program("zc_shutdown", e))?;
+        Ok(())
     }
 
     /// From now on, relays that end leave their pairs in the maps (see
@@ -519,6 +580,9 @@ fn remove_locked(m: &mut Maps, keys: &[SockKey]) {
         let _ = m.flow.remove(k);
         let _ = m.forwarded.remove(k);
         let _ = m.counters.remove(k);
+        if let Some(c) = m.cookies.remove(k) {
+            let _ = m.guarded.remove(&c);
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! zc: move bytes between two TCP sockets without visiting user space.
 pub mod agent;
+pub mod btf;
 pub mod ebpf;
 pub mod engine;
 pub mod probe;

@@ -163,6 +163,28 @@ pub fn set_reset_on_close(fd: BorrowedFd<'_>) -> io::Result<()> {
     SockRef::from(&fd).set_linger(Some(std::time::Duration::ZERO))
 }
 
+/// The socket's cookie (SO_COOKIE): a number that names it for its whole
+/// life, the same in every process and in eBPF programs.
+pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(cookie)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Converts a socket address to the words the kernel's socket contexts
 /// carry: network-order 32-bit words, the port in host order.
 fn addr_words(addr: &SocketAddr) -> (u32, [u32; 4], u32) {
