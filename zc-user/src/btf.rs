@@ -110,10 +110,10 @@ mod tests {
             .expect("BTF");
         // struct socket starts with state, type, flags, file: sk follows.
         let sk = o.get("socket", "sk").expect("socket.sk");
-        assert!(sk >= 16 && sk % 8 == 0, "implausible offset {sk}");
+        assert!(sk >= 16 && sk.is_multiple_of(8), "implausible offset {sk}");
         let cookie = o.get("sock_common", "skc_cookie").expect("skc_cookie");
         assert!(
-            cookie > 16 && cookie % 8 == 0,
+            cookie > 16 && cookie.is_multiple_of(8),
             "implausible offset {cookie}"
         );
         assert!(o.get("socket", "no_such_member").is_err());
