@@ -74,6 +74,19 @@ pub struct ListArgs {
     socket: PathBuf,
 }
 
+#[derive(clap::Args)]
+pub struct StatsArgs {
+    /// Print JSON instead of a table, for scripts.
+    #[arg(long)]
+    json: bool,
+    /// Print again every SECS seconds, with rates, until interrupted.
+    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "1")]
+    watch: Option<f64>,
+    /// The agent's control socket.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+}
+
 pub async fn agent(args: AgentArgs) -> Result<()> {
     crate::raise_fd_limit();
     if args.cleanup {
@@ -243,4 +256,77 @@ pub async fn list(args: ListArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+pub async fn stats(args: StatsArgs) -> Result<()> {
+    let fetch = || -> Result<Vec<zc_user::agent::proto::PairStats>> {
+        match answer(control::call(&args.socket, &Request::Stats)?)? {
+            Response::Stats { pairs } => Ok(pairs),
+            other => bail!("unexpected answer from the agent: {other:?}"),
+        }
+    };
+    let Some(every) = args.watch else {
+        let pairs = fetch()?;
+        if args.json {
+            println!("{}", serde_json::to_string(&pairs)?);
+        } else {
+            print_stats(&pairs, None);
+        }
+        return Ok(());
+    };
+    let every = std::time::Duration::try_from_secs_f64(every)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .context("--watch needs a positive number of seconds")?;
+    let mut last: Option<(std::time::Instant, Vec<zc_user::agent::proto::PairStats>)> = None;
+    loop {
+        let pairs = fetch()?;
+        let now = std::time::Instant::now();
+        if args.json {
+            println!("{}", serde_json::to_string(&pairs)?);
+        } else {
+            let prev = last
+                .as_ref()
+                .map(|(t, p)| (now.duration_since(*t).as_secs_f64(), p));
+            print_stats(&pairs, prev);
+        }
+        last = Some((now, pairs));
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = crate::stop_signal() => return Ok(()),
+        }
+    }
+}
+
+fn print_stats(
+    pairs: &[zc_user::agent::proto::PairStats],
+    prev: Option<(f64, &Vec<zc_user::agent::proto::PairStats>)>,
+) {
+    if pairs.is_empty() {
+        println!("no pairs");
+        return;
+    }
+    println!(
+        "{:<5} {:>16} {:>16} {:>12} {:>12} {:>8}  sockets",
+        "id", "bytes 0->1", "bytes 1->0", "skbs 0->1", "skbs 1->0", "failed"
+    );
+    for p in pairs {
+        let rate = prev.and_then(|(secs, old)| {
+            let o = old.iter().find(|o| o.id == p.id)?;
+            let r = |i: usize| p.bytes[i].saturating_sub(o.bytes[i]) as f64 / secs / 1e6;
+            Some(format!("  ({:.1} / {:.1} MB/s)", r(0), r(1)))
+        });
+        println!(
+            "{:<5} {:>16} {:>16} {:>12} {:>12} {:>8}  {} <-> {}{}",
+            p.id,
+            p.bytes[0],
+            p.bytes[1],
+            p.msgs[0],
+            p.msgs[1],
+            p.failed[0] + p.failed[1],
+            p.sockets[0],
+            p.sockets[1],
+            rate.unwrap_or_default()
+        );
+    }
 }

@@ -97,6 +97,9 @@ enum Cmd {
     Unpair(agent_cmd::UnpairArgs),
     /// List the agent's pairs.
     List(agent_cmd::ListArgs),
+    /// Show what the kernel moved for each of the agent's pairs (bytes,
+    /// skbs and failed redirects per direction, from the BPF counters).
+    Stats(agent_cmd::StatsArgs),
 }
 
 #[derive(clap::Args)]
@@ -308,6 +311,7 @@ fn main() -> ExitCode {
             Cmd::Pair(args) => agent_cmd::pair(args).await,
             Cmd::Unpair(args) => agent_cmd::unpair(args).await,
             Cmd::List(args) => agent_cmd::list(args).await,
+            Cmd::Stats(args) => agent_cmd::stats(args).await,
             Cmd::Status(args) => status(args).await,
         }
     });

@@ -277,6 +277,14 @@ fn socat_pair_by_pid_and_fd_moves_a_gigabyte_each_way_intact_without_socat() {
         "server -> client damaged"
     );
     let socat_cpu = cpu_secs(socat.child.id()) - cpu_before;
+    let (ok, out, err) = agent.zc(&["stats", "--json"]);
+    assert!(ok, "zc stats failed: {err}");
+    let stats: serde_json::Value = serde_json::from_str(&out).expect("stats json");
+    assert_eq!(
+        stats[0]["bytes"][0], N,
+        "the counters saw every byte client -> server"
+    );
+    assert_eq!(stats[0]["bytes"][1], N, "and server -> client");
     assert!(
         socat_cpu < 0.1,
         "socat used {socat_cpu:.2} s of CPU for 2 GiB: it still touches the bytes"

@@ -182,6 +182,9 @@ impl Agent {
             Request::List => Ok(Response::Pairs {
                 pairs: self.pairs().values().map(|e| e.info.clone()).collect(),
             }),
+            Request::Stats => Ok(Response::Stats {
+                pairs: self.stats(),
+            }),
             Request::Unpair { id } => self.unpair(id, who),
             Request::PairPid { pid, fds } => self.pair_pid(pid, fds, who).await,
         };
@@ -189,6 +192,22 @@ impl Agent {
             kind: r.kind,
             message: r.message,
         })
+    }
+
+    fn stats(&self) -> Vec<proto::PairStats> {
+        self.pairs()
+            .values()
+            .map(|e| {
+                let c = e.keys.map(|k| self.progs.counters(&k).unwrap_or_default());
+                proto::PairStats {
+                    id: e.info.id,
+                    sockets: e.info.sockets.clone(),
+                    bytes: c.map(|c| c.bytes),
+                    msgs: c.map(|c| c.msgs),
+                    failed: c.map(|c| c.failed),
+                }
+            })
+            .collect()
     }
 
     fn unpair(&self, id: u64, who: Requester) -> Result<Response, Refusal> {

@@ -15,6 +15,8 @@ pub enum Request {
     Unpair { id: u64 },
     /// The current pairings.
     List,
+    /// Bytes and messages each pair moved, per direction.
+    Stats,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -23,6 +25,7 @@ pub enum Response {
     Paired { id: u64, pair: PairInfo },
     Unpaired { id: u64 },
     Pairs { pairs: Vec<PairInfo> },
+    Stats { pairs: Vec<PairStats> },
     Error { kind: ErrorKind, message: String },
 }
 
@@ -33,6 +36,19 @@ pub struct PairInfo {
     pub source: String,
     /// Each socket as `ss` prints it: local-remote.
     pub sockets: [String; 2],
+}
+
+/// What the kernel moved for one pair, from the verdict's counters.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairStats {
+    pub id: u64,
+    pub sockets: [String; 2],
+    /// Bytes that arrived on socket 0 and left through socket 1, and back.
+    pub bytes: [u64; 2],
+    /// Redirect calls (skbs) per direction.
+    pub msgs: [u64; 2],
+    /// Redirects that failed (the peer was gone), per direction.
+    pub failed: [u64; 2],
 }
 
 /// What went wrong, for callers that branch; the message says it to people.
@@ -107,6 +123,7 @@ mod tests {
             })
         );
         assert_eq!(decode(br#"{"op":"list"}"#, false), Ok(Request::List));
+        assert_eq!(decode(br#"{"op":"stats"}"#, false), Ok(Request::Stats));
         assert_eq!(
             decode(br#"{"op":"unpair","id":3}"#, false),
             Ok(Request::Unpair { id: 3 })
