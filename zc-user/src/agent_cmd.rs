@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result, bail};
 use log::{info, warn};
 use zc_user::{
     agent::{
-        Agent, OnStop,
+        Agent, DataPath, OnStop,
         control::{self, DEFAULT_SOCKET},
         proto::{Request, Response},
     },
@@ -36,6 +36,17 @@ pub struct AgentArgs {
     /// left there, and exit. Refuses while an agent serves --socket.
     #[arg(long)]
     cleanup: bool,
+    /// auto: BPF if its programs load, else splice (and say why). splice:
+    /// never load BPF; handed-over sockets are spliced and pid/fd pairing
+    /// is refused, since a user-space relay would race the owner's reads.
+    #[arg(long, value_enum, default_value_t = DataPathArg::Auto)]
+    data_path: DataPathArg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DataPathArg {
+    Auto,
+    Splice,
 }
 
 /// Where `zc agent` pins its maps by default.
@@ -96,29 +107,27 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         None => None,
         Some(g) => Some(resolve_group(g)?),
     };
-    ensure_bpffs(&args.pin_dir)?;
-    std::fs::create_dir_all(&args.pin_dir)
-        .with_context(|| format!("creating {}", args.pin_dir.display()))?;
-    let progs = Programs::load_pinned(&args.pin_dir).with_context(|| {
-        format!(
-            "loading the programs with maps pinned in {}",
-            args.pin_dir.display()
-        )
-    })?;
-    match progs.enable_shutdown_guard() {
-        Ok(()) => {
-            info!("shutdown guard active: a proxy cannot end a paired stream before its bytes")
-        }
-        Err(e) => warn!(
-            "{e}; a proxy that shuts a socket down as soon as it sees EOF may cut off bytes \
-             still queued in the kernel"
-        ),
-    }
-    let watcher = Watcher::start().context("starting the socket watcher")?;
-    let agent = Agent::new(progs, watcher);
+    let path = match args.data_path {
+        DataPathArg::Splice => DataPath::Splice("--data-path splice".into()),
+        DataPathArg::Auto => match load_bpf(&args.pin_dir) {
+            Ok(progs) => {
+                let watcher = Watcher::start().context("starting the socket watcher")?;
+                DataPath::Bpf(progs, watcher)
+            }
+            Err(e) => {
+                warn!("BPF unavailable, handed-over sockets will be spliced: {e:#}");
+                DataPath::Splice(format!("{e:#}"))
+            }
+        },
+    };
+    let mode = match &path {
+        DataPath::Bpf(..) => "bpf".to_string(),
+        DataPath::Splice(why) => format!("splice ({why})"),
+    };
+    let agent = Agent::new(path);
     let listener = control::bind_control(&args.socket, group)?;
     info!(
-        "zc agent: serving {} ({})",
+        "zc agent: data path {mode}; serving {} ({})",
         args.socket.display(),
         match group {
             Some(g) => format!("root and group {g}"),
@@ -136,6 +145,24 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         unpin(&args.pin_dir)?;
     }
     Ok(())
+}
+
+/// Loads the programs with maps pinned in `dir` and the shutdown guard.
+fn load_bpf(dir: &std::path::Path) -> Result<Programs> {
+    ensure_bpffs(dir)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let progs = Programs::load_pinned(dir)
+        .with_context(|| format!("loading the programs with maps pinned in {}", dir.display()))?;
+    match progs.enable_shutdown_guard() {
+        Ok(()) => {
+            info!("shutdown guard active: a proxy cannot end a paired stream before its bytes")
+        }
+        Err(e) => warn!(
+            "{e}; a proxy that shuts a socket down as soon as it sees EOF may cut off bytes \
+             still queued in the kernel"
+        ),
+    }
+    Ok(progs)
 }
 
 fn cleanup(args: &AgentArgs) -> Result<()> {

@@ -7,7 +7,10 @@ mod common;
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
-    os::{fd::AsRawFd, unix::net::UnixStream},
+    os::{
+        fd::{AsFd, AsRawFd},
+        unix::net::UnixStream,
+    },
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -21,10 +24,15 @@ struct Agent {
     socket: PathBuf,
     dir: PathBuf,
     pin_dir: PathBuf,
+    extra: Vec<String>,
 }
 
 impl Agent {
     fn start(tag: &str) -> Self {
+        Self::start_with(tag, &[])
+    }
+
+    fn start_with(tag: &str, extra: &[&str]) -> Self {
         assert!(
             nix::unistd::geteuid().is_root(),
             "zc agent takes fds with pidfd_getfd and loads BPF: run `cargo xtask test` as root"
@@ -37,6 +45,7 @@ impl Agent {
             socket: dir.join("zc.sock"),
             dir,
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/zc-test-{id}")),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         agent.spawn();
         agent
@@ -50,6 +59,7 @@ impl Agent {
             .arg(&self.socket)
             .arg("--pin-dir")
             .arg(&self.pin_dir)
+            .args(&self.extra)
             .stdin(Stdio::null())
             .spawn()
             .expect("starting zc agent");
@@ -356,6 +366,125 @@ fn kill_9_of_the_agent_mid_transfer_loses_nothing_and_a_restart_adopts_the_pair(
     let mut again = [0u8; 5];
     up.read_exact(&mut again).expect("read");
     assert_eq!(&again, b"again", "after unpair, socat relays again");
+}
+
+/// The example proxy from zc-user/examples, built by `cargo test`.
+fn handoff_proxy(agent: &Agent, upstream: SocketAddr) -> (Child, u16) {
+    let exe = std::env::current_exe().expect("test exe");
+    let example = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .join("examples/handoff_proxy");
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let child = Command::new(&example)
+        .arg(format!("127.0.0.1:{port}"))
+        .arg(upstream.to_string())
+        .arg(&agent.socket)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", example.display()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "handoff_proxy did not listen");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (child, port)
+}
+
+/// Through the example proxy, which hands every connection to the agent:
+/// a stream each way with half-close, digests compared.
+fn handoff_round_trip(agent: &Agent) {
+    let server = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let (mut proxy, port) = handoff_proxy(agent, server.local_addr().expect("addr"));
+    // The readiness probe above made one connection; let it finish.
+    let (probe, _) = server.accept().expect("probe connection");
+    drop(probe);
+    let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let (mut up, _) = server.accept().expect("upstream");
+    for s in [&client, &up] {
+        s.set_read_timeout(Some(common::HANG)).expect("timeout");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent.pairs().iter().any(|p| {
+        p["source"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("handoff from pid"))
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never listed the handed-over pair"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    const N: u64 = 512 << 20;
+    let mut c2 = client.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || traffic::send(&mut c2, N, 64 << 10, 21));
+    let got = traffic::sink(&mut up).expect("server reads to EOF");
+    assert_eq!(
+        sender.join().expect("sender").expect("send"),
+        got,
+        "client -> server"
+    );
+    let mut u2 = up.try_clone().expect("clone");
+    let answer = std::thread::spawn(move || traffic::send(&mut u2, N / 8, 64 << 10, 22));
+    let back = traffic::sink(&mut client).expect("client reads to EOF");
+    assert_eq!(
+        answer.join().expect("answer").expect("send"),
+        back,
+        "server -> client"
+    );
+    let proxy_cpu = cpu_secs(proxy.id());
+    assert!(
+        proxy_cpu < 0.1,
+        "the proxy itself used {proxy_cpu:.2} s of CPU"
+    );
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+}
+
+#[test]
+fn a_cooperative_proxy_hands_sockets_to_a_bpf_agent() {
+    let agent = Agent::start("handoff-bpf");
+    handoff_round_trip(&agent);
+}
+
+#[test]
+fn without_bpf_the_agent_splices_handed_over_sockets_and_refuses_pid_pairing() {
+    let agent = Agent::start_with("handoff-splice", &["--data-path", "splice"]);
+    handoff_round_trip(&agent);
+    let (c, d) = tcp_pair(false);
+    let (ok, _, err) = agent.pair(std::process::id(), [c.as_raw_fd(), d.as_raw_fd()]);
+    assert!(!ok, "pid/fd pairing without BPF was accepted");
+    assert!(err.contains("needs BPF"), "{err}");
+}
+
+#[test]
+fn a_handoff_of_bad_sockets_is_refused() {
+    let agent = Agent::start("handoff-bad");
+    let (a, _b) = tcp_pair(false);
+    let udp = UdpSocket::bind("127.0.0.1:0").expect("udp");
+    let body = br#"{"op":"handoff"}"#;
+    for (fds, says) in [
+        (vec![a.as_fd()], "exactly two sockets"),
+        (vec![a.as_fd(), udp.as_fd()], "not a TCP socket"),
+        (vec![a.as_fd(), a.as_fd()], "are the same socket"),
+    ] {
+        let resp = zc_user::agent::control::call_with_fds(&agent.socket, body, &fds).expect("call");
+        let text = format!("{resp:?}");
+        assert!(text.contains(says), "expected `{says}` in {text}");
+    }
+    let resp =
+        zc_user::agent::control::call_with_fds(&agent.socket, br#"{"op":"list"}"#, &[a.as_fd()])
+            .expect("call");
+    assert!(
+        format!("{resp:?}").contains("only a handoff carries"),
+        "{resp:?}"
+    );
+    assert!(agent.pairs().is_empty());
 }
 
 fn read_n_into(s: &mut TcpStream, n: u64, h: &mut xxhash_rust::xxh3::Xxh3) -> u64 {

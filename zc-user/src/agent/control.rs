@@ -87,35 +87,54 @@ pub async fn accept(listener: &AsyncFd<OwnedFd>) -> io::Result<(AsyncFd<OwnedFd>
     Ok((register(fd)?, who))
 }
 
-/// Reads one message; `None` at EOF. The flag says whether it was cut
-/// short (longer than [`MAX_REQUEST`]).
-pub async fn recv(conn: &AsyncFd<OwnedFd>) -> io::Result<Option<(Vec<u8>, bool)>> {
-    let mut buf = vec![0u8; MAX_REQUEST + 1];
-    let n = conn
+/// One request as received: its bytes, whether the kernel cut it short
+/// (longer than [`MAX_REQUEST`]), and any descriptors sent with it.
+pub struct Message {
+    pub body: Vec<u8>,
+    pub truncated: bool,
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Reads one message; `None` at EOF.
+pub async fn recv(conn: &AsyncFd<OwnedFd>) -> io::Result<Option<Message>> {
+    let msg = conn
         .async_io(Interest::READABLE, |c| {
-            // SAFETY: buf is writable for its length; MSG_TRUNC makes the
-            // kernel return the message's real length.
-            let n = unsafe {
-                libc::recv(
-                    c.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_TRUNC,
-                )
-            };
-            if n < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
+            let mut buf = vec![0u8; MAX_REQUEST + 1];
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 2]);
+            let m = nix::sys::socket::recvmsg::<()>(
+                c.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
+            )?;
+            let mut fds = Vec::new();
+            for cm in m.cmsgs()? {
+                if let nix::sys::socket::ControlMessageOwned::ScmRights(raw) = cm {
+                    // SAFETY: the kernel installed these descriptors for us.
+                    fds.extend(
+                        raw.into_iter().map(|fd| unsafe {
+                            <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+                        }),
+                    );
+                }
             }
+            let truncated = m.flags.intersects(
+                nix::sys::socket::MsgFlags::MSG_TRUNC | nix::sys::socket::MsgFlags::MSG_CTRUNC,
+            );
+            let n = m.bytes;
+            buf.truncate(n.min(MAX_REQUEST));
+            Ok(Message {
+                body: buf,
+                truncated,
+                fds,
+            })
         })
         .await?;
-    if n == 0 {
+    if msg.body.is_empty() && msg.fds.is_empty() && !msg.truncated {
         return Ok(None);
     }
-    let truncated = n > MAX_REQUEST;
-    buf.truncate(n.min(MAX_REQUEST));
-    Ok(Some((buf, truncated)))
+    Ok(Some(msg))
 }
 
 pub async fn send(conn: &AsyncFd<OwnedFd>, resp: &Response) -> io::Result<()> {
@@ -147,11 +166,24 @@ pub fn connect_control(path: &Path) -> Result<OwnedFd> {
 
 /// Client side: one raw request message, one response.
 pub fn call_raw(path: &Path, body: &[u8]) -> Result<Response> {
+    call_with_fds(path, body, &[])
+}
+
+/// Client side: one request with descriptors attached (SCM_RIGHTS).
+pub fn call_with_fds(
+    path: &Path,
+    body: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> Result<Response> {
     let fd = connect_control(path)?;
-    nix::sys::socket::send(
+    let raw: Vec<std::os::fd::RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&raw)];
+    nix::sys::socket::sendmsg::<()>(
         fd.as_fd().as_raw_fd(),
-        body,
+        &[std::io::IoSlice::new(body)],
+        if raw.is_empty() { &[] } else { &cmsg },
         nix::sys::socket::MsgFlags::empty(),
+        None,
     )
     .context("sending the request")?;
     let mut buf = vec![0u8; 1 << 20];

@@ -1,5 +1,6 @@
 //! `zc agent`: pairs sockets of other processes (an unmodified proxy) in
 //! the kernel on request over a control socket.
+pub mod client;
 pub mod control;
 pub mod proto;
 pub mod take;
@@ -26,7 +27,14 @@ use self::{
 };
 use zc_common::SockKey;
 
-use crate::{ebpf::Programs, engine::bpf::BpfEngine};
+use crate::{
+    ebpf::Programs,
+    engine::{
+        Engine,
+        bpf::BpfEngine,
+        splice::{DEFAULT_MAX_PIPES, DEFAULT_PIPE_SIZE, PipePool, SpliceEngine},
+    },
+};
 
 struct Entry {
     info: PairInfo,
@@ -41,10 +49,24 @@ struct Entry {
 }
 
 pub struct Agent {
-    engine: BpfEngine,
-    progs: Programs,
+    /// For a proxy's own sockets (pid/fd); none without BPF.
+    foreign: Option<BpfEngine>,
+    /// For sockets handed over: the agent owns them, so any engine works
+    /// (BPF, or splice without it).
+    owned: Engine,
+    progs: Option<Programs>,
+    /// Why BPF is not in use, if it is not.
+    no_bpf: Option<String>,
     pairs: Mutex<BTreeMap<u64, Entry>>,
     next: AtomicU64,
+}
+
+/// The data path an agent runs on.
+pub enum DataPath {
+    Bpf(Programs, crate::watch::Watcher),
+    /// BPF is unavailable (the reason): handed-over sockets are spliced,
+    /// pid/fd pairing is refused.
+    Splice(String),
 }
 
 /// What happens to the pairs when the agent stops.
@@ -59,10 +81,32 @@ pub enum OnStop {
 impl Agent {
     /// An agent over `progs`; pairs already in its (pinned) maps are
     /// adopted and listed.
-    pub fn new(progs: Programs, watcher: crate::watch::Watcher) -> Arc<Self> {
+    pub fn new(path: DataPath) -> Arc<Self> {
+        let (foreign, owned, progs, no_bpf) = match path {
+            DataPath::Bpf(progs, watcher) => {
+                let engine = BpfEngine::new(progs.clone(), watcher);
+                (
+                    Some(engine.clone().for_foreign_sockets()),
+                    Engine::Bpf(engine),
+                    Some(progs),
+                    None,
+                )
+            }
+            DataPath::Splice(why) => (
+                None,
+                Engine::Splice(SpliceEngine::new(Arc::new(PipePool::new(
+                    DEFAULT_MAX_PIPES,
+                    DEFAULT_PIPE_SIZE,
+                )))),
+                None,
+                Some(why),
+            ),
+        };
         let agent = Arc::new(Self {
-            engine: BpfEngine::new(progs.clone(), watcher).for_foreign_sockets(),
+            foreign,
+            owned,
             progs,
+            no_bpf,
             pairs: Mutex::new(BTreeMap::new()),
             next: AtomicU64::new(1),
         });
@@ -71,7 +115,8 @@ impl Agent {
     }
 
     fn adopt(&self) {
-        let found = self.progs.relay_pairs();
+        let Some(progs) = &self.progs else { return };
+        let found = progs.relay_pairs();
         let mut pairs = self.pairs();
         for keys in found {
             let id = self.next.fetch_add(1, Ordering::Relaxed);
@@ -124,7 +169,9 @@ impl Agent {
         let n = self.pairs().len();
         match on_stop {
             OnStop::Keep => {
-                self.progs.retain_pairs();
+                if let Some(p) = &self.progs {
+                    p.retain_pairs();
+                }
                 info!(
                     "zc agent: stopping; {n} pair(s) stay in the kernel and keep moving bytes \
                      (a restarted agent adopts them; `zc agent --cleanup` removes them)"
@@ -144,7 +191,11 @@ impl Agent {
             // Dropping the relay takes both sockets out of the maps; the
             // owner's fds are untouched.
             Some(t) => t.abort(),
-            None => self.progs.unpair(&e.keys),
+            None => {
+                if let Some(p) = &self.progs {
+                    p.unpair(&e.keys);
+                }
+            }
         }
     }
 
@@ -158,8 +209,8 @@ impl Agent {
                     return;
                 }
             };
-            let resp = match proto::decode(&msg.0, msg.1) {
-                Ok(req) => self.clone().handle(req, who).await,
+            let resp = match proto::decode(&msg.body, msg.truncated) {
+                Ok(req) => self.clone().handle(req, who, msg.fds).await,
                 Err(e) => Response::Error {
                     kind: ErrorKind::Malformed,
                     message: e.to_string(),
@@ -177,8 +228,31 @@ impl Agent {
         }
     }
 
-    async fn handle(self: Arc<Self>, req: Request, who: Requester) -> Response {
-        let result = match req {
+    async fn handle(self: Arc<Self>, req: Request, who: Requester, fds: Vec<OwnedFd>) -> Response {
+        let result = match (req, fds.len()) {
+            (Request::Handoff, 2) => self.handoff(fds, who).await,
+            (Request::Handoff, n) => Err(refuse(
+                ErrorKind::Malformed,
+                format!("a handoff carries exactly two sockets (SCM_RIGHTS), not {n}"),
+            )),
+            (_, n) if n > 0 => Err(refuse(
+                ErrorKind::Malformed,
+                format!("only a handoff carries file descriptors; got {n}"),
+            )),
+            (req, _) => self.clone().handle_plain(req, who).await,
+        };
+        result.unwrap_or_else(|r| Response::Error {
+            kind: r.kind,
+            message: r.message,
+        })
+    }
+
+    async fn handle_plain(
+        self: Arc<Self>,
+        req: Request,
+        who: Requester,
+    ) -> Result<Response, Refusal> {
+        match req {
             Request::List => Ok(Response::Pairs {
                 pairs: self.pairs().values().map(|e| e.info.clone()).collect(),
             }),
@@ -187,18 +261,55 @@ impl Agent {
             }),
             Request::Unpair { id } => self.unpair(id, who),
             Request::PairPid { pid, fds } => self.pair_pid(pid, fds, who).await,
+            Request::Handoff => Err(refuse(ErrorKind::Malformed, "a handoff needs its sockets")),
+        }
+    }
+
+    /// Takes over two sockets a cooperative proxy sent: checked like any
+    /// pairing, then relayed by the owned engine, which closes them.
+    async fn handoff(
+        self: Arc<Self>,
+        fds: Vec<OwnedFd>,
+        who: Requester,
+    ) -> Result<Response, Refusal> {
+        let mut socks = Vec::with_capacity(2);
+        for (i, fd) in fds.into_iter().enumerate() {
+            socks.push(take::established_tcp(
+                fd,
+                &format!("handed-over socket {i}"),
+            )?);
+        }
+        let [a, b]: [TcpStream; 2] = socks
+            .try_into()
+            .map_err(|_| refuse(ErrorKind::Internal, "two sockets expected"))?;
+        let inodes = check_pairable(&a, &b, "the two handed-over sockets")?;
+        let sockets = [describe(&a), describe(&b)];
+        let source = format!("handoff from pid {}", who.pid);
+        let c = Candidate {
+            socks: [a, b],
+            inodes,
+            foreign: false,
         };
-        result.unwrap_or_else(|r| Response::Error {
-            kind: r.kind,
-            message: r.message,
-        })
+        self.start(
+            c,
+            PairInfo {
+                id: 0,
+                source,
+                sockets,
+            },
+            who,
+        )
+        .await
     }
 
     fn stats(&self) -> Vec<proto::PairStats> {
+        let Some(progs) = &self.progs else {
+            return Vec::new();
+        };
         self.pairs()
             .values()
             .map(|e| {
-                let c = e.keys.map(|k| self.progs.counters(&k).unwrap_or_default());
+                let c = e.keys.map(|k| progs.counters(&k).unwrap_or_default());
                 proto::PairStats {
                     id: e.info.id,
                     sockets: e.info.sockets.clone(),
@@ -234,6 +345,16 @@ impl Agent {
         fds: [i32; 2],
         who: Requester,
     ) -> Result<Response, Refusal> {
+        if let Some(why) = &self.no_bpf {
+            return Err(refuse(
+                ErrorKind::Invalid,
+                format!(
+                    "pairing another process's sockets needs BPF, which is unavailable ({why}); \
+                     a user-space relay would race that process's own reads. Hand the sockets \
+                     over instead (zc_user::agent::client::hand_off)"
+                ),
+            ));
+        }
         take::check_access(who, pid)?;
         let mut socks = Vec::with_capacity(2);
         for fd in fds {
@@ -244,44 +365,40 @@ impl Agent {
         let [a, b]: [TcpStream; 2] = socks
             .try_into()
             .map_err(|_| refuse(ErrorKind::Internal, "two sockets expected"))?;
-        let inodes = [inode(&a)?, inode(&b)?];
-        if inodes[0] == inodes[1] {
-            return Err(refuse(
-                ErrorKind::Invalid,
-                format!(
-                    "fds {} and {} of pid {pid} are the same socket",
-                    fds[0], fds[1]
-                ),
-            ));
-        }
-        let family = |s: &TcpStream| s.local_addr().map(|a| a.is_ipv4());
-        if family(&a).ok() != family(&b).ok() {
-            return Err(refuse(
-                ErrorKind::Invalid,
-                "the sockets are of different address families (IPv4 and IPv6)",
-            ));
-        }
+        let inodes = check_pairable(
+            &a,
+            &b,
+            &format!("fds {} and {} of pid {pid}", fds[0], fds[1]),
+        )?;
         let sockets = [describe(&a), describe(&b)];
         let source = format!("pid {pid} fds {},{}", fds[0], fds[1]);
-        self.start(a, b, inodes, sockets, source, who).await
+        let c = Candidate {
+            socks: [a, b],
+            inodes,
+            foreign: true,
+        };
+        self.start(
+            c,
+            PairInfo {
+                id: 0,
+                source,
+                sockets,
+            },
+            who,
+        )
+        .await
     }
 
+    /// Pairs `c` and waits until the kernel has it (or refused it).
     async fn start(
         self: Arc<Self>,
-        a: TcpStream,
-        b: TcpStream,
-        inodes: [u64; 2],
-        sockets: [String; 2],
-        source: String,
+        c: Candidate,
+        mut info: PairInfo,
         who: Requester,
     ) -> Result<Response, Refusal> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let info = PairInfo {
-            id,
-            source,
-            sockets,
-        };
-        let rx = self.claim_and_spawn(id, a, b, inodes, &info, who.uid)?;
+        info.id = id;
+        let rx = self.claim_and_spawn(c, &info, who.uid)?;
         let outcome = rx.await;
         if !matches!(outcome, Ok(Ok(_))) {
             self.pairs().remove(&id);
@@ -304,18 +421,29 @@ impl Agent {
     }
 }
 
+/// Two checked sockets about to be paired.
+struct Candidate {
+    socks: [TcpStream; 2],
+    inodes: [u64; 2],
+    /// Another process owns them (pid/fd) rather than the agent (handoff).
+    foreign: bool,
+}
+
 impl Agent {
     /// Claims the sockets (so a concurrent request for either is refused
     /// rather than racing this one) and starts relaying them.
     fn claim_and_spawn(
         self: &Arc<Self>,
-        id: u64,
-        a: TcpStream,
-        b: TcpStream,
-        inodes: [u64; 2],
+        c: Candidate,
         info: &PairInfo,
         owner_uid: u32,
     ) -> Result<tokio::sync::oneshot::Receiver<Result<[SockKey; 2], String>>, Refusal> {
+        let Candidate {
+            socks: [a, b],
+            inodes,
+            foreign,
+        } = c;
+        let id = info.id;
         let mut pairs = self.pairs();
         if let Some((other, _)) = pairs
             .iter()
@@ -338,7 +466,15 @@ impl Agent {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let me = self.clone();
         let task = tokio::spawn(async move {
-            let end = me.engine.relay_reporting(a, b, Some(tx)).await;
+            let end = match (&me.foreign, &me.owned) {
+                (Some(e), _) if foreign => e.relay_reporting(a, b, Some(tx)).await,
+                (_, Engine::Bpf(e)) => e.relay_reporting(a, b, Some(tx)).await,
+                (_, other) => {
+                    // Splice and copy take any connected pair at once.
+                    let _ = tx.send(Ok(keys));
+                    other.relay(a, b).await
+                }
+            };
             if let Some(e) = me.pairs().remove(&id) {
                 match end {
                     Ok(s) => info!(
@@ -364,6 +500,26 @@ impl Agent {
         );
         Ok(rx)
     }
+}
+
+/// Two distinct sockets of one address family, or why not; returns their
+/// inodes.
+fn check_pairable(a: &TcpStream, b: &TcpStream, what: &str) -> Result<[u64; 2], Refusal> {
+    let inodes = [inode(a)?, inode(b)?];
+    if inodes[0] == inodes[1] {
+        return Err(refuse(
+            ErrorKind::Invalid,
+            format!("{what} are the same socket"),
+        ));
+    }
+    let family = |s: &TcpStream| s.local_addr().map(|a| a.is_ipv4()).ok();
+    if family(a) != family(b) {
+        return Err(refuse(
+            ErrorKind::Invalid,
+            "the sockets are of different address families (IPv4 and IPv6)",
+        ));
+    }
+    Ok(inodes)
 }
 
 fn inode(s: &TcpStream) -> Result<u64, Refusal> {

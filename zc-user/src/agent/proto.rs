@@ -17,6 +17,9 @@ pub enum Request {
     List,
     /// Bytes and messages each pair moved, per direction.
     Stats,
+    /// Take over two connected sockets sent with the request (SCM_RIGHTS):
+    /// from now on the agent moves their bytes and closes them.
+    Handoff,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
