@@ -165,9 +165,12 @@ struct RelayArgs {
     /// from stalling on a momentarily full destination.
     #[arg(long, value_name = "BYTES", default_value_t = zc_user::engine::bpf::DEFAULT_SNDBUF)]
     sndbuf: usize,
-    /// bpf mode: most bytes one direction may have waiting in the kernel's redirect
-    /// queue before zc holds the sender back (0: no bound). This is what
-    /// turns a slow reader into TCP backpressure instead of kernel memory.
+    /// bpf mode: most bytes one direction may have waiting in the kernel's
+    /// redirect queue before zc holds the sender back (default 0: no bound,
+    /// as the kernel does; a slow reader then costs kernel memory). A bound
+    /// such as 33554432 turns a slow reader into TCP backpressure, but on
+    /// 6.18 a held stream occasionally has one skb redirected twice; zc then
+    /// resets the connection (the receiver has already seen the duplicate).
     #[arg(long, value_name = "BYTES", default_value_t = zc_user::engine::bpf::DEFAULT_WINDOW)]
     window: u64,
     /// Most connections relayed at once; further clients wait in the

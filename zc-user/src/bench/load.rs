@@ -123,7 +123,9 @@ fn connect(ns: Option<&Netns>, addr: SocketAddr) -> Result<TcpStream> {
 }
 
 pub struct Bulk {
+    /// Bytes the server counted, and the client sent.
     pub bytes: u64,
+    pub sent: u64,
     pub secs: f64,
     /// Every stream's byte count (and hash, if verified) matched.
     pub intact: bool,
@@ -155,6 +157,7 @@ pub fn bulk(
     let t = Instant::now();
     let mut out = Bulk {
         bytes: 0,
+        sent: 0,
         secs: 0.0,
         intact: true,
     };
@@ -163,6 +166,7 @@ pub fn bulk(
             .join()
             .map_err(|_| anyhow::anyhow!("a bench stream panicked"))??;
         out.bytes += got.bytes;
+        out.sent += sent.bytes;
         out.intact &= sent.bytes == got.bytes && (!verify || sent.hash == got.hash);
     }
     out.secs = t.elapsed().as_secs_f64();

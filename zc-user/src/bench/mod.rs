@@ -398,6 +398,13 @@ fn measure(
             s.metrics.insert("gib", gib);
             s.metrics.insert("secs", b.secs);
             s.intact = b.intact;
+            if !b.intact {
+                s.error = Some(if b.sent == b.bytes {
+                    format!("{} bytes arrived, but not the bytes sent", b.bytes)
+                } else {
+                    format!("sent {} bytes, the server got {}", b.sent, b.bytes)
+                });
+            }
         }),
         Workload::PingPong { size } => {
             load::ping_pong(topo, sys.addr, size, plan.duration).map(|mut rtts| {

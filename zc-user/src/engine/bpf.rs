@@ -51,9 +51,15 @@ use crate::{
 /// absorb a burst keeps the path from stalling (measured in BENCHMARKS.md).
 pub const DEFAULT_SNDBUF: usize = 16 << 20;
 
-/// Default bytes a direction may have queued in the kernel's redirect
-/// backlog before its source is held back.
-pub const DEFAULT_WINDOW: u64 = 32 << 20;
+/// Default bound on the bytes one direction may have queued in the
+/// kernel's redirect backlog: none, as the kernel does. Holding back
+/// (`--window N`) bounds it, but on 6.18 a held stream sometimes has one
+/// skb run through the verdict twice (the flow counters then exceed the
+/// bytes TCP received by exactly one MSS, and the receiver gets those
+/// bytes twice; measured with `zc bench`, see BENCHMARKS.md). zc detects
+/// that and resets the connection rather than end it cleanly, but the
+/// duplicate has already been delivered, so holding is opt-in.
+pub const DEFAULT_WINDOW: u64 = 0;
 
 #[derive(Clone)]
 pub struct BpfEngine {
@@ -367,6 +373,7 @@ impl<'a> Pair<'a> {
             let info = sys::tcp_info(self.socks[src].as_fd())?;
             let received = info.bytes_received.saturating_sub(1 + self.base[src].read);
             let f = self.flow(src)?;
+            duplicated(received, f)?;
             if all_accounted(received, f, self.by_user[src].load(Ordering::Relaxed)) {
                 break;
             }
@@ -461,6 +468,22 @@ fn all_accounted(received: u64, f: zc_common::Flow, read: u64) -> bool {
     f.passed <= read && received <= f.sent + read
 }
 
+/// The verdict saw more bytes than TCP received: the kernel ran it twice
+/// on some skb, and the destination got those bytes twice. The stream is
+/// damaged; the caller resets both sides so nobody takes it as complete.
+fn duplicated(received: u64, f: zc_common::Flow) -> Result<(), Abort> {
+    let seen = f.sent + f.passed;
+    if seen > received {
+        log::error!(
+            "the kernel ran the verdict twice on {} bytes of a held stream; resetting the \
+             connection (run without --window to avoid holding)",
+            seen - received
+        );
+        return Err(Abort);
+    }
+    Ok(())
+}
+
 /// Bytes written into `s` since pairing.
 fn written(s: &TcpStream, base: Base) -> Result<u64, Abort> {
     Ok(sys::bytes_written(s.as_fd())?.saturating_sub(base.written))
@@ -550,6 +573,7 @@ impl Forwarder<'_> {
                         .bytes_received
                         .saturating_sub(1 + sbase.read);
                     let f = progs.flow(&key).ok_or(Abort)?;
+                    duplicated(received, f)?;
                     if all_accounted(received, f, by_user.load(Ordering::Relaxed)) {
                         return Ok(Forwarded::Eof);
                     }
