@@ -137,9 +137,14 @@ fn draw(out: &mut String, x0: f64, y0: f64, c: &Chart) {
         );
         return;
     };
-    let lo_log = all
+    // The log axis starts a decade below the smallest whisker end.
+    let lo_log = c
+        .values
         .iter()
-        .copied()
+        .flatten()
+        .flatten()
+        .map(|s| s.min)
+        .filter(|v| *v > 0.0)
         .reduce(f64::min)
         .unwrap_or(1.0)
         .log10()
