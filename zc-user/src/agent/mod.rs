@@ -283,23 +283,13 @@ impl Agent {
             .try_into()
             .map_err(|_| refuse(ErrorKind::Internal, "two sockets expected"))?;
         let inodes = check_pairable(&a, &b, "the two handed-over sockets")?;
-        let sockets = [describe(&a), describe(&b)];
-        let source = format!("handoff from pid {}", who.pid);
         let c = Candidate {
             socks: [a, b],
             inodes,
             foreign: false,
         };
-        self.start(
-            c,
-            PairInfo {
-                id: 0,
-                source,
-                sockets,
-            },
-            who,
-        )
-        .await
+        self.start(c, format!("handoff from pid {}", who.pid), who)
+            .await
     }
 
     fn stats(&self) -> Vec<proto::PairStats> {
@@ -370,34 +360,28 @@ impl Agent {
             &b,
             &format!("fds {} and {} of pid {pid}", fds[0], fds[1]),
         )?;
-        let sockets = [describe(&a), describe(&b)];
-        let source = format!("pid {pid} fds {},{}", fds[0], fds[1]);
         let c = Candidate {
             socks: [a, b],
             inodes,
             foreign: true,
         };
-        self.start(
-            c,
-            PairInfo {
-                id: 0,
-                source,
-                sockets,
-            },
-            who,
-        )
-        .await
+        self.start(c, format!("pid {pid} fds {},{}", fds[0], fds[1]), who)
+            .await
     }
 
     /// Pairs `c` and waits until the kernel has it (or refused it).
     async fn start(
         self: Arc<Self>,
         c: Candidate,
-        mut info: PairInfo,
+        source: String,
         who: Requester,
     ) -> Result<Response, Refusal> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        info.id = id;
+        let info = PairInfo {
+            id,
+            source,
+            sockets: [describe(&c.socks[0]), describe(&c.socks[1])],
+        };
         let rx = self.claim_and_spawn(c, &info, who.uid)?;
         let outcome = rx.await;
         if !matches!(outcome, Ok(Ok(_))) {

@@ -157,15 +157,7 @@ impl Running {
             if ok {
                 return Ok(());
             }
-            if let Some(child) = &mut self.child
-                && let Some(st) = child.try_wait()?
-            {
-                bail!(
-                    "{} exited ({st}); its output:\n{}",
-                    self.name,
-                    self.log_tail()
-                );
-            }
+            self.check_alive()?;
             if Instant::now() > deadline {
                 bail!(
                     "{} did not accept on {} within 20 s; its output:\n{}",
