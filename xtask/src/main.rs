@@ -78,7 +78,7 @@ fn build(tools: &bootstrap::Tools) -> Result<PathBuf> {
 
 /// Programs the tests run beside zc, as a user would (an unmodified proxy).
 /// Installed from the distribution's packages when missing.
-const TEST_PROGRAMS: [(&str, &str); 1] = [("socat", "socat")];
+const TEST_PROGRAMS: [(&str, &str); 2] = [("socat", "socat"), ("haproxy", "haproxy")];
 
 fn ensure_test_programs() -> Result<()> {
     let missing: Vec<&str> = TEST_PROGRAMS
