@@ -2,10 +2,10 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, sk_action},
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
-    macros::{lsm, map, sk_msg, stream_parser, stream_verdict},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_probe_read_kernel},
+    macros::{lsm, map, sk_msg, sock_ops, stream_parser, stream_verdict},
     maps::{Array, HashMap, PerCpuHashMap, RingBuf, SockHash},
-    programs::{LsmContext, SkBuffContext, SkMsgContext},
+    programs::{LsmContext, SkBuffContext, SkMsgContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use zc_common::{
@@ -59,6 +59,12 @@ static GUARDED: HashMap<u64, u32> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 /// compiled in).
 #[map]
 static GUARD_CONFIG: Array<u64> = Array::with_max_entries(3, 0);
+
+/// Established TCP sockets in the agent's cgroup, by 4-tuple: the value
+/// is the socket's cookie, so the agent can tell the socket it finds in a
+/// process is the one that was recorded.
+#[map]
+static RECORDED: HashMap<SockKey, u64> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
 #[map]
 static COUNTERS: PerCpuHashMap<SockKey, Counters> = PerCpuHashMap::with_max_entries(MAX_SOCKETS, 0);
@@ -248,6 +254,31 @@ pub fn zc_shutdown(ctx: LsmContext) -> i32 {
         return -EPERM;
     }
     0
+}
+
+// include/uapi/linux/bpf.h
+const SOCK_OPS_ACTIVE_ESTABLISHED: u32 = 4;
+const SOCK_OPS_PASSIVE_ESTABLISHED: u32 = 5;
+const SOCK_OPS_STATE: u32 = 10;
+const SOCK_OPS_STATE_CB_FLAG: u32 = 1 << 2;
+const TCP_CLOSE: u32 = 7;
+
+/// Records each socket of the cgroup as it becomes established, and
+/// forgets it when it closes (the state callback is asked for per socket).
+#[sock_ops]
+pub fn zc_sockops(ctx: SockOpsContext) -> u32 {
+    let op = ctx.op();
+    if op == SOCK_OPS_ACTIVE_ESTABLISHED || op == SOCK_OPS_PASSIVE_ESTABLISHED {
+        let key = key_of!(ctx.ops);
+        // SAFETY: sock_ops programs may ask for their socket's cookie.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut _) };
+        let _ = RECORDED.insert(&key, &cookie, 0);
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | SOCK_OPS_STATE_CB_FLAG) as i32);
+    } else if op == SOCK_OPS_STATE && ctx.arg(1) == TCP_CLOSE {
+        let key = key_of!(ctx.ops);
+        let _ = RECORDED.remove(&key);
+    }
+    1
 }
 
 /// Every skb is one message: the verdict sees what TCP delivered, as it

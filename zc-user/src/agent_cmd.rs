@@ -41,6 +41,11 @@ pub struct AgentArgs {
     /// is refused, since a user-space relay would race the owner's reads.
     #[arg(long, value_enum, default_value_t = DataPathArg::Auto)]
     data_path: DataPathArg,
+    /// cgroup v2 directory whose sockets sock_ops records by 4-tuple for
+    /// `zc pair TUPLE TUPLE` (default: the root of the cgroup2 hierarchy;
+    /// narrow it to the proxy's cgroup).
+    #[arg(long, value_name = "PATH")]
+    cgroup: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -54,12 +59,17 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/zc";
 
 #[derive(clap::Args)]
 pub struct PairArgs {
+    /// Two sockets recorded by the agent, as `ss -tn` prints them:
+    /// LOCAL-REMOTE, e.g. 10.0.0.5:443-10.0.0.9:51234 (root or the
+    /// agent's --group only). Or use --pid and --fd.
+    #[arg(value_name = "TUPLE", conflicts_with_all = ["pid", "fds"])]
+    tuples: Vec<String>,
     /// The process that owns both sockets (a proxy).
-    #[arg(long, value_name = "PID")]
-    pid: i32,
+    #[arg(long, value_name = "PID", requires = "fds")]
+    pid: Option<i32>,
     /// The two sockets, as fd numbers in that process (see `ls -l
     /// /proc/PID/fd` or `ss -tnp`); give --fd twice.
-    #[arg(long = "fd", value_name = "FD", num_args = 1, required = true)]
+    #[arg(long = "fd", value_name = "FD", num_args = 1, requires = "pid")]
     fds: Vec<i32>,
     /// The agent's control socket.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
@@ -107,10 +117,23 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         None => None,
         Some(g) => Some(resolve_group(g)?),
     };
+    let mut no_recording = Some("BPF is not in use".to_string());
     let path = match args.data_path {
         DataPathArg::Splice => DataPath::Splice("--data-path splice".into()),
         DataPathArg::Auto => match load_bpf(&args.pin_dir) {
             Ok(progs) => {
+                no_recording = match cgroup_root(args.cgroup.as_deref())
+                    .and_then(|c| progs.enable_recording(&c).map(|()| c).map_err(Into::into))
+                {
+                    Ok(c) => {
+                        info!("recording established sockets in cgroup {}", c.display());
+                        None
+                    }
+                    Err(e) => {
+                        warn!("pairing by tuple unavailable: {e:#}");
+                        Some(format!("{e:#}"))
+                    }
+                };
                 let watcher = Watcher::start().context("starting the socket watcher")?;
                 DataPath::Bpf(progs, watcher)
             }
@@ -124,7 +147,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         DataPath::Bpf(..) => "bpf".to_string(),
         DataPath::Splice(why) => format!("splice ({why})"),
     };
-    let agent = Agent::new(path);
+    let agent = Agent::new(path, group, no_recording);
     let listener = control::bind_control(&args.socket, group)?;
     info!(
         "zc agent: data path {mode}; serving {} ({})",
@@ -163,6 +186,21 @@ fn load_bpf(dir: &std::path::Path) -> Result<Programs> {
         ),
     }
     Ok(progs)
+}
+
+/// `given`, or the root of the cgroup2 hierarchy from /proc/mounts.
+fn cgroup_root(given: Option<&std::path::Path>) -> Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.to_path_buf());
+    }
+    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .context("no cgroup2 hierarchy is mounted; mount one or give --cgroup")
 }
 
 fn cleanup(args: &AgentArgs) -> Result<()> {
@@ -244,12 +282,12 @@ fn answer(resp: Response) -> Result<Response> {
 }
 
 pub async fn pair(args: PairArgs) -> Result<()> {
-    let [a, b] = args.fds[..] else {
-        bail!("give exactly two sockets: --fd A --fd B");
-    };
-    let req = Request::PairPid {
-        pid: args.pid,
-        fds: [a, b],
+    let req = match (args.pid, &args.fds[..], &args.tuples[..]) {
+        (Some(pid), [a, b], []) => Request::PairPid { pid, fds: [*a, *b] },
+        (None, [], [a, b]) => Request::PairTuple {
+            sockets: [a.clone(), b.clone()],
+        },
+        _ => bail!("give two sockets: TUPLE TUPLE, or --pid PID --fd A --fd B"),
     };
     if let Response::Paired { id, pair } = answer(control::call(&args.socket, &req)?)? {
         println!("pair {id}: {} <-> {}", pair.sockets[0], pair.sockets[1]);

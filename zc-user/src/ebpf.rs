@@ -67,6 +67,7 @@ struct Maps {
     counters: PerCpuHashMap<MapData, SockKey, Counters>,
     guarded: HashMap<MapData, u64, u32>,
     guard_config: aya::maps::Array<MapData, u64>,
+    recorded: HashMap<MapData, SockKey, u64>,
     /// Cookies of guarded sockets, to unguard them by key.
     cookies: std::collections::HashMap<SockKey, u64>,
 }
@@ -143,6 +144,7 @@ impl Programs {
         let events: RingBuf<MapData> = take(&mut ebpf, "EVENTS")?;
         let guarded = take(&mut ebpf, "GUARDED")?;
         let guard_config = take(&mut ebpf, "GUARD_CONFIG")?;
+        let recorded = take(&mut ebpf, "RECORDED")?;
         let listeners = Arc::new(Mutex::new(Listeners::new()));
         start_event_forwarding(events, listeners.clone());
 
@@ -192,6 +194,7 @@ impl Programs {
                 counters,
                 guarded,
                 guard_config,
+                recorded,
                 cookies: std::collections::HashMap::new(),
             })),
             listeners,
@@ -423,6 +426,31 @@ impl Programs {
         prog.attach()
             .map_err(|e| LoadError::Program("zc_shutdown", e))?;
         Ok(())
+    }
+
+    /// Attaches `zc_sockops` to the cgroup v2 directory `cgroup`: sockets
+    /// established there from now on are recorded by 4-tuple (see
+    /// [`Self::recorded`]). It attaches as a BPF link, which coexists with
+    /// other links on the cgroup (link_create refuses the multi flag).
+    pub fn enable_recording(&self, cgroup: &std::path::Path) -> Result<(), LoadError> {
+        let dir = std::fs::File::open(cgroup)
+            .map_err(|e| LoadError::Guard(format!("opening {}: {e}", cgroup.display())))?;
+        let mut ebpf = self._ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        let prog: &mut aya::programs::SockOps = ebpf
+            .program_mut("zc_sockops")
+            .ok_or(LoadError::MissingProgram("zc_sockops"))?
+            .try_into()
+            .map_err(|e| LoadError::Program("zc_sockops", e))?;
+        prog.load()
+            .map_err(|e| LoadError::Program("zc_sockops", e))?;
+        prog.attach(&dir, aya::programs::CgroupAttachMode::Single)
+            .map_err(|e| LoadError::Program("zc_sockops", e))?;
+        Ok(())
+    }
+
+    /// The cookie of the established socket recorded under `key`, if any.
+    pub fn recorded(&self, key: &SockKey) -> Option<u64> {
+        self.maps().recorded.get(key, 0).ok()
     }
 
     /// From now on, relays that end leave their pairs in the maps (see

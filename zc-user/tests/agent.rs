@@ -287,6 +287,47 @@ fn socat_pair_by_pid_and_fd_moves_a_gigabyte_each_way_intact_without_socat() {
     proxy_paired_by_pid_and_fd(&agent, &socat, &server);
 }
 
+/// Sockets recorded by sock_ops, named as `ss -tn` prints them.
+#[test]
+fn socat_paired_by_tuple_moves_bytes_intact_and_unknown_tuples_are_refused() {
+    let agent = Agent::start("tuple");
+    let server = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let socat = Socat::start(server.local_addr().expect("addr"));
+    let (mut client, mut up, _) = through_socat(&socat, &server);
+    let addr = |s: &TcpStream| (s.peer_addr().expect("peer"), s.local_addr().expect("local"));
+    let (c_peer, c_local) = addr(&client);
+    let (u_peer, u_local) = addr(&up);
+    // socat's own sockets: accepted (local = its port) and upstream.
+    let tuples = [format!("{c_peer}-{c_local}"), format!("{u_peer}-{u_local}")];
+    for (bad, says) in [
+        ("127.0.0.1:1-127.0.0.1:2", "was not recorded"),
+        ("nonsense", "is not LOCAL-REMOTE"),
+    ] {
+        let (ok, _, err) = agent.zc(&["pair", bad, &tuples[1]]);
+        assert!(
+            !ok && err.contains(says),
+            "{bad}: expected `{says}` in {err}"
+        );
+    }
+    assert!(agent.pairs().is_empty());
+    let (ok, out, err) = agent.zc(&["pair", &tuples[0], &tuples[1]]);
+    assert!(ok, "zc pair by tuple failed: {err}");
+    assert!(out.contains(&tuples[0]), "{out}");
+    assert_eq!(agent.pairs()[0]["source"], "tuple");
+    const N: u64 = 256 << 20;
+    let mut c2 = client.try_clone().expect("clone");
+    let mut u2 = up.try_clone().expect("clone");
+    let sent_up = std::thread::spawn(move || send_n(&mut c2, N, 5));
+    let sent_down = std::thread::spawn(move || send_n(&mut u2, N, 6));
+    let got_up = read_n(&mut up, N);
+    let got_down = read_n(&mut client, N);
+    assert_eq!(sent_up.join().expect("sender"), got_up);
+    assert_eq!(sent_down.join().expect("sender"), got_down);
+    let stats: serde_json::Value =
+        serde_json::from_str(&agent.zc(&["stats", "--json"]).1).expect("stats");
+    assert_eq!(stats[0]["bytes"][0], N, "{stats}");
+}
+
 #[test]
 fn haproxy_pair_by_pid_and_fd_moves_a_gigabyte_each_way_intact_without_haproxy() {
     let agent = Agent::start("haproxy");

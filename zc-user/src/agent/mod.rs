@@ -2,6 +2,7 @@
 //! the kernel on request over a control socket.
 pub mod client;
 pub mod control;
+pub mod find;
 pub mod proto;
 pub mod take;
 
@@ -57,6 +58,10 @@ pub struct Agent {
     progs: Option<Programs>,
     /// Why BPF is not in use, if it is not.
     no_bpf: Option<String>,
+    /// Why sockets are not recorded by 4-tuple (sock_ops), if they are not.
+    no_recording: Option<String>,
+    /// The group that may pair by tuple besides root.
+    group: Option<u32>,
     pairs: Mutex<BTreeMap<u64, Entry>>,
     next: AtomicU64,
 }
@@ -81,7 +86,7 @@ pub enum OnStop {
 impl Agent {
     /// An agent over `progs`; pairs already in its (pinned) maps are
     /// adopted and listed.
-    pub fn new(path: DataPath) -> Arc<Self> {
+    pub fn new(path: DataPath, group: Option<u32>, no_recording: Option<String>) -> Arc<Self> {
         let (foreign, owned, progs, no_bpf) = match path {
             DataPath::Bpf(progs, watcher) => {
                 let engine = BpfEngine::new(progs.clone(), watcher);
@@ -107,6 +112,8 @@ impl Agent {
             owned,
             progs,
             no_bpf,
+            no_recording,
+            group,
             pairs: Mutex::new(BTreeMap::new()),
             next: AtomicU64::new(1),
         });
@@ -261,6 +268,7 @@ impl Agent {
             }),
             Request::Unpair { id } => self.unpair(id, who),
             Request::PairPid { pid, fds } => self.pair_pid(pid, fds, who).await,
+            Request::PairTuple { sockets } => self.pair_tuple(sockets, who).await,
             Request::Handoff => Err(refuse(ErrorKind::Malformed, "a handoff needs its sockets")),
         }
     }
@@ -290,6 +298,82 @@ impl Agent {
         };
         self.start(c, format!("handoff from pid {}", who.pid), who)
             .await
+    }
+
+    /// Pairs two sockets recorded by sock_ops, found by 4-tuple in
+    /// whichever process holds them.
+    async fn pair_tuple(
+        self: Arc<Self>,
+        tuples: [String; 2],
+        who: Requester,
+    ) -> Result<Response, Refusal> {
+        if who.uid != 0 && !self.group.is_some_and(|g| in_group(who, g)) {
+            return Err(refuse(
+                ErrorKind::Denied,
+                "pairing by tuple is for root and the agent's --group",
+            ));
+        }
+        let progs = match (&self.progs, &self.no_bpf) {
+            (Some(p), None) => p.clone(),
+            (_, why) => {
+                return Err(refuse(
+                    ErrorKind::Invalid,
+                    format!(
+                        "pairing by tuple needs BPF, which is unavailable ({})",
+                        why.as_deref().unwrap_or("not loaded")
+                    ),
+                ));
+            }
+        };
+        if let Some(why) = &self.no_recording {
+            return Err(refuse(
+                ErrorKind::Invalid,
+                format!("sockets are not being recorded: {why}"),
+            ));
+        }
+        let mut socks = Vec::with_capacity(2);
+        for t in &tuples {
+            let (local, remote) = find::parse_tuple(t)?;
+            let key = crate::sys::key_from_addrs(&local, &remote);
+            let cookie = progs.recorded(&key).ok_or_else(|| {
+                refuse(
+                    ErrorKind::NotFound,
+                    format!(
+                        "{t} was not recorded: not established in the agent's cgroup since it \
+                         started, or closed since"
+                    ),
+                )
+            })?;
+            let inode = find::inode_of(local, remote).ok_or_else(|| {
+                refuse(
+                    ErrorKind::NotFound,
+                    format!("{t} is not an established connection"),
+                )
+            })?;
+            let (pid, fd) = find::holder_of(inode)
+                .ok_or_else(|| refuse(ErrorKind::NotFound, format!("no process holds {t}")))?;
+            let s = take::established_tcp(
+                take::take_fd(pid, fd)?,
+                &format!("{t} (fd {fd} of pid {pid})"),
+            )?;
+            if crate::sys::socket_cookie(std::os::fd::AsFd::as_fd(&s)).ok() != Some(cookie) {
+                return Err(refuse(
+                    ErrorKind::Invalid,
+                    format!("{t} is no longer the socket that was recorded"),
+                ));
+            }
+            socks.push(s);
+        }
+        let [a, b]: [TcpStream; 2] = socks
+            .try_into()
+            .map_err(|_| refuse(ErrorKind::Internal, "two sockets expected"))?;
+        let inodes = check_pairable(&a, &b, "the two tuples")?;
+        let c = Candidate {
+            socks: [a, b],
+            inodes,
+            foreign: true,
+        };
+        self.start(c, "tuple".to_string(), who).await
     }
 
     fn stats(&self) -> Vec<proto::PairStats> {
@@ -484,6 +568,16 @@ impl Agent {
         );
         Ok(rx)
     }
+}
+
+/// Whether the requester has `gid` as primary or supplementary group.
+fn in_group(who: Requester, gid: u32) -> bool {
+    who.gid == gid
+        || std::fs::read_to_string(format!("/proc/{}/status", who.pid)).is_ok_and(|st| {
+            st.lines()
+                .find_map(|l| l.strip_prefix("Groups:"))
+                .is_some_and(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
+        })
 }
 
 /// Two distinct sockets of one address family, or why not; returns their

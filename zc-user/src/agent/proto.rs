@@ -11,6 +11,9 @@ pub const MAX_REQUEST: usize = 4096;
 pub enum Request {
     /// Pair two sockets of a running process, taken with pidfd_getfd.
     PairPid { pid: i32, fds: [i32; 2] },
+    /// Pair two sockets recorded by sock_ops, named LOCAL-REMOTE as `ss`
+    /// prints them. Root or the agent's group only.
+    PairTuple { sockets: [String; 2] },
     /// End a pairing; the sockets go back to their owner untouched.
     Unpair { id: u64 },
     /// The current pairings.
