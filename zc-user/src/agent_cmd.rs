@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result, bail};
 use log::{info, warn};
 use zc_user::{
     agent::{
-        Agent, DataPath, OnStop,
+        Agent, DataPath, OnStop, Options,
         control::{self, DEFAULT_SOCKET},
         proto::{Request, Response},
     },
@@ -118,10 +118,14 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         Some(g) => Some(resolve_group(g)?),
     };
     let mut no_recording = Some("BPF is not in use".to_string());
+    let mut no_guard = Some("BPF is not in use".to_string());
+    let mut pin_dir = None;
     let path = match args.data_path {
         DataPathArg::Splice => DataPath::Splice("--data-path splice".into()),
         DataPathArg::Auto => match load_bpf(&args.pin_dir) {
-            Ok(progs) => {
+            Ok((progs, guard)) => {
+                no_guard = guard;
+                pin_dir = Some(args.pin_dir.clone());
                 no_recording = match cgroup_root(args.cgroup.as_deref())
                     .and_then(|c| progs.enable_recording(&c).map(|()| c).map_err(Into::into))
                 {
@@ -147,7 +151,15 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         DataPath::Bpf(..) => "bpf".to_string(),
         DataPath::Splice(why) => format!("splice ({why})"),
     };
-    let agent = Agent::new(path, group, no_recording);
+    let agent = Agent::new(
+        path,
+        Options {
+            group,
+            no_recording,
+            no_guard,
+            pin_dir,
+        },
+    );
     let listener = control::bind_control(&args.socket, group)?;
     info!(
         "zc agent: data path {mode}; serving {} ({})",
@@ -171,21 +183,25 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
 }
 
 /// Loads the programs with maps pinned in `dir` and the shutdown guard.
-fn load_bpf(dir: &std::path::Path) -> Result<Programs> {
+fn load_bpf(dir: &std::path::Path) -> Result<(Programs, Option<String>)> {
     ensure_bpffs(dir)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let progs = Programs::load_pinned(dir)
         .with_context(|| format!("loading the programs with maps pinned in {}", dir.display()))?;
-    match progs.enable_shutdown_guard() {
+    let no_guard = match progs.enable_shutdown_guard() {
         Ok(()) => {
-            info!("shutdown guard active: a proxy cannot end a paired stream before its bytes")
+            info!("shutdown guard active: a proxy cannot end a paired stream before its bytes");
+            None
         }
-        Err(e) => warn!(
-            "{e}; a proxy that shuts a socket down as soon as it sees EOF may cut off bytes \
-             still queued in the kernel"
-        ),
-    }
-    Ok(progs)
+        Err(e) => {
+            warn!(
+                "{e}; a proxy that shuts a socket down as soon as it sees EOF may cut off bytes \
+                 still queued in the kernel"
+            );
+            Some(e.to_string())
+        }
+    };
+    Ok((progs, no_guard))
 }
 
 /// `given`, or the root of the cgroup2 hierarchy from /proc/mounts.
@@ -393,5 +409,46 @@ fn print_stats(
             p.sockets[1],
             rate.unwrap_or_default()
         );
+    }
+}
+
+/// The agent's part of `zc status`: None when no agent answers on `socket`.
+pub fn agent_status(socket: &std::path::Path) -> Option<zc_user::agent::proto::AgentStatus> {
+    match control::call(socket, &Request::Status) {
+        Ok(Response::Status(s)) => Some(s),
+        _ => None,
+    }
+}
+
+pub fn print_agent_status(
+    socket: &std::path::Path,
+    s: Option<&zc_user::agent::proto::AgentStatus>,
+) {
+    let Some(s) = s else {
+        println!("agent:  not running (no answer on {})", socket.display());
+        return;
+    };
+    let say = |v: &Option<String>| {
+        v.as_deref()
+            .map_or("available".to_string(), |w| format!("unavailable: {w}"))
+    };
+    println!(
+        "agent:  running on {}, data path {}, {} pair(s)",
+        socket.display(),
+        s.data_path,
+        s.pairs
+    );
+    println!("  pair by pid/fd: {}", say(&s.pid_pairing));
+    println!("  pair by tuple:  {}", say(&s.tuple_pairing));
+    println!("  handoff:        available");
+    println!(
+        "  shutdown guard: {}",
+        s.shutdown_guard
+            .as_deref()
+            .map_or("active".to_string(), |w| format!("off: {w}"))
+    );
+    match &s.pin_dir {
+        Some(d) => println!("  pinned in {d}: {}", s.pinned.join(", ")),
+        None => println!("  nothing pinned"),
     }
 }

@@ -107,12 +107,17 @@ struct StatusArgs {
     /// Print one JSON object instead of text, for scripts.
     #[arg(long)]
     json: bool,
+    /// Also ask the agent on this control socket what it can do.
+    #[arg(long, value_name = "PATH", default_value = zc_user::agent::control::DEFAULT_SOCKET)]
+    socket: std::path::PathBuf,
 }
 
 async fn status(args: StatusArgs) -> Result<()> {
     let (verdict, _) = zc_user::probe::choose().await;
     if args.json {
-        println!("{}", serde_json::to_string(&verdict)?);
+        let mut v = serde_json::to_value(&verdict)?;
+        v["agent"] = serde_json::to_value(agent_cmd::agent_status(&args.socket))?;
+        println!("{v}");
     } else {
         println!("kernel: {}", verdict.kernel);
         println!(
@@ -123,6 +128,7 @@ async fn status(args: StatusArgs) -> Result<()> {
                 .unwrap_or("ready (programs load, redirect self-test passed)")
         );
         println!("mode:   {} ({})", verdict.mode, verdict.reason);
+        agent_cmd::print_agent_status(&args.socket, agent_cmd::agent_status(&args.socket).as_ref());
     }
     Ok(())
 }

@@ -310,6 +310,16 @@ fn socat_paired_by_tuple_moves_bytes_intact_and_unknown_tuples_are_refused() {
         );
     }
     assert!(agent.pairs().is_empty());
+    let (ok, status, err) = agent.zc(&["status", "--json"]);
+    assert!(ok, "zc status failed: {err}");
+    let status: serde_json::Value = serde_json::from_str(&status).expect("status json");
+    let a = &status["agent"];
+    assert_eq!(a["data_path"], "bpf", "{status}");
+    assert!(
+        a["pid_pairing"].is_null() && a["tuple_pairing"].is_null(),
+        "{status}"
+    );
+    assert!(a["pinned"].to_string().contains("PEERS"), "{status}");
     let (ok, out, err) = agent.zc(&["pair", &tuples[0], &tuples[1]]);
     assert!(ok, "zc pair by tuple failed: {err}");
     assert!(out.contains(&tuples[0]), "{out}");
@@ -544,6 +554,12 @@ fn without_bpf_the_agent_splices_handed_over_sockets_and_refuses_pid_pairing() {
     let (ok, _, err) = agent.pair(std::process::id(), [c.as_raw_fd(), d.as_raw_fd()]);
     assert!(!ok, "pid/fd pairing without BPF was accepted");
     assert!(err.contains("needs BPF"), "{err}");
+    let (ok, text, err) = agent.zc(&["status"]);
+    assert!(ok, "{err}");
+    assert!(
+        text.contains("data path splice") && text.contains("pair by pid/fd: unavailable"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -62,6 +62,9 @@ pub struct Agent {
     no_recording: Option<String>,
     /// The group that may pair by tuple besides root.
     group: Option<u32>,
+    /// Why the shutdown guard is off, if it is.
+    no_guard: Option<String>,
+    pin_dir: Option<std::path::PathBuf>,
     pairs: Mutex<BTreeMap<u64, Entry>>,
     next: AtomicU64,
 }
@@ -72,6 +75,19 @@ pub enum DataPath {
     /// BPF is unavailable (the reason): handed-over sockets are spliced,
     /// pid/fd pairing is refused.
     Splice(String),
+}
+
+/// How the agent was set up, for its answers.
+#[derive(Default)]
+pub struct Options {
+    /// The group that may pair by tuple besides root.
+    pub group: Option<u32>,
+    /// Why sockets are not recorded by tuple, if they are not.
+    pub no_recording: Option<String>,
+    /// Why the shutdown guard is off, if it is.
+    pub no_guard: Option<String>,
+    /// Where the maps are pinned (none without BPF).
+    pub pin_dir: Option<std::path::PathBuf>,
 }
 
 /// What happens to the pairs when the agent stops.
@@ -86,7 +102,7 @@ pub enum OnStop {
 impl Agent {
     /// An agent over `progs`; pairs already in its (pinned) maps are
     /// adopted and listed.
-    pub fn new(path: DataPath, group: Option<u32>, no_recording: Option<String>) -> Arc<Self> {
+    pub fn new(path: DataPath, opts: Options) -> Arc<Self> {
         let (foreign, owned, progs, no_bpf) = match path {
             DataPath::Bpf(progs, watcher) => {
                 let engine = BpfEngine::new(progs.clone(), watcher);
@@ -112,8 +128,10 @@ impl Agent {
             owned,
             progs,
             no_bpf,
-            no_recording,
-            group,
+            no_recording: opts.no_recording,
+            group: opts.group,
+            no_guard: opts.no_guard,
+            pin_dir: opts.pin_dir,
             pairs: Mutex::new(BTreeMap::new()),
             next: AtomicU64::new(1),
         });
@@ -266,6 +284,7 @@ impl Agent {
             Request::Stats => Ok(Response::Stats {
                 pairs: self.stats(),
             }),
+            Request::Status => Ok(Response::Status(self.status())),
             Request::Unpair { id } => self.unpair(id, who),
             Request::PairPid { pid, fds } => self.pair_pid(pid, fds, who).await,
             Request::PairTuple { sockets } => self.pair_tuple(sockets, who).await,
@@ -374,6 +393,34 @@ impl Agent {
             foreign: true,
         };
         self.start(c, "tuple".to_string(), who).await
+    }
+
+    fn status(&self) -> proto::AgentStatus {
+        let pinned = self
+            .pin_dir
+            .as_ref()
+            .and_then(|d| std::fs::read_dir(d).ok())
+            .map(|d| {
+                let mut v: Vec<String> = d
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+                v.sort();
+                v
+            })
+            .unwrap_or_default();
+        proto::AgentStatus {
+            data_path: match &self.no_bpf {
+                None => "bpf".into(),
+                Some(why) => format!("splice ({why})"),
+            },
+            pid_pairing: self.no_bpf.as_ref().map(|why| format!("needs BPF ({why})")),
+            tuple_pairing: self.no_recording.clone(),
+            shutdown_guard: self.no_guard.clone(),
+            pin_dir: self.pin_dir.as_ref().map(|d| d.display().to_string()),
+            pinned,
+            pairs: self.pairs().len(),
+        }
     }
 
     fn stats(&self) -> Vec<proto::PairStats> {

@@ -20,6 +20,8 @@ pub enum Request {
     List,
     /// Bytes and messages each pair moved, per direction.
     Stats,
+    /// What the agent can do here and why, and what it has pinned.
+    Status,
     /// Take over two connected sockets sent with the request (SCM_RIGHTS):
     /// from now on the agent moves their bytes and closes them.
     Handoff,
@@ -32,6 +34,7 @@ pub enum Response {
     Unpaired { id: u64 },
     Pairs { pairs: Vec<PairInfo> },
     Stats { pairs: Vec<PairStats> },
+    Status(AgentStatus),
     Error { kind: ErrorKind, message: String },
 }
 
@@ -42,6 +45,21 @@ pub struct PairInfo {
     pub source: String,
     /// Each socket as `ss` prints it: local-remote.
     pub sockets: [String; 2],
+}
+
+/// `zc status` for a running agent: each way of pairing, available or
+/// why not.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// "bpf", or "splice (why)".
+    pub data_path: String,
+    /// None: available; else why not.
+    pub pid_pairing: Option<String>,
+    pub tuple_pairing: Option<String>,
+    pub shutdown_guard: Option<String>,
+    pub pin_dir: Option<String>,
+    pub pinned: Vec<String>,
+    pub pairs: usize,
 }
 
 /// What the kernel moved for one pair, from the verdict's counters.
