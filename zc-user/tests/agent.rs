@@ -185,7 +185,7 @@ fn cpu_secs(pid: u32) -> f64 {
 
 /// An unmodified proxy from Debian's packages relaying 127.0.0.1:port to
 /// an upstream: socat (one connection) or HAProxy (mode tcp, one thread).
-struct Socat {
+struct Proxy {
     child: Child,
     port: u16,
 }
@@ -197,7 +197,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-impl Socat {
+impl Proxy {
     fn start(upstream: SocketAddr) -> Self {
         let port = free_port();
         let child = Command::new("socat")
@@ -243,7 +243,7 @@ impl Socat {
     }
 }
 
-impl Drop for Socat {
+impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -252,7 +252,7 @@ impl Drop for Socat {
 
 /// Client -> socat -> server, connected; returns (client, server side,
 /// socat's two fds).
-fn through_socat(socat: &Socat, server: &TcpListener) -> (TcpStream, TcpStream, [i32; 2]) {
+fn through_proxy(socat: &Proxy, server: &TcpListener) -> (TcpStream, TcpStream, [i32; 2]) {
     let client = TcpStream::connect(("127.0.0.1", socat.port)).expect("connect to socat");
     let (up, _) = server.accept().expect("socat connects upstream");
     for s in [&client, &up] {
@@ -283,7 +283,7 @@ fn through_socat(socat: &Socat, server: &TcpListener) -> (TcpStream, TcpStream, 
 fn socat_pair_by_pid_and_fd_moves_a_gigabyte_each_way_intact_without_socat() {
     let agent = Agent::start("socat");
     let server = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let socat = Socat::start(server.local_addr().expect("addr"));
+    let socat = Proxy::start(server.local_addr().expect("addr"));
     proxy_paired_by_pid_and_fd(&agent, &socat, &server);
 }
 
@@ -292,8 +292,8 @@ fn socat_pair_by_pid_and_fd_moves_a_gigabyte_each_way_intact_without_socat() {
 fn socat_paired_by_tuple_moves_bytes_intact_and_unknown_tuples_are_refused() {
     let agent = Agent::start("tuple");
     let server = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let socat = Socat::start(server.local_addr().expect("addr"));
-    let (mut client, mut up, _) = through_socat(&socat, &server);
+    let socat = Proxy::start(server.local_addr().expect("addr"));
+    let (mut client, mut up, _) = through_proxy(&socat, &server);
     let addr = |s: &TcpStream| (s.peer_addr().expect("peer"), s.local_addr().expect("local"));
     let (c_peer, c_local) = addr(&client);
     let (u_peer, u_local) = addr(&up);
@@ -342,12 +342,12 @@ fn socat_paired_by_tuple_moves_bytes_intact_and_unknown_tuples_are_refused() {
 fn haproxy_pair_by_pid_and_fd_moves_a_gigabyte_each_way_intact_without_haproxy() {
     let agent = Agent::start("haproxy");
     let server = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let haproxy = Socat::haproxy(server.local_addr().expect("addr"), &agent.dir);
+    let haproxy = Proxy::haproxy(server.local_addr().expect("addr"), &agent.dir);
     proxy_paired_by_pid_and_fd(&agent, &haproxy, &server);
 }
 
-fn proxy_paired_by_pid_and_fd(agent: &Agent, socat: &Socat, server: &TcpListener) {
-    let (mut client, mut up, fds) = through_socat(socat, server);
+fn proxy_paired_by_pid_and_fd(agent: &Agent, socat: &Proxy, server: &TcpListener) {
+    let (mut client, mut up, fds) = through_proxy(socat, server);
     // Before pairing, the proxy relays as usual.
     client.write_all(b"hello").expect("write");
     let mut hello = [0u8; 5];
@@ -407,8 +407,8 @@ fn proxy_paired_by_pid_and_fd(agent: &Agent, socat: &Socat, server: &TcpListener
 fn kill_9_of_the_agent_mid_transfer_loses_nothing_and_a_restart_adopts_the_pair() {
     let mut agent = Agent::start("kill9");
     let server = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let socat = Socat::start(server.local_addr().expect("addr"));
-    let (mut client, mut up, fds) = through_socat(&socat, &server);
+    let socat = Proxy::start(server.local_addr().expect("addr"));
+    let (mut client, mut up, fds) = through_proxy(&socat, &server);
     let (ok, _, err) = agent.pair(socat.child.id(), fds);
     assert!(ok, "zc pair failed: {err}");
 
