@@ -325,14 +325,7 @@ fn socat_paired_by_tuple_moves_bytes_intact_and_unknown_tuples_are_refused() {
     assert!(out.contains(&tuples[0]), "{out}");
     assert_eq!(agent.pairs()[0]["source"], "tuple");
     const N: u64 = 256 << 20;
-    let mut c2 = client.try_clone().expect("clone");
-    let mut u2 = up.try_clone().expect("clone");
-    let sent_up = std::thread::spawn(move || send_n(&mut c2, N, 5));
-    let sent_down = std::thread::spawn(move || send_n(&mut u2, N, 6));
-    let got_up = read_n(&mut up, N);
-    let got_down = read_n(&mut client, N);
-    assert_eq!(sent_up.join().expect("sender"), got_up);
-    assert_eq!(sent_down.join().expect("sender"), got_down);
+    exchange(&mut client, &mut up, N);
     let stats: serde_json::Value =
         serde_json::from_str(&agent.zc(&["stats", "--json"]).1).expect("stats");
     assert_eq!(stats[0]["bytes"][0], N, "{stats}");
@@ -362,23 +355,7 @@ fn proxy_paired_by_pid_and_fd(agent: &Agent, socat: &Proxy, server: &TcpListener
 
     let cpu_before = cpu_secs(socat.child.id());
     const N: u64 = 1 << 30;
-    // Both directions at once, fixed lengths: nobody half-closes here.
-    let mut c2 = client.try_clone().expect("clone");
-    let mut u2 = up.try_clone().expect("clone");
-    let sent_up = std::thread::spawn(move || send_n(&mut c2, N, 1));
-    let sent_down = std::thread::spawn(move || send_n(&mut u2, N, 2));
-    let got_up = read_n(&mut up, N);
-    let got_down = read_n(&mut client, N);
-    assert_eq!(
-        sent_up.join().expect("sender"),
-        got_up,
-        "client -> server damaged"
-    );
-    assert_eq!(
-        sent_down.join().expect("sender"),
-        got_down,
-        "server -> client damaged"
-    );
+    exchange(&mut client, &mut up, N);
     let socat_cpu = cpu_secs(socat.child.id()) - cpu_before;
     eprintln!("proxy CPU while 2 GiB crossed the pair: {socat_cpu:.2} s");
     let (ok, out, err) = agent.zc(&["stats", "--json"]);
@@ -585,6 +562,27 @@ fn a_handoff_of_bad_sockets_is_refused() {
         "{resp:?}"
     );
     assert!(agent.pairs().is_empty());
+}
+
+/// `n` bytes each way at once, fixed lengths (nobody half-closes), both
+/// checked by digest.
+fn exchange(client: &mut TcpStream, up: &mut TcpStream, n: u64) {
+    let mut c2 = client.try_clone().expect("clone");
+    let mut u2 = up.try_clone().expect("clone");
+    let sent_up = std::thread::spawn(move || send_n(&mut c2, n, 1));
+    let sent_down = std::thread::spawn(move || send_n(&mut u2, n, 2));
+    let got_up = read_n(up, n);
+    let got_down = read_n(client, n);
+    assert_eq!(
+        sent_up.join().expect("sender"),
+        got_up,
+        "client -> server damaged"
+    );
+    assert_eq!(
+        sent_down.join().expect("sender"),
+        got_down,
+        "server -> client damaged"
+    );
 }
 
 fn read_n_into(s: &mut TcpStream, n: u64, h: &mut xxhash_rust::xxh3::Xxh3) -> u64 {
