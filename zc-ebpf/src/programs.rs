@@ -2,15 +2,19 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, sk_action},
-    helpers::{bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_probe_read_kernel},
-    macros::{lsm, map, sk_msg, sock_ops, stream_parser, stream_verdict},
-    maps::{Array, HashMap, PerCpuHashMap, RingBuf, SockHash},
-    programs::{LsmContext, SkBuffContext, SkMsgContext, SockOpsContext},
+    cty::c_void,
+    helpers::{
+        bpf_get_socket_cookie, bpf_probe_read_kernel,
+        generated::{bpf_map_lookup_elem, bpf_sk_release},
+    },
+    macros::{classifier, map, sk_msg, sock_ops, stream_parser, stream_verdict},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf, SockHash},
+    programs::{SkBuffContext, SkMsgContext, SockOpsContext, TcContext},
 };
 use aya_log_ebpf::debug;
 use zc_common::{
-    AF_INET, Counters, EVENTS_BYTES, Flow, MAX_SOCKETS, PEER_LOCAL, PEER_RELAY, Peer, SockKey,
-    remote_port_from_ctx,
+    AF_INET, AF_INET6, Counters, EVENTS_BYTES, Flow, MAX_SOCKETS, PEER_LOCAL, PEER_RELAY, Peer,
+    SockKey, remote_port_from_ctx,
 };
 
 #[map]
@@ -48,17 +52,26 @@ static FORWARDED: HashMap<SockKey, u64> = HashMap::with_max_entries(MAX_SOCKETS,
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
-/// Cookies (SO_COOKIE) of sockets whose stream end the agent carries:
-/// their owner may not shut them down (see `zc_shutdown`).
+/// Paired sockets of another process, to the key of their peer: their
+/// FIN waits for the peer's queue (see `zc_fin_hold`).
 #[map]
-static GUARDED: HashMap<u64, u32> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+static GUARDED: HashMap<SockKey, SockKey> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
-/// Set by the agent: [GUARD_AGENT] its tgid, [GUARD_SK] the offset of
-/// `sk` in `struct socket`, [GUARD_COOKIE] of `skc_cookie` in `struct
-/// sock_common` (both read from the kernel's BTF, so no layout is
-/// compiled in).
+/// Set by the agent from the kernel's BTF, so no layout is compiled in:
+/// [HOLD_USER_DATA] the offset of `sk_user_data` in `struct sock`,
+/// [HOLD_QLEN] of `ingress_skb.qlen` in `struct sk_psock`.
 #[map]
-static GUARD_CONFIG: Array<u64> = Array::with_max_entries(3, 0);
+static HOLD_CONFIG: Array<u64> = Array::with_max_entries(2, 0);
+
+/// Interfaces the FIN hold is attached to: ifindex -> the length of their
+/// link-layer header.
+#[map]
+static HOLD_IFACES: HashMap<u32, u32> = HashMap::with_max_entries(1024, 0);
+
+/// [HOLD_HELD] bare FINs dropped to wait, [HOLD_STRIPPED] FINs taken off
+/// data segments.
+#[map]
+static HOLD_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
 /// Established TCP sockets in the agent's cgroup, by 4-tuple: the value
 /// is the socket's cookie, so the agent can tell the socket it finds in a
@@ -208,52 +221,162 @@ pub fn zc_verdict(ctx: SkBuffContext) -> u32 {
     verdict
 }
 
-const GUARD_AGENT: u32 = 0;
-const GUARD_SK: u32 = 1;
-const GUARD_COOKIE: u32 = 2;
-const EPERM: i32 = 1;
+// The FIN hold (see `zc_fin_hold`).
+const HOLD_USER_DATA: u32 = 0;
+const HOLD_QLEN: u32 = 1;
+const HOLD_HELD: u32 = 0;
+const HOLD_STRIPPED: u32 = 1;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+/// `sk_user_data` carries flag bits below the psock pointer.
+const SK_USER_DATA_FLAGS: u64 = 7;
+const TC_ACT_UNSPEC: i32 = -1;
+const TC_ACT_SHOT: i32 = 2;
 
 /// An unmodified proxy that sees EOF on one paired socket shuts down the
-/// other at once, while bytes redirected before the EOF may still wait in
-/// the kernel's queue for that socket: its FIN would overtake them and
-/// they would be lost. So shutdown(2) of a guarded socket is refused to
-/// everyone but the agent, which shuts it down itself once every byte has
-/// left (a close(2) by the owner stays harmless: the agent holds its own
-/// reference).
-#[lsm(hook = "socket_shutdown")]
-pub fn zc_shutdown(ctx: LsmContext) -> i32 {
-    // Another LSM program may already have refused.
-    let earlier: i32 = ctx.arg(2);
-    if earlier != 0 {
-        return earlier;
+/// other at once, while bytes redirected before that EOF may still wait in
+/// the peer's psock queue (the kernel sends them from a worker): the
+/// proxy's FIN would overtake them and the kernel would drop them. So on
+/// ingress, before TCP sees it, a FIN for a paired socket waits until its
+/// peer's queue is empty: a bare FIN is dropped (the sender retransmits
+/// it), and a FIN riding on data is taken off that segment, so its bytes
+/// go through the redirect first and the FIN comes back alone.
+#[classifier]
+pub fn zc_fin_hold(ctx: TcContext) -> i32 {
+    let Some((key, flags, payload, flags_at)) = tcp_segment(&ctx) else {
+        return TC_ACT_UNSPEC;
+    };
+    if flags & TCP_FIN == 0 || flags & TCP_RST != 0 {
+        return TC_ACT_UNSPEC;
     }
-    let cfg = |i| GUARD_CONFIG.get(i).copied().unwrap_or(0);
-    let (agent, sk_off, cookie_off) = (cfg(GUARD_AGENT), cfg(GUARD_SK), cfg(GUARD_COOKIE));
-    if agent == 0 || sk_off == 0 || cookie_off == 0 {
-        return 0;
-    }
-    if bpf_get_current_pid_tgid() >> 32 == agent {
-        return 0;
-    }
-    let sock: *const u8 = ctx.arg(0);
-    // SAFETY: probe reads of kernel memory; a bad address yields an error.
-    let cookie = unsafe {
-        let Ok(sk) = bpf_probe_read_kernel(sock.add(sk_off as usize) as *const *const u8) else {
-            return 0;
+    // SAFETY: copied out at once.
+    let Some(peer) = (unsafe { GUARDED.get(&key) }).copied() else {
+        return TC_ACT_UNSPEC;
+    };
+    if payload {
+        // The word holding the flags starts one byte before them.
+        let off = flags_at - 1;
+        let Ok(old) = ctx.load::<u16>(off) else {
+            return TC_ACT_UNSPEC;
         };
+        let new = u16::from_be(old) & !u16::from(TCP_FIN);
+        let new = new.to_be();
+        // The TCP checksum sits 16 bytes into the header, 12 past the word.
+        if ctx.store(off, &new, 0).is_err()
+            || ctx
+                .l4_csum_replace(off + 4, u64::from(old), u64::from(new), 2)
+                .is_err()
+        {
+            return TC_ACT_SHOT;
+        }
+        bump(HOLD_STRIPPED);
+        return TC_ACT_UNSPEC;
+    }
+    if peer_queue_len(&peer) > 0 {
+        bump(HOLD_HELD);
+        return TC_ACT_SHOT;
+    }
+    TC_ACT_UNSPEC
+}
+
+/// The socket key a TCP segment is addressed to, its flags, whether it
+/// carries bytes, and the offset of its flags byte from `skb->data`.
+#[inline(always)]
+fn tcp_segment(ctx: &TcContext) -> Option<(SockKey, u8, bool, usize)> {
+    // tc sees the frame from its link-layer header, whose length depends
+    // on the device; the agent tells it per interface.
+    // SAFETY: the context is valid for this run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: copied out at once.
+    let l2 = *unsafe { HOLD_IFACES.get(&ifindex) }? as usize;
+    let proto = u16::from_be(ctx.skb.protocol() as u16);
+    let mut key = SockKey::default();
+    let (tcp_at, ip_payload) = if proto == ETH_P_IP {
+        let vihl: u8 = ctx.load(l2).ok()?;
+        if ctx.load::<u8>(l2 + 9).ok()? != IPPROTO_TCP {
+            return None;
+        }
+        let ihl = usize::from(vihl & 0xf) * 4;
+        let total = usize::from(u16::from_be(ctx.load::<u16>(l2 + 2).ok()?));
+        key.family = AF_INET;
+        key.remote_ip[0] = ctx.load(l2 + 12).ok()?;
+        key.local_ip[0] = ctx.load(l2 + 16).ok()?;
+        // A GSO packet past 64 KiB says 0: count it as carrying bytes.
+        (
+            l2 + ihl,
+            if total == 0 {
+                usize::MAX
+            } else {
+                total.saturating_sub(ihl)
+            },
+        )
+    } else if proto == ETH_P_IPV6 {
+        if ctx.load::<u8>(l2 + 6).ok()? != IPPROTO_TCP {
+            return None;
+        }
+        let plen = usize::from(u16::from_be(ctx.load::<u16>(l2 + 4).ok()?));
+        key.family = AF_INET6;
+        for i in 0..4 {
+            key.remote_ip[i] = ctx.load(l2 + 8 + 4 * i).ok()?;
+            key.local_ip[i] = ctx.load(l2 + 24 + 4 * i).ok()?;
+        }
+        (l2 + 40, if plen == 0 { usize::MAX } else { plen })
+    } else {
+        return None;
+    };
+    key.remote_port = u32::from(u16::from_be(ctx.load::<u16>(tcp_at).ok()?));
+    key.local_port = u32::from(u16::from_be(ctx.load::<u16>(tcp_at + 2).ok()?));
+    let doff = usize::from(ctx.load::<u8>(tcp_at + 12).ok()? >> 4) * 4;
+    let flags: u8 = ctx.load(tcp_at + 13).ok()?;
+    Some((key, flags, ip_payload > doff, tcp_at + 13))
+}
+
+/// How many skbs wait in the psock queue of the socket named `key` for
+/// the kernel's worker to send them (0 when it is not in `FOREIGN`).
+#[inline(always)]
+fn peer_queue_len(key: &SockKey) -> u32 {
+    let cfg = |i| HOLD_CONFIG.get(i).copied().unwrap_or(0);
+    let (user_data_at, qlen_at) = (cfg(HOLD_USER_DATA), cfg(HOLD_QLEN));
+    if user_data_at == 0 || qlen_at == 0 {
+        return 0;
+    }
+    // SAFETY: a sockhash lookup yields a referenced socket or null; it is
+    // released below on every path. Its address is copied out through a
+    // probe read, which the verifier lets a privileged program do.
+    unsafe {
+        let sk = bpf_map_lookup_elem(
+            &raw const FOREIGN as *mut c_void,
+            key as *const SockKey as *const c_void,
+        );
         if sk.is_null() {
             return 0;
         }
-        let Ok(c) = bpf_probe_read_kernel(sk.add(cookie_off as usize) as *const u64) else {
+        let slot = [sk as u64];
+        let addr = bpf_probe_read_kernel(slot.as_ptr()).unwrap_or(0);
+        bpf_sk_release(sk);
+        if addr == 0 {
+            return 0;
+        }
+        let Ok(psock) = bpf_probe_read_kernel((addr + user_data_at) as *const u64) else {
             return 0;
         };
-        c
-    };
-    // SAFETY: only checked for presence.
-    if cookie != 0 && unsafe { GUARDED.get(&cookie) }.is_some() {
-        return -EPERM;
+        let psock = psock & !SK_USER_DATA_FLAGS;
+        if psock == 0 {
+            return 0;
+        }
+        bpf_probe_read_kernel((psock + qlen_at) as *const u32).unwrap_or(0)
     }
-    0
+}
+
+#[inline(always)]
+fn bump(i: u32) {
+    if let Some(c) = HOLD_STATS.get_ptr_mut(i) {
+        // SAFETY: per-CPU slot.
+        unsafe { *c += 1 };
+    }
 }
 
 // include/uapi/linux/bpf.h

@@ -118,13 +118,13 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         Some(g) => Some(resolve_group(g)?),
     };
     let mut no_recording = Some("BPF is not in use".to_string());
-    let mut no_guard = Some("BPF is not in use".to_string());
+    let mut no_fin_hold = Some("BPF is not in use".to_string());
     let mut pin_dir = None;
     let path = match args.data_path {
         DataPathArg::Splice => DataPath::Splice("--data-path splice".into()),
         DataPathArg::Auto => match load_bpf(&args.pin_dir) {
             Ok((progs, guard)) => {
-                no_guard = guard;
+                no_fin_hold = guard;
                 pin_dir = Some(args.pin_dir.clone());
                 no_recording = match cgroup_root(args.cgroup.as_deref())
                     .and_then(|c| progs.enable_recording(&c).map(|()| c).map_err(Into::into))
@@ -156,7 +156,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         Options {
             group,
             no_recording,
-            no_guard,
+            no_fin_hold,
             pin_dir,
         },
     );
@@ -182,15 +182,15 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
     Ok(())
 }
 
-/// Loads the programs with maps pinned in `dir` and the shutdown guard.
+/// Loads the programs with maps pinned in `dir` and the FIN hold.
 fn load_bpf(dir: &std::path::Path) -> Result<(Programs, Option<String>)> {
     ensure_bpffs(dir)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let progs = Programs::load_pinned(dir)
         .with_context(|| format!("loading the programs with maps pinned in {}", dir.display()))?;
-    let no_guard = match progs.enable_shutdown_guard() {
+    let no_fin_hold = match progs.enable_fin_hold() {
         Ok(()) => {
-            info!("shutdown guard active: a proxy cannot end a paired stream before its bytes");
+            info!("FIN hold active: a proxy cannot see a paired stream end before its bytes left");
             None
         }
         Err(e) => {
@@ -201,7 +201,7 @@ fn load_bpf(dir: &std::path::Path) -> Result<(Programs, Option<String>)> {
             Some(e.to_string())
         }
     };
-    Ok((progs, no_guard))
+    Ok((progs, no_fin_hold))
 }
 
 /// `given`, or the root of the cgroup2 hierarchy from /proc/mounts.
@@ -442,10 +442,14 @@ pub fn print_agent_status(
     println!("  pair by tuple:  {}", say(&s.tuple_pairing));
     println!("  handoff:        available");
     println!(
-        "  shutdown guard: {}",
-        s.shutdown_guard
-            .as_deref()
-            .map_or("active".to_string(), |w| format!("off: {w}"))
+        "  FIN hold:       {}",
+        s.fin_hold.as_deref().map_or(
+            format!(
+                "active ({} bare FINs held, {} taken off data)",
+                s.fins_held, s.fins_stripped
+            ),
+            |w| format!("off: {w}")
+        )
     );
     match &s.pin_dir {
         Some(d) => println!("  pinned in {d}: {}", s.pinned.join(", ")),

@@ -9,7 +9,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuHashMap, RingBuf, SockHash},
-    programs::{SkMsg, SkSkb},
+    programs::{SchedClassifier, SkMsg, SkSkb, TcAttachType},
 };
 use log::{debug, warn};
 use zc_common::{Counters, Flow, PEER_LOCAL, PEER_RELAY, Peer, SockKey};
@@ -33,8 +33,10 @@ pub enum LoadError {
     MissingMap(&'static str),
     #[error("map `{0}` has an unexpected type: {1}")]
     MapType(&'static str, #[source] aya::maps::MapError),
-    #[error("the shutdown guard is unavailable: {0}")]
-    Guard(String),
+    #[error("the FIN hold is unavailable: {0}")]
+    Hold(String),
+    #[error("recording sockets is unavailable: {0}")]
+    Recording(String),
     #[error("loading or attaching program `{0}` failed: {1}")]
     Program(&'static str, #[source] aya::programs::ProgramError),
 }
@@ -65,11 +67,8 @@ struct Maps {
     flow: HashMap<MapData, SockKey, Flow>,
     forwarded: HashMap<MapData, SockKey, u64>,
     counters: PerCpuHashMap<MapData, SockKey, Counters>,
-    guarded: HashMap<MapData, u64, u32>,
-    guard_config: aya::maps::Array<MapData, u64>,
+    guarded: HashMap<MapData, SockKey, SockKey>,
     recorded: HashMap<MapData, SockKey, u64>,
-    /// Cookies of guarded sockets, to unguard them by key.
-    cookies: std::collections::HashMap<SockKey, u64>,
 }
 
 type Listeners = std::collections::HashMap<SockKey, tokio::sync::mpsc::UnboundedSender<SockKey>>;
@@ -95,6 +94,8 @@ pub struct Programs {
     /// Set when pairs must outlive this process (a pinned agent stopping
     /// without --unpin-on-exit): ending relays then leave the maps alone.
     retain: Arc<std::sync::atomic::AtomicBool>,
+    /// Interfaces the FIN hold has looked at (attached or skipped).
+    hold_ifaces: Arc<Mutex<std::collections::HashSet<u32>>>,
     // Keeps programs and their attachments alive; dropped last.
     _ebpf: Arc<Mutex<Ebpf>>,
 }
@@ -143,7 +144,6 @@ impl Programs {
         let counters = take(&mut ebpf, "COUNTERS")?;
         let events: RingBuf<MapData> = take(&mut ebpf, "EVENTS")?;
         let guarded = take(&mut ebpf, "GUARDED")?;
-        let guard_config = take(&mut ebpf, "GUARD_CONFIG")?;
         let recorded = take(&mut ebpf, "RECORDED")?;
         let listeners = Arc::new(Mutex::new(Listeners::new()));
         start_event_forwarding(events, listeners.clone());
@@ -193,12 +193,11 @@ impl Programs {
                 forwarded,
                 counters,
                 guarded,
-                guard_config,
                 recorded,
-                cookies: std::collections::HashMap::new(),
             })),
             listeners,
             retain: Arc::default(),
+            hold_ifaces: Arc::default(),
             _ebpf: Arc::new(Mutex::new(ebpf)),
         })
     }
@@ -246,6 +245,8 @@ impl Programs {
         b: BorrowedFd<'_>,
         window: u64,
     ) -> Result<RelayPairing, PairError> {
+        // An interface may have appeared since the last pairing.
+        self.refresh_fin_hold();
         self.pair_in(true, a, b, window)
     }
 
@@ -288,15 +289,11 @@ impl Programs {
             }
         }
         if foreign {
-            // Guard before the kick: from here on the proxy may see EOF.
+            // Hold FINs before the kick: from here on the proxy may see EOF.
             for i in 0..2 {
-                match crate::sys::socket_cookie(fds[i]) {
-                    Ok(c) => {
-                        if m.guarded.insert(c, 1, 0).is_ok() {
-                            m.cookies.insert(keys[i], c);
-                        }
-                    }
-                    Err(e) => warn!("no cookie for {:?}, not guarded: {e}", keys[i]),
+                if let Err(e) = m.guarded.insert(keys[i], keys[1 - i], 0) {
+                    remove_locked(&mut m, &keys);
+                    return Err(PairError::Map("GUARDED", e));
                 }
             }
         }
@@ -391,41 +388,104 @@ impl Programs {
         Ok(m)
     }
 
-    /// Loads and attaches `zc_shutdown` (BPF LSM, socket_shutdown hook):
-    /// from now on, sockets paired with [`Self::pair_foreign`] can only be
-    /// shut down by this process. Needs a kernel with BTF and the bpf LSM
-    /// active.
-    pub fn enable_shutdown_guard(&self) -> Result<(), LoadError> {
-        let offsets = crate::btf::Offsets::of_running_kernel(&[
-            ("socket", "sk"),
-            ("sock_common", "skc_cookie"),
+    /// Loads `zc_fin_hold` and attaches it to the ingress of every network
+    /// interface (tcx links, which leave other tc programs alone): from
+    /// now on a FIN for a socket paired with [`Self::pair_foreign`] waits
+    /// until its peer has taken every redirected byte. Needs the kernel's
+    /// BTF for two struct offsets.
+    pub fn enable_fin_hold(&self) -> Result<(), LoadError> {
+        let hold = |e: anyhow::Error| LoadError::Hold(format!("{e:#}"));
+        let o = crate::btf::Offsets::of_running_kernel(&[
+            ("sock", "sk_user_data"),
+            ("sk_psock", "ingress_skb"),
+            ("sk_buff_head", "qlen"),
         ])
-        .and_then(|o| Ok((o.get("socket", "sk")?, o.get("sock_common", "skc_cookie")?)))
-        .map_err(|e| LoadError::Guard(format!("{e:#}")))?;
+        .map_err(hold)?;
+        let user_data = o.get("sock", "sk_user_data").map_err(hold)?;
+        let qlen = o.get("sk_psock", "ingress_skb").map_err(hold)?
+            + o.get("sk_buff_head", "qlen").map_err(hold)?;
+        let mut ebpf = self._ebpf.lock().unwrap_or_else(|p| p.into_inner());
         {
-            let mut m = self.maps();
-            for (i, v) in [
-                (0, u64::from(std::process::id())),
-                (1, u64::from(offsets.0)),
-                (2, u64::from(offsets.1)),
-            ] {
-                m.guard_config
-                    .set(i, v, 0)
-                    .map_err(|e| LoadError::MapType("GUARD_CONFIG", e))?;
+            let mut config: aya::maps::Array<_, u64> = aya::maps::Array::try_from(
+                ebpf.map_mut("HOLD_CONFIG")
+                    .ok_or(LoadError::MissingMap("HOLD_CONFIG"))?,
+            )
+            .map_err(|e| LoadError::MapType("HOLD_CONFIG", e))?;
+            for (i, v) in [(0, user_data), (1, qlen)] {
+                config
+                    .set(i, u64::from(v), 0)
+                    .map_err(|e| LoadError::MapType("HOLD_CONFIG", e))?;
             }
         }
-        let btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::Guard(e.to_string()))?;
-        let mut ebpf = self._ebpf.lock().unwrap_or_else(|p| p.into_inner());
-        let prog: &mut aya::programs::Lsm = ebpf
-            .program_mut("zc_shutdown")
-            .ok_or(LoadError::MissingProgram("zc_shutdown"))?
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut("zc_fin_hold")
+            .ok_or(LoadError::MissingProgram("zc_fin_hold"))?
             .try_into()
-            .map_err(|e| LoadError::Program("zc_shutdown", e))?;
-        prog.load("socket_shutdown", &btf)
-            .map_err(|e| LoadError::Program("zc_shutdown", e))?;
-        prog.attach()
-            .map_err(|e| LoadError::Program("zc_shutdown", e))?;
+            .map_err(|e| LoadError::Program("zc_fin_hold", e))?;
+        prog.load()
+            .map_err(|e| LoadError::Program("zc_fin_hold", e))?;
+        drop(ebpf);
+        self.refresh_fin_hold();
         Ok(())
+    }
+
+    /// Attaches the FIN hold to interfaces that appeared since it was
+    /// enabled (a no-op when it is not). Interfaces whose link-layer
+    /// header length is unknown are skipped, with a warning.
+    pub fn refresh_fin_hold(&self) {
+        let mut ebpf = self._ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(Ok(prog)) = ebpf
+            .program_mut("zc_fin_hold")
+            .map(<&mut SchedClassifier>::try_from)
+        else {
+            return;
+        };
+        if prog.fd().is_err() {
+            return;
+        }
+        let mut attached = self.hold_ifaces.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fresh = Vec::new();
+        for (index, name) in crate::sys::interfaces() {
+            if attached.contains(&index) {
+                continue;
+            }
+            let Some(l2) = crate::sys::link_header_len(&name) else {
+                warn!("FIN hold: interface {name} has an unknown link type, not attached");
+                attached.insert(index);
+                continue;
+            };
+            match prog.attach(&name, TcAttachType::Ingress) {
+                Ok(_) => {
+                    debug!("FIN hold attached to {name}");
+                    fresh.push((index, l2));
+                }
+                Err(e) => warn!("FIN hold: attaching to {name} failed: {e}"),
+            }
+            attached.insert(index);
+        }
+        if fresh.is_empty() {
+            return;
+        }
+        let Some(map) = ebpf.map_mut("HOLD_IFACES") else {
+            return;
+        };
+        let Ok(mut ifaces) = HashMap::<_, u32, u32>::try_from(map) else {
+            return;
+        };
+        for (index, l2) in fresh {
+            if let Err(e) = ifaces.insert(index, l2, 0) {
+                warn!("FIN hold: recording interface {index} failed: {e}");
+            }
+        }
+    }
+
+    /// What the FIN hold did so far: bare FINs dropped until the peer's
+    /// queue emptied, and FINs taken off data segments.
+    pub fn fin_hold_counts(&self) -> Option<(u64, u64)> {
+        let ebpf = self._ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        let stats = aya::maps::PerCpuArray::<_, u64>::try_from(ebpf.map("HOLD_STATS")?).ok()?;
+        let sum = |i| stats.get(&i, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
+        Some((sum(0), sum(1)))
     }
 
     /// Attaches `zc_sockops` to the cgroup v2 directory `cgroup`: sockets
@@ -434,7 +494,7 @@ impl Programs {
     /// other links on the cgroup (link_create refuses the multi flag).
     pub fn enable_recording(&self, cgroup: &std::path::Path) -> Result<(), LoadError> {
         let dir = std::fs::File::open(cgroup)
-            .map_err(|e| LoadError::Guard(format!("opening {}: {e}", cgroup.display())))?;
+            .map_err(|e| LoadError::Recording(format!("opening {}: {e}", cgroup.display())))?;
         let mut ebpf = self._ebpf.lock().unwrap_or_else(|p| p.into_inner());
         let prog: &mut aya::programs::SockOps = ebpf
             .program_mut("zc_sockops")
@@ -608,15 +668,13 @@ fn remove_locked(m: &mut Maps, keys: &[SockKey]) {
         let _ = m.flow.remove(k);
         let _ = m.forwarded.remove(k);
         let _ = m.counters.remove(k);
-        if let Some(c) = m.cookies.remove(k) {
-            let _ = m.guarded.remove(&c);
-        }
+        let _ = m.guarded.remove(k);
     }
 }
 
 /// Maps an agent pins: everything a pair needs to keep working, and its
 /// counters. The ring buffers stay private to each process.
-pub const PINNED: [&str; 8] = [
+pub const PINNED: [&str; 9] = [
     "TARGETS",
     "RELAY",
     "FOREIGN",
@@ -625,6 +683,7 @@ pub const PINNED: [&str; 8] = [
     "FLOW",
     "FORWARDED",
     "COUNTERS",
+    "GUARDED",
 ];
 
 fn key_bytes(k: &SockKey) -> [u32; 11] {

@@ -248,6 +248,39 @@ pub fn addrs_of_key(k: &SockKey) -> (SocketAddr, SocketAddr) {
     )
 }
 
+/// The network interfaces of this namespace: (index, name).
+pub fn interfaces() -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns an array ended by a zero entry, freed
+    // below; names are NUL-terminated.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return out;
+        }
+        let mut p = list;
+        while (*p).if_index != 0 && !(*p).if_name.is_null() {
+            let name = std::ffi::CStr::from_ptr((*p).if_name);
+            out.push(((*p).if_index, name.to_string_lossy().into_owned()));
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out
+}
+
+/// Length of the link-layer header an interface's frames start with, for
+/// the link types zc knows: Ethernet and loopback 14, none (tun,
+/// WireGuard) 0.
+pub fn link_header_len(name: &str) -> Option<u32> {
+    let t = std::fs::read_to_string(format!("/sys/class/net/{name}/type")).ok()?;
+    match t.trim().parse::<u32>().ok()? {
+        1 | 772 => Some(14),
+        65534 => Some(0),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::{TcpListener, TcpStream};

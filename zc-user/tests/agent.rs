@@ -439,6 +439,109 @@ fn kill_9_of_the_agent_mid_transfer_loses_nothing_and_a_restart_adopts_the_pair(
     assert_eq!(&again, b"again", "after unpair, socat relays again");
 }
 
+/// socat shuts its upstream socket down the moment it sees the client's
+/// EOF, and closes both a moment later. With the server slow to read,
+/// most of what the client sent still waits in the kernel's redirect queue
+/// at that moment; the FIN hold keeps the EOF back until it has left, so
+/// the server gets every byte, then EOF. Its answer, sent after that and
+/// after socat has closed its sockets, reaches the client whole, then EOF.
+#[test]
+fn a_proxy_that_shuts_down_on_eof_still_delivers_every_byte() {
+    let (held, _) = half_close_through_socat("halfclose", false);
+    assert!(
+        held > 0,
+        "the client's FIN never waited, so this run did not test the hold"
+    );
+}
+
+/// The same with the client corked (TCP_CORK): its last bytes and its FIN
+/// leave in one segment, and the hold must take the FIN off it.
+#[test]
+fn a_fin_riding_on_the_last_bytes_is_held_back_too() {
+    let (_, stripped) = half_close_through_socat("datafin", true);
+    assert!(
+        stripped > 0,
+        "no FIN came on a data segment, so this run did not test that case"
+    );
+}
+
+/// Returns what the FIN hold did: (bare FINs held, FINs taken off data).
+fn half_close_through_socat(tag: &str, cork: bool) -> (u64, u64) {
+    let agent = Agent::start(tag);
+    let server = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let socat = Proxy::start(server.local_addr().expect("addr"));
+    let (mut client, mut up, fds) = through_proxy(&socat, &server);
+    let (ok, _, err) = agent.pair(socat.child.id(), fds);
+    assert!(ok, "zc pair failed: {err}");
+
+    const N: u64 = 256 << 20;
+    const M: u64 = 32 << 20;
+    if cork {
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket and a c_int option of the right size.
+        let rc = unsafe {
+            libc::setsockopt(
+                client.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_CORK,
+                (&raw const on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "TCP_CORK: {}", std::io::Error::last_os_error());
+    }
+    let mut c2 = client.try_clone().expect("clone");
+    let sent_up = std::thread::spawn(move || {
+        let d = send_n(&mut c2, N, 5);
+        c2.shutdown(std::net::Shutdown::Write)
+            .expect("client shutdown");
+        d
+    });
+    // Let the client's bytes and its FIN pile up before the server reads.
+    std::thread::sleep(Duration::from_secs(2));
+    let got_up = read_to_eof(&mut up);
+    assert_eq!(
+        sent_up.join().expect("sender"),
+        got_up,
+        "client -> server lost bytes when socat shut the upstream side down"
+    );
+    let sent_down = send_n(&mut up, M, 6);
+    up.shutdown(std::net::Shutdown::Write)
+        .expect("server shutdown");
+    assert_eq!(
+        sent_down,
+        read_to_eof(&mut client),
+        "server -> client after the half-close"
+    );
+    let (ok, out, err) = agent.zc(&["status", "--json"]);
+    assert!(ok, "zc status failed: {err}");
+    let st: serde_json::Value = serde_json::from_str(&out).expect("status json");
+    let count = |k: &str| st["agent"][k].as_u64().unwrap_or(0);
+    let (held, stripped) = (count("fins_held"), count("fins_stripped"));
+    eprintln!("FIN hold: {held} bare FINs held, {stripped} taken off data");
+    (held, stripped)
+}
+
+/// Reads until EOF; a reset or timeout fails the test.
+fn read_to_eof(s: &mut TcpStream) -> Digest {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut bytes = 0u64;
+    loop {
+        let k = s
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("read after {bytes} bytes: {e}"));
+        if k == 0 {
+            return Digest {
+                bytes,
+                hash: h.digest(),
+            };
+        }
+        h.update(&buf[..k]);
+        bytes += k as u64;
+    }
+}
+
 /// The example proxy from zc-user/examples, built by `cargo test`.
 fn handoff_proxy(agent: &Agent, upstream: SocketAddr) -> (Child, u16) {
     let exe = std::env::current_exe().expect("test exe");

@@ -62,8 +62,8 @@ pub struct Agent {
     no_recording: Option<String>,
     /// The group that may pair by tuple besides root.
     group: Option<u32>,
-    /// Why the shutdown guard is off, if it is.
-    no_guard: Option<String>,
+    /// Why the FIN hold is off, if it is.
+    no_fin_hold: Option<String>,
     pin_dir: Option<std::path::PathBuf>,
     pairs: Mutex<BTreeMap<u64, Entry>>,
     next: AtomicU64,
@@ -84,8 +84,8 @@ pub struct Options {
     pub group: Option<u32>,
     /// Why sockets are not recorded by tuple, if they are not.
     pub no_recording: Option<String>,
-    /// Why the shutdown guard is off, if it is.
-    pub no_guard: Option<String>,
+    /// Why the FIN hold is off, if it is.
+    pub no_fin_hold: Option<String>,
     /// Where the maps are pinned (none without BPF).
     pub pin_dir: Option<std::path::PathBuf>,
 }
@@ -130,7 +130,7 @@ impl Agent {
             no_bpf,
             no_recording: opts.no_recording,
             group: opts.group,
-            no_guard: opts.no_guard,
+            no_fin_hold: opts.no_fin_hold,
             pin_dir: opts.pin_dir,
             pairs: Mutex::new(BTreeMap::new()),
             next: AtomicU64::new(1),
@@ -409,6 +409,11 @@ impl Agent {
                 v
             })
             .unwrap_or_default();
+        let (fins_held, fins_stripped) = self
+            .progs
+            .as_ref()
+            .and_then(Programs::fin_hold_counts)
+            .unwrap_or_default();
         proto::AgentStatus {
             data_path: match &self.no_bpf {
                 None => "bpf".into(),
@@ -416,7 +421,9 @@ impl Agent {
             },
             pid_pairing: self.no_bpf.as_ref().map(|why| format!("needs BPF ({why})")),
             tuple_pairing: self.no_recording.clone(),
-            shutdown_guard: self.no_guard.clone(),
+            fin_hold: self.no_fin_hold.clone(),
+            fins_held,
+            fins_stripped,
             pin_dir: self.pin_dir.as_ref().map(|d| d.display().to_string()),
             pinned,
             pairs: self.pairs().len(),

@@ -56,7 +56,13 @@ pub struct AgentStatus {
     /// None: available; else why not.
     pub pid_pairing: Option<String>,
     pub tuple_pairing: Option<String>,
-    pub shutdown_guard: Option<String>,
+    pub fin_hold: Option<String>,
+    /// Bare FINs the hold dropped until the peer's queue emptied, and FINs
+    /// it took off data segments (0 when it is off).
+    #[serde(default)]
+    pub fins_held: u64,
+    #[serde(default)]
+    pub fins_stripped: u64,
     pub pin_dir: Option<String>,
     pub pinned: Vec<String>,
     pub pairs: usize,
