@@ -1,7 +1,7 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
-    bindings::{BPF_F_INGRESS, sk_action},
+    bindings::{BPF_F_INGRESS, BPF_NOEXIST, sk_action},
     cty::c_void,
     helpers::{
         bpf_get_socket_cookie, bpf_probe_read_kernel,
@@ -72,6 +72,22 @@ static HOLD_IFACES: HashMap<u32, u32> = HashMap::with_max_entries(1024, 0);
 /// data segments.
 #[map]
 static HOLD_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+/// The agent's short-circuit: [SC_ON] non-zero when on; [SC_WRITE_SEQ],
+/// [SC_COPIED_SEQ] the offsets of those members of `struct tcp_sock`
+/// (from BTF).
+#[map]
+static SC_CONFIG: Array<u64> = Array::with_max_entries(3, 0);
+
+/// Kernel addresses of short-circuited sockets (`struct sock`), for the
+/// probe reads of `caught_up`. Removed when the socket closes.
+#[map]
+static SC_ADDRS: HashMap<SockKey, u64> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
+/// What the short-circuit carried: [SC_BYTES], [SC_MSGS], and
+/// [SC_CONNECTIONS] short-circuited so far.
+#[map]
+static SC_TOTALS: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
 
 /// Established TCP sockets in the agent's cgroup, by 4-tuple: the value
 /// is the socket's cookie, so the agent can tell the socket it finds in a
@@ -343,23 +359,11 @@ fn peer_queue_len(key: &SockKey) -> u32 {
     if user_data_at == 0 || qlen_at == 0 {
         return 0;
     }
-    // SAFETY: a sockhash lookup yields a referenced socket or null; it is
-    // released below on every path. Its address is copied out through a
-    // probe read, which the verifier lets a privileged program do.
+    let Some(addr) = sock_addr(&raw const FOREIGN as *mut c_void, key) else {
+        return 0;
+    };
+    // SAFETY: probe reads of kernel memory; a bad address yields an error.
     unsafe {
-        let sk = bpf_map_lookup_elem(
-            &raw const FOREIGN as *mut c_void,
-            key as *const SockKey as *const c_void,
-        );
-        if sk.is_null() {
-            return 0;
-        }
-        let slot = [sk as u64];
-        let addr = bpf_probe_read_kernel(slot.as_ptr()).unwrap_or(0);
-        bpf_sk_release(sk);
-        if addr == 0 {
-            return 0;
-        }
         let Ok(psock) = bpf_probe_read_kernel((addr + user_data_at) as *const u64) else {
             return 0;
         };
@@ -368,6 +372,26 @@ fn peer_queue_len(key: &SockKey) -> u32 {
             return 0;
         }
         bpf_probe_read_kernel((psock + qlen_at) as *const u32).unwrap_or(0)
+    }
+}
+
+/// The kernel address of the socket stored under `key` in the sockhash
+/// `map`, to follow with probe reads at offsets taken from BTF.
+#[inline(always)]
+fn sock_addr(map: *mut c_void, key: &SockKey) -> Option<u64> {
+    // SAFETY: a sockhash lookup yields a referenced socket or null; it is
+    // released at once. Its address is copied out through a probe read
+    // (the verifier forbids arithmetic on a socket pointer, and lets a
+    // privileged program read its own stack this way).
+    unsafe {
+        let sk = bpf_map_lookup_elem(map, key as *const SockKey as *const c_void);
+        if sk.is_null() {
+            return None;
+        }
+        let slot = [sk as u64];
+        let addr = bpf_probe_read_kernel(slot.as_ptr()).unwrap_or(0);
+        bpf_sk_release(sk);
+        (addr != 0).then_some(addr)
     }
 }
 
@@ -388,6 +412,10 @@ const TCP_CLOSE: u32 = 7;
 
 /// Records each socket of the cgroup as it becomes established, and
 /// forgets it when it closes (the state callback is asked for per socket).
+/// With the short-circuit on, both ends of a same-host connection join
+/// `LOCAL`: the client when it is established (its callback runs before
+/// the server's, which needs the client's ACK), the server then, with the
+/// `PEERS` entries that make `zc_msg` redirect.
 #[sock_ops]
 pub fn zc_sockops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
@@ -397,11 +425,123 @@ pub fn zc_sockops(ctx: SockOpsContext) -> u32 {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut _) };
         let _ = RECORDED.insert(&key, &cookie, 0);
         let _ = ctx.set_cb_flags((ctx.cb_flags() | SOCK_OPS_STATE_CB_FLAG) as i32);
+        if short_circuit_on() && same_host(&key) {
+            short_circuit(&ctx, key, op == SOCK_OPS_PASSIVE_ESTABLISHED);
+        }
     } else if op == SOCK_OPS_STATE && ctx.arg(1) == TCP_CLOSE {
         let key = key_of!(ctx.ops);
         let _ = RECORDED.remove(&key);
+        let _ = SC_ADDRS.remove(&key);
+        // The kernel drops a closing socket from `LOCAL` by itself.
+        if peer_of(&key, PEER_LOCAL).is_some() {
+            let _ = PEERS.remove(&key);
+            let _ = COUNTERS.remove(&key);
+        }
     }
     1
+}
+
+const SC_ON: u32 = 0;
+const SC_WRITE_SEQ: u32 = 1;
+const SC_COPIED_SEQ: u32 = 2;
+const SC_BYTES: u32 = 0;
+const SC_MSGS: u32 = 1;
+const SC_CONNECTIONS: u32 = 2;
+
+#[inline(always)]
+fn short_circuit_on() -> bool {
+    SC_CONFIG.get(SC_ON).copied().unwrap_or(0) != 0
+}
+
+/// A connection to this host's own address, or over loopback.
+#[inline(always)]
+fn same_host(k: &SockKey) -> bool {
+    let loopback = if k.family == AF_INET {
+        // The first octet of a network-order address is its low byte.
+        k.remote_ip[0] & 0xff == 127
+    } else {
+        k.remote_ip == [0, 0, 0, u32::from_be(1)]
+    };
+    loopback || k.remote_ip == k.local_ip
+}
+
+#[inline(always)]
+fn short_circuit(ctx: &SockOpsContext, mut key: SockKey, server: bool) {
+    // SAFETY: the context is this socket's, as the helper requires.
+    if LOCAL
+        .update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        return;
+    }
+    // SAFETY: the context is valid for this run; its socket pointer is
+    // copied out through a probe read (see `sock_addr`).
+    let addr = unsafe {
+        let slot = [read_volatile(&raw const (*ctx.ops).__bindgen_anon_2.sk) as u64];
+        bpf_probe_read_kernel(slot.as_ptr()).unwrap_or(0)
+    };
+    if addr == 0 || SC_ADDRS.insert(&key, &addr, 0).is_err() {
+        return;
+    }
+    if !server {
+        return;
+    }
+    let client = key.reversed();
+    // The client must be in `LOCAL` already, or a redirect to it would
+    // fail and drop what the server sends.
+    // SAFETY: only checked for presence.
+    if unsafe { SC_ADDRS.get(&client) }.is_none() {
+        return;
+    }
+    let peer = |k| Peer {
+        key: k,
+        kind: PEER_LOCAL,
+        ..Peer::default()
+    };
+    for (k, p) in [(&key, client), (&client, key)] {
+        let _ = COUNTERS.insert(k, &Counters::default(), 0);
+        let _ = PEERS.insert(k, &peer(p), 0);
+    }
+    sc_add(SC_CONNECTIONS, 1);
+}
+
+#[inline(always)]
+fn sc_add(i: u32, n: u64) {
+    if let Some(c) = SC_TOTALS.get_ptr_mut(i) {
+        // SAFETY: per-CPU slot.
+        unsafe { *c += n };
+    }
+}
+
+/// Whether the peer has read every byte this socket sent through TCP:
+/// bytes sent before the pair existed arrive in the peer's TCP receive
+/// queue, which its reader drains only after the redirected ones, so
+/// redirecting earlier would reorder the stream. A pair made by user space
+/// (no offsets configured) is taken as caught up: it pairs idle sockets.
+#[inline(always)]
+fn caught_up(key: &SockKey, peer: &SockKey) -> bool {
+    let cfg = |i| SC_CONFIG.get(i).copied().unwrap_or(0);
+    let (write_at, copied_at) = (cfg(SC_WRITE_SEQ), cfg(SC_COPIED_SEQ));
+    if write_at == 0 || copied_at == 0 {
+        return true;
+    }
+    // sk_msg programs may not look sockets up in a sockhash (they could
+    // not release them), so the addresses come from `SC_ADDRS`.
+    // SAFETY: copied out at once.
+    let (Some(&me), Some(&them)) = (unsafe { SC_ADDRS.get(key) }, unsafe { SC_ADDRS.get(peer) })
+    else {
+        return false;
+    };
+    // SAFETY: probe reads of kernel memory; a bad address yields an error.
+    unsafe {
+        match (
+            bpf_probe_read_kernel((me + write_at) as *const u32),
+            bpf_probe_read_kernel((them + copied_at) as *const u32),
+        ) {
+            (Ok(w), Ok(c)) => w == c,
+            _ => false,
+        }
+    }
 }
 
 /// Every skb is one message: the verdict sees what TCP delivered, as it
@@ -419,11 +559,19 @@ pub fn zc_msg(ctx: SkMsgContext) -> u32 {
     let Some(peer) = peer_of(&key, PEER_LOCAL) else {
         return sk_action::SK_PASS;
     };
+    if !caught_up(&key, &peer.key) {
+        // Through TCP until the peer has read what TCP carried so far.
+        return sk_action::SK_PASS;
+    }
     let len = ctx.size();
     let mut dst = peer.key;
     let verdict = LOCAL.redirect_msg(&ctx, &mut dst, u64::from(BPF_F_INGRESS)) as u32;
     let ok = verdict == sk_action::SK_PASS;
     count(&key, len, ok);
+    if ok {
+        sc_add(SC_BYTES, u64::from(len));
+        sc_add(SC_MSGS, 1);
+    }
     if !ok {
         debug!(&ctx, "zc_msg: peer of :{} is gone", key.local_port);
     }

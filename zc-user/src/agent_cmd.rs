@@ -8,9 +8,9 @@ use zc_user::{
     agent::{
         Agent, DataPath, OnStop, Options,
         control::{self, DEFAULT_SOCKET},
-        proto::{Request, Response},
+        proto::{PairStats, Request, Response},
     },
-    ebpf::Programs,
+    ebpf::{Programs, ShortCircuitTotals},
     watch::Watcher,
 };
 
@@ -46,6 +46,12 @@ pub struct AgentArgs {
     /// narrow it to the proxy's cgroup).
     #[arg(long, value_name = "PATH")]
     cgroup: Option<PathBuf>,
+    /// Short-circuit connections between two sockets of this host in
+    /// --cgroup: as both ends are established they join an sk_msg map, and
+    /// what one end sends goes straight into the other's receive queue,
+    /// skipping TCP/IP. `zc stats` shows what it carried.
+    #[arg(long)]
+    short_circuit: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -119,6 +125,11 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
     };
     let mut no_recording = Some("BPF is not in use".to_string());
     let mut no_fin_hold = Some("BPF is not in use".to_string());
+    let mut no_short_circuit = Some(if args.short_circuit {
+        "BPF is not in use".to_string()
+    } else {
+        "not asked for (--short-circuit)".to_string()
+    });
     let mut pin_dir = None;
     let path = match args.data_path {
         DataPathArg::Splice => DataPath::Splice("--data-path splice".into()),
@@ -138,6 +149,16 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
                         Some(format!("{e:#}"))
                     }
                 };
+                if args.short_circuit {
+                    no_short_circuit = match &no_recording {
+                        Some(why) => Some(format!("sockets are not recorded: {why}")),
+                        None => progs.enable_short_circuit().err().map(|e| e.to_string()),
+                    };
+                    match &no_short_circuit {
+                        None => info!("short-circuiting same-host connections"),
+                        Some(why) => bail!("--short-circuit: {why}"),
+                    }
+                }
                 let watcher = Watcher::start().context("starting the socket watcher")?;
                 DataPath::Bpf(progs, watcher)
             }
@@ -157,6 +178,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
             group,
             no_recording,
             no_fin_hold,
+            no_short_circuit,
             pin_dir,
         },
     );
@@ -340,18 +362,25 @@ pub async fn list(args: ListArgs) -> Result<()> {
 }
 
 pub async fn stats(args: StatsArgs) -> Result<()> {
-    let fetch = || -> Result<Vec<zc_user::agent::proto::PairStats>> {
+    let fetch = || -> Result<(Vec<PairStats>, Option<ShortCircuitTotals>)> {
         match answer(control::call(&args.socket, &Request::Stats)?)? {
-            Response::Stats { pairs } => Ok(pairs),
+            Response::Stats {
+                pairs,
+                short_circuit,
+            } => Ok((pairs, short_circuit)),
             other => bail!("unexpected answer from the agent: {other:?}"),
         }
     };
+    let json = |pairs: &[PairStats], sc: &Option<ShortCircuitTotals>| {
+        serde_json::json!({ "pairs": pairs, "short_circuit": sc }).to_string()
+    };
     let Some(every) = args.watch else {
-        let pairs = fetch()?;
+        let (pairs, sc) = fetch()?;
         if args.json {
-            println!("{}", serde_json::to_string(&pairs)?);
+            println!("{}", json(&pairs, &sc));
         } else {
             print_stats(&pairs, None);
+            print_short_circuit(sc.as_ref());
         }
         return Ok(());
     };
@@ -359,17 +388,18 @@ pub async fn stats(args: StatsArgs) -> Result<()> {
         .ok()
         .filter(|d| !d.is_zero())
         .context("--watch needs a positive number of seconds")?;
-    let mut last: Option<(std::time::Instant, Vec<zc_user::agent::proto::PairStats>)> = None;
+    let mut last: Option<(std::time::Instant, Vec<PairStats>)> = None;
     loop {
-        let pairs = fetch()?;
+        let (pairs, sc) = fetch()?;
         let now = std::time::Instant::now();
         if args.json {
-            println!("{}", serde_json::to_string(&pairs)?);
+            println!("{}", json(&pairs, &sc));
         } else {
             let prev = last
                 .as_ref()
                 .map(|(t, p)| (now.duration_since(*t).as_secs_f64(), p));
             print_stats(&pairs, prev);
+            print_short_circuit(sc.as_ref());
         }
         last = Some((now, pairs));
         tokio::select! {
@@ -379,10 +409,16 @@ pub async fn stats(args: StatsArgs) -> Result<()> {
     }
 }
 
-fn print_stats(
-    pairs: &[zc_user::agent::proto::PairStats],
-    prev: Option<(f64, &Vec<zc_user::agent::proto::PairStats>)>,
-) {
+fn print_short_circuit(sc: Option<&ShortCircuitTotals>) {
+    if let Some(t) = sc {
+        println!(
+            "short-circuit: {} connection(s) now, {} so far; carried {} bytes in {} sends",
+            t.now, t.connections, t.bytes, t.msgs
+        );
+    }
+}
+
+fn print_stats(pairs: &[PairStats], prev: Option<(f64, &Vec<PairStats>)>) {
     if pairs.is_empty() {
         println!("no pairs");
         return;
@@ -441,6 +477,12 @@ pub fn print_agent_status(
     println!("  pair by pid/fd: {}", say(&s.pid_pairing));
     println!("  pair by tuple:  {}", say(&s.tuple_pairing));
     println!("  handoff:        available");
+    println!(
+        "  short-circuit:  {}",
+        s.short_circuit
+            .as_deref()
+            .map_or("on".to_string(), |w| format!("off: {w}"))
+    );
     println!(
         "  FIN hold:       {}",
         s.fin_hold.as_deref().map_or(

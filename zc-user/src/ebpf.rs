@@ -37,6 +37,8 @@ pub enum LoadError {
     Hold(String),
     #[error("recording sockets is unavailable: {0}")]
     Recording(String),
+    #[error("the short-circuit is unavailable: {0}")]
+    ShortCircuit(String),
     #[error("loading or attaching program `{0}` failed: {1}")]
     Program(&'static str, #[source] aya::programs::ProgramError),
 }
@@ -72,6 +74,19 @@ struct Maps {
 }
 
 type Listeners = std::collections::HashMap<SockKey, tokio::sync::mpsc::UnboundedSender<SockKey>>;
+
+/// What the same-host short-circuit carried (see
+/// [`Programs::enable_short_circuit`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ShortCircuitTotals {
+    /// Bytes and sendmsg calls redirected, both directions together.
+    pub bytes: u64,
+    pub msgs: u64,
+    /// Connections short-circuited since the programs were loaded.
+    pub connections: u64,
+    /// Connections short-circuited now.
+    pub now: u64,
+}
 
 /// What [`Programs::pair_relay`] set up.
 #[derive(Clone, Copy, Debug)]
@@ -477,6 +492,62 @@ impl Programs {
                 warn!("FIN hold: recording interface {index} failed: {e}");
             }
         }
+    }
+
+    /// Turns on the same-host short-circuit in the recording program
+    /// ([`Self::enable_recording`]): both ends of a connection to this
+    /// host, in the recorded cgroup, join `LOCAL` as they are established,
+    /// so what one end sends goes straight into the other's receive queue.
+    /// Needs the kernel's BTF for two `tcp_sock` offsets.
+    pub fn enable_short_circuit(&self) -> Result<(), LoadError> {
+        let sc = |e: anyhow::Error| LoadError::ShortCircuit(format!("{e:#}"));
+        let o = crate::btf::Offsets::of_running_kernel(&[
+            ("tcp_sock", "write_seq"),
+            ("tcp_sock", "copied_seq"),
+        ])
+        .map_err(sc)?;
+        let write_seq = o.get("tcp_sock", "write_seq").map_err(sc)?;
+        let copied_seq = o.get("tcp_sock", "copied_seq").map_err(sc)?;
+        let mut ebpf = self._ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        let mut config: aya::maps::Array<_, u64> = aya::maps::Array::try_from(
+            ebpf.map_mut("SC_CONFIG")
+                .ok_or(LoadError::MissingMap("SC_CONFIG"))?,
+        )
+        .map_err(|e| LoadError::MapType("SC_CONFIG", e))?;
+        // Offsets first: the program reads them once it sees the switch.
+        for (i, v) in [(1, write_seq), (2, copied_seq), (0, 1)] {
+            config
+                .set(i, u64::from(v), 0)
+                .map_err(|e| LoadError::MapType("SC_CONFIG", e))?;
+        }
+        Ok(())
+    }
+
+    /// What the short-circuit carried so far, and how many connections it
+    /// holds now.
+    pub fn short_circuit_totals(&self) -> Option<ShortCircuitTotals> {
+        let now = self
+            .maps()
+            .peers
+            .iter()
+            .flatten()
+            .filter(|(_, p)| p.kind == PEER_LOCAL)
+            .count()
+            / 2;
+        let ebpf = self._ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        let totals = aya::maps::PerCpuArray::<_, u64>::try_from(ebpf.map("SC_TOTALS")?).ok()?;
+        let sum = |i| {
+            totals
+                .get(&i, 0)
+                .map(|v| v.iter().sum::<u64>())
+                .unwrap_or(0)
+        };
+        Some(ShortCircuitTotals {
+            bytes: sum(0),
+            msgs: sum(1),
+            connections: sum(2),
+            now: now as u64,
+        })
     }
 
     /// What the FIN hold did so far: bare FINs dropped until the peer's

@@ -64,6 +64,8 @@ pub struct Agent {
     group: Option<u32>,
     /// Why the FIN hold is off, if it is.
     no_fin_hold: Option<String>,
+    /// Why the same-host short-circuit is off, if it is.
+    no_short_circuit: Option<String>,
     pin_dir: Option<std::path::PathBuf>,
     pairs: Mutex<BTreeMap<u64, Entry>>,
     next: AtomicU64,
@@ -86,6 +88,8 @@ pub struct Options {
     pub no_recording: Option<String>,
     /// Why the FIN hold is off, if it is.
     pub no_fin_hold: Option<String>,
+    /// Why the same-host short-circuit is off, if it is.
+    pub no_short_circuit: Option<String>,
     /// Where the maps are pinned (none without BPF).
     pub pin_dir: Option<std::path::PathBuf>,
 }
@@ -131,6 +135,7 @@ impl Agent {
             no_recording: opts.no_recording,
             group: opts.group,
             no_fin_hold: opts.no_fin_hold,
+            no_short_circuit: opts.no_short_circuit,
             pin_dir: opts.pin_dir,
             pairs: Mutex::new(BTreeMap::new()),
             next: AtomicU64::new(1),
@@ -282,6 +287,7 @@ impl Agent {
                 pairs: self.pairs().values().map(|e| e.info.clone()).collect(),
             }),
             Request::Stats => Ok(Response::Stats {
+                short_circuit: self.short_circuit_totals(),
                 pairs: self.stats(),
             }),
             Request::Status => Ok(Response::Status(self.status())),
@@ -424,9 +430,17 @@ impl Agent {
             fin_hold: self.no_fin_hold.clone(),
             fins_held,
             fins_stripped,
+            short_circuit: self.no_short_circuit.clone(),
             pin_dir: self.pin_dir.as_ref().map(|d| d.display().to_string()),
             pinned,
             pairs: self.pairs().len(),
+        }
+    }
+
+    fn short_circuit_totals(&self) -> Option<crate::ebpf::ShortCircuitTotals> {
+        match (&self.progs, &self.no_short_circuit) {
+            (Some(p), None) => p.short_circuit_totals(),
+            _ => None,
         }
     }
 

@@ -30,12 +30,27 @@ pub enum Request {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum Response {
-    Paired { id: u64, pair: PairInfo },
-    Unpaired { id: u64 },
-    Pairs { pairs: Vec<PairInfo> },
-    Stats { pairs: Vec<PairStats> },
+    Paired {
+        id: u64,
+        pair: PairInfo,
+    },
+    Unpaired {
+        id: u64,
+    },
+    Pairs {
+        pairs: Vec<PairInfo>,
+    },
+    Stats {
+        pairs: Vec<PairStats>,
+        /// What the same-host short-circuit carried, when it is on.
+        #[serde(default)]
+        short_circuit: Option<crate::ebpf::ShortCircuitTotals>,
+    },
     Status(AgentStatus),
-    Error { kind: ErrorKind, message: String },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -63,6 +78,9 @@ pub struct AgentStatus {
     pub fins_held: u64,
     #[serde(default)]
     pub fins_stripped: u64,
+    /// None: the same-host short-circuit is on; else why not.
+    #[serde(default)]
+    pub short_circuit: Option<String>,
     pub pin_dir: Option<String>,
     pub pinned: Vec<String>,
     pub pairs: usize,
