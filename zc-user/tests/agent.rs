@@ -742,6 +742,17 @@ fn handoff_round_trip(agent: &Agent) {
         got,
         "client -> server"
     );
+    // While the pair lives (the other direction is still open), the
+    // agent's stats count what crossed it, in BPF and splice mode alike.
+    let (ok, out, err) = agent.zc(&["stats", "--json"]);
+    assert!(ok, "zc stats failed: {err}");
+    let stats: serde_json::Value = serde_json::from_str(&out).expect("stats json");
+    assert!(
+        stats["pairs"][0]["bytes"]
+            .as_array()
+            .is_some_and(|b| b.contains(&serde_json::json!(N))),
+        "zc stats does not show the {N} bytes that crossed: {stats}"
+    );
     let mut u2 = up.try_clone().expect("clone");
     let answer = std::thread::spawn(move || traffic::send(&mut u2, N / 8, 64 << 10, 22));
     let back = traffic::sink(&mut client).expect("client reads to EOF");
@@ -942,6 +953,74 @@ fn bad_pair_requests_are_refused_precisely_and_change_nothing() {
         assert!(text.contains("Malformed") && text.contains(says), "{text}");
     }
     assert_eq!(agent.pairs().len(), 1);
+}
+
+/// `--group`: the control socket is 0660 for that group, whose members
+/// may pair by tuple and end their own pairs, but not take root's sockets
+/// by pid; a user outside the group cannot connect at all.
+#[test]
+fn members_of_the_agents_group_may_pair_by_tuple_and_others_cannot_connect() {
+    const GID: &str = "4242";
+    let agent = Agent::start_with("group", &["--group", GID]);
+    let meta = std::fs::metadata(&agent.socket).expect("control socket");
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid().to_string(), GID);
+    let as_user = |groups: &str, args: &[&str]| {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534"])
+            .arg(groups)
+            .args(["--inh-caps=-all", "--bounding-set=-all"])
+            .arg(env!("CARGO_BIN_EXE_zc"))
+            .args(args)
+            .arg("--socket")
+            .arg(&agent.socket)
+            .output()
+            .expect("setpriv");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let member = format!("--groups={GID}");
+
+    let (ok, _, err) = as_user("--clear-groups", &["list"]);
+    assert!(!ok && err.contains("Permission denied"), "{err}");
+
+    let server = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let socat = Proxy::start(server.local_addr().expect("addr"));
+    let (mut client, mut up, fds) = through_proxy(&socat, &server);
+    let (ok, _, err) = as_user(
+        &member,
+        &[
+            "pair",
+            "--pid",
+            &socat.child.id().to_string(),
+            "--fd",
+            &fds[0].to_string(),
+            "--fd",
+            &fds[1].to_string(),
+        ],
+    );
+    assert!(!ok, "a group member took root's sockets by pid");
+    assert!(agent.pairs().is_empty(), "{err}");
+
+    let addr = |s: &TcpStream| {
+        format!(
+            "{}-{}",
+            s.peer_addr().expect("peer"),
+            s.local_addr().expect("local")
+        )
+    };
+    let (ok, out, err) = as_user(&member, &["pair", &addr(&client), &addr(&up)]);
+    assert!(ok, "a group member could not pair by tuple: {err}");
+    assert!(out.starts_with("pair "), "{out}");
+    exchange(&mut client, &mut up, 16 << 20);
+    let id = agent.pairs()[0]["id"].to_string();
+    let (ok, _, err) = as_user(&member, &["unpair", &id]);
+    assert!(ok, "the member could not end the pair it made: {err}");
+    assert!(agent.pairs().is_empty());
 }
 
 #[test]

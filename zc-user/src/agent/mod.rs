@@ -31,7 +31,7 @@ use zc_common::SockKey;
 use crate::{
     ebpf::Programs,
     engine::{
-        Engine,
+        Counts, Engine,
         bpf::BpfEngine,
         splice::{DEFAULT_MAX_PIPES, DEFAULT_PIPE_SIZE, PipePool, SpliceEngine},
     },
@@ -47,6 +47,9 @@ struct Entry {
     /// The relay watching this pair; none for a pair adopted from pinned
     /// maps, which the kernel carries on its own.
     task: Option<AbortHandle>,
+    /// What a user-space relay (splice) moved so far; none when the
+    /// kernel carries the pair and its counters say it.
+    counts: Option<Counts>,
 }
 
 pub struct Agent {
@@ -167,6 +170,7 @@ impl Agent {
                     inodes: [0; 2],
                     owner_uid: 0,
                     task: None,
+                    counts: None,
                 },
             );
         }
@@ -445,13 +449,17 @@ impl Agent {
     }
 
     fn stats(&self) -> Vec<proto::PairStats> {
-        let Some(progs) = &self.progs else {
-            return Vec::new();
-        };
         self.pairs()
             .values()
             .map(|e| {
-                let c = e.keys.map(|k| progs.counters(&k).unwrap_or_default());
+                let c = match (&e.counts, &self.progs) {
+                    (Some(n), _) => [0, 1].map(|i| zc_common::Counters {
+                        bytes: n[i].load(Ordering::Relaxed),
+                        ..Default::default()
+                    }),
+                    (None, Some(progs)) => e.keys.map(|k| progs.counters(&k).unwrap_or_default()),
+                    (None, None) => Default::default(),
+                };
                 proto::PairStats {
                     id: e.info.id,
                     sockets: e.info.sockets.clone(),
@@ -601,14 +609,19 @@ impl Agent {
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let me = self.clone();
+        let counts = match (&self.owned, foreign) {
+            (Engine::Bpf(_), _) | (_, true) => None,
+            _ => Some(Counts::default()),
+        };
+        let live = counts.clone();
         let task = tokio::spawn(async move {
-            let end = match (&me.foreign, &me.owned) {
-                (Some(e), _) if foreign => e.relay_reporting(a, b, Some(tx)).await,
-                (_, Engine::Bpf(e)) => e.relay_reporting(a, b, Some(tx)).await,
-                (_, other) => {
+            let end = match (&me.foreign, &me.owned, live) {
+                (Some(e), _, _) if foreign => e.relay_reporting(a, b, Some(tx)).await,
+                (_, Engine::Bpf(e), _) => e.relay_reporting(a, b, Some(tx)).await,
+                (_, other, live) => {
                     // Splice and copy take any connected pair at once.
                     let _ = tx.send(Ok(keys));
-                    other.relay(a, b).await
+                    other.relay_counted(a, b, live.unwrap_or_default()).await
                 }
             };
             if let Some(e) = me.pairs().remove(&id) {
@@ -632,6 +645,7 @@ impl Agent {
                 inodes,
                 owner_uid,
                 task: Some(task.abort_handle()),
+                counts,
             },
         );
         Ok(rx)

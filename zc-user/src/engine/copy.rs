@@ -41,8 +41,16 @@ impl CopyEngine {
     }
 
     pub async fn relay(&self, a: StdTcpStream, b: StdTcpStream) -> Result<Summary> {
+        self.relay_counted(a, b, super::Counts::default()).await
+    }
+
+    pub async fn relay_counted(
+        &self,
+        a: StdTcpStream,
+        b: StdTcpStream,
+        counts: super::Counts,
+    ) -> Result<Summary> {
         let (a, b) = (to_tokio(a)?, to_tokio(b)?);
-        let counts = [AtomicU64::new(0), AtomicU64::new(0)];
         // try_join: the first error cancels the other direction.
         let result = tokio::try_join!(
             pump(&a, &b, self.buffer, &counts[0]),

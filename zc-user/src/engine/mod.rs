@@ -54,13 +54,28 @@ pub enum Engine {
     Copy(copy::CopyEngine),
 }
 
+/// Bytes a user-space relay has moved so far, a to b and b to a, for
+/// whoever watches it live.
+pub type Counts = std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>;
+
 impl Engine {
     /// Relays between `a` and `b` until both directions end; closes both.
     pub async fn relay(&self, a: TcpStream, b: TcpStream) -> Result<Summary> {
+        self.relay_counted(a, b, Counts::default()).await
+    }
+
+    /// [`Self::relay`], keeping `counts` up to date as bytes move (splice
+    /// and copy; the BPF engine's counts are the verdict's counters).
+    pub async fn relay_counted(
+        &self,
+        a: TcpStream,
+        b: TcpStream,
+        counts: Counts,
+    ) -> Result<Summary> {
         match self {
             Engine::Bpf(e) => e.relay(a, b).await,
-            Engine::Splice(e) => e.relay(a, b).await,
-            Engine::Copy(e) => e.relay(a, b).await,
+            Engine::Splice(e) => e.relay_counted(a, b, counts).await,
+            Engine::Copy(e) => e.relay_counted(a, b, counts).await,
         }
     }
 }

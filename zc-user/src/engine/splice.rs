@@ -160,6 +160,15 @@ impl SpliceEngine {
     }
 
     pub async fn relay(&self, a: StdTcpStream, b: StdTcpStream) -> Result<Summary> {
+        self.relay_counted(a, b, super::Counts::default()).await
+    }
+
+    pub async fn relay_counted(
+        &self,
+        a: StdTcpStream,
+        b: StdTcpStream,
+        counts: super::Counts,
+    ) -> Result<Summary> {
         let (p0, p1) = match (self.pool.get(), self.pool.get()) {
             (Some(p0), Some(p1)) => (p0, p1),
             (p0, p1) => {
@@ -167,11 +176,10 @@ impl SpliceEngine {
                     self.pool.put(p);
                 }
                 debug!("no pipe free; copying this connection");
-                return CopyEngine::default().relay(a, b).await;
+                return CopyEngine::default().relay_counted(a, b, counts).await;
             }
         };
         let (a, b) = (to_tokio(a)?, to_tokio(b)?);
-        let counts = [AtomicU64::new(0), AtomicU64::new(0)];
         let [rec0, rec1] = match &self.record {
             Some(r) => r.open().map(|[x, y]| [Some(x), Some(y)])?,
             None => [None, None],
