@@ -260,8 +260,16 @@ fn cleanup(args: &AgentArgs) -> Result<()> {
 /// from it) once nothing holds it.
 fn unpin(dir: &std::path::Path) -> Result<usize> {
     let mut n = 0;
-    for name in zc_user::ebpf::PINNED {
-        let p = dir.join(name);
+    let links: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(zc_user::ebpf::HOLD_LINK_PREFIX))
+        .collect();
+    let maps = zc_user::ebpf::PINNED.iter().map(|s| s.to_string());
+    for name in maps.chain(links) {
+        let p = dir.join(&name);
         match std::fs::remove_file(&p) {
             Ok(()) => n += 1,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

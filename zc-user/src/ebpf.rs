@@ -9,7 +9,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuHashMap, RingBuf, SockHash},
-    programs::{SchedClassifier, SkMsg, SkSkb, TcAttachType},
+    programs::{SchedClassifier, SkMsg, SkSkb, TcAttachType, links::FdLink},
 };
 use log::{debug, warn};
 use zc_common::{Counters, Flow, PEER_LOCAL, PEER_RELAY, Peer, SockKey};
@@ -111,6 +111,10 @@ pub struct Programs {
     retain: Arc<std::sync::atomic::AtomicBool>,
     /// Interfaces the FIN hold has looked at (attached or skipped).
     hold_ifaces: Arc<Mutex<std::collections::HashSet<u32>>>,
+    /// Where the maps are pinned ([`Self::load_pinned`]); the FIN hold's
+    /// links are pinned there too, so it outlives this process with the
+    /// pairs it protects.
+    pin_dir: Option<std::path::PathBuf>,
     // Keeps programs and their attachments alive; dropped last.
     _ebpf: Arc<Mutex<Ebpf>>,
 }
@@ -140,7 +144,9 @@ impl Programs {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        Self::load_with(&mut loader)
+        let mut progs = Self::load_with(&mut loader)?;
+        progs.pin_dir = Some(dir.to_path_buf());
+        Ok(progs)
     }
 
     fn load_with(loader: &mut EbpfLoader<'_>) -> Result<Self, LoadError> {
@@ -213,6 +219,7 @@ impl Programs {
             listeners,
             retain: Arc::default(),
             hold_ifaces: Arc::default(),
+            pin_dir: None,
             _ebpf: Arc::new(Mutex::new(ebpf)),
         })
     }
@@ -440,6 +447,17 @@ impl Programs {
         prog.load()
             .map_err(|e| LoadError::Program("zc_fin_hold", e))?;
         drop(ebpf);
+        // An earlier agent's hold, kept by its pins, gives way to this one.
+        if let Some(dir) = &self.pin_dir {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if e.file_name()
+                    .to_string_lossy()
+                    .starts_with(HOLD_LINK_PREFIX)
+                {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         self.refresh_fin_hold();
         Ok(())
     }
@@ -470,9 +488,29 @@ impl Programs {
                 continue;
             };
             match prog.attach(&name, TcAttachType::Ingress) {
-                Ok(_) => {
+                Ok(id) => {
                     debug!("FIN hold attached to {name}");
                     fresh.push((index, l2));
+                    if let Some(dir) = &self.pin_dir {
+                        let path = dir.join(format!("{HOLD_LINK_PREFIX}{index}"));
+                        let pinned = prog
+                            .take_link(id)
+                            .map_err(|e| format!("{e:#}"))
+                            .and_then(|l| FdLink::try_from(l).map_err(|e| format!("{e:#}")))
+                            .and_then(|l| l.pin(&path).map_err(|e| format!("{e:#}")));
+                        if let Err(e) = pinned {
+                            // The failed pin dropped the link: attach again,
+                            // held by this process only.
+                            warn!(
+                                "FIN hold on {name}: pinning its link at {} failed ({e}); \
+                                 it ends with this process",
+                                path.display()
+                            );
+                            if let Err(e) = prog.attach(&name, TcAttachType::Ingress) {
+                                warn!("FIN hold: attaching to {name} failed: {e}");
+                            }
+                        }
+                    }
                 }
                 Err(e) => warn!("FIN hold: attaching to {name} failed: {e}"),
             }
@@ -742,6 +780,10 @@ fn remove_locked(m: &mut Maps, keys: &[SockKey]) {
         let _ = m.guarded.remove(k);
     }
 }
+
+/// File names of the FIN hold's pinned links start with this, followed by
+/// the interface index (bpffs refuses dots, which interface names may hold).
+pub const HOLD_LINK_PREFIX: &str = "fin_hold_";
 
 /// Maps an agent pins: everything a pair needs to keep working, and its
 /// counters. The ring buffers stay private to each process.

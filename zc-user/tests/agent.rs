@@ -447,7 +447,7 @@ fn kill_9_of_the_agent_mid_transfer_loses_nothing_and_a_restart_adopts_the_pair(
 /// after socat has closed its sockets, reaches the client whole, then EOF.
 #[test]
 fn a_proxy_that_shuts_down_on_eof_still_delivers_every_byte() {
-    let (held, _) = half_close_through_socat("halfclose", false);
+    let (held, _) = half_close_through_socat("halfclose", false, false);
     assert!(
         held > 0,
         "the client's FIN never waited, so this run did not test the hold"
@@ -458,21 +458,32 @@ fn a_proxy_that_shuts_down_on_eof_still_delivers_every_byte() {
 /// leave in one segment, and the hold must take the FIN off it.
 #[test]
 fn a_fin_riding_on_the_last_bytes_is_held_back_too() {
-    let (_, stripped) = half_close_through_socat("datafin", true);
+    let (_, stripped) = half_close_through_socat("datafin", true, false);
     assert!(
         stripped > 0,
         "no FIN came on a data segment, so this run did not test that case"
     );
 }
 
-/// Returns what the FIN hold did: (bare FINs held, FINs taken off data).
-fn half_close_through_socat(tag: &str, cork: bool) -> (u64, u64) {
-    let agent = Agent::start(tag);
+/// The hold is pinned with the pairs: with the agent killed (kill -9)
+/// right after pairing, socat's shutdown still cuts nothing off.
+#[test]
+fn the_fin_hold_outlives_a_killed_agent() {
+    half_close_through_socat("holdkill", false, true);
+}
+
+/// Returns what the FIN hold did: (bare FINs held, FINs taken off data),
+/// as the agent counted them (zeros when `kill` killed it after pairing).
+fn half_close_through_socat(tag: &str, cork: bool, kill: bool) -> (u64, u64) {
+    let mut agent = Agent::start(tag);
     let server = TcpListener::bind("127.0.0.1:0").expect("bind");
     let socat = Proxy::start(server.local_addr().expect("addr"));
     let (mut client, mut up, fds) = through_proxy(&socat, &server);
     let (ok, _, err) = agent.pair(socat.child.id(), fds);
     assert!(ok, "zc pair failed: {err}");
+    if kill {
+        agent.kill9();
+    }
 
     const N: u64 = 256 << 20;
     const M: u64 = 32 << 20;
@@ -513,6 +524,9 @@ fn half_close_through_socat(tag: &str, cork: bool) -> (u64, u64) {
         read_to_eof(&mut client),
         "server -> client after the half-close"
     );
+    if kill {
+        return (0, 0);
+    }
     let (ok, out, err) = agent.zc(&["status", "--json"]);
     assert!(ok, "zc status failed: {err}");
     let st: serde_json::Value = serde_json::from_str(&out).expect("status json");
