@@ -96,6 +96,19 @@ pub const PEER_LOCAL: u32 = 2;
 /// `Flow::sent` passed their limit.
 pub const EVENTS_BYTES: u32 = 256 << 10;
 
+/// An established socket as sock_ops recorded it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// Its cookie (SO_COOKIE), so a socket found later under the same
+    /// 4-tuple can be told apart from a newer one.
+    pub cookie: u64,
+    /// Non-zero when it connected (active open) rather than was accepted:
+    /// the kernel counts a connecting socket's SYN in its acknowledged
+    /// bytes.
+    pub active: u64,
+}
+
 /// Per-socket, per-CPU counters of what the programs redirected away from
 /// a socket. User space sums the CPUs.
 #[repr(C)]
@@ -115,6 +128,7 @@ mod pod {
     unsafe impl aya::Pod for super::Peer {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::Recorded {}
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use zc_common::{
     AF_INET, AF_INET6, Counters, EVENTS_BYTES, Flow, MAX_SOCKETS, PEER_LOCAL, PEER_RELAY, Peer,
-    SockKey, remote_port_from_ctx,
+    Recorded, SockKey, remote_port_from_ctx,
 };
 
 #[map]
@@ -89,11 +89,16 @@ static SC_ADDRS: HashMap<SockKey, u64> = HashMap::with_max_entries(MAX_SOCKETS, 
 #[map]
 static SC_TOTALS: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
 
-/// Established TCP sockets in the agent's cgroup, by 4-tuple: the value
-/// is the socket's cookie, so the agent can tell the socket it finds in a
-/// process is the one that was recorded.
+/// [0]: the offset of `strp_msg.offset` from the start of an skb (inside
+/// its control buffer), set by user space from BTF; 0 leaves it unread.
 #[map]
-static RECORDED: HashMap<SockKey, u64> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+static STRP_CONFIG: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Established TCP sockets in the agent's cgroup, by 4-tuple, with their
+/// cookie (so the agent can tell the socket it finds in a process is the
+/// one that was recorded) and which side opened the connection.
+#[map]
+static RECORDED: HashMap<SockKey, Recorded> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
 #[map]
 static COUNTERS: PerCpuHashMap<SockKey, Counters> = PerCpuHashMap::with_max_entries(MAX_SOCKETS, 0);
@@ -177,6 +182,41 @@ fn check_limit(key: &SockKey, peer: *mut Peer, sent: u64) {
 /// Bytes arriving on a paired relay socket leave through its peer.
 #[stream_verdict]
 pub fn zc_verdict(ctx: SkBuffContext) -> u32 {
+    verdict(&ctx, 0)
+}
+
+/// The verdict for `FOREIGN`, whose sockets have a stream parser: there a
+/// message starts `strp_offset` bytes into its skb.
+#[stream_verdict]
+pub fn zc_verdict_parsed(ctx: SkBuffContext) -> u32 {
+    verdict(&ctx, strp_offset(&ctx))
+}
+
+/// Where the stream parser's message starts in the skb: past the bytes an
+/// owner had already read when the socket was paired (0 otherwise). The
+/// offset of `strp_msg.offset` from the skb comes from BTF (STRP_CONFIG).
+#[inline(always)]
+fn strp_offset(ctx: &SkBuffContext) -> u32 {
+    let at = STRP_CONFIG.get(0).copied().unwrap_or(0);
+    if at == 0 {
+        return 0;
+    }
+    // SAFETY: the context's address is copied out through a probe read
+    // (see `sock_addr`), then the parser's offset read from it.
+    unsafe {
+        let slot = [ctx.skb.skb as u64];
+        match bpf_probe_read_kernel(slot.as_ptr()) {
+            Ok(addr) if addr != 0 => {
+                let off = bpf_probe_read_kernel((addr + at) as *const u32).unwrap_or(0);
+                off.min(ctx.len())
+            }
+            _ => 0,
+        }
+    }
+}
+
+#[inline(always)]
+fn verdict(ctx: &SkBuffContext, offset: u32) -> u32 {
     let key = key_of!(ctx.skb.skb);
     // One lookup serves the whole run: the destination, the hold flag
     // and the limit all live in this entry.
@@ -187,12 +227,12 @@ pub fn zc_verdict(ctx: SkBuffContext) -> u32 {
         .filter(|p| p.kind == PEER_RELAY)
     else {
         debug!(
-            &ctx,
+            ctx,
             "zc_verdict: unpaired socket :{}, passing", key.local_port
         );
         return sk_action::SK_PASS;
     };
-    let len = ctx.len();
+    let len = ctx.len() - offset;
     if len == 0 {
         // A bare FIN. TCP has already recorded the shutdown; redirecting
         // an empty skb makes the peer's psock backlog send 0 bytes, which
@@ -216,7 +256,7 @@ pub fn zc_verdict(ctx: SkBuffContext) -> u32 {
         }
     }
     let mut dst = peer.key;
-    let verdict = TARGETS.redirect_skb(&ctx, &mut dst, 0) as u32;
+    let verdict = TARGETS.redirect_skb(ctx, &mut dst, 0) as u32;
     let ok = verdict == sk_action::SK_PASS;
     count(&key, len, ok);
     if ok {
@@ -230,7 +270,7 @@ pub fn zc_verdict(ctx: SkBuffContext) -> u32 {
         }
     } else {
         debug!(
-            &ctx,
+            ctx,
             "zc_verdict: peer of :{} is gone, {} bytes dropped", key.local_port, len
         );
     }
@@ -423,7 +463,11 @@ pub fn zc_sockops(ctx: SockOpsContext) -> u32 {
         let key = key_of!(ctx.ops);
         // SAFETY: sock_ops programs may ask for their socket's cookie.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut _) };
-        let _ = RECORDED.insert(&key, &cookie, 0);
+        let rec = Recorded {
+            cookie,
+            active: u64::from(op == SOCK_OPS_ACTIVE_ESTABLISHED),
+        };
+        let _ = RECORDED.insert(&key, &rec, 0);
         let _ = ctx.set_cb_flags((ctx.cb_flags() | SOCK_OPS_STATE_CB_FLAG) as i32);
         if short_circuit_on() && same_host(&key) {
             short_circuit(&ctx, key, op == SOCK_OPS_PASSIVE_ESTABLISHED);
@@ -545,10 +589,11 @@ fn caught_up(key: &SockKey, peer: &SockKey) -> bool {
 }
 
 /// Every skb is one message: the verdict sees what TCP delivered, as it
-/// does without a parser.
+/// does without a parser. A message runs to the end of its skb from where
+/// it starts, which is past any bytes the owner read before pairing.
 #[stream_parser]
 pub fn zc_parser(ctx: SkBuffContext) -> u32 {
-    ctx.len()
+    ctx.len() - strp_offset(&ctx)
 }
 
 /// What a short-circuited local socket sends lands in its peer's receive

@@ -12,7 +12,7 @@ use aya::{
     programs::{SchedClassifier, SkMsg, SkSkb, TcAttachType, links::FdLink},
 };
 use log::{debug, warn};
-use zc_common::{Counters, Flow, PEER_LOCAL, PEER_RELAY, Peer, SockKey};
+use zc_common::{Counters, Flow, PEER_LOCAL, PEER_RELAY, Peer, Recorded, SockKey};
 
 /// The object built from `zc-ebpf` by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zc-ebpf"));
@@ -70,7 +70,7 @@ struct Maps {
     forwarded: HashMap<MapData, SockKey, u64>,
     counters: PerCpuHashMap<MapData, SockKey, Counters>,
     guarded: HashMap<MapData, SockKey, SockKey>,
-    recorded: HashMap<MapData, SockKey, u64>,
+    recorded: HashMap<MapData, SockKey, Recorded>,
 }
 
 type Listeners = std::collections::HashMap<SockKey, tokio::sync::mpsc::UnboundedSender<SockKey>>;
@@ -177,11 +177,21 @@ impl Programs {
         verdict
             .load()
             .map_err(|e| LoadError::Program("zc_verdict", e))?;
-        for map in [&relay, &foreign] {
-            verdict
-                .attach(map.fd())
-                .map_err(|e| LoadError::Program("zc_verdict", e))?;
-        }
+        verdict
+            .attach(relay.fd())
+            .map_err(|e| LoadError::Program("zc_verdict", e))?;
+        let parsed: &mut SkSkb = ebpf
+            .program_mut("zc_verdict_parsed")
+            .ok_or(LoadError::MissingProgram("zc_verdict_parsed"))?
+            .try_into()
+            .map_err(|e| LoadError::Program("zc_verdict_parsed", e))?;
+        parsed
+            .load()
+            .map_err(|e| LoadError::Program("zc_verdict_parsed", e))?;
+        parsed
+            .attach(foreign.fd())
+            .map_err(|e| LoadError::Program("zc_verdict_parsed", e))?;
+        configure_strp_offset(&mut ebpf);
         let parser: &mut SkSkb = ebpf
             .program_mut("zc_parser")
             .ok_or(LoadError::MissingProgram("zc_parser"))?
@@ -617,8 +627,8 @@ impl Programs {
         Ok(())
     }
 
-    /// The cookie of the established socket recorded under `key`, if any.
-    pub fn recorded(&self, key: &SockKey) -> Option<u64> {
+    /// The established socket recorded under `key`, if any.
+    pub fn recorded(&self, key: &SockKey) -> Option<Recorded> {
         self.maps().recorded.get(key, 0).ok()
     }
 
@@ -778,6 +788,34 @@ fn remove_locked(m: &mut Maps, keys: &[SockKey]) {
         let _ = m.forwarded.remove(k);
         let _ = m.counters.remove(k);
         let _ = m.guarded.remove(k);
+    }
+}
+
+/// Tells the programs where the stream parser keeps a message's offset in
+/// an skb (from BTF). Without it they assume offset 0, which holds for
+/// sockets paired with nothing read from a partly consumed skb.
+fn configure_strp_offset(ebpf: &mut Ebpf) {
+    let at = crate::btf::Offsets::of_running_kernel(&[
+        ("sk_buff", "cb"),
+        ("sk_skb_cb", "strp"),
+        ("_strp_msg", "strp"),
+        ("strp_msg", "offset"),
+    ])
+    .and_then(|o| {
+        Ok(o.get("sk_buff", "cb")?
+            + o.get("sk_skb_cb", "strp")?
+            + o.get("_strp_msg", "strp")?
+            + o.get("strp_msg", "offset")?)
+    });
+    let set = |at: u32| -> anyhow::Result<()> {
+        let map = ebpf
+            .map_mut("STRP_CONFIG")
+            .ok_or_else(|| anyhow::anyhow!("no STRP_CONFIG map"))?;
+        aya::maps::Array::<_, u64>::try_from(map)?.set(0, u64::from(at), 0)?;
+        Ok(())
+    };
+    if let Err(e) = at.and_then(set) {
+        warn!("the stream parser's offset is unknown ({e:#}); pair only idle sockets");
     }
 }
 

@@ -380,6 +380,99 @@ fn proxy_paired_by_pid_and_fd(agent: &Agent, socat: &Proxy, server: &TcpListener
     assert_eq!(&hello, b"again", "after unpair, the proxy relays again");
 }
 
+/// Pairing in the middle of a busy stream: the agent stops the proxy at a
+/// moment it holds no bytes, pairs, and lets it go on; nothing is lost,
+/// doubled or reordered. socat one way (a select loop that takes a
+/// spurious EAGAIN as fatal, which a paired socket can give it when bytes
+/// flow both ways: see README), HAProxy both ways at once.
+#[test]
+fn socat_paired_mid_stream_loses_nothing() {
+    let agent = Agent::start("midsocat");
+    let server = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let socat = Proxy::start(server.local_addr().expect("addr"));
+    paired_mid_stream(&agent, &socat, &server, false);
+}
+
+#[test]
+fn haproxy_paired_mid_stream_both_ways_loses_nothing() {
+    let agent = Agent::start("midhaproxy");
+    let server = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let haproxy = Proxy::haproxy(server.local_addr().expect("addr"), &agent.dir);
+    paired_mid_stream(&agent, &haproxy, &server, true);
+}
+
+fn paired_mid_stream(agent: &Agent, proxy: &Proxy, server: &TcpListener, both_ways: bool) {
+    let (client, up, fds) = through_proxy(proxy, server);
+    const N: u64 = 2 << 30;
+    let down_n = if both_ways { N } else { 0 };
+    let (mut client, mut up) = (client, up);
+    let mut c2 = client.try_clone().expect("clone");
+    let mut u2 = up.try_clone().expect("clone");
+    let sent_up = std::thread::spawn(move || send_n(&mut c2, N, 8));
+    let sent_down = std::thread::spawn(move || send_n(&mut u2, down_n, 9));
+    let mut c3 = client.try_clone().expect("clone");
+    let mut u3 = up.try_clone().expect("clone");
+    let got_up = std::thread::spawn(move || read_n(&mut u3, N));
+    let got_down = std::thread::spawn(move || read_n(&mut c3, down_n));
+    // Well into the stream: bytes are moving through the proxy.
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, out, err) = agent.pair(proxy.child.id(), fds);
+    assert!(ok, "zc pair mid-stream failed: {err}");
+    assert!(
+        !sent_up.is_finished(),
+        "the transfer ended before the pairing: make it longer"
+    );
+    eprintln!("{}", out.trim());
+    let cpu_after_pairing = cpu_secs_if_alive(proxy.child.id());
+    assert_eq!(
+        sent_up.join().expect("sender"),
+        got_up.join().expect("reader"),
+        "client -> server"
+    );
+    assert_eq!(
+        sent_down.join().expect("sender"),
+        got_down.join().expect("reader"),
+        "server -> client"
+    );
+    let (ok, out, err) = agent.zc(&["stats", "--json"]);
+    assert!(ok, "zc stats failed: {err}");
+    let stats: serde_json::Value = serde_json::from_str(&out).expect("stats json");
+    let moved: Vec<u64> = (0..2)
+        .map(|i| stats["pairs"][0]["bytes"][i].as_u64().unwrap_or(0))
+        .collect();
+    eprintln!("the kernel carried {moved:?} bytes (of {N} and {down_n})");
+    assert!(
+        moved.iter().any(|m| *m > N / 2) && moved.iter().all(|m| *m <= N),
+        "implausible counts for {N} and {down_n} bytes: {stats}"
+    );
+    let (before, after) = (
+        cpu_after_pairing.expect("the proxy exited while paired"),
+        cpu_secs_if_alive(proxy.child.id()).expect("the proxy exited while paired"),
+    );
+    eprintln!("proxy CPU after pairing: {:.2} s", after - before);
+    assert!(
+        after - before < 0.2,
+        "the proxy used {:.2} s of CPU after pairing",
+        after - before
+    );
+    // The other direction, after the bulk, through the pair as well.
+    up.write_all(b"back").expect("write");
+    let mut back = [0u8; 4];
+    client.read_exact(&mut back).expect("read");
+    assert_eq!(&back, b"back");
+}
+
+/// CPU seconds of a process, or None once it has exited.
+fn cpu_secs_if_alive(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    if f.first() == Some(&"Z") {
+        return None;
+    }
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+    Some((t(11)? + t(12)?) / 100.0)
+}
+
 #[test]
 fn kill_9_of_the_agent_mid_transfer_loses_nothing_and_a_restart_adopts_the_pair() {
     let mut agent = Agent::start("kill9");
@@ -904,7 +997,6 @@ fn bad_pair_requests_are_refused_precisely_and_change_nothing() {
     let me = std::process::id();
     let (a, b) = tcp_pair(false);
     let (a6, _b6) = tcp_pair(true);
-    let (c, d) = tcp_pair(false);
     let udp = UdpSocket::bind("127.0.0.1:0").expect("udp");
     let (unix, _unix2) = UnixStream::pair().expect("unix");
     let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
@@ -915,9 +1007,14 @@ fn bad_pair_requests_are_refused_precisely_and_change_nothing() {
     let fd = |s: &dyn AsRawFd| s.as_raw_fd();
     let ok_fd = fd(&a);
 
-    // Pair c and d for real, so "already paired" has something to hit.
-    let (ok, _, err) = agent.pair(me, [fd(&c), fd(&d)]);
-    assert!(ok, "pairing our own connected sockets failed: {err}");
+    // Pair a proxy's sockets for real, so "already paired" has something
+    // to hit. (Not this process's own: the agent stops a socket's owner
+    // while it pairs, and that would stop every test running here.)
+    let server = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let socat = Proxy::start(server.local_addr().expect("addr"));
+    let (_client, _up, socat_fds) = through_proxy(&socat, &server);
+    let (ok, _, err) = agent.pair(socat.child.id(), socat_fds);
+    assert!(ok, "pairing socat's sockets failed: {err}");
 
     let cases: Vec<(u32, [i32; 2], &str)> = vec![
         (999_999_999, [3, 4], "no process with pid 999999999"),
@@ -930,7 +1027,7 @@ fn bad_pair_requests_are_refused_precisely_and_change_nothing() {
         (me, [ok_fd, ok_fd], "cannot be paired with itself"),
         (me, [ok_fd, fd(&a_dup)], "are the same socket"),
         (me, [ok_fd, fd(&a6)], "different address families"),
-        (me, [ok_fd, fd(&c)], "already paired (pair 1)"),
+        (socat.child.id(), socat_fds, "already paired (pair 1)"),
     ];
     for (pid, fds, says) in cases {
         let (ok, _, err) = agent.pair(pid, fds);

@@ -39,8 +39,8 @@ fn relay_process_relays_then_stops_on_sigterm_leaving_no_programs() {
     let mut s = accept_upstream(&server);
     assert_eq!(
         loaded_zc_programs().len(),
-        3,
-        "a running relay has its three programs loaded (verdict, parser, sk_msg)"
+        4,
+        "a running relay has its four programs loaded (two verdicts, parser, sk_msg)"
     );
     client
         .write_all(b"hello through the kernel")

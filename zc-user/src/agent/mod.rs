@@ -4,6 +4,7 @@ pub mod client;
 pub mod control;
 pub mod find;
 pub mod proto;
+mod quiesce;
 pub mod take;
 
 use std::{
@@ -323,7 +324,7 @@ impl Agent {
         let c = Candidate {
             socks: [a, b],
             inodes,
-            foreign: false,
+            owners: Vec::new(),
         };
         self.start(c, format!("handoff from pid {}", who.pid), who)
             .await
@@ -361,10 +362,11 @@ impl Agent {
             ));
         }
         let mut socks = Vec::with_capacity(2);
+        let mut owners = Vec::with_capacity(2);
         for t in &tuples {
             let (local, remote) = find::parse_tuple(t)?;
             let key = crate::sys::key_from_addrs(&local, &remote);
-            let cookie = progs.recorded(&key).ok_or_else(|| {
+            let recorded = progs.recorded(&key).ok_or_else(|| {
                 refuse(
                     ErrorKind::NotFound,
                     format!(
@@ -381,11 +383,13 @@ impl Agent {
             })?;
             let (pid, fd) = find::holder_of(inode)
                 .ok_or_else(|| refuse(ErrorKind::NotFound, format!("no process holds {t}")))?;
+            owners.push(pid);
             let s = take::established_tcp(
                 take::take_fd(pid, fd)?,
                 &format!("{t} (fd {fd} of pid {pid})"),
             )?;
-            if crate::sys::socket_cookie(std::os::fd::AsFd::as_fd(&s)).ok() != Some(cookie) {
+            if crate::sys::socket_cookie(std::os::fd::AsFd::as_fd(&s)).ok() != Some(recorded.cookie)
+            {
                 return Err(refuse(
                     ErrorKind::Invalid,
                     format!("{t} is no longer the socket that was recorded"),
@@ -397,10 +401,11 @@ impl Agent {
             .try_into()
             .map_err(|_| refuse(ErrorKind::Internal, "two sockets expected"))?;
         let inodes = check_pairable(&a, &b, "the two tuples")?;
+        owners.dedup();
         let c = Candidate {
             socks: [a, b],
             inodes,
-            foreign: true,
+            owners,
         };
         self.start(c, "tuple".to_string(), who).await
     }
@@ -523,7 +528,7 @@ impl Agent {
         let c = Candidate {
             socks: [a, b],
             inodes,
-            foreign: true,
+            owners: vec![pid],
         };
         self.start(c, format!("pid {pid} fds {},{}", fds[0], fds[1]), who)
             .await
@@ -542,13 +547,37 @@ impl Agent {
             source,
             sockets: [describe(&c.socks[0]), describe(&c.socks[1])],
         };
+        // A proxy's sockets: pair them while it is stopped and holds no
+        // bytes between them (see `quiesce`).
+        let settled = if c.owners.is_empty() {
+            None
+        } else {
+            // Refuse what will be refused before stopping anyone.
+            not_paired(&self.pairs(), &c.inodes)?;
+            let probes = [clone(&c.socks[0])?, clone(&c.socks[1])?];
+            let active = probes.each_ref().map(|s| self.connected(s, &c.owners));
+            let (stopped, before) = quiesce::settle(&c.owners, &probes, active).await?;
+            Some((stopped, before, probes))
+        };
         let rx = self.claim_and_spawn(c, &info, who.uid)?;
         let outcome = rx.await;
         if !matches!(outcome, Ok(Ok(_))) {
             self.pairs().remove(&id);
         }
         match outcome {
-            Ok(Ok(_keys)) => {}
+            Ok(Ok(keys)) => {
+                if let (Some((stopped, before, probes)), Some(progs)) = (settled, &self.progs) {
+                    for i in 0..2 {
+                        let taken = || progs.flow(&keys[i]).map(|f| f.sent + f.passed);
+                        if let Err(e) = quiesce::wait_redirected(&probes[i], before[i], taken).await
+                        {
+                            warn!("pair {id}: {e}; letting the owner continue");
+                        }
+                    }
+                    quiesce::wait_unreadable(&probes).await;
+                    drop(stopped);
+                }
+            }
             Ok(Err(msg)) => return Err(refuse(ErrorKind::Invalid, msg)),
             Err(_) => {
                 return Err(refuse(
@@ -569,8 +598,9 @@ impl Agent {
 struct Candidate {
     socks: [TcpStream; 2],
     inodes: [u64; 2],
-    /// Another process owns them (pid/fd) rather than the agent (handoff).
-    foreign: bool,
+    /// The processes that own them (pid/fd and tuple pairing); none when
+    /// they were handed over and the agent owns them.
+    owners: Vec<i32>,
 }
 
 impl Agent {
@@ -585,19 +615,12 @@ impl Agent {
         let Candidate {
             socks: [a, b],
             inodes,
-            foreign,
+            owners,
         } = c;
+        let foreign = !owners.is_empty();
         let id = info.id;
         let mut pairs = self.pairs();
-        if let Some((other, _)) = pairs
-            .iter()
-            .find(|(_, e)| e.inodes.iter().any(|i| inodes.contains(i)))
-        {
-            return Err(refuse(
-                ErrorKind::Invalid,
-                format!("a socket is already paired (pair {other})"),
-            ));
-        }
+        not_paired(&pairs, &inodes)?;
         let keys = match (crate::sys::sock_key(&a), crate::sys::sock_key(&b)) {
             (Ok(ka), Ok(kb)) => [ka, kb],
             _ => {
@@ -650,6 +673,42 @@ impl Agent {
         );
         Ok(rx)
     }
+}
+
+/// Refuses sockets (by inode) that are part of a pair already.
+fn not_paired(pairs: &BTreeMap<u64, Entry>, inodes: &[u64; 2]) -> Result<(), Refusal> {
+    match pairs
+        .iter()
+        .find(|(_, e)| e.inodes.iter().any(|i| inodes.contains(i)))
+    {
+        Some((other, _)) => Err(refuse(
+            ErrorKind::Invalid,
+            format!("a socket is already paired (pair {other})"),
+        )),
+        None => Ok(()),
+    }
+}
+
+impl Agent {
+    /// Whether `s` connected (active open) rather than was accepted: as
+    /// sock_ops recorded it, else whether no listener has its port.
+    fn connected(&self, s: &TcpStream, owners: &[i32]) -> bool {
+        let recorded = self.progs.as_ref().and_then(|p| {
+            let fd = std::os::fd::AsFd::as_fd(s);
+            let r = p.recorded(&crate::sys::sock_key(fd).ok()?)?;
+            (crate::sys::socket_cookie(fd).ok()? == r.cookie).then_some(r.active != 0)
+        });
+        recorded.unwrap_or_else(|| !quiesce::accepted(s, owners.first().copied().unwrap_or(0)))
+    }
+}
+
+fn clone(s: &TcpStream) -> Result<TcpStream, Refusal> {
+    s.try_clone().map_err(|e| {
+        refuse(
+            ErrorKind::Internal,
+            format!("duplicating a socket descriptor: {e}"),
+        )
+    })
 }
 
 /// Whether the requester has `gid` as primary or supplementary group.
