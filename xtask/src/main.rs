@@ -78,7 +78,11 @@ fn build(tools: &bootstrap::Tools) -> Result<PathBuf> {
 
 /// Programs the tests run beside zc, as a user would (an unmodified proxy).
 /// Installed from the distribution's packages when missing.
-const TEST_PROGRAMS: [(&str, &str); 2] = [("socat", "socat"), ("haproxy", "haproxy")];
+const TEST_PROGRAMS: [(&str, &str); 3] = [
+    ("socat", "socat"),
+    ("haproxy", "haproxy"),
+    ("iperf3", "iperf3"),
+];
 
 fn ensure_test_programs() -> Result<()> {
     let missing: Vec<&str> = TEST_PROGRAMS

@@ -2,6 +2,7 @@
 //! and loud failures when BPF is not available.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub mod agent;
 pub mod process;
 
 use std::{net::SocketAddr, os::fd::AsFd, sync::Once, time::Duration};

@@ -1,0 +1,330 @@
+//! An agent process, the proxies it is paired beside (socat, HAProxy from
+//! Debian's packages), and how a test finds their sockets and CPU time.
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use super::process::zc_command;
+
+pub struct Agent {
+    pub child: Option<Child>,
+    pub socket: PathBuf,
+    pub dir: PathBuf,
+    pub pin_dir: PathBuf,
+    pub extra: Vec<String>,
+}
+
+impl Agent {
+    pub fn start(tag: &str) -> Self {
+        Self::start_with(tag, &[])
+    }
+
+    pub fn start_with(tag: &str, extra: &[&str]) -> Self {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "zc agent takes fds with pidfd_getfd and loads BPF: run `cargo xtask test` as root"
+        );
+        let id = format!("{tag}-{}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("zc-agent-{id}"));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut agent = Self {
+            child: None,
+            socket: dir.join("zc.sock"),
+            dir,
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/zc-test-{id}")),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        agent.spawn();
+        agent
+    }
+
+    /// Starts (or restarts) the agent process and waits for its socket.
+    pub fn spawn(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+        let child = zc_command(false)
+            .args(["agent", "--socket"])
+            .arg(&self.socket)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting zc agent");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.socket.exists() {
+            if let Some(c) = &mut self.child
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                panic!("zc agent exited ({st}) before serving; its log is above");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "zc agent did not create {} within 30 s",
+                self.socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().expect("SIGKILL");
+            c.wait().expect("wait");
+        }
+    }
+
+    /// Runs `zc ARGS --socket S`; returns (success, stdout, stderr).
+    pub fn zc(&self, args: &[&str]) -> (bool, String, String) {
+        let out = zc_command(false)
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .output()
+            .expect("running zc");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub fn pairs(&self) -> Vec<serde_json::Value> {
+        let (ok, out, err) = self.zc(&["list", "--json"]);
+        assert!(ok, "zc list failed: {err}");
+        serde_json::from_str(&out).expect("zc list --json")
+    }
+
+    pub fn pair(&self, pid: u32, fds: [i32; 2]) -> (bool, String, String) {
+        self.zc(&[
+            "pair",
+            "--pid",
+            &pid.to_string(),
+            "--fd",
+            &fds[0].to_string(),
+            "--fd",
+            &fds[1].to_string(),
+        ])
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+        let _ = zc_command(false)
+            .args(["agent", "--cleanup", "--socket"])
+            .arg(&self.socket)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The socket inode for a TCP connection local -> remote, from
+/// /proc/net/tcp (what `ss -e` shows as ino).
+pub fn inode_of(local: SocketAddr, remote: SocketAddr) -> Option<u64> {
+    let hex = |a: SocketAddr| match a {
+        SocketAddr::V4(v4) => format!(
+            "{:08X}:{:04X}",
+            u32::from_ne_bytes(v4.ip().octets()),
+            v4.port()
+        ),
+        SocketAddr::V6(_) => String::new(),
+    };
+    let (l, r) = (hex(local), hex(remote));
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.get(1) == Some(&l.as_str()) && f.get(2) == Some(&r.as_str()))
+            .then(|| f.get(9)?.parse().ok())
+            .flatten()
+    })
+}
+
+/// The fd number under which `pid` holds socket `inode`.
+pub fn fd_of(pid: u32, inode: u64) -> Option<i32> {
+    let want = format!("socket:[{inode}]");
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .flatten()
+        .find(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy() == want))
+        .and_then(|e| e.file_name().to_str()?.parse().ok())
+}
+
+pub fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let f: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("comm")
+        .1
+        .split_whitespace()
+        .collect();
+    let t = |i: usize| f[i].parse::<f64>().expect("ticks");
+    (t(11) + t(12)) / 100.0
+}
+
+/// An unmodified proxy from Debian's packages relaying 127.0.0.1:port to
+/// an upstream: socat (one connection) or HAProxy (mode tcp, one thread).
+pub struct Proxy {
+    pub child: Child,
+    pub port: u16,
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port()
+}
+
+impl Proxy {
+    pub fn start(upstream: SocketAddr) -> Self {
+        let port = free_port();
+        let child = Command::new("socat")
+            .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr"))
+            .arg(format!("TCP:{upstream}"))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("socat must be installed (cargo xtask test installs it)");
+        Self::listening(child, port)
+    }
+
+    pub fn haproxy(upstream: SocketAddr, dir: &std::path::Path) -> Self {
+        let port = free_port();
+        let cfg = dir.join(format!("haproxy-{port}.cfg"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "global\n  nbthread 1\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
+                 timeout client 120s\n  timeout server 120s\nlisten zc\n  \
+                 bind 127.0.0.1:{port}\n  server up {upstream}\n"
+            ),
+        )
+        .expect("haproxy config");
+        let child = Command::new("haproxy")
+            .args(["-db", "-f"])
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("haproxy must be installed (cargo xtask test installs it)");
+        Self::listening(child, port)
+    }
+
+    pub fn listening(child: Child, port: u16) -> Self {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string("/proc/net/tcp")
+            .map(|t| !t.contains(&format!(":{port:04X} 00000000:0000 0A")))
+            .unwrap_or(true)
+        {
+            assert!(Instant::now() < deadline, "the proxy did not listen");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self { child, port }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Client -> socat -> server, connected; returns (client, server side,
+/// socat's two fds).
+pub fn through_proxy(socat: &Proxy, server: &TcpListener) -> (TcpStream, TcpStream, [i32; 2]) {
+    let client = TcpStream::connect(("127.0.0.1", socat.port)).expect("connect to socat");
+    let (up, _) = server.accept().expect("socat connects upstream");
+    for s in [&client, &up] {
+        s.set_read_timeout(Some(super::HANG)).expect("timeout");
+    }
+    let pid = socat.child.id();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let a = inode_of(
+            client.peer_addr().expect("peer"),
+            client.local_addr().expect("local"),
+        )
+        .and_then(|i| fd_of(pid, i));
+        let b = inode_of(
+            up.peer_addr().expect("peer"),
+            up.local_addr().expect("local"),
+        )
+        .and_then(|i| fd_of(pid, i));
+        if let (Some(a), Some(b)) = (a, b) {
+            return (client, up, [a, b]);
+        }
+        assert!(Instant::now() < deadline, "socat's sockets not found");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// CPU seconds of a process, or None once it has exited.
+pub fn cpu_secs_if_alive(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    if f.first() == Some(&"Z") {
+        return None;
+    }
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+    Some((t(11)? + t(12)?) / 100.0)
+}
+
+/// A cgroup v2 directory made for one test under the hierarchy's root,
+/// removed (with its processes gone) when dropped.
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(tag: &str) -> Self {
+        let mounts = std::fs::read_to_string("/proc/mounts").expect("/proc/mounts");
+        let root = mounts
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+            })
+            .expect("this test needs a cgroup2 hierarchy mounted (see /proc/mounts)");
+        let path = root.join(format!("zc-test-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
+        Self { path }
+    }
+
+    /// Runs `command` with sh, inside this cgroup.
+    pub fn spawn(&self, command: &str) -> Child {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec {command}",
+                self.path.display()
+            ))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("sh")
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // rmdir fails while a process is still in it; they are killed by
+        // now, but their exit can lag a moment.
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
