@@ -42,8 +42,9 @@ pub struct AgentArgs {
     #[arg(long, value_enum, default_value_t = DataPathArg::Auto)]
     data_path: DataPathArg,
     /// cgroup v2 directory whose sockets sock_ops records by 4-tuple for
-    /// `zc pair TUPLE TUPLE` (default: the root of the cgroup2 hierarchy;
-    /// narrow it to the proxy's cgroup).
+    /// `zc pair TUPLE TUPLE` (default: the root of the cgroup2 hierarchy,
+    /// mounted on /run/zc/cgroup2 if the host has only cgroup v1; narrow
+    /// it to the proxy's cgroup).
     #[arg(long, value_name = "PATH")]
     cgroup: Option<PathBuf>,
     /// Short-circuit connections between two sockets of this host in
@@ -232,14 +233,31 @@ fn cgroup_root(given: Option<&std::path::Path>) -> Result<PathBuf> {
         return Ok(p.to_path_buf());
     }
     let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-    mounts
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
-        })
-        .context("no cgroup2 hierarchy is mounted; mount one or give --cgroup")
+    if let Some(root) = mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+    }) {
+        return Ok(root);
+    }
+    // A host with cgroup v1 only: the v2 hierarchy exists all the same (every
+    // process is in its root), it is just not mounted.
+    let root = PathBuf::from(CGROUP2_MOUNT);
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    mount_fs("cgroup2", &root).with_context(|| {
+        format!(
+            "no cgroup2 hierarchy is mounted, and mounting one on {} failed",
+            root.display()
+        )
+    })?;
+    info!(
+        "mounted the cgroup2 hierarchy on {} (the host had none)",
+        root.display()
+    );
+    Ok(root)
 }
+
+/// Where the agent mounts the cgroup2 hierarchy when the host has none.
+const CGROUP2_MOUNT: &str = "/run/zc/cgroup2";
 
 fn cleanup(args: &AgentArgs) -> Result<()> {
     if control::connect_control(&args.socket).is_ok() {
@@ -300,13 +318,21 @@ fn ensure_bpffs(dir: &std::path::Path) -> Result<()> {
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
         return Ok(());
     }
-    let fs = std::ffi::CString::new("bpf")?;
-    // SAFETY: valid NUL-terminated strings; no data argument.
-    let rc = unsafe { libc::mount(fs.as_ptr(), c.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("mounting bpffs on /sys/fs/bpf");
-    }
+    mount_fs("bpf", root).context("mounting bpffs on /sys/fs/bpf")?;
     info!("mounted bpffs on /sys/fs/bpf");
+    Ok(())
+}
+
+/// Mounts a pseudo filesystem (`fstype` names the source too) on `target`.
+fn mount_fs(fstype: &str, target: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let fs = std::ffi::CString::new(fstype)?;
+    let at = std::ffi::CString::new(target.as_os_str().as_bytes())?;
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe { libc::mount(fs.as_ptr(), at.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     Ok(())
 }
 

@@ -18,6 +18,44 @@ use std::{
 use common::{agent::*, process::UNPRIVILEGED};
 use zc_user::traffic::{self, Digest};
 
+/// On a host with cgroup v1 only (here: a mount namespace where the
+/// cgroup2 hierarchy is unmounted), the agent mounts cgroup2 itself, so
+/// sockets are still recorded and pairing by tuple works.
+#[test]
+fn without_a_cgroup2_mount_the_agent_mounts_one_and_records_sockets() {
+    let agent = Agent::start_wrapped(
+        "nocgroup2",
+        &[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            "for m in $(awk '$3 == \"cgroup2\" { print $2 }' /proc/mounts); do umount -l $m; done; \
+             exec \"$0\" \"$@\"",
+        ],
+        &[],
+    );
+    let (ok, status, err) = agent.zc(&["status", "--json"]);
+    assert!(ok, "zc status failed: {err}");
+    assert!(status.contains(r#""tuple_pairing":null"#), "{status}");
+    let server = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let socat = Proxy::start(server.local_addr().expect("addr"));
+    let (mut client, mut up, _) = through_proxy(&socat, &server);
+    let tuple = |s: &TcpStream| {
+        format!(
+            "{}-{}",
+            s.peer_addr().expect("peer"),
+            s.local_addr().expect("local")
+        )
+    };
+    let (ok, _, err) = agent.zc(&["pair", &tuple(&client), &tuple(&up)]);
+    assert!(ok, "pairing by tuple failed: {err}");
+    exchange(&mut client, &mut up, 16 << 20);
+}
+
 #[test]
 fn socat_pair_by_pid_and_fd_moves_a_gigabyte_each_way_intact_without_socat() {
     let agent = Agent::start("socat");
@@ -676,6 +714,11 @@ fn bad_pair_requests_are_refused_precisely_and_change_nothing() {
     let me = std::process::id();
     let (a, b) = tcp_pair(false);
     let (a6, _b6) = tcp_pair(true);
+    // A connection whose remote end has gone (CLOSE_WAIT): it closed
+    // before it could be paired.
+    let (finished, gone) = tcp_pair(false);
+    drop(gone);
+    std::thread::sleep(Duration::from_millis(50));
     let udp = UdpSocket::bind("127.0.0.1:0").expect("udp");
     let (unix, _unix2) = UnixStream::pair().expect("unix");
     let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
@@ -706,6 +749,11 @@ fn bad_pair_requests_are_refused_precisely_and_change_nothing() {
         (me, [ok_fd, ok_fd], "cannot be paired with itself"),
         (me, [ok_fd, fd(&a_dup)], "are the same socket"),
         (me, [ok_fd, fd(&a6)], "different address families"),
+        (
+            me,
+            [ok_fd, fd(&finished)],
+            "is not an established connection (TCP state 8",
+        ),
         (socat.child.id(), socat_fds, "already paired (pair 1)"),
     ];
     for (pid, fds, says) in cases {
@@ -736,6 +784,7 @@ fn bad_pair_requests_are_refused_precisely_and_change_nothing() {
     for (body, says) in [
         (&b"not json"[..], "not valid JSON"),
         (br#"{"op":"pair_pid","pid":1}"#, "not valid JSON"),
+        (br#"{"op":"pair_pid","pid":1,"fd"#, "not valid JSON"),
         (&[b' '; 5000][..], "larger than 4096"),
     ] {
         let resp = zc_user::agent::control::call_raw(&agent.socket, body).expect("call");

@@ -15,6 +15,9 @@ pub struct Agent {
     pub dir: PathBuf,
     pub pin_dir: PathBuf,
     pub extra: Vec<String>,
+    /// A command the agent runs under (e.g. `unshare ...`), given the zc
+    /// binary and its arguments; none: run directly.
+    pub wrap: Vec<String>,
 }
 
 impl Agent {
@@ -23,6 +26,10 @@ impl Agent {
     }
 
     pub fn start_with(tag: &str, extra: &[&str]) -> Self {
+        Self::start_wrapped(tag, &[], extra)
+    }
+
+    pub fn start_wrapped(tag: &str, wrap: &[&str], extra: &[&str]) -> Self {
         assert!(
             nix::unistd::geteuid().is_root(),
             "zc agent takes fds with pidfd_getfd and loads BPF: run `cargo xtask test` as root"
@@ -36,6 +43,7 @@ impl Agent {
             dir,
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/zc-test-{id}")),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            wrap: wrap.iter().map(|s| s.to_string()).collect(),
         };
         agent.spawn();
         agent
@@ -44,7 +52,15 @@ impl Agent {
     /// Starts (or restarts) the agent process and waits for its socket.
     pub fn spawn(&mut self) {
         let _ = std::fs::remove_file(&self.socket);
-        let child = zc_command(false)
+        let mut cmd = match self.wrap.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(env!("CARGO_BIN_EXE_zc"));
+                c
+            }
+            None => zc_command(false),
+        };
+        let child = cmd
             .args(["agent", "--socket"])
             .arg(&self.socket)
             .arg("--pin-dir")
