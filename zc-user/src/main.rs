@@ -90,15 +90,30 @@ enum Cmd {
                       zc pair --pid 4242 --fd 12 --fd 13\n  zc list\n  zc unpair 1"
     )]
     Agent(agent_cmd::AgentArgs),
-    /// Ask the agent to pair two sockets of a running process, by pid and
-    /// fd numbers.
+    /// Ask the agent to pair two sockets of a running proxy, by 4-tuple or
+    /// by pid and fd numbers.
+    #[command(
+        long_about = "Ask the agent to pair two sockets of a running proxy, by 4-tuple (as \
+                      `ss -tn` prints them) or by pid and fd numbers (as `ss -tnp` shows them).\n\n\
+                      A busy connection can be paired: the agent stops the proxy (SIGSTOP) for \
+                      the few milliseconds it takes, at a moment the proxy holds no bytes it has \
+                      read from one socket and not yet written to the other, then lets it \
+                      continue. A proxy that adds or rewrites bytes (PROXY protocol, TLS) never \
+                      reaches such a moment and is refused: zc pairs only byte-transparent \
+                      (TCP-mode) proxies.",
+        after_help = "Examples:\n  zc pair 10.0.0.5:443-10.0.0.9:51234 10.0.0.5:40100-10.0.0.7:8443\n  \
+                      zc pair --pid 4242 --fd 12 --fd 13"
+    )]
     Pair(agent_cmd::PairArgs),
     /// Ask the agent to end a pairing; the owner keeps its sockets.
     Unpair(agent_cmd::UnpairArgs),
     /// List the agent's pairs.
     List(agent_cmd::ListArgs),
-    /// Show what the kernel moved for each of the agent's pairs (bytes,
-    /// skbs and failed redirects per direction, from the BPF counters).
+    /// Show what moved through each of the agent's pairs: bytes, skbs and
+    /// failed redirects per direction from the BPF counters (live byte
+    /// counts for spliced pairs), and what the same-host short-circuit
+    /// carried when it is on. `--json` prints {"pairs": [...],
+    /// "short_circuit": {...} or null}.
     Stats(agent_cmd::StatsArgs),
 }
 
