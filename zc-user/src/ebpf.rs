@@ -169,40 +169,10 @@ impl Programs {
         let listeners = Arc::new(Mutex::new(Listeners::new()));
         start_event_forwarding(events, listeners.clone());
 
-        let verdict: &mut SkSkb = ebpf
-            .program_mut("zc_verdict")
-            .ok_or(LoadError::MissingProgram("zc_verdict"))?
-            .try_into()
-            .map_err(|e| LoadError::Program("zc_verdict", e))?;
-        verdict
-            .load()
-            .map_err(|e| LoadError::Program("zc_verdict", e))?;
-        verdict
-            .attach(relay.fd())
-            .map_err(|e| LoadError::Program("zc_verdict", e))?;
-        let parsed: &mut SkSkb = ebpf
-            .program_mut("zc_verdict_parsed")
-            .ok_or(LoadError::MissingProgram("zc_verdict_parsed"))?
-            .try_into()
-            .map_err(|e| LoadError::Program("zc_verdict_parsed", e))?;
-        parsed
-            .load()
-            .map_err(|e| LoadError::Program("zc_verdict_parsed", e))?;
-        parsed
-            .attach(foreign.fd())
-            .map_err(|e| LoadError::Program("zc_verdict_parsed", e))?;
+        attach_skb(&mut ebpf, "zc_verdict", &relay)?;
+        attach_skb(&mut ebpf, "zc_verdict_parsed", &foreign)?;
+        attach_skb(&mut ebpf, "zc_parser", &foreign)?;
         configure_strp_offset(&mut ebpf);
-        let parser: &mut SkSkb = ebpf
-            .program_mut("zc_parser")
-            .ok_or(LoadError::MissingProgram("zc_parser"))?
-            .try_into()
-            .map_err(|e| LoadError::Program("zc_parser", e))?;
-        parser
-            .load()
-            .map_err(|e| LoadError::Program("zc_parser", e))?;
-        parser
-            .attach(foreign.fd())
-            .map_err(|e| LoadError::Program("zc_parser", e))?;
 
         let msg: &mut SkMsg = ebpf
             .program_mut("zc_msg")
@@ -789,6 +759,23 @@ fn remove_locked(m: &mut Maps, keys: &[SockKey]) {
         let _ = m.counters.remove(k);
         let _ = m.guarded.remove(k);
     }
+}
+
+/// Loads the sk_skb program `name` and attaches it to `map`.
+fn attach_skb(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    map: &SockHash<MapData, SockKey>,
+) -> Result<(), LoadError> {
+    let prog: &mut SkSkb = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::MissingProgram(name))?
+        .try_into()
+        .map_err(|e| LoadError::Program(name, e))?;
+    prog.load().map_err(|e| LoadError::Program(name, e))?;
+    prog.attach(map.fd())
+        .map_err(|e| LoadError::Program(name, e))?;
+    Ok(())
 }
 
 /// Tells the programs where the stream parser keeps a message's offset in

@@ -450,14 +450,7 @@ fn the_short_circuit_carries_same_host_connections_in_its_cgroup() {
     let mut server = cgroup.spawn(&format!(
         "socat TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr EXEC:cat"
     ));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string("/proc/net/tcp")
-        .map(|t| !t.contains(&format!(":{port:04X} 00000000:0000 0A")))
-        .unwrap_or(true)
-    {
-        assert!(Instant::now() < deadline, "the echo server did not listen");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_listening(port, "the echo server");
     let mut client = cgroup.spawn(&format!(
         "socat -b 262144 OPEN:{}!!CREATE:{} TCP:127.0.0.1:{port}",
         input.display(),

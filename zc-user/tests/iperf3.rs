@@ -159,14 +159,7 @@ impl Iperf3Server {
             .stdout(Stdio::null())
             .spawn()
             .expect("iperf3 must be installed (cargo xtask test installs it)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::fs::read_to_string("/proc/net/tcp")
-            .map(|t| !t.contains(&format!(":{port:04X} 00000000:0000 0A")))
-            .unwrap_or(true)
-        {
-            assert!(Instant::now() < deadline, "iperf3 -s did not listen");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_listening(port, "iperf3 -s");
         Self { child, port }
     }
 }

@@ -237,14 +237,7 @@ impl Proxy {
     }
 
     pub fn listening(child: Child, port: u16) -> Self {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::fs::read_to_string("/proc/net/tcp")
-            .map(|t| !t.contains(&format!(":{port:04X} 00000000:0000 0A")))
-            .unwrap_or(true)
-        {
-            assert!(Instant::now() < deadline, "the proxy did not listen");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_listening(port, "the proxy");
         Self { child, port }
     }
 }
@@ -342,5 +335,17 @@ impl Drop for TestCgroup {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// Waits (up to 10 s) until something listens on TCP `port` (IPv4).
+pub fn wait_listening(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string("/proc/net/tcp")
+        .map(|t| !t.contains(&format!(":{port:04X} 00000000:0000 0A")))
+        .unwrap_or(true)
+    {
+        assert!(Instant::now() < deadline, "{what} did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
