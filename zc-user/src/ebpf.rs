@@ -51,6 +51,11 @@ pub enum PairError {
     #[error("both ends are the same socket")]
     SameSocket,
     #[error(
+        "socket {0:?} is short-circuited (the agent's --short-circuit): what its peer sends \
+         arrives without TCP, where no redirect sees it"
+    )]
+    ShortCircuited(SockKey),
+    #[error(
         "socket {0:?} is not an established TCP connection (it closed, or its remote end finished, before pairing)"
     )]
     NotEstablished(SockKey),
@@ -349,7 +354,10 @@ impl Programs {
         }
         let mut m = self.maps();
         for k in [&ka, &kb] {
-            if m.peers.get(k, 0).is_ok() {
+            if let Ok(p) = m.peers.get(k, 0) {
+                if p.kind == PEER_LOCAL && kind != PEER_LOCAL {
+                    return Err(PairError::ShortCircuited(*k));
+                }
                 return Err(PairError::AlreadyPaired(*k));
             }
         }
@@ -566,6 +574,15 @@ impl Programs {
             connections: sum(2),
             now: now as u64,
         })
+    }
+
+    /// Whether the socket named `key` is short-circuited (see
+    /// [`Self::enable_short_circuit`]).
+    pub fn short_circuited(&self, key: &SockKey) -> bool {
+        self.maps()
+            .peers
+            .get(key, 0)
+            .is_ok_and(|p| p.kind == PEER_LOCAL)
     }
 
     /// What the FIN hold did so far: bare FINs dropped until the peer's

@@ -496,6 +496,51 @@ fn the_short_circuit_carries_same_host_connections_in_its_cgroup() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+
+    // A proxy in the cgroup whose client connection is short-circuited:
+    // pairing it would strand what the client sends, so it is refused.
+    let upstream = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = free_port();
+    let proxy = cgroup.spawn(&format!(
+        "socat TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr TCP:{}",
+        upstream.local_addr().expect("addr")
+    ));
+    wait_listening(port, "socat in the cgroup");
+    let client = cgroup.spawn_piped(&format!("socat - TCP:127.0.0.1:{port}"));
+    let (up, _) = upstream.accept().expect("socat connects upstream");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (pid, fds) = loop {
+        // socat's upstream socket, named from our end of it; then the
+        // accepted one beside it in the same process.
+        let up_inode = inode_of(
+            up.peer_addr().expect("peer"),
+            up.local_addr().expect("local"),
+        );
+        let held = up_inode.and_then(zc_user::agent::find::holder_of);
+        let accepted = std::fs::read_to_string("/proc/net/tcp")
+            .expect("/proc/net/tcp")
+            .lines()
+            .skip(1)
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let ours = f.get(1)?.ends_with(&format!(":{port:04X}")) && f.get(3) == Some(&"01");
+                ours.then(|| f.get(9)?.parse::<u64>().ok())?
+            });
+        if let (Some((pid, up_fd)), Some(inode)) = (held, accepted)
+            && let Some(fd) = fd_of(pid as u32, inode)
+        {
+            break (pid as u32, [fd, up_fd]);
+        }
+        assert!(Instant::now() < deadline, "socat's sockets not found");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (ok, _, err) = agent.pair(pid, fds);
+    assert!(!ok, "a short-circuited socket was paired");
+    assert!(err.contains("is short-circuited"), "{err}");
+    for mut c in [client, proxy] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
 }
 
 /// The example proxy from zc-user/examples, built by `cargo test`.
@@ -745,7 +790,7 @@ fn bad_pair_requests_are_refused_precisely_and_change_nothing() {
         (
             me,
             [ok_fd, fd(&finished)],
-            "is not an established connection (TCP state 8",
+            "is not an established connection (it is in CLOSE-WAIT",
         ),
         (socat.child.id(), socat_fds, "already paired (pair 1)"),
     ];

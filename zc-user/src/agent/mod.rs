@@ -554,6 +554,21 @@ impl Agent {
         } else {
             // Refuse what will be refused before stopping anyone.
             not_paired(&self.pairs(), &c.inodes)?;
+            if let Some(progs) = &self.progs {
+                for s in &c.socks {
+                    let key = crate::sys::sock_key(std::os::fd::AsFd::as_fd(s));
+                    if key.is_ok_and(|k| progs.short_circuited(&k)) {
+                        return Err(refuse(
+                            ErrorKind::Invalid,
+                            format!(
+                                "{} is short-circuited (--short-circuit): what its peer sends \
+                                 arrives without TCP, where no redirect sees it",
+                                describe(s)
+                            ),
+                        ));
+                    }
+                }
+            }
             let probes = [clone(&c.socks[0])?, clone(&c.socks[1])?];
             let active = probes.each_ref().map(|s| self.connected(s, &c.owners));
             let (stopped, before) = quiesce::settle(&c.owners, &probes, active).await?;

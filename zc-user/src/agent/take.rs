@@ -152,7 +152,23 @@ pub fn established_tcp(fd: OwnedFd, what: &str) -> Result<TcpStream, Refusal> {
         10 => Err(invalid(format!("{what} is a listening socket"))),
         7 => Err(invalid(format!("{what} is not connected"))),
         s => Err(invalid(format!(
-            "{what} is not an established connection (TCP state {s}: closing or closed)"
+            "{what} is not an established connection (it is in {}: closing or closed)",
+            state_name(s)
         ))),
+    }
+}
+
+/// The name `ss` prints for a TCP state (include/net/tcp_states.h).
+fn state_name(state: u8) -> String {
+    match state {
+        2 => "SYN-SENT".into(),
+        3 => "SYN-RECV".into(),
+        4 => "FIN-WAIT-1".into(),
+        5 => "FIN-WAIT-2".into(),
+        6 => "TIME-WAIT".into(),
+        8 => "CLOSE-WAIT (its remote end has closed)".into(),
+        9 => "LAST-ACK".into(),
+        11 => "CLOSING".into(),
+        s => format!("TCP state {s}"),
     }
 }

@@ -311,17 +311,31 @@ impl TestCgroup {
         Self { path }
     }
 
+    /// Runs `command` with sh, inside this cgroup, its stdin a pipe kept
+    /// open by the returned child handle.
+    pub fn spawn_piped(&self, command: &str) -> Child {
+        self.command(command)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("sh")
+    }
+
     /// Runs `command` with sh, inside this cgroup.
     pub fn spawn(&self, command: &str) -> Child {
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "echo $$ > {}/cgroup.procs && exec {command}",
-                self.path.display()
-            ))
+        self.command(command)
             .stdin(Stdio::null())
             .spawn()
             .expect("sh")
+    }
+
+    fn command(&self, command: &str) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(format!(
+            "echo $$ > {}/cgroup.procs && exec {command}",
+            self.path.display()
+        ));
+        c
     }
 }
 
