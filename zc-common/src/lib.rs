@@ -83,6 +83,13 @@ pub struct Flow {
     /// Bytes passed to the socket's own receive queue for user space to
     /// forward (while held, and until user space has forwarded them all).
     pub passed: u64,
+    /// Bytes the verdict cut off the front of retransmitted skbs because
+    /// it had already handled them (see `zc_verdict`).
+    pub trimmed: u64,
+    /// TCP sequence number just past the last byte the verdict handled.
+    pub next_seq: u32,
+    /// Non-zero once `next_seq` is set (by the first skb after pairing).
+    pub seq_known: u32,
 }
 
 /// Relay pair: bytes arriving on this socket leave through the peer
@@ -144,7 +151,7 @@ mod tests {
         );
         assert_eq!(core::mem::offset_of!(Peer, limit) % 8, 0);
         assert_eq!(core::mem::size_of::<Counters>(), 24);
-        assert_eq!(core::mem::size_of::<Flow>(), 16);
+        assert_eq!(core::mem::size_of::<Flow>(), 32);
     }
 
     #[test]

@@ -89,10 +89,13 @@ static SC_ADDRS: HashMap<SockKey, u64> = HashMap::with_max_entries(MAX_SOCKETS, 
 #[map]
 static SC_TOTALS: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
 
-/// [0]: the offset of `strp_msg.offset` from the start of an skb (inside
-/// its control buffer), set by user space from BTF; 0 leaves it unread.
+/// Offsets from the start of an skb, set by user space from BTF (0 leaves
+/// the member unread): [SKB_STRP_OFFSET] of `strp_msg.offset` and
+/// [SKB_TCP_SEQ] of `tcp_skb_cb.seq`, both inside its control buffer.
 #[map]
-static STRP_CONFIG: Array<u64> = Array::with_max_entries(1, 0);
+static SKB_CONFIG: Array<u64> = Array::with_max_entries(2, 0);
+const SKB_STRP_OFFSET: u32 = 0;
+const SKB_TCP_SEQ: u32 = 1;
 
 /// Established TCP sockets in the agent's cgroup, by 4-tuple, with their
 /// cookie (so the agent can tell the socket it finds in a process is the
@@ -182,14 +185,14 @@ fn check_limit(key: &SockKey, peer: *mut Peer, sent: u64) {
 /// Bytes arriving on a paired relay socket leave through its peer.
 #[stream_verdict]
 pub fn zc_verdict(ctx: SkBuffContext) -> u32 {
-    verdict(&ctx, 0)
+    verdict(&ctx, false, 0)
 }
 
 /// The verdict for `FOREIGN`, whose sockets have a stream parser: there a
 /// message starts `strp_offset` bytes into its skb.
 #[stream_verdict]
 pub fn zc_verdict_parsed(ctx: SkBuffContext) -> u32 {
-    verdict(&ctx, strp_offset(&ctx))
+    verdict(&ctx, true, strp_offset(&ctx))
 }
 
 /// Where the stream parser's message starts in the skb: past the bytes an
@@ -197,26 +200,96 @@ pub fn zc_verdict_parsed(ctx: SkBuffContext) -> u32 {
 /// offset of `strp_msg.offset` from the skb comes from BTF (STRP_CONFIG).
 #[inline(always)]
 fn strp_offset(ctx: &SkBuffContext) -> u32 {
-    let at = STRP_CONFIG.get(0).copied().unwrap_or(0);
+    skb_member(ctx, SKB_STRP_OFFSET).map_or(0, |off| off.min(ctx.len()))
+}
+
+/// A `u32` member of the skb behind `ctx`, at the offset user space found
+/// in BTF (`SKB_CONFIG[which]`); `None` when unknown or unreadable.
+#[inline(always)]
+fn skb_member(ctx: &SkBuffContext, which: u32) -> Option<u32> {
+    let at = SKB_CONFIG.get(which).copied().unwrap_or(0);
     if at == 0 {
-        return 0;
+        return None;
     }
     // SAFETY: the context's address is copied out through a probe read
-    // (see `sock_addr`), then the parser's offset read from it.
+    // (see `sock_addr`), then the member read from it.
     unsafe {
         let slot = [ctx.skb.skb as u64];
         match bpf_probe_read_kernel(slot.as_ptr()) {
-            Ok(addr) if addr != 0 => {
-                let off = bpf_probe_read_kernel((addr + at) as *const u32).unwrap_or(0);
-                off.min(ctx.len())
-            }
-            _ => 0,
+            Ok(addr) if addr != 0 => bpf_probe_read_kernel((addr + at) as *const u32).ok(),
+            _ => None,
         }
     }
 }
 
+/// The most `bpf_skb_adjust_room` removes from an sk_skb in one call
+/// (net/core/filter.c, `sk_skb_adjust_room`: more is -EFAULT).
+const ADJUST_ROOM_MAX: u32 = 0xfff;
+
+/// Cuts off the front of a retransmitted skb what the verdict already
+/// handled, and returns how many bytes are left (`None`: nothing new).
+///
+/// TCP queues a segment that starts before `rcv_nxt` whole, old bytes
+/// included (tcp_data_queue, "partial packet"); `tcp_recvmsg` skips them
+/// by sequence number, but `tcp_read_skb`, which feeds this verdict,
+/// hands over the whole skb. Redirected or passed as it is, the old bytes
+/// reach the peer twice: seen on 6.18 as one full skb delivered twice at
+/// the end of a held stream (a spurious retransmission carrying old data
+/// and the FIN), reproduced with a crafted segment. So the verdict keeps
+/// its own cursor, the sequence number after the last byte it handled.
 #[inline(always)]
-fn verdict(ctx: &SkBuffContext, offset: u32) -> u32 {
+fn skip_handled(ctx: &SkBuffContext, flow: *mut Flow, len: u32) -> Option<u32> {
+    let Some(seq) = skb_member(ctx, SKB_TCP_SEQ) else {
+        return Some(len);
+    };
+    // SAFETY: see FLOW; one writer per key at a time.
+    let (known, cursor) = unsafe { ((*flow).seq_known != 0, (*flow).next_seq) };
+    let end = seq.wrapping_add(len);
+    // Sequence numbers wrap: compare as a signed distance (RFC 1982).
+    let old = cursor.wrapping_sub(seq) as i32;
+    if !known || old <= 0 {
+        // SAFETY: as above.
+        unsafe {
+            (*flow).next_seq = end;
+            (*flow).seq_known = 1;
+        }
+        return Some(len);
+    }
+    let old = old as u32;
+    // SAFETY: as above.
+    unsafe {
+        if old >= len {
+            // Only the FIN on it is new (TCP drops segments with nothing
+            // new before they are queued).
+            (*flow).trimmed += u64::from(len);
+            return None;
+        }
+        (*flow).trimmed += u64::from(old);
+        (*flow).next_seq = end;
+    }
+    // A retransmission is at most one GSO skb (64 KiB): 17 steps suffice.
+    let mut left = old;
+    for _ in 0..17 {
+        if left == 0 {
+            break;
+        }
+        let step = left.min(ADJUST_ROOM_MAX);
+        if ctx.adjust_room(-(step as i32), 0, 0).is_err() {
+            break;
+        }
+        left -= step;
+    }
+    if left != 0 {
+        debug!(
+            ctx,
+            "zc_verdict: could not cut {} old bytes off an skb", left
+        );
+    }
+    Some(ctx.len())
+}
+
+#[inline(always)]
+fn verdict(ctx: &SkBuffContext, parsed: bool, offset: u32) -> u32 {
     let key = key_of!(ctx.skb.skb);
     // One lookup serves the whole run: the destination, the hold flag
     // and the limit all live in this entry.
@@ -232,7 +305,7 @@ fn verdict(ctx: &SkBuffContext, offset: u32) -> u32 {
         );
         return sk_action::SK_PASS;
     };
-    let len = ctx.len() - offset;
+    let mut len = ctx.len() - offset;
     if len == 0 {
         // A bare FIN. TCP has already recorded the shutdown; redirecting
         // an empty skb makes the peer's psock backlog send 0 bytes, which
@@ -244,6 +317,14 @@ fn verdict(ctx: &SkBuffContext, offset: u32) -> u32 {
     let Some(flow) = FLOW.get_ptr_mut(&key) else {
         return sk_action::SK_PASS;
     };
+    // With a stream parser the kernel reads by sequence number and hands
+    // over no old bytes (`offset` marks bytes the owner read before).
+    if !parsed {
+        match skip_handled(ctx, flow, len) {
+            Some(n) => len = n,
+            None => return sk_action::SK_DROP,
+        }
+    }
     // SAFETY: the value is only read.
     let forwarded = unsafe { FORWARDED.get(&key) }.copied().unwrap_or(0);
     // SAFETY: see FLOW; one writer per key at a time.

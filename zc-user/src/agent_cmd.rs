@@ -227,37 +227,13 @@ fn load_bpf(dir: &std::path::Path) -> Result<(Programs, Option<String>)> {
     Ok((progs, no_fin_hold))
 }
 
-/// `given`, or the root of the cgroup2 hierarchy from /proc/mounts.
+/// `given`, or the root of the cgroup2 hierarchy.
 fn cgroup_root(given: Option<&std::path::Path>) -> Result<PathBuf> {
-    if let Some(p) = given {
-        return Ok(p.to_path_buf());
+    match given {
+        Some(p) => Ok(p.to_path_buf()),
+        None => zc_user::host::cgroup2_root().context("finding the cgroup2 hierarchy"),
     }
-    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-    if let Some(root) = mounts.lines().find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
-    }) {
-        return Ok(root);
-    }
-    // A host with cgroup v1 only: the v2 hierarchy exists all the same (every
-    // process is in its root), it is just not mounted.
-    let root = PathBuf::from(CGROUP2_MOUNT);
-    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-    mount_fs("cgroup2", &root).with_context(|| {
-        format!(
-            "no cgroup2 hierarchy is mounted, and mounting one on {} failed",
-            root.display()
-        )
-    })?;
-    info!(
-        "mounted the cgroup2 hierarchy on {} (the host had none)",
-        root.display()
-    );
-    Ok(root)
 }
-
-/// Where the agent mounts the cgroup2 hierarchy when the host has none.
-const CGROUP2_MOUNT: &str = "/run/zc/cgroup2";
 
 fn cleanup(args: &AgentArgs) -> Result<()> {
     if control::connect_control(&args.socket).is_ok() {
@@ -318,21 +294,8 @@ fn ensure_bpffs(dir: &std::path::Path) -> Result<()> {
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
         return Ok(());
     }
-    mount_fs("bpf", root).context("mounting bpffs on /sys/fs/bpf")?;
+    zc_user::host::mount_fs("bpf", root).context("mounting bpffs on /sys/fs/bpf")?;
     info!("mounted bpffs on /sys/fs/bpf");
-    Ok(())
-}
-
-/// Mounts a pseudo filesystem (`fstype` names the source too) on `target`.
-fn mount_fs(fstype: &str, target: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let fs = std::ffi::CString::new(fstype)?;
-    let at = std::ffi::CString::new(target.as_os_str().as_bytes())?;
-    // SAFETY: valid NUL-terminated strings; no data argument.
-    let rc = unsafe { libc::mount(fs.as_ptr(), at.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
     Ok(())
 }
 

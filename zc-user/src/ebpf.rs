@@ -177,7 +177,7 @@ impl Programs {
         attach_skb(&mut ebpf, "zc_verdict", &relay)?;
         attach_skb(&mut ebpf, "zc_verdict_parsed", &foreign)?;
         attach_skb(&mut ebpf, "zc_parser", &foreign)?;
-        configure_strp_offset(&mut ebpf);
+        configure_skb_offsets(&mut ebpf);
 
         let msg: &mut SkMsg = ebpf
             .program_mut("zc_msg")
@@ -798,28 +798,45 @@ fn attach_skb(
 /// Tells the programs where the stream parser keeps a message's offset in
 /// an skb (from BTF). Without it they assume offset 0, which holds for
 /// sockets paired with nothing read from a partly consumed skb.
-fn configure_strp_offset(ebpf: &mut Ebpf) {
-    let at = crate::btf::Offsets::of_running_kernel(&[
+/// Tells the verdict where two members sit in an skb (`SKB_CONFIG`):
+/// the stream parser's offset into a partly read skb, and the TCP
+/// sequence number it uses to skip retransmitted bytes it already handled.
+fn configure_skb_offsets(ebpf: &mut Ebpf) {
+    let offsets = crate::btf::Offsets::of_running_kernel(&[
         ("sk_buff", "cb"),
         ("sk_skb_cb", "strp"),
         ("_strp_msg", "strp"),
         ("strp_msg", "offset"),
-    ])
-    .and_then(|o| {
-        Ok(o.get("sk_buff", "cb")?
-            + o.get("sk_skb_cb", "strp")?
-            + o.get("_strp_msg", "strp")?
-            + o.get("strp_msg", "offset")?)
-    });
-    let set = |at: u32| -> anyhow::Result<()> {
+        ("tcp_skb_cb", "seq"),
+    ]);
+    let strp = offsets
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e:#}"))
+        .and_then(|o| {
+            Ok(o.get("sk_buff", "cb")?
+                + o.get("sk_skb_cb", "strp")?
+                + o.get("_strp_msg", "strp")?
+                + o.get("strp_msg", "offset")?)
+        });
+    let seq = offsets
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e:#}"))
+        .and_then(|o| Ok(o.get("sk_buff", "cb")? + o.get("tcp_skb_cb", "seq")?));
+    let mut set = |slot: u32, at: u32| -> anyhow::Result<()> {
         let map = ebpf
-            .map_mut("STRP_CONFIG")
-            .ok_or_else(|| anyhow::anyhow!("no STRP_CONFIG map"))?;
-        aya::maps::Array::<_, u64>::try_from(map)?.set(0, u64::from(at), 0)?;
+            .map_mut("SKB_CONFIG")
+            .ok_or_else(|| anyhow::anyhow!("no SKB_CONFIG map"))?;
+        aya::maps::Array::<_, u64>::try_from(map)?.set(slot, u64::from(at), 0)?;
         Ok(())
     };
-    if let Err(e) = at.and_then(set) {
+    if let Err(e) = strp.and_then(|at| set(0, at)) {
         warn!("the stream parser's offset is unknown ({e:#}); pair only idle sockets");
+    }
+    if let Err(e) = seq.and_then(|at| set(1, at)) {
+        warn!(
+            "the TCP sequence number of an skb is unknown ({e:#}); a retransmission that \
+             overlaps bytes already relayed would deliver them twice"
+        );
     }
 }
 

@@ -3,6 +3,7 @@ pub mod agent;
 pub mod btf;
 pub mod ebpf;
 pub mod engine;
+pub mod host;
 pub mod probe;
 pub mod relay;
 pub mod sys;
