@@ -187,11 +187,12 @@ struct RelayArgs {
     #[arg(long, value_name = "BYTES", default_value_t = zc_user::engine::bpf::DEFAULT_SNDBUF)]
     sndbuf: usize,
     /// bpf mode: most bytes one direction may have waiting in the kernel's
-    /// redirect queue before zc holds the sender back (default 0: no bound,
-    /// as the kernel does; a slow reader then costs kernel memory). A bound
-    /// such as 33554432 turns a slow reader into TCP backpressure, but on
-    /// 6.18 a held stream occasionally has one skb redirected twice; zc then
-    /// resets the connection (the receiver has already seen the duplicate).
+    /// redirect queue before zc holds the sender back. Beyond it the verdict
+    /// passes arriving bytes to the socket's own receive queue, where TCP
+    /// flow control stops the sender, and zc forwards them once the reader
+    /// caught up; then the kernel path takes over again. A reader that never
+    /// reads costs about this much kernel memory per direction, plus socket
+    /// buffers. 0: no bound (the kernel's own behaviour).
     #[arg(long, value_name = "BYTES", default_value_t = zc_user::engine::bpf::DEFAULT_WINDOW)]
     window: u64,
     /// Most connections relayed at once; further clients wait in the

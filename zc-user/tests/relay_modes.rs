@@ -52,19 +52,6 @@ fn bpf() -> Subject {
     }
 }
 
-/// BPF with holding back enabled (`--window`), which bounds the kernel's
-/// redirect backlog; the default leaves it unbounded.
-fn bpf_windowed() -> Subject {
-    let progs = programs();
-    let watcher = zc_user::watch::Watcher::start().expect("watcher");
-    Subject {
-        engine: zc_user::engine::Engine::Bpf(
-            zc_user::engine::bpf::BpfEngine::new(progs.clone(), watcher).with_window(32 << 20),
-        ),
-        progs: Some(progs),
-    }
-}
-
 /// Accepts one connection on a fresh listener after `connect` ran.
 async fn socket_pair(addr: &str) -> (TcpStream, TcpStream) {
     let l = TcpListener::bind(addr).await.expect("bind");
@@ -303,8 +290,11 @@ async fn slow_reader_gets_backpressure_without_loss(subject: Subject) {
         "writer got {} MiB into the relay while the reader slept",
         last >> 20
     );
+    // What a sleeping reader may cost: socket buffers, a pipe, and in BPF
+    // mode the default window (4 MiB) of redirect backlog. Measured 7-8 MiB
+    // for copy and bpf, 14 MiB for splice; unbounded, bpf took all 512.
     assert!(
-        last < 128 << 20,
+        last < 32 << 20,
         "the writer pushed {} MiB into a relay whose reader sleeps: no backpressure",
         last >> 20
     );
@@ -463,6 +453,7 @@ macro_rules! mode_tests {
     };
 }
 
-mode_tests!(bpf, bpf_windowed);
+// BPF mode bounds its redirect backlog by default (`--window`).
+mode_tests!(bpf, bpf);
 mode_tests!(splice, splice);
 mode_tests!(copy, copy);

@@ -52,14 +52,16 @@ use crate::{
 pub const DEFAULT_SNDBUF: usize = 16 << 20;
 
 /// Default bound on the bytes one direction may have queued in the
-/// kernel's redirect backlog: none, as the kernel does. Holding back
-/// (`--window N`) bounds it, but on 6.18 a held stream sometimes has one
-/// skb run through the verdict twice (the flow counters then exceed the
-/// bytes TCP received by exactly one MSS, and the receiver gets those
-/// bytes twice; measured with `zc bench`, see BENCHMARKS.md). zc detects
-/// that and resets the connection rather than end it cleanly, but the
-/// duplicate has already been delivered, so holding is opt-in.
-pub const DEFAULT_WINDOW: u64 = 0;
+/// kernel's redirect backlog before the sender is held back. A few MiB
+/// keep a bulk stream on the kernel path (BENCHMARKS.md) while a reader
+/// that stops costs little kernel memory.
+///
+/// Holding used to be opt-in: on 6.18 a held stream sometimes got one skb
+/// twice. The cause was a spurious TCP retransmission overlapping bytes
+/// already handled, which `tcp_read_skb` hands to the verdict whole; the
+/// verdict now skips those bytes (zc-ebpf, `skip_handled`; tested by
+/// tests/retransmit_overlap.rs).
+pub const DEFAULT_WINDOW: u64 = 4 << 20;
 
 #[derive(Clone)]
 pub struct BpfEngine {
@@ -123,6 +125,8 @@ struct Pair<'a> {
     /// Bytes of each direction moved by user space: copied (not in relay)
     /// or forwarded (passed by the verdict while held).
     by_user: &'a [AtomicU64; 2],
+    /// Times a direction was held back (moved to user space).
+    holds: u64,
 }
 
 /// The pair must be reset.
@@ -267,6 +271,7 @@ impl BpfEngine {
             forwarding: [false; 2],
             done: [false; 2],
             by_user: &by_user,
+            holds: 0,
         };
         let outcome = pair.run(&mut events, &mut limits).await;
         let reset_happened = outcome.is_err();
@@ -285,6 +290,7 @@ impl BpfEngine {
             a_to_b: moved[0],
             b_to_a: moved[1],
             reset: reset_happened,
+            holds: pair.holds,
         })
     }
 }
@@ -416,7 +422,11 @@ impl<'a> Pair<'a> {
         let f = self.flow(src)?;
         let mut task: Task<'a, Forwarded> = None;
         if !self.forwarding[src] && !self.done[src] {
-            let taken = written(self.socks[dst], self.base[dst])?
+            // Bytes count as waiting until the destination's remote end
+            // acknowledged them: queued in its send buffer is in the kernel
+            // too, so the window bounds the redirect queue and send buffer
+            // together.
+            let taken = acked(self.socks[dst], self.base[dst])?
                 .saturating_sub(self.by_user[src].load(Ordering::Relaxed));
             let lag = f.sent.saturating_sub(taken);
             if lag > window {
@@ -428,6 +438,7 @@ impl<'a> Pair<'a> {
                 // later run sees the hold.
                 sys::kick_data_ready(self.socks[src].as_fd())?;
                 self.forwarding[src] = true;
+                self.holds += 1;
                 let fwd = Forwarder {
                     progs: self.engine.progs.clone(),
                     key: self.keys[src],
@@ -436,6 +447,7 @@ impl<'a> Pair<'a> {
                     dst: (self.socks[dst], self.base[dst]),
                     dst_io: to_tokio(self.socks[dst].try_clone()?).map_err(|_| Abort)?,
                     by_user: &self.by_user[src],
+                    resume_below: window / 2,
                 };
                 task = Some(Box::pin(fwd.run()));
             }
@@ -468,20 +480,27 @@ fn all_accounted(received: u64, f: zc_common::Flow, read: u64) -> bool {
     f.passed <= read && received <= f.sent + read
 }
 
-/// The verdict saw more bytes than TCP received: the kernel ran it twice
-/// on some skb, and the destination got those bytes twice. The stream is
-/// damaged; the caller resets both sides so nobody takes it as complete.
+/// The verdict saw more bytes than TCP received. It skips retransmitted
+/// bytes it already handled, so this should never happen; if it does, the
+/// destination may have got bytes twice, and the caller resets both sides
+/// so nobody takes the stream as complete.
 fn duplicated(received: u64, f: zc_common::Flow) -> Result<(), Abort> {
     let seen = f.sent + f.passed;
     if seen > received {
         log::error!(
-            "the kernel ran the verdict twice on {} bytes of a held stream; resetting the \
-             connection (run without --window to avoid holding)",
+            "the verdict handled {} bytes more than TCP received; resetting the connection",
             seen - received
         );
         return Err(Abort);
     }
     Ok(())
+}
+
+/// Bytes written into `s` since pairing and acknowledged by its remote end.
+fn acked(s: &TcpStream, base: Base) -> Result<u64, Abort> {
+    Ok(sys::tcp_info(s.as_fd())?
+        .bytes_acked
+        .saturating_sub(base.written))
 }
 
 /// Bytes written into `s` since pairing.
@@ -516,6 +535,33 @@ async fn wait_caught_up(
     }
 }
 
+/// Waits until fewer than `below` bytes of the direction from `src` wait
+/// in the kernel for `dst`'s reader: redirected or forwarded, and not yet
+/// acknowledged by `dst`'s remote end.
+async fn wait_drained(
+    progs: &Programs,
+    src: SockKey,
+    dst: &TcpStream,
+    dbase: Base,
+    by_user: &AtomicU64,
+    below: u64,
+) -> Result<(), Abort> {
+    let mut wait = Backoff::new();
+    loop {
+        let moved = progs.flow(&src).ok_or(Abort)?.sent + by_user.load(Ordering::Relaxed);
+        let waiting = moved.saturating_sub(acked(dst, dbase)?);
+        if waiting < below {
+            return Ok(());
+        }
+        if failed(dst) {
+            debug!("destination failed while its reader lagged");
+            return Err(Abort);
+        }
+        wait.sleep(|| debug!("{waiting} bytes wait for a slow reader"))
+            .await;
+    }
+}
+
 /// Forwards what the verdict passed to `src`'s own receive queue while
 /// held. First lets the destination take everything already redirected
 /// (so forwarded bytes follow them), then releases the hold: the verdict
@@ -529,6 +575,10 @@ struct Forwarder<'a> {
     dst: (&'a TcpStream, Base),
     dst_io: tokio::net::TcpStream,
     by_user: &'a AtomicU64,
+    /// The hold lasts until fewer bytes than this wait for the
+    /// destination's reader (half the window, so a reader that keeps up
+    /// only just does not flip the direction back and forth).
+    resume_below: u64,
 }
 
 impl Forwarder<'_> {
@@ -541,9 +591,10 @@ impl Forwarder<'_> {
             dst: (dst, dbase),
             dst_io,
             by_user,
+            resume_below,
         } = self;
+        wait_drained(&progs, key, dst, dbase, by_user, resume_below).await?;
         wait_caught_up(&progs, key, dst, dbase, by_user).await?;
-        let released_at = progs.flow(&key).ok_or(Abort)?.sent;
         progs.set_hold(&key, false)?;
         let mut buf = vec![0u8; copy::DEFAULT_BUFFER];
         let mut eof_wait: Option<Backoff> = None;
@@ -585,9 +636,17 @@ impl Forwarder<'_> {
                     progs.set_forwarded(&key, by_user.load(Ordering::Relaxed))?;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    let f = progs.flow(&key).ok_or(Abort)?;
-                    if f.passed == by_user.load(Ordering::Relaxed) && f.sent > released_at {
-                        return Ok(Forwarded::BackToKernel);
+                    // Everything passed is forwarded: every later verdict
+                    // run redirects. One already under way may have read
+                    // the old forwarded count and still pass its skb; it
+                    // runs under the socket's lock, so taking the lock once
+                    // waits it out, and a second look tells.
+                    let done = |f: zc_common::Flow| f.passed == by_user.load(Ordering::Relaxed);
+                    if done(progs.flow(&key).ok_or(Abort)?) {
+                        sys::kick_data_ready(src_std.as_fd())?;
+                        if done(progs.flow(&key).ok_or(Abort)?) {
+                            return Ok(Forwarded::BackToKernel);
+                        }
                     }
                 }
                 Err(e) => return Err(e.into()),

@@ -71,6 +71,7 @@ pub fn finish(a: &TcpStream, b: &TcpStream, failed: bool, counts: &[AtomicU64; 2
         a_to_b: counts[0].load(Ordering::Relaxed),
         b_to_a: counts[1].load(Ordering::Relaxed),
         reset: failed,
+        holds: 0,
     }
 }
 

@@ -18,6 +18,9 @@ pub struct Summary {
     pub b_to_a: u64,
     /// One side was reset or failed, and the other was reset in turn.
     pub reset: bool,
+    /// BPF engine: times a direction was held back because its reader lagged
+    /// by more than the window, and forwarded in user space until it caught up.
+    pub holds: u64,
 }
 
 /// Which data path moves the bytes.
