@@ -457,14 +457,19 @@ impl Agent {
         self.pairs()
             .values()
             .map(|e| {
-                let c = match (&e.counts, &self.progs) {
-                    (Some(n), _) => [0, 1].map(|i| zc_common::Counters {
-                        bytes: n[i].load(Ordering::Relaxed),
-                        ..Default::default()
-                    }),
-                    (None, Some(progs)) => e.keys.map(|k| progs.counters(&k).unwrap_or_default()),
-                    (None, None) => Default::default(),
+                // What the kernel carried (BPF pairs) plus what user space
+                // moved (splice and copy pairs, held BPF directions).
+                let kernel = match &self.progs {
+                    Some(progs) => e.keys.map(|k| progs.counters(&k).unwrap_or_default()),
+                    None => Default::default(),
                 };
+                let c = [0, 1].map(|i| zc_common::Counters {
+                    bytes: kernel[i].bytes
+                        + e.counts
+                            .as_ref()
+                            .map_or(0, |n| n[i].load(Ordering::Relaxed)),
+                    ..kernel[i]
+                });
                 proto::PairStats {
                     id: e.info.id,
                     sockets: e.info.sockets.clone(),
@@ -647,15 +652,19 @@ impl Agent {
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let me = self.clone();
-        let counts = match (&self.owned, foreign) {
-            (Engine::Bpf(_), _) | (_, true) => None,
-            _ => Some(Counts::default()),
-        };
+        // Foreign pairs move only through the kernel (no window: user space
+        // must never touch another process's sockets).
+        let counts = (!foreign).then(Counts::default);
         let live = counts.clone();
         let task = tokio::spawn(async move {
             let end = match (&me.foreign, &me.owned, live) {
-                (Some(e), _, _) if foreign => e.relay_reporting(a, b, Some(tx)).await,
-                (_, Engine::Bpf(e), _) => e.relay_reporting(a, b, Some(tx)).await,
+                (Some(e), _, _) if foreign => {
+                    e.relay_reporting(a, b, Some(tx), Counts::default()).await
+                }
+                (_, Engine::Bpf(e), live) => {
+                    e.relay_reporting(a, b, Some(tx), live.unwrap_or_default())
+                        .await
+                }
                 (_, other, live) => {
                     // Splice and copy take any connected pair at once.
                     let _ = tx.send(Ok(keys));

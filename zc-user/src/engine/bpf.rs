@@ -189,16 +189,20 @@ impl BpfEngine {
     }
 
     pub async fn relay(&self, a: TcpStream, b: TcpStream) -> Result<Summary> {
-        self.relay_reporting(a, b, None).await
+        self.relay_reporting(a, b, None, super::Counts::default())
+            .await
     }
 
     /// [`Self::relay`], telling `report` as soon as the pair is in the
-    /// kernel (or why not).
+    /// kernel (or why not), and keeping `by_user` up to date with the bytes
+    /// user space moved (held directions; the kernel's share is in the
+    /// verdict's counters).
     pub async fn relay_reporting(
         &self,
         a: TcpStream,
         b: TcpStream,
         report: Option<PairedReport>,
+        by_user: super::Counts,
     ) -> Result<Summary> {
         let fail = |report: Option<PairedReport>, e: &anyhow::Error| {
             if let Some(r) = report {
@@ -261,7 +265,7 @@ impl BpfEngine {
             self.progs.limit_events(pairing.keys[0]),
             self.progs.limit_events(pairing.keys[1]),
         ];
-        let by_user = [AtomicU64::new(0), AtomicU64::new(0)];
+        let by_user: &[AtomicU64; 2] = &by_user;
         let mut pair = Pair {
             engine: self,
             socks,
@@ -270,7 +274,7 @@ impl BpfEngine {
             in_relay: pairing.in_relay,
             forwarding: [false; 2],
             done: [false; 2],
-            by_user: &by_user,
+            by_user,
             holds: 0,
         };
         let outcome = pair.run(&mut events, &mut limits).await;

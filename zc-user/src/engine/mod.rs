@@ -67,8 +67,9 @@ impl Engine {
         self.relay_counted(a, b, Counts::default()).await
     }
 
-    /// [`Self::relay`], keeping `counts` up to date as bytes move (splice
-    /// and copy; the BPF engine's counts are the verdict's counters).
+    /// [`Self::relay`], keeping `counts` up to date with the bytes user
+    /// space moves (all of them in splice and copy mode; in BPF mode those
+    /// of held directions, the rest being in the verdict's counters).
     pub async fn relay_counted(
         &self,
         a: TcpStream,
@@ -76,7 +77,7 @@ impl Engine {
         counts: Counts,
     ) -> Result<Summary> {
         match self {
-            Engine::Bpf(e) => e.relay(a, b).await,
+            Engine::Bpf(e) => e.relay_reporting(a, b, None, counts).await,
             Engine::Splice(e) => e.relay_counted(a, b, counts).await,
             Engine::Copy(e) => e.relay_counted(a, b, counts).await,
         }
