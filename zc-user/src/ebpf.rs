@@ -114,6 +114,9 @@ pub struct Programs {
     /// Set when pairs must outlive this process (a pinned agent stopping
     /// without --unpin-on-exit): ending relays then leave the maps alone.
     retain: Arc<std::sync::atomic::AtomicBool>,
+    /// Bytes the programs redirected for pairs that have been removed, so
+    /// [`Self::kernel_bytes`] covers ended pairs too.
+    retired: Arc<std::sync::atomic::AtomicU64>,
     /// Interfaces the FIN hold has looked at (attached or skipped).
     hold_ifaces: Arc<Mutex<std::collections::HashSet<u32>>>,
     /// Where the maps are pinned ([`Self::load_pinned`]); the FIN hold's
@@ -203,6 +206,7 @@ impl Programs {
             })),
             listeners,
             retain: Arc::default(),
+            retired: Arc::default(),
             hold_ifaces: Arc::default(),
             pin_dir: None,
             _ebpf: Arc::new(Mutex::new(ebpf)),
@@ -652,6 +656,13 @@ impl Programs {
     /// program maps before `TARGETS`, so no redirect targets a socket that
     /// is half removed.
     pub fn unpair(&self, keys: &[SockKey]) {
+        let carried: u64 = keys
+            .iter()
+            .filter_map(|k| self.counters(k))
+            .map(|c| c.bytes)
+            .sum();
+        self.retired
+            .fetch_add(carried, std::sync::atomic::Ordering::Relaxed);
         remove_locked(&mut self.maps(), keys);
         let mut l = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
         for k in keys {
@@ -709,6 +720,21 @@ impl Programs {
             .unwrap_or_else(|p| p.into_inner())
             .insert(key, tx);
         rx
+    }
+
+    /// Every byte these programs redirected (sk_skb and sk_msg), for pairs
+    /// alive now and pairs since removed: what the kernel path carried, as
+    /// opposed to what zc moved in user space.
+    pub fn kernel_bytes(&self) -> u64 {
+        let live: u64 = {
+            let m = self.maps();
+            m.counters
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(_, per_cpu)| per_cpu.iter().map(|c| c.bytes).sum::<u64>())
+                .sum()
+        };
+        live + self.retired.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// What the programs redirected away from `key`, summed over CPUs.

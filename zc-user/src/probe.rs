@@ -138,6 +138,16 @@ async fn self_test(progs: &Programs) -> Result<(), String> {
                 return Err(format!("{what}: byte {i} arrived damaged"));
             }
         }
+        // Intact bytes prove nothing about the path: a user-space copy
+        // delivers them too. The verdict's counters say what the kernel
+        // carried (a held direction may take some through user space).
+        let carried = progs.kernel_bytes();
+        if carried < PROBE_BYTES as u64 {
+            return Err(format!(
+                "the bytes arrived, but the kernel carried only {carried} of {}",
+                2 * PROBE_BYTES
+            ));
+        }
         Ok(())
     };
     let result = match tokio::time::timeout(PROBE_DEADLINE, run).await {

@@ -20,9 +20,18 @@ struct Subject {
 }
 
 impl Subject {
-    async fn finish(self) {
+    /// Checks what the mode must leave behind, and in BPF mode that the
+    /// kernel carried at least `kernel_min` bytes: digests alone cannot
+    /// tell the kernel path from a silent fallback to user space.
+    async fn finish(self, kernel_min: u64) {
         if let Some(p) = &self.progs {
             assert_maps_empty(p).await;
+            let carried = p.kernel_bytes();
+            assert!(
+                carried >= kernel_min,
+                "the kernel carried {carried} bytes, expected at least {kernel_min}: \
+                 the stream went through user space"
+            );
         }
     }
 }
@@ -89,7 +98,7 @@ async fn random_sizes_both_ways(subject: Subject) {
     assert_eq!(srv_got, sent, "client->server stream differs");
     assert_eq!(got, srv_sent, "server->client stream differs");
     relay.stop().await;
-    subject.finish().await;
+    subject.finish(24 << 20 /* of 48 MiB */).await;
 }
 
 async fn tiny_writes_both_ways(subject: Subject) {
@@ -102,7 +111,7 @@ async fn tiny_writes_both_ways(subject: Subject) {
     assert_eq!(srv_got, sent);
     assert_eq!(got, srv_sent);
     relay.stop().await;
-    subject.finish().await;
+    subject.finish(64 << 10 /* of 128 KiB */).await;
 }
 
 async fn ipv6_both_ways(subject: Subject) {
@@ -115,7 +124,7 @@ async fn ipv6_both_ways(subject: Subject) {
     assert_eq!(srv_got, sent);
     assert_eq!(got, srv_sent);
     relay.stop().await;
-    subject.finish().await;
+    subject.finish(8 << 20 /* of 16 MiB */).await;
 }
 
 /// Both ends talk before the relay has joined the sockets: those bytes
@@ -152,7 +161,7 @@ async fn bytes_sent_before_pairing_arrive_first(subject: Subject) {
     assert_eq!(at_client, "server banner; then more");
     let summary = task.await.expect("relay task");
     assert!(!summary.reset);
-    subject.finish().await;
+    subject.finish(10 /* " then more", both ways */).await;
 }
 
 async fn wait_inq(s: &TcpStream, n: u64) {
@@ -218,7 +227,7 @@ async fn half_close_arrives_after_all_bytes(subject: Subject, client_first: bool
         (summary.a_to_b, summary.b_to_a, summary.reset),
         (up, down, false)
     );
-    subject.finish().await;
+    subject.finish(4 << 20 /* of 20 MiB */).await;
 }
 
 /// A reset on one side reaches the other as an error, not as EOF.
@@ -249,7 +258,7 @@ async fn reset_reaches_the_other_side(subject: Subject, client_resets: bool) {
     );
     let summary = task.await.expect("relay task");
     assert!(summary.reset);
-    subject.finish().await;
+    subject.finish(4 /* "ping" */).await;
 }
 
 /// The server reads nothing for a while: the client must be held back
@@ -307,7 +316,7 @@ async fn slow_reader_gets_backpressure_without_loss(subject: Subject) {
     drop(client);
     drop(server);
     let _ = task.await;
-    subject.finish().await;
+    subject.finish(64 << 20 /* of 512 MiB */).await;
 }
 
 /// 1,000 connections open at once, each verified in both directions.
@@ -373,7 +382,7 @@ async fn thousand_concurrent_connections(subject: Subject) {
         assert_eq!(*srv_sent, got, "a server stream arrived damaged");
     }
     relay.stop().await;
-    subject.finish().await;
+    subject.finish(64 << 20 /* of 1,000 x 128 KiB */).await;
 }
 
 fn process_threads_and_pipes() -> (usize, usize) {
