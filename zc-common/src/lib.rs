@@ -71,6 +71,9 @@ pub struct Peer {
     /// Byte total beyond which user space wants to look at the
     /// destination's backlog.
     pub limit: u64,
+    /// Redirected-skb total ([`Flow::sent_msgs`]) beyond which user space
+    /// wants a report too (it watches the average skb size).
+    pub msg_limit: u64,
 }
 
 /// What the verdict program did with a relay socket's bytes. Written only
@@ -86,6 +89,11 @@ pub struct Flow {
     /// Bytes the verdict cut off the front of retransmitted skbs because
     /// it had already handled them (see `zc_verdict`).
     pub trimmed: u64,
+    /// Skbs redirected (see `sent`).
+    pub sent_msgs: u64,
+    /// Skbs passed (see `passed`), so user space can tell small segments
+    /// from bulk while it forwards a direction.
+    pub passed_msgs: u64,
     /// TCP sequence number just past the last byte the verdict handled.
     pub next_seq: u32,
     /// Non-zero once `next_seq` is set (by the first skb after pairing).
@@ -147,11 +155,11 @@ mod tests {
         assert_eq!(core::mem::size_of::<SockKey>(), 4 * 3 + 16 * 2);
         assert_eq!(
             core::mem::size_of::<Peer>(),
-            core::mem::size_of::<SockKey>() + 4 * 3 + 8
+            core::mem::size_of::<SockKey>() + 4 * 3 + 8 + 8
         );
         assert_eq!(core::mem::offset_of!(Peer, limit) % 8, 0);
         assert_eq!(core::mem::size_of::<Counters>(), 24);
-        assert_eq!(core::mem::size_of::<Flow>(), 32);
+        assert_eq!(core::mem::size_of::<Flow>(), 48);
     }
 
     #[test]

@@ -170,12 +170,12 @@ fn count(key: &SockKey, len: u32, ok: bool) {
 /// armed limit, so it can compare with what the destination has taken:
 /// the kernel's redirect queue has no bound of its own.
 #[inline(always)]
-fn check_limit(key: &SockKey, peer: *mut Peer, sent: u64) {
+fn check_limit(key: &SockKey, peer: *mut Peer, sent: u64, msgs: u64) {
     // SAFETY: `peer` points at the live map element looked up by the
     // caller; a racing user-space update replaces the whole element, and
     // a write to the old one is lost harmlessly.
     unsafe {
-        if (*peer).armed != 0 && sent > (*peer).limit {
+        if (*peer).armed != 0 && (sent > (*peer).limit || msgs > (*peer).msg_limit) {
             (*peer).armed = 0;
             let _ = EVENTS.output::<SockKey>(key, 0);
         }
@@ -333,6 +333,7 @@ fn verdict(ctx: &SkBuffContext, parsed: bool, offset: u32) -> u32 {
         // passing, so that every byte reaches the peer in arrival order.
         if peer.hold != 0 || (*flow).passed != forwarded {
             (*flow).passed += u64::from(len);
+            (*flow).passed_msgs += 1;
             return sk_action::SK_PASS;
         }
     }
@@ -342,12 +343,13 @@ fn verdict(ctx: &SkBuffContext, parsed: bool, offset: u32) -> u32 {
     count(&key, len, ok);
     if ok {
         // SAFETY: as above.
-        let sent = unsafe {
+        let (sent, msgs) = unsafe {
             (*flow).sent += u64::from(len);
-            (*flow).sent
+            (*flow).sent_msgs += 1;
+            ((*flow).sent, (*flow).sent_msgs)
         };
         if let Some(p) = peer_ptr {
-            check_limit(&key, p, sent);
+            check_limit(&key, p, sent, msgs);
         }
     } else {
         debug!(

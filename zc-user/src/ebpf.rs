@@ -387,6 +387,7 @@ impl Programs {
                 armed: u32::from(window > 0),
                 hold: 0,
                 limit: window,
+                msg_limit: u64::MAX,
             };
             m.peers
                 .insert(ka, peer(kb), 0)
@@ -698,9 +699,10 @@ impl Programs {
 
     /// Sets the next redirected-byte total at which `key` is reported, and
     /// arms the report.
-    pub fn rearm(&self, key: &SockKey, limit: u64) -> Result<(), PairError> {
+    pub fn rearm(&self, key: &SockKey, limit: u64, msg_limit: u64) -> Result<(), PairError> {
         self.update_peer(key, |p| {
             p.limit = limit;
+            p.msg_limit = msg_limit;
             p.armed = 1;
         })
     }

@@ -195,6 +195,13 @@ struct RelayArgs {
     /// buffers. 0: no bound (the kernel's own behaviour).
     #[arg(long, value_name = "BYTES", default_value_t = zc_user::engine::bpf::DEFAULT_WINDOW)]
     window: u64,
+    /// auto mode on the BPF path: a direction whose segments average fewer
+    /// bytes than this is forwarded in user space, where one read takes
+    /// many of them, and goes back to the kernel once they average twice
+    /// this (at most 60 KiB; checked every 512 segments). 0 keeps every
+    /// direction in the kernel, as `--mode bpf` does.
+    #[arg(long, value_name = "BYTES", default_value_t = zc_user::engine::bpf::DEFAULT_SMALL_SKB)]
+    small_skb: u64,
     /// Most connections relayed at once; further clients wait in the
     /// listen backlog.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
@@ -254,7 +261,13 @@ async fn relay(args: RelayArgs) -> Result<()> {
             Engine::Bpf(
                 BpfEngine::new(progs, watcher)
                     .with_sndbuf(args.sndbuf)
-                    .with_window(args.window),
+                    .with_window(args.window)
+                    // Auto mode picks the faster path per direction; a
+                    // forced `--mode bpf` keeps the pure kernel path.
+                    .with_adaptive(match args.mode {
+                        Mode::Auto => args.small_skb,
+                        _ => 0,
+                    }),
             )
         }
         Mode::Splice => {

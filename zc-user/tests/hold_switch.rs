@@ -145,3 +145,61 @@ async fn read_with_pauses(r: &mut tokio::net::tcp::OwnedReadHalf, total: u64, se
         hash: h.digest(),
     }
 }
+
+/// The adaptive path (`--mode auto`): a direction of small writes moves to
+/// user space, and the same connection's later bulk goes back to the
+/// kernel; every byte arrives once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_writes_move_to_user_space_and_bulk_returns_to_the_kernel() {
+    use tokio::io::AsyncWriteExt;
+    const SMALL: u64 = 4 << 20;
+    const BULK: u64 = 256 << 20;
+    let progs = programs();
+    let watcher = zc_user::watch::Watcher::start().expect("watcher");
+    let engine = BpfEngine::new(progs.clone(), watcher)
+        .with_adaptive(zc_user::engine::bpf::DEFAULT_SMALL_SKB);
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let client = TcpStream::connect(addr).await.expect("connect");
+    let (near, _) = l.accept().await.expect("accept");
+    let far = TcpStream::connect(addr).await.expect("connect");
+    let (mut server, _) = l.accept().await.expect("accept");
+    let (near, far) = (near.into_std().expect("std"), far.into_std().expect("std"));
+    let relay = tokio::spawn(async move { engine.relay(near, far).await.expect("relay") });
+    let writer = tokio::spawn(async move {
+        let mut client = client;
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut pattern = zc_user::traffic::Pattern::new(21);
+        for (total, size) in [(SMALL, 64), (BULK, 1 << 20)] {
+            let mut done = 0;
+            while done < total {
+                let buf = pattern.next(size);
+                client.write_all(buf).await.expect("write");
+                h.update(buf);
+                done += buf.len() as u64;
+            }
+        }
+        client.shutdown().await.expect("shutdown");
+        (h.digest(), client)
+    });
+    let got = tokio::time::timeout(HANG, recv_all(&mut server))
+        .await
+        .expect("stalled")
+        .expect("recv");
+    let (hash, client) = writer.await.expect("writer");
+    assert_eq!(got.bytes, SMALL + BULK);
+    assert_eq!(got.hash, hash, "the stream arrived damaged");
+    drop((client, server));
+    let summary = tokio::time::timeout(HANG, relay).await.expect("relay hung").expect("join");
+    let carried = progs.kernel_bytes();
+    eprintln!(
+        "{} moves to user space for small skbs; the kernel carried {carried} of {} bytes",
+        summary.small,
+        SMALL + BULK
+    );
+    assert!(summary.small >= 1, "64-byte writes never left the kernel path");
+    assert!(
+        carried >= BULK / 2,
+        "the bulk phase stayed in user space: the kernel carried only {carried} bytes"
+    );
+}

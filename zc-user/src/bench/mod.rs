@@ -40,7 +40,7 @@ pub struct BenchArgs {
     topology: Vec<TopologyName>,
     /// Systems: direct (no relay: the physical limit) and zc relay in each
     /// mode.
-    #[arg(long, value_enum, value_delimiter = ',', default_values = ["direct", "bpf", "splice", "copy"])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values = ["direct", "auto", "bpf", "splice", "copy"])]
     systems: Vec<SystemName>,
     /// Another relay to hold zc against, as NAME=COMMAND, repeatable. The
     /// command runs in the relay's place (under `sh -c`, in the relay
@@ -105,6 +105,10 @@ enum TopologyName {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum SystemName {
     Direct,
+    /// zc relay's default: BPF with the adaptive path (small segments in
+    /// user space).
+    Auto,
+    /// The pure kernel path (`--mode bpf`).
     Bpf,
     Splice,
     Copy,
@@ -213,6 +217,7 @@ impl Plan {
             .into_iter()
             .map(|s| match s {
                 SystemName::Direct => Spec::Direct,
+                SystemName::Auto => Spec::Zc("auto"),
                 SystemName::Bpf => Spec::Zc("bpf"),
                 SystemName::Splice => Spec::Zc("splice"),
                 SystemName::Copy => Spec::Zc("copy"),

@@ -61,7 +61,25 @@ pub const DEFAULT_SNDBUF: usize = 16 << 20;
 /// already handled, which `tcp_read_skb` hands to the verdict whole; the
 /// verdict now skips those bytes (zc-ebpf, `skip_handled`; tested by
 /// tests/retransmit_overlap.rs).
-pub const DEFAULT_WINDOW: u64 = 4 << 20;
+pub const DEFAULT_WINDOW: u64 = 16 << 20;
+
+/// Default size below which a direction's average skb counts as small and
+/// the direction is moved to user space (`--mode auto`). Each skb the
+/// kernel redirects costs a verdict run, a queue operation and a share of
+/// a worker wake-up, and leaves as a segment of its own; user space reads
+/// many small skbs at once and writes them as one. Measured in
+/// BENCHMARKS.md ("adaptive path").
+pub const DEFAULT_SMALL_SKB: u64 = 32 << 10;
+
+/// The average passed-skb size at which a direction moved to user space
+/// for its small skbs goes back to the kernel: twice the threshold, but no
+/// more than nearly full 64 KiB skbs, or a bulk stream could never return.
+/// (Skbs a user-space reader leaves in the queue coalesce, so they come
+/// out larger than the same traffic's skbs on the kernel path: a
+/// threshold without this gap flips the direction back and forth.)
+fn back_to_kernel_at(small_skb: u64) -> u64 {
+    (2 * small_skb).min(60 << 10).max(small_skb)
+}
 
 #[derive(Clone)]
 pub struct BpfEngine {
@@ -69,6 +87,9 @@ pub struct BpfEngine {
     watcher: Watcher,
     sndbuf: usize,
     window: u64,
+    /// Average skb size below which a direction is forwarded in user
+    /// space (0: never, the pure kernel path).
+    small_skb: u64,
     /// The sockets belong to another process (the agent pairing a proxy's
     /// sockets): zc must never read or write them itself, or it would race
     /// the owner's own reads and writes.
@@ -127,6 +148,11 @@ struct Pair<'a> {
     by_user: &'a [AtomicU64; 2],
     /// Times a direction was held back (moved to user space).
     holds: u64,
+    /// Times a direction of small skbs was moved to user space.
+    small: u64,
+    /// Each direction's redirected bytes and skbs at its last report, to
+    /// tell the average skb size since.
+    sampled: [(u64, u64); 2],
 }
 
 /// The pair must be reset.
@@ -163,6 +189,7 @@ impl BpfEngine {
             watcher,
             sndbuf: DEFAULT_SNDBUF,
             window: DEFAULT_WINDOW,
+            small_skb: 0,
             foreign: false,
         }
     }
@@ -180,6 +207,25 @@ impl BpfEngine {
     pub fn with_sndbuf(mut self, bytes: usize) -> Self {
         self.sndbuf = bytes;
         self
+    }
+
+    /// Moves a direction whose skbs average less than `bytes` to user
+    /// space, and back once they average twice that (0: never). Needs a
+    /// window: the verdict's reports drive the check.
+    pub fn with_adaptive(mut self, bytes: u64) -> Self {
+        self.small_skb = bytes;
+        self
+    }
+
+    /// The redirected-skb total at which the verdict should next report a
+    /// socket that has sent `f` so far: soon when adaptive, so a direction
+    /// of small skbs is found long before a window of them has passed.
+    fn msg_limit(&self, f: zc_common::Flow) -> u64 {
+        if self.small_skb == 0 || self.window == 0 {
+            u64::MAX
+        } else {
+            f.sent_msgs + ADAPT_MSGS
+        }
     }
 
     /// Backlog bound per direction (0: unbounded, as the kernel does).
@@ -265,6 +311,14 @@ impl BpfEngine {
             self.progs.limit_events(pairing.keys[0]),
             self.progs.limit_events(pairing.keys[1]),
         ];
+        if self.window > 0 && self.small_skb > 0 {
+            for k in &pairing.keys {
+                if let Err(e) = self.progs.rearm(k, self.window, ADAPT_MSGS) {
+                    reset(&socks);
+                    return Err(e).context("arming the adaptive path");
+                }
+            }
+        }
         let by_user: &[AtomicU64; 2] = &by_user;
         let mut pair = Pair {
             engine: self,
@@ -276,6 +330,8 @@ impl BpfEngine {
             done: [false; 2],
             by_user,
             holds: 0,
+            small: 0,
+            sampled: Default::default(),
         };
         let outcome = pair.run(&mut events, &mut limits).await;
         let reset_happened = outcome.is_err();
@@ -295,6 +351,7 @@ impl BpfEngine {
             b_to_a: moved[1],
             reset: reset_happened,
             holds: pair.holds,
+            small: pair.small,
         })
     }
 }
@@ -430,11 +487,21 @@ impl<'a> Pair<'a> {
             // acknowledged them: queued in its send buffer is in the kernel
             // too, so the window bounds the redirect queue and send buffer
             // together.
-            let taken = acked(self.socks[dst], self.base[dst])?
+            let taken = written(self.socks[dst], self.base[dst])?
                 .saturating_sub(self.by_user[src].load(Ordering::Relaxed));
             let lag = f.sent.saturating_sub(taken);
-            if lag > window {
-                debug!("holding side {src}: {lag} bytes wait in the kernel for side {dst}");
+            let small = self.small_segments(src);
+            if lag > window || small.is_some() {
+                match small {
+                    Some(avg) => {
+                        debug!("side {src}: skbs average {avg} bytes; forwarding in user space");
+                        self.small += 1;
+                    }
+                    None => {
+                        debug!("holding side {src}: {lag} bytes wait in the kernel for side {dst}");
+                        self.holds += 1;
+                    }
+                }
                 self.engine.progs.set_hold(&self.keys[src], true)?;
                 // A verdict run that read the old entry may still be
                 // redirecting. It runs under the socket's lock, so taking
@@ -442,7 +509,6 @@ impl<'a> Pair<'a> {
                 // later run sees the hold.
                 sys::kick_data_ready(self.socks[src].as_fd())?;
                 self.forwarding[src] = true;
-                self.holds += 1;
                 let fwd = Forwarder {
                     progs: self.engine.progs.clone(),
                     key: self.keys[src],
@@ -452,12 +518,29 @@ impl<'a> Pair<'a> {
                     dst_io: to_tokio(self.socks[dst].try_clone()?).map_err(|_| Abort)?,
                     by_user: &self.by_user[src],
                     resume_below: window / 2,
+                    small_below: small.map(|_| back_to_kernel_at(self.engine.small_skb)),
                 };
                 task = Some(Box::pin(fwd.run()));
             }
         }
-        self.engine.progs.rearm(&self.keys[src], f.sent + window)?;
+        self.engine
+            .progs
+            .rearm(&self.keys[src], f.sent + window, self.engine.msg_limit(f))?;
         Ok(task)
+    }
+
+    /// The average size of the skbs the verdict redirected from `src`
+    /// since its last report, when adaptive and below the threshold.
+    fn small_segments(&mut self, src: usize) -> Option<u64> {
+        if self.engine.small_skb == 0 || self.engine.window == 0 {
+            return None;
+        }
+        let now = self.engine.progs.flow(&self.keys[src])?;
+        let now = (now.sent, now.sent_msgs);
+        let last = std::mem::replace(&mut self.sampled[src], now);
+        let (bytes, msgs) = (now.0 - last.0, now.1 - last.1);
+        let avg = bytes.checked_div(msgs)?;
+        (avg < self.engine.small_skb).then_some(avg)
     }
 
     /// Copies what arrives on `src` to the other socket in user space.
@@ -583,6 +666,10 @@ struct Forwarder<'a> {
     /// destination's reader (half the window, so a reader that keeps up
     /// only just does not flip the direction back and forth).
     resume_below: u64,
+    /// Set when the direction came for its small skbs: it stays in user
+    /// space (held) while the skbs the verdict passes average less than
+    /// this, however idle it gets.
+    small_below: Option<u64>,
 }
 
 impl Forwarder<'_> {
@@ -596,10 +683,16 @@ impl Forwarder<'_> {
             dst_io,
             by_user,
             resume_below,
+            mut small_below,
         } = self;
-        wait_drained(&progs, key, dst, dbase, by_user, resume_below).await?;
+        if small_below.is_none() {
+            wait_drained(&progs, key, dst, dbase, by_user, resume_below).await?;
+        }
         wait_caught_up(&progs, key, dst, dbase, by_user).await?;
-        progs.set_hold(&key, false)?;
+        if small_below.is_none() {
+            progs.set_hold(&key, false)?;
+        }
+        let mut sample = progs.flow(&key).ok_or(Abort)?;
         let mut buf = vec![0u8; copy::DEFAULT_BUFFER];
         let mut eof_wait: Option<Backoff> = None;
         let mut last = (0, zc_common::Flow::default());
@@ -638,7 +731,26 @@ impl Forwarder<'_> {
                 Ok(n) => {
                     copy::write_all(&dst_io, &buf[..n], by_user).await?;
                     progs.set_forwarded(&key, by_user.load(Ordering::Relaxed))?;
+                    if let Some(below) = small_below {
+                        let f = progs.flow(&key).ok_or(Abort)?;
+                        let (bytes, msgs) =
+                            (f.passed - sample.passed, f.passed_msgs - sample.passed_msgs);
+                        if bytes >= ADAPT_SAMPLE {
+                            sample = f;
+                            if bytes / msgs.max(1) >= below {
+                                // Bulk again: release, and hand the
+                                // direction back once the rest is forwarded.
+                                debug!(
+                                    "skbs average {} bytes again; back to the kernel",
+                                    bytes / msgs.max(1)
+                                );
+                                small_below = None;
+                                progs.set_hold(&key, false)?;
+                            }
+                        }
+                    }
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && small_below.is_some() => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     // Everything passed is forwarded: every later verdict
                     // run redirects. One already under way may have read
@@ -658,6 +770,13 @@ impl Forwarder<'_> {
         }
     }
 }
+
+/// Redirected skbs between looks at a direction's average skb size.
+const ADAPT_MSGS: u64 = 512;
+
+/// Bytes a small-skb direction forwards between looks at the size of what
+/// the verdict passes.
+const ADAPT_SAMPLE: u64 = 1 << 20;
 
 /// Polling delay for waits the kernel gives no event for: starts at 50 µs
 /// and doubles to 2 ms; says once, at debug level, when a wait is long.

@@ -72,6 +72,7 @@ pub fn finish(a: &TcpStream, b: &TcpStream, failed: bool, counts: &[AtomicU64; 2
         b_to_a: counts[1].load(Ordering::Relaxed),
         reset: failed,
         holds: 0,
+        small: 0,
     }
 }
 

@@ -21,6 +21,9 @@ pub struct Summary {
     /// BPF engine: times a direction was held back because its reader lagged
     /// by more than the window, and forwarded in user space until it caught up.
     pub holds: u64,
+    /// BPF engine with the adaptive path: times a direction of small skbs
+    /// was moved to user space.
+    pub small: u64,
 }
 
 /// Which data path moves the bytes.
