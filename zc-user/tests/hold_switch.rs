@@ -190,14 +190,20 @@ async fn small_writes_move_to_user_space_and_bulk_returns_to_the_kernel() {
     assert_eq!(got.bytes, SMALL + BULK);
     assert_eq!(got.hash, hash, "the stream arrived damaged");
     drop((client, server));
-    let summary = tokio::time::timeout(HANG, relay).await.expect("relay hung").expect("join");
+    let summary = tokio::time::timeout(HANG, relay)
+        .await
+        .expect("relay hung")
+        .expect("join");
     let carried = progs.kernel_bytes();
     eprintln!(
         "{} moves to user space for small skbs; the kernel carried {carried} of {} bytes",
         summary.small,
         SMALL + BULK
     );
-    assert!(summary.small >= 1, "64-byte writes never left the kernel path");
+    assert!(
+        summary.small >= 1,
+        "64-byte writes never left the kernel path"
+    );
     assert!(
         carried >= BULK / 2,
         "the bulk phase stayed in user space: the kernel carried only {carried} bytes"

@@ -143,6 +143,15 @@ async fn bytes_sent_before_pairing_arrive_first(subject: Subject) {
     let engine = subject.engine.clone();
     let (a, b) = (a.into_std().expect("std"), b.into_std().expect("std"));
     let task = tokio::spawn(async move { engine.relay(a, b).await.expect("relay") });
+    if let Some(p) = &subject.progs {
+        // A FIN before pairing sends the connection to user space (the
+        // kernel refuses a socket whose peer finished); wait for the pair.
+        let deadline = tokio::time::Instant::now() + HANG;
+        while p.entry_counts()[1] < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "never paired");
+            tokio::task::yield_now().await;
+        }
+    }
     client.write_all(b" then more").await.expect("write");
     server.write_all(b" then more").await.expect("write");
     client.shutdown().await.expect("shutdown");

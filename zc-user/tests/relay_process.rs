@@ -17,8 +17,13 @@ fn loaded_zc_programs() -> Vec<u32> {
         .collect()
 }
 
+/// Tests that start a BPF relay run one at a time: one of them checks that
+/// no zc program is loaded before it starts and after its relay stopped.
+static BPF_RELAYS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn relay_process_relays_then_stops_on_sigterm_leaving_no_programs() {
+    let _one_at_a_time = BPF_RELAYS.lock().unwrap_or_else(|p| p.into_inner());
     assert!(
         nix::unistd::geteuid().is_root(),
         "this test runs `zc relay --mode bpf` and needs root; run `cargo xtask test` as root"
@@ -91,4 +96,67 @@ fn forced_bpf_mode_without_privilege_fails_with_a_reason() {
         err.contains("BPF mode is unavailable") && err.contains("CAP_BPF"),
         "unclear error: {err}"
     );
+}
+
+/// `kill -9` of a BPF relay mid-stream: both ends see a reset, never a
+/// clean end of a stream that was cut.
+#[test]
+fn killing_a_bpf_relay_mid_stream_resets_both_ends() {
+    let _one_at_a_time = BPF_RELAYS.lock().unwrap_or_else(|p| p.into_inner());
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test runs `zc relay --mode bpf` and needs root; run `cargo xtask test` as root"
+    );
+    let server = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let mut relay = RelayProcess::start(
+        server.local_addr().expect("addr"),
+        &["--mode", "bpf"],
+        &[],
+        false,
+    );
+    let client = relay.connect();
+    let mut up = accept_upstream(&server);
+    let mut writer = client.try_clone().expect("clone");
+    // The client sends until the connection fails; it must fail.
+    let sender = std::thread::spawn(move || {
+        let buf = vec![7u8; 64 << 10];
+        let mut sent = 0u64;
+        loop {
+            match writer.write(&buf) {
+                Ok(n) => sent += n as u64,
+                Err(e) => return (sent, e),
+            }
+        }
+    });
+    let mut buf = vec![0u8; 256 << 10];
+    let mut got = 0u64;
+    let mut killed = false;
+    let end = loop {
+        match up.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => got += n as u64,
+            Err(e) => break Err(e),
+        }
+        if !killed && got >= 8 << 20 {
+            relay.child.kill().expect("kill -9");
+            relay.child.wait().expect("wait");
+            killed = true;
+        }
+    };
+    let err = end.expect_err("the server saw a clean EOF of a cut stream");
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionReset,
+        "the server's read failed, but not with a reset: {err}"
+    );
+    let (sent, client_err) = sender.join().expect("sender");
+    assert!(
+        matches!(
+            client_err.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+        "the client's write failed with {client_err}, not a reset"
+    );
+    eprintln!("server got {got} bytes, client sent {sent}, then both saw resets");
+    drop(client);
 }

@@ -304,6 +304,13 @@ impl BpfEngine {
             progs: &self.progs,
             keys: pairing.keys,
         };
+        // Should this process die mid-stream (kill -9), the kernel closes
+        // these sockets and frees the maps; armed this way the close sends
+        // RST, so neither end takes a cut stream for a complete one.
+        // Disarmed once both directions have ended cleanly.
+        if !self.foreign {
+            reset(&socks);
+        }
         if let Some(r) = report {
             let _ = r.send(Ok(pairing.keys));
         }
@@ -337,6 +344,10 @@ impl BpfEngine {
         let reset_happened = outcome.is_err();
         if reset_happened {
             reset(&socks);
+        } else if !self.foreign {
+            for s in socks {
+                let _ = SockRef::from(s).set_linger(None);
+            }
         }
         let mut moved = [0u64; 2];
         for (i, m) in moved.iter_mut().enumerate() {
