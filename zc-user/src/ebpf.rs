@@ -125,6 +125,9 @@ pub struct Programs {
     pin_dir: Option<std::path::PathBuf>,
     // Keeps programs and their attachments alive; dropped last.
     _ebpf: Arc<Mutex<Ebpf>>,
+    /// Ring buffers no tokio runtime could drain (loaded outside one):
+    /// kept, so their maps, which the programs reference, stay open.
+    _undrained: Arc<Mutex<Vec<Box<dyn Send>>>>,
 }
 
 fn take<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, LoadError>
@@ -162,7 +165,10 @@ impl Programs {
             return Err(LoadError::NoObject);
         }
         let mut ebpf = loader.load(OBJECT).map_err(LoadError::Load)?;
-        start_log_forwarding(&mut ebpf);
+        let mut undrained: Vec<Box<dyn Send>> = Vec::new();
+        if let Some(logger) = start_log_forwarding(&mut ebpf) {
+            undrained.push(Box::new(logger));
+        }
         let targets: SockHash<MapData, SockKey> = take(&mut ebpf, "TARGETS")?;
         let relay: SockHash<MapData, SockKey> = take(&mut ebpf, "RELAY")?;
         let foreign: SockHash<MapData, SockKey> = take(&mut ebpf, "FOREIGN")?;
@@ -175,7 +181,9 @@ impl Programs {
         let guarded = take(&mut ebpf, "GUARDED")?;
         let recorded = take(&mut ebpf, "RECORDED")?;
         let listeners = Arc::new(Mutex::new(Listeners::new()));
-        start_event_forwarding(events, listeners.clone());
+        if let Some(events) = start_event_forwarding(events, listeners.clone()) {
+            undrained.push(Box::new(events));
+        }
 
         attach_skb(&mut ebpf, "zc_verdict", &relay)?;
         attach_skb(&mut ebpf, "zc_verdict_parsed", &foreign)?;
@@ -210,6 +218,7 @@ impl Programs {
             hold_ifaces: Arc::default(),
             pin_dir: None,
             _ebpf: Arc::new(Mutex::new(ebpf)),
+            _undrained: Arc::new(Mutex::new(undrained)),
         })
     }
 
@@ -903,15 +912,18 @@ fn nr_cpus() -> usize {
 /// Runs `drain` on `source` each time it becomes readable, in a task on
 /// the current tokio runtime. Both users are ring buffers that only
 /// support side channels (limit events, logs), so failing to start is
-/// logged, not fatal.
-fn drain_when_readable<T, F>(what: &'static str, source: T, mut drain: F)
+/// logged, not fatal. Without a runtime `source` is handed back for the
+/// caller to keep open.
+fn drain_when_readable<T, F>(what: &'static str, source: T, mut drain: F) -> Option<T>
 where
     T: std::os::fd::AsRawFd + Send + 'static,
     F: FnMut(&mut T) + Send + 'static,
 {
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
-        warn!("{what} unavailable: no tokio runtime");
-        return;
+        // Dropping `source` would close its map before the programs that
+        // write to it are loaded ("fd is not pointing to valid bpf_map").
+        debug!("{what} not forwarded: no tokio runtime");
+        return Some(source);
     };
     handle.spawn(async move {
         // SAFETY: `source` owns its fd and keeps it open while the AsyncFd
@@ -934,10 +946,14 @@ where
             guard.clear_ready();
         }
     });
+    None
 }
 
 /// Hands each key the verdict puts on `EVENTS` to its listener.
-fn start_event_forwarding(events: RingBuf<MapData>, listeners: Arc<Mutex<Listeners>>) {
+fn start_event_forwarding(
+    events: RingBuf<MapData>,
+    listeners: Arc<Mutex<Listeners>>,
+) -> Option<RingBuf<MapData>> {
     drain_when_readable("limit events", events, move |ring| {
         while let Some(item) = ring.next() {
             if item.len() < std::mem::size_of::<SockKey>() {
@@ -955,13 +971,18 @@ fn start_event_forwarding(events: RingBuf<MapData>, listeners: Arc<Mutex<Listene
                 let _ = tx.send(key);
             }
         }
-    });
+    })
 }
 
 /// eBPF-side logs arrive through aya-log's ring buffer and go to `log`.
-fn start_log_forwarding(ebpf: &mut Ebpf) {
+/// Forwards eBPF-side log lines to `log` on the current tokio runtime;
+/// hands the logger back when there is none (see [`drain_when_readable`]).
+fn start_log_forwarding(ebpf: &mut Ebpf) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
     match aya_log::EbpfLogger::init(ebpf) {
         Ok(logger) => drain_when_readable("eBPF-side logging", logger, |l| l.flush()),
-        Err(e) => warn!("eBPF-side logging is unavailable: {e}"),
+        Err(e) => {
+            warn!("eBPF-side logging is unavailable: {e}");
+            None
+        }
     }
 }

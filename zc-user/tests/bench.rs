@@ -77,8 +77,9 @@ fn short_bench_measures_every_system_and_topology_and_cleans_up() {
     let doc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).expect("json file")).expect("json");
     let samples = doc["samples"].as_array().expect("samples array");
-    // 2 topologies x 4 systems x 2 reps x (2 sizes + 2 streams + pingpong + conns).
-    assert_eq!(samples.len(), 2 * 4 * 2 * 5, "one sample per cell and rep");
+    // 2 topologies x 5 systems (direct, auto, bpf, splice, copy) x 2 reps
+    // x (2 sizes + 2 streams + pingpong + conns).
+    assert_eq!(samples.len(), 2 * 5 * 2 * 5, "one sample per cell and rep");
     for s in samples {
         assert_eq!(s["intact"], true, "a sample lost bytes: {s}");
         let m = &s["metrics"];
@@ -105,7 +106,7 @@ fn short_bench_measures_every_system_and_topology_and_cleans_up() {
             k => panic!("unknown workload {k}"),
         }
     }
-    for system in ["direct", "bpf", "splice", "copy"] {
+    for system in ["direct", "auto", "bpf", "splice", "copy"] {
         for topo in ["loopback", "netns"] {
             assert!(
                 samples

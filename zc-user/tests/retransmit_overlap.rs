@@ -221,9 +221,7 @@ fn checksum(data: &[u8]) -> u16 {
 /// Runs `f` on a thread in a new network namespace with loopback up and
 /// TCP timestamps off; the namespace goes when the thread ends.
 fn in_own_netns(f: fn(Programs)) {
-    // zc forwards eBPF-side logs on the tokio runtime it is loaded in.
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let _in_rt = rt.enter();
+    // Loaded outside any tokio runtime, as a plain program would.
     let progs = programs();
     let host = tcp_timestamps_here();
     let t = std::thread::spawn(move || {
