@@ -174,8 +174,10 @@ struct RelayArgs {
     /// splice mode: capacity asked for each pipe, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = zc_user::engine::splice::DEFAULT_PIPE_SIZE)]
     pipe_size: usize,
-    /// splice mode: most pipes alive at once (two per connection); a
-    /// connection that finds none free is copied instead.
+    /// splice mode: most pipes alive at once, two per connection, so the
+    /// relay takes at most half as many connections at once (further
+    /// clients wait in the listen backlog). Empty pipes are closed after
+    /// use but for a few kept for reuse.
     #[arg(long, value_name = "N", default_value_t = zc_user::engine::splice::DEFAULT_MAX_PIPES)]
     max_pipes: usize,
     /// copy mode: buffer per direction, in bytes.
@@ -203,7 +205,11 @@ struct RelayArgs {
     #[arg(long, value_name = "BYTES", default_value_t = zc_user::engine::bpf::DEFAULT_SMALL_SKB)]
     small_skb: u64,
     /// Most connections relayed at once; further clients wait in the
-    /// listen backlog.
+    /// listen backlog until connections end. The relay takes fewer if its
+    /// open-file limit (raised to the hard limit at start) has no room for
+    /// more: a connection costs 2 fds in copy mode, 6 in splice mode (12
+    /// recording) and 6 in bpf mode (4 of them kept for moments zc moves a
+    /// direction itself). The start log says how many and why.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     max_conns: usize,
     /// Give up connecting to the upstream after this many seconds (the
@@ -222,7 +228,6 @@ fn secs(v: f64, what: &str) -> Result<Duration> {
 }
 
 async fn relay(args: RelayArgs) -> Result<()> {
-    raise_fd_limit();
     let (mode, why) = match (args.mode, &args.record) {
         (Mode::Auto | Mode::Splice, Some(_)) => (
             Mode::Splice,
@@ -290,12 +295,14 @@ async fn relay(args: RelayArgs) -> Result<()> {
         max_conns: args.max_conns.max(1),
         shutdown_grace: secs(args.shutdown_grace, "shutdown-grace")?,
     };
+    // Raises the open-file limit and sizes the relay to it.
     let relay = Relay::bind(config, engine).await?;
     info!(
         "zc relay: mode {mode} ({why}), listening on {}, upstream {}",
         relay.local_addr()?,
         args.upstream
     );
+    info!("zc relay: {}", relay.capacity());
     relay.serve(stop_signal()).await?;
     info!("zc relay: stopped; programs and maps unloaded");
     Ok(())
@@ -317,12 +324,11 @@ async fn stop_signal() {
     }
 }
 
-/// Each relayed connection holds two sockets; allow as many as the hard
-/// limit permits.
+/// Allows as many open files as the hard limit permits (the agent and the
+/// bench hold many sockets too); `zc relay` does this in `Relay::bind`.
 fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    if let Err(e) = zc_user::relay::raise_fd_limit() {
+        log::warn!("keeping the open-file limit: {e:#}");
     }
 }
 

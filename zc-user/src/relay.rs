@@ -1,29 +1,44 @@
 //! `zc relay`: a small TCP proxy. Accepts clients, connects each to the
 //! upstream, and hands the two sockets to an engine.
+//!
+//! The relay sizes itself to its open-file limit: it takes only as many
+//! connections at once as it has file descriptors for, and leaves further
+//! clients in the listen backlog until others end, so no accepted
+//! connection is ever reset or stalled for want of a descriptor.
 use std::{
+    fmt, io,
     net::SocketAddr,
+    os::fd::{AsRawFd, BorrowedFd, RawFd},
+    pin::Pin,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
+    task::{Context, Poll},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
 use log::{debug, info, warn};
+use nix::errno::Errno;
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::Semaphore,
+    sync::{Semaphore, TryAcquireError},
     task::JoinSet,
 };
 
-use crate::{engine::Engine, sys};
+use crate::{
+    engine::{Engine, Summary},
+    sys,
+};
 
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
     pub upstream: SocketAddr,
     pub connect_timeout: Duration,
+    /// Most connections at once; the relay may take fewer (see
+    /// [`Capacity`]).
     pub max_conns: usize,
     /// After a stop signal: how long open connections may finish.
     pub shutdown_grace: Duration,
@@ -39,22 +54,214 @@ pub struct Stats {
     pub bytes: AtomicU64,
 }
 
+/// Descriptors kept free beyond those open when the relay binds (its
+/// listener, BPF maps and programs, the runtime's own): the signal
+/// handlers' pipe, /proc reads, log files a library might open.
+const SPARE_FDS: u64 = 64;
+
+/// A connection's two sockets.
+const SOCKETS: usize = 2;
+
+/// The BPF engine (engine/bpf.rs) duplicates both sockets of a direction
+/// it moves in user space: while it forwards a held direction, or for the
+/// whole connection when the kernel refused a socket at pairing. Both
+/// directions can do so at once, so a connection may briefly hold four
+/// more descriptors; they are reserved, because a duplicate that fails
+/// resets the connection.
+const BPF_DUPLICATES: usize = 4;
+
+/// Slowest retry of accept() after a resource error, when no connection
+/// ends to free one sooner.
+const ACCEPT_RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// A limit is announced at info/warn level at most this often; repeats in
+/// between are logged at debug level.
+const NOTICE_EVERY: Duration = Duration::from_secs(600);
+
+/// How many connections the relay takes at once, and what decided it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Connections relayed at once; further clients wait in the listen
+    /// backlog until one ends.
+    pub max_conns: usize,
+    /// The open-file limit (soft RLIMIT_NOFILE) after raising it.
+    pub fd_limit: u64,
+    /// Descriptors one connection may hold at most, its sockets included.
+    pub fds_per_conn: usize,
+    /// Descriptors kept for everything else: those open at start, idle
+    /// pipes, a margin.
+    pub reserved: u64,
+    pub bound: Bound,
+}
+
+/// What set [`Capacity::max_conns`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bound {
+    /// `--max-conns`.
+    Requested,
+    /// The open-file limit.
+    Fds,
+    /// The splice pipe pool (`--max-pipes`): two pipes per connection.
+    Pipes(usize),
+}
+
+impl fmt::Display for Bound {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Bound::Requested => write!(f, "--max-conns"),
+            Bound::Fds => write!(f, "the open-file limit"),
+            Bound::Pipes(n) => write!(f, "--max-pipes {n}, two per connection"),
+        }
+    }
+}
+
+impl fmt::Display for Capacity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "at most {} connections at once ({}; {} fds per connection, open-file limit {}, \
+             {} fds reserved)",
+            self.max_conns, self.bound, self.fds_per_conn, self.fd_limit, self.reserved
+        )
+    }
+}
+
+impl Capacity {
+    /// Sizes a relay running `engine` to the open-file limit `fd_limit`,
+    /// with `open_fds` descriptors already in use.
+    pub fn of(engine: &Engine, requested: usize, fd_limit: u64, open_fds: u64) -> Result<Self> {
+        let (fds_per_conn, idle_fds, pipes) = match engine {
+            Engine::Copy(_) => (SOCKETS, 0, None),
+            Engine::Splice(e) => {
+                let pool = e.pool();
+                // Idle pipes (two fds each) outlive connections, up to the
+                // pool's idle cap.
+                let idle = 2 * pool.idle_max().min(pool.max()) as u64;
+                if pool.max() < 2 {
+                    // No connection ever gets its two pipes: all are copied.
+                    (SOCKETS, idle, None)
+                } else {
+                    (SOCKETS + e.fds_per_conn(), idle, Some(pool.max()))
+                }
+            }
+            Engine::Bpf(_) => (SOCKETS + BPF_DUPLICATES, 0, None),
+        };
+        let reserved = open_fds + SPARE_FDS + idle_fds;
+        let by_fds = fd_limit.saturating_sub(reserved) / fds_per_conn as u64;
+        let by_fds = usize::try_from(by_fds).unwrap_or(usize::MAX);
+        let mut cap = (requested.max(1), Bound::Requested);
+        if by_fds < cap.0 {
+            cap = (by_fds, Bound::Fds);
+        }
+        // A connection that finds no free pipe would have to be copied;
+        // the relay waits for pipes instead, as it waits for descriptors.
+        if let Some(max) = pipes
+            && max / 2 < cap.0
+        {
+            cap = (max / 2, Bound::Pipes(max));
+        }
+        if cap.0 == 0 {
+            anyhow::bail!(
+                "the open-file limit ({fd_limit}) leaves no room for a connection: \
+                 {reserved} fds are reserved and one connection needs {fds_per_conn}; \
+                 raise it (ulimit -n)"
+            );
+        }
+        Ok(Self {
+            max_conns: cap.0,
+            fd_limit,
+            fds_per_conn,
+            reserved,
+            bound: cap.1,
+        })
+    }
+}
+
+/// Raises the soft open-file limit to the hard limit (each relayed
+/// connection holds at least two sockets) and returns the soft limit now
+/// in force. The one place zc changes its limit.
+pub fn raise_fd_limit() -> Result<u64> {
+    use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("reading RLIMIT_NOFILE")?;
+    // An unlimited hard limit still stops at fs.nr_open.
+    let target = if hard == RLIM_INFINITY {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(soft)
+    } else {
+        hard
+    };
+    if target <= soft {
+        return Ok(soft);
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, target, hard)
+        .with_context(|| format!("raising RLIMIT_NOFILE from {soft} to {target}"))?;
+    Ok(target)
+}
+
+/// Descriptors this process has open.
+fn open_fds() -> io::Result<u64> {
+    // The directory's own descriptor is among the entries.
+    Ok((std::fs::read_dir("/proc/self/fd")?.count() as u64).saturating_sub(1))
+}
+
+/// Says a limit was reached: at info/warn level the first time and then at
+/// most every [`NOTICE_EVERY`], at debug level otherwise, so a relay that
+/// stays at a limit does not log once per connection.
+#[derive(Default)]
+struct Notice(Mutex<Option<Instant>>);
+
+impl Notice {
+    fn due(&self) -> bool {
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let due = last.is_none_or(|t| t.elapsed() >= NOTICE_EVERY);
+        if due {
+            *last = Some(Instant::now());
+        }
+        due
+    }
+}
+
+/// One [`Notice`] per kind of limit.
+#[derive(Default)]
+struct Notices {
+    conns: Notice,
+    accept: Notice,
+    upstream: Notice,
+}
+
 /// A bound relay, ready to serve.
 pub struct Relay {
     listener: TcpListener,
     engine: Engine,
     config: Config,
+    capacity: Capacity,
+    notices: Arc<Notices>,
     pub stats: Arc<Stats>,
 }
 
 impl Relay {
+    /// Raises the open-file limit, listens, and sizes the relay to the
+    /// limit (see [`Capacity`]).
     pub async fn bind(config: Config, engine: Engine) -> Result<Self> {
+        let fd_limit = raise_fd_limit().or_else(|e| {
+            warn!("keeping the open-file limit: {e:#}");
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map(|(soft, _)| soft)
+                .context("reading RLIMIT_NOFILE")
+        })?;
         let listener =
             listen(config.listen).with_context(|| format!("listening on {}", config.listen))?;
+        // Counted after the listener, so it is in the reserve.
+        let open = open_fds().context("counting open fds in /proc/self/fd")?;
+        let capacity = Capacity::of(&engine, config.max_conns, fd_limit, open)?;
         Ok(Self {
             listener,
             engine,
             config,
+            capacity,
+            notices: Arc::default(),
             stats: Arc::default(),
         })
     }
@@ -63,40 +270,98 @@ impl Relay {
         Ok(self.listener.local_addr()?)
     }
 
+    /// How many connections the relay takes at once, and why.
+    pub fn capacity(&self) -> &Capacity {
+        &self.capacity
+    }
+
     /// Serves until `stop` resolves, then lets open connections finish for
     /// the grace period and resets the rest.
     pub async fn serve(self, stop: impl Future<Output = ()>) -> Result<()> {
-        let limit = Arc::new(Semaphore::new(self.config.max_conns));
+        let limit = Arc::new(Semaphore::new(self.capacity.max_conns));
         let mut conns = JoinSet::new();
         tokio::pin!(stop);
-        loop {
-            let permit = tokio::select! {
-                _ = &mut stop => break,
-                p = limit.clone().acquire_owned() => p.context("connection limit closed")?,
-            };
-            let (client, peer) = tokio::select! {
-                _ = &mut stop => break,
-                r = self.listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // EMFILE and friends: keep serving those we have.
-                        warn!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
+        'serve: loop {
+            while conns.try_join_next().is_some() {}
+            // Take a connection's worth of descriptors before accepting, so
+            // a client is only accepted when it can be relayed; the rest
+            // wait in the listen backlog.
+            let permit = match limit.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(TryAcquireError::Closed) => anyhow::bail!("connection limit closed"),
+                Err(TryAcquireError::NoPermits) => {
+                    let msg = format!(
+                        "connection limit reached: {} connections open, the most {} allows; \
+                         further clients wait in the listen backlog until connections end",
+                        self.capacity.max_conns, self.capacity.bound
+                    );
+                    if self.notices.conns.due() {
+                        info!("{msg}");
+                    } else {
+                        debug!("{msg}");
                     }
-                },
+                    loop {
+                        tokio::select! {
+                            _ = &mut stop => break 'serve,
+                            p = limit.clone().acquire_owned() => {
+                                break p.context("connection limit closed")?;
+                            }
+                            // Reap ended connections while waiting.
+                            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                        }
+                    }
+                }
+            };
+            let mut retry = Duration::from_millis(10);
+            let (client, peer) = loop {
+                let r = tokio::select! {
+                    _ = &mut stop => break 'serve,
+                    r = self.listener.accept() => r,
+                };
+                match r {
+                    Ok(c) => break c,
+                    // This client's connection failed before it was
+                    // accepted; the queue moved on, so try the next.
+                    Err(e) if aborted_before_accept(&e) => debug!("accept: {e}"),
+                    Err(e) => {
+                        // EMFILE, ENFILE, ENOBUFS, ENOMEM: the client stays
+                        // in the backlog. Retrying at once would spin; wait
+                        // for a connection to end (freeing its descriptors)
+                        // or a timer, whichever comes first.
+                        let msg = format!(
+                            "accept failed: {e} ({} connections open); not accepting until a \
+                             connection ends or {retry:?} passed, further clients wait in the \
+                             listen backlog",
+                            conns.len()
+                        );
+                        if self.notices.accept.due() {
+                            warn!("{msg}");
+                        } else {
+                            debug!("{msg}");
+                        }
+                        tokio::select! {
+                            _ = &mut stop => break 'serve,
+                            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                            _ = tokio::time::sleep(retry) => {}
+                        }
+                        retry = (retry * 2).min(ACCEPT_RETRY_MAX);
+                    }
+                }
             };
             self.stats.accepted.fetch_add(1, Ordering::Relaxed);
-            let (engine, cfg, stats) =
-                (self.engine.clone(), self.config.clone(), self.stats.clone());
+            let (engine, cfg, stats, notices) = (
+                self.engine.clone(),
+                self.config.clone(),
+                self.stats.clone(),
+                self.notices.clone(),
+            );
             conns.spawn(async move {
                 let _permit = permit;
-                if let Err(e) = serve_one(client, peer, &engine, &cfg, &stats).await {
+                if let Err(e) = serve_one(client, peer, &engine, &cfg, &stats, &notices).await {
                     stats.failed.fetch_add(1, Ordering::Relaxed);
                     warn!("{peer}: {e:#}");
                 }
             });
-            while conns.try_join_next().is_some() {}
         }
         // Reap what already ended so the count below is of open ones.
         while conns.try_join_next().is_some() {}
@@ -121,6 +386,46 @@ impl Relay {
     }
 }
 
+/// Errors accept(2) reports for one pending connection that failed, not
+/// for the relay: the next accept takes the next client (accept(2), "Error
+/// handling").
+fn aborted_before_accept(e: &io::Error) -> bool {
+    let Some(code) = e.raw_os_error() else {
+        return false;
+    };
+    [
+        Errno::ECONNABORTED,
+        Errno::EPROTO,
+        Errno::EPERM,
+        Errno::ENETDOWN,
+        Errno::ENOPROTOOPT,
+        Errno::EHOSTDOWN,
+        Errno::ENONET,
+        Errno::EHOSTUNREACH,
+        Errno::EOPNOTSUPP,
+        Errno::ENETUNREACH,
+    ]
+    .iter()
+    .any(|&errno| errno as i32 == code)
+}
+
+/// Out of descriptors, buffers or local ports: worth retrying once
+/// something ends.
+fn out_of_resources(e: &io::Error) -> bool {
+    let Some(code) = e.raw_os_error() else {
+        return false;
+    };
+    [
+        Errno::EMFILE,
+        Errno::ENFILE,
+        Errno::ENOBUFS,
+        Errno::ENOMEM,
+        Errno::EADDRNOTAVAIL,
+    ]
+    .iter()
+    .any(|&errno| errno as i32 == code)
+}
+
 /// A listening socket with a deep accept queue: a burst of clients must
 /// wait for accept(), not be dropped by the kernel.
 fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -137,41 +442,71 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(s.into())
 }
 
+/// Connects to the upstream. Running out of descriptors or local ports is
+/// not the upstream's fault: retried until the connect timeout rather than
+/// resetting the client at once.
+async fn connect_upstream(cfg: &Config, notices: &Notices) -> Result<TcpStream> {
+    let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
+    let mut retry = Duration::from_millis(10);
+    loop {
+        match tokio::time::timeout_at(deadline, TcpStream::connect(cfg.upstream)).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e))
+                if out_of_resources(&e) && tokio::time::Instant::now() + retry < deadline =>
+            {
+                let msg = format!(
+                    "connecting to upstream {}: {e}; retrying for up to {:?}",
+                    cfg.upstream, cfg.connect_timeout
+                );
+                if notices.upstream.due() {
+                    warn!("{msg}");
+                } else {
+                    debug!("{msg}");
+                }
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(Duration::from_millis(500));
+            }
+            Ok(Err(e)) => {
+                return Err(e).with_context(|| format!("connecting to upstream {}", cfg.upstream));
+            }
+            Err(_) => anyhow::bail!(
+                "connecting to upstream {} timed out after {:?}",
+                cfg.upstream,
+                cfg.connect_timeout
+            ),
+        }
+    }
+}
+
 async fn serve_one(
     client: TcpStream,
     peer: SocketAddr,
     engine: &Engine,
     cfg: &Config,
     stats: &Stats,
+    notices: &Notices,
 ) -> Result<()> {
     debug!("{peer}: accepted");
-    let client = client.into_std()?;
-    let upstream =
-        match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(cfg.upstream)).await {
-            Ok(Ok(s)) => s.into_std()?,
-            Ok(Err(e)) => {
-                let _ = sys::set_reset_on_close(std::os::fd::AsFd::as_fd(&client));
-                return Err(e).with_context(|| format!("connecting to upstream {}", cfg.upstream));
-            }
-            Err(_) => {
-                let _ = sys::set_reset_on_close(std::os::fd::AsFd::as_fd(&client));
-                anyhow::bail!(
-                    "connecting to upstream {} timed out after {:?}",
-                    cfg.upstream,
-                    cfg.connect_timeout
-                );
-            }
-        };
-    debug!("{peer}: connected upstream");
-    // A task aborted at shutdown drops the sockets mid-relay; make that an
-    // abortive close so neither end mistakes it for a clean end of stream.
-    let mut guard = ResetOnDrop {
-        socks: [client.try_clone()?, upstream.try_clone()?],
-        armed: true,
+    let client = client
+        .into_std()
+        .context("taking the client socket from the runtime")?;
+    let upstream = match connect_upstream(cfg, notices).await {
+        Ok(s) => s
+            .into_std()
+            .context("taking the upstream socket from the runtime")?,
+        Err(e) => {
+            let _ = sys::set_reset_on_close(std::os::fd::AsFd::as_fd(&client));
+            return Err(e);
+        }
     };
-    let summary = engine.relay(client, upstream).await;
-    guard.armed = false;
-    let summary = summary?;
+    debug!("{peer}: connected upstream");
+    let fds = [client.as_raw_fd(), upstream.as_raw_fd()];
+    let summary = ResetIfDropped {
+        fds,
+        done: false,
+        relay: Box::pin(engine.relay(client, upstream)),
+    }
+    .await?;
     stats.finished.fetch_add(1, Ordering::Relaxed);
     stats
         .bytes
@@ -188,18 +523,101 @@ async fn serve_one(
     Ok(())
 }
 
-struct ResetOnDrop {
-    socks: [std::net::TcpStream; 2],
-    armed: bool,
+/// An engine relaying two sockets it owns. If dropped before it finishes
+/// (a task aborted at shutdown), it first makes both closes abortive, so
+/// neither end mistakes the cut for a clean end of stream.
+///
+/// It keeps the sockets' fd numbers rather than duplicates, which would
+/// double what a connection costs in descriptors. That is sound because
+/// the engine owns both sockets until its future completes: while `relay`
+/// is alive the numbers still name these sockets, `drop` runs before the
+/// fields (so before `relay` closes them), and once `relay` completed the
+/// numbers are never used again.
+struct ResetIfDropped<F> {
+    fds: [RawFd; 2],
+    done: bool,
+    relay: Pin<Box<F>>,
 }
 
-impl Drop for ResetOnDrop {
+impl<F: Future<Output = Result<Summary>>> Future for ResetIfDropped<F> {
+    type Output = Result<Summary>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let out = self.relay.as_mut().poll(cx);
+        if out.is_ready() {
+            self.done = true;
+        }
+        out
+    }
+}
+
+impl<F> Drop for ResetIfDropped<F> {
     fn drop(&mut self) {
-        if !self.armed {
+        if self.done {
             return;
         }
-        for s in &self.socks {
-            let _ = sys::set_reset_on_close(std::os::fd::AsFd::as_fd(s));
+        for &fd in &self.fds {
+            // SAFETY: `relay` has not completed, so it still owns the
+            // socket behind `fd` (see the type's comment).
+            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+            let _ = sys::set_reset_on_close(fd);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::engine::{
+        copy::CopyEngine,
+        splice::{PipePool, SpliceEngine},
+    };
+
+    fn splice(max_pipes: usize) -> Engine {
+        Engine::Splice(SpliceEngine::new(Arc::new(PipePool::new(
+            max_pipes,
+            1 << 16,
+        ))))
+    }
+
+    #[test]
+    fn copy_costs_two_fds_per_connection() {
+        let c =
+            Capacity::of(&Engine::Copy(CopyEngine::default()), 10_000, 1024, 20).expect("capacity");
+        assert_eq!(c.fds_per_conn, 2);
+        assert_eq!(c.reserved, 20 + SPARE_FDS);
+        assert_eq!(c.max_conns, (1024 - 20 - SPARE_FDS as usize) / 2);
+        assert_eq!(c.bound, Bound::Fds);
+    }
+
+    #[test]
+    fn splice_counts_pipes_and_idle_pipes() {
+        let c = Capacity::of(&splice(4096), 10_000, 1024, 20).expect("capacity");
+        assert_eq!(c.fds_per_conn, 6);
+        let idle = 2 * crate::engine::splice::DEFAULT_IDLE_PIPES as u64;
+        assert_eq!(c.reserved, 20 + SPARE_FDS + idle);
+        assert_eq!(c.max_conns as u64, (1024 - c.reserved) / 6);
+    }
+
+    #[test]
+    fn splice_waits_for_pipes_rather_than_copying() {
+        let c = Capacity::of(&splice(100), 10_000, 20_000, 20).expect("capacity");
+        assert_eq!((c.max_conns, c.bound), (50, Bound::Pipes(100)));
+    }
+
+    #[test]
+    fn the_requested_cap_holds_when_fds_allow_more() {
+        let c =
+            Capacity::of(&Engine::Copy(CopyEngine::default()), 100, 20_000, 20).expect("capacity");
+        assert_eq!((c.max_conns, c.bound), (100, Bound::Requested));
+    }
+
+    #[test]
+    fn a_limit_without_room_for_one_connection_is_an_error() {
+        let e =
+            Capacity::of(&Engine::Copy(CopyEngine::default()), 100, 64, 20).expect_err("no room");
+        assert!(format!("{e:#}").contains("open-file limit (64)"), "{e:#}");
     }
 }

@@ -9,17 +9,18 @@
 use std::{
     fs::File,
     io,
+    mem::ManuallyDrop,
     net::TcpStream as StdTcpStream,
     os::fd::{AsFd, OwnedFd},
     path::PathBuf,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
 };
 
-use anyhow::Result;
-use log::debug;
+use anyhow::{Context as _, Result};
+use log::{debug, info, warn};
 use nix::{
     errno::Errno,
     fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice, tee},
@@ -37,6 +38,10 @@ use super::{
 pub const DEFAULT_PIPE_SIZE: usize = 1 << 20;
 /// Most pipes alive at once (two per connection).
 pub const DEFAULT_MAX_PIPES: usize = 4096;
+/// Most empty pipes kept for reuse. Reuse saves a pipe2 and a resize per
+/// direction, but every idle pipe holds two fds: after a burst the pool
+/// closes all but these few, so pipes do not outlive their connections.
+pub const DEFAULT_IDLE_PIPES: usize = 16;
 
 struct Pipe {
     read: OwnedFd,
@@ -45,12 +50,17 @@ struct Pipe {
 }
 
 /// Pipes are reused: making one costs two fds and a resize, and a
-/// returned pipe is always empty.
+/// returned pipe is always empty. At most `idle` empty pipes are kept.
 pub struct PipePool {
     free: Mutex<Vec<Pipe>>,
     live: AtomicUsize,
     max: usize,
+    idle: usize,
     size: usize,
+    /// Whether running out was already logged at info/warn level: the
+    /// pool at its bound, or the kernel refusing a pipe.
+    said_full: AtomicBool,
+    said_failed: AtomicBool,
 }
 
 impl PipePool {
@@ -59,13 +69,33 @@ impl PipePool {
             free: Mutex::new(Vec::new()),
             live: AtomicUsize::new(0),
             max,
+            idle: DEFAULT_IDLE_PIPES,
             size,
+            said_full: AtomicBool::new(false),
+            said_failed: AtomicBool::new(false),
         }
+    }
+
+    /// Keeps at most `idle` empty pipes for reuse instead of
+    /// [`DEFAULT_IDLE_PIPES`].
+    pub fn with_idle(mut self, idle: usize) -> Self {
+        self.idle = idle;
+        self
     }
 
     /// Pipes in existence (in use or free).
     pub fn live(&self) -> usize {
         self.live.load(Ordering::Relaxed)
+    }
+
+    /// Most pipes alive at once.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Most empty pipes kept open for reuse.
+    pub fn idle_max(&self) -> usize {
+        self.idle
     }
 
     fn get(&self) -> Option<Pipe> {
@@ -74,20 +104,43 @@ impl PipePool {
         }
         if self.live.fetch_add(1, Ordering::Relaxed) >= self.max {
             self.live.fetch_sub(1, Ordering::Relaxed);
+            if !self.said_full.swap(true, Ordering::Relaxed) {
+                info!(
+                    "all {} pipes of the pool are in use; connections that find none are \
+                     copied (logged once)",
+                    self.max
+                );
+            }
             return None;
         }
         match make_pipe(self.size) {
             Ok(p) => Some(p),
             Err(e) => {
                 self.live.fetch_sub(1, Ordering::Relaxed);
-                debug!("cannot make a pipe: {e}");
+                // Once, not per connection: at the fd or memory limit every
+                // new connection would say it again.
+                if self.said_failed.swap(true, Ordering::Relaxed) {
+                    debug!("cannot make a pipe: {e}; copying this connection");
+                } else {
+                    warn!(
+                        "cannot make a pipe: {e}; connections that find no pipe are copied \
+                         until pipes can be made (logged once)"
+                    );
+                }
                 None
             }
         }
     }
 
+    /// Keeps `p` for reuse, or closes it if enough are idle already.
     fn put(&self, p: Pipe) {
-        self.free.lock().unwrap_or_else(|p| p.into_inner()).push(p);
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        if free.len() < self.idle {
+            free.push(p);
+        } else {
+            drop(free);
+            self.discard(p);
+        }
     }
 
     /// A pipe that may still hold bytes is closed, not reused.
@@ -159,6 +212,17 @@ impl SpliceEngine {
         self
     }
 
+    pub fn pool(&self) -> &PipePool {
+        &self.pool
+    }
+
+    /// Descriptors one connection holds besides its two sockets: two
+    /// pipes from the pool, and when recording a file and a pipe per
+    /// direction.
+    pub fn fds_per_conn(&self) -> usize {
+        4 + if self.record.is_some() { 6 } else { 0 }
+    }
+
     pub async fn relay(&self, a: StdTcpStream, b: StdTcpStream) -> Result<Summary> {
         self.relay_counted(a, b, super::Counts::default()).await
     }
@@ -179,25 +243,59 @@ impl SpliceEngine {
                 return CopyEngine::default().relay_counted(a, b, counts).await;
             }
         };
+        let mut leases = [Lease::new(&self.pool, p0), Lease::new(&self.pool, p1)];
         let (a, b) = (to_tokio(a)?, to_tokio(b)?);
-        let [rec0, rec1] = match &self.record {
-            Some(r) => r.open().map(|[x, y]| [Some(x), Some(y)])?,
+        let [rec0, rec1] = match self.record.as_ref().map(|r| r.open()) {
+            Some(Ok([x, y])) => [Some(x), Some(y)],
+            Some(Err(e)) => {
+                // Nothing moved yet; neither end may take the close for a
+                // complete (empty) stream.
+                finish(&a, &b, true, &counts);
+                return Err(e).context("opening the recording files");
+            }
             None => [None, None],
         };
         let result = tokio::try_join!(
-            direction(&a, &b, &p0, rec0.as_ref(), &counts[0]),
-            direction(&b, &a, &p1, rec1.as_ref(), &counts[1])
+            direction(&a, &b, &leases[0].pipe, rec0.as_ref(), &counts[0]),
+            direction(&b, &a, &leases[1].pipe, rec1.as_ref(), &counts[1])
         );
         let failed = result.is_err();
-        for p in [p0, p1] {
-            // After an error a pipe may hold bytes of a dead connection.
-            if failed {
-                self.pool.discard(p)
-            } else {
-                self.pool.put(p)
-            }
+        for l in &mut leases {
+            l.reusable = !failed;
         }
+        drop(leases);
         Ok(finish(&a, &b, failed, &counts))
+    }
+}
+
+/// A pipe taken from the pool, given back however the relay ends (an
+/// error, a task aborted at shutdown): kept for reuse after a clean end,
+/// closed otherwise, since it may hold bytes of a dead connection.
+struct Lease<'a> {
+    pool: &'a PipePool,
+    pipe: ManuallyDrop<Pipe>,
+    reusable: bool,
+}
+
+impl<'a> Lease<'a> {
+    fn new(pool: &'a PipePool, pipe: Pipe) -> Self {
+        Self {
+            pool,
+            pipe: ManuallyDrop::new(pipe),
+            reusable: false,
+        }
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        // SAFETY: taken once, here, and the field is never used again.
+        let pipe = unsafe { ManuallyDrop::take(&mut self.pipe) };
+        if self.reusable {
+            self.pool.put(pipe)
+        } else {
+            self.pool.discard(pipe)
+        }
     }
 }
 
