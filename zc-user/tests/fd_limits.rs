@@ -267,6 +267,45 @@ async fn try_exchange(s: TcpStream, seed: u64) -> io::Result<(Digest, Digest)> {
     Ok((sent?, got?))
 }
 
+/// Waits for every client and for `n` server reports; returns what failed
+/// (errors, hangs) and how many streams the two ends saw differently.
+async fn outcomes(
+    clients: &mut tokio::task::JoinSet<(
+        usize,
+        Result<io::Result<(Digest, Digest)>, tokio::time::error::Elapsed>,
+    )>,
+    reports: &mut mpsc::UnboundedReceiver<io::Result<(Digest, Digest)>>,
+    n: usize,
+) -> (Vec<String>, usize) {
+    let mut failures = Vec::new();
+    let mut client_digests = Vec::new();
+    while let Some(r) = clients.join_next().await {
+        match r.expect("client task") {
+            (_, Ok(Ok(d))) => client_digests.push(d),
+            (i, Ok(Err(e))) => failures.push(format!("client {i}: {e} ({:?})", e.kind())),
+            (i, Err(_)) => failures.push(format!("client {i}: hung for {DEADLINE:?}")),
+        }
+    }
+    let mut server = std::collections::HashMap::new();
+    for _ in 0..n {
+        match tokio::time::timeout(DEADLINE, reports.recv()).await {
+            Ok(Some(Ok((srv_sent, srv_got)))) => {
+                server.insert(srv_got, srv_sent);
+            }
+            Ok(Some(Err(e))) => failures.push(format!("server side: {e} ({:?})", e.kind())),
+            Ok(None) | Err(_) => {
+                failures.push(format!("only {} upstream connections ended", server.len()));
+                break;
+            }
+        }
+    }
+    let damaged = client_digests
+        .iter()
+        .filter(|(sent, got)| server.get(sent) != Some(got))
+        .count();
+    (failures, damaged)
+}
+
 /// Offers CONNS clients at once to a relay limited to FD_LIMIT open files
 /// and checks that it takes exactly its announced cap, says so once,
 /// admits the rest as connections end, and relays every byte of every
@@ -332,28 +371,7 @@ async fn clients_beyond_the_fd_limit_wait_and_complete(mode: &str) {
     );
     gate_tx.send(true).expect("server gone");
 
-    let mut failures = Vec::new();
-    let mut client_digests = Vec::new();
-    while let Some(r) = clients.join_next().await {
-        match r.expect("client task") {
-            (_, Ok(Ok(d))) => client_digests.push(d),
-            (i, Ok(Err(e))) => failures.push(format!("client {i}: {e} ({:?})", e.kind())),
-            (i, Err(_)) => failures.push(format!("client {i}: hung for {DEADLINE:?}")),
-        }
-    }
-    let mut server = std::collections::HashMap::new();
-    for _ in 0..CONNS {
-        match tokio::time::timeout(DEADLINE, reports.recv()).await {
-            Ok(Some(Ok((srv_sent, srv_got)))) => {
-                server.insert(srv_got, srv_sent);
-            }
-            Ok(Some(Err(e))) => failures.push(format!("server side: {e} ({:?})", e.kind())),
-            Ok(None) | Err(_) => {
-                failures.push(format!("only {} upstream connections ended", server.len()));
-                break;
-            }
-        }
-    }
+    let (failures, damaged) = outcomes(&mut clients, &mut reports, CONNS).await;
     if !failures.is_empty() {
         let path = std::env::temp_dir().join(format!("zc-fd-limits-{mode}.log"));
         let _ = std::fs::write(&path, relay.lines_now().join("\n"));
@@ -365,10 +383,6 @@ async fn clients_beyond_the_fd_limit_wait_and_complete(mode: &str) {
         failures.len(),
         failures[..failures.len().min(10)].join("\n")
     );
-    let damaged = client_digests
-        .iter()
-        .filter(|(sent, got)| server.get(sent) != Some(got))
-        .count();
     assert_eq!(damaged, 0, "{damaged} of {CONNS} streams arrived damaged");
     assert_eq!(counts.accepted.load(Ordering::SeqCst), CONNS);
     let elapsed = started.elapsed();
@@ -566,38 +580,13 @@ async fn a_relay_out_of_fds_backs_off_and_admits_clients_later() {
     );
     gate_tx.send(true).expect("server gone");
 
-    let mut failures = Vec::new();
-    let mut client_digests = Vec::new();
-    while let Some(r) = clients.join_next().await {
-        match r.expect("client task") {
-            (_, Ok(Ok(d))) => client_digests.push(d),
-            (i, Ok(Err(e))) => failures.push(format!("client {i}: {e} ({:?})", e.kind())),
-            (i, Err(_)) => failures.push(format!("client {i}: hung for {DEADLINE:?}")),
-        }
-    }
-    let mut server = std::collections::HashMap::new();
-    for _ in 0..CLIENTS {
-        match tokio::time::timeout(DEADLINE, reports.recv()).await {
-            Ok(Some(Ok((srv_sent, srv_got)))) => {
-                server.insert(srv_got, srv_sent);
-            }
-            Ok(Some(Err(e))) => failures.push(format!("server side: {e} ({:?})", e.kind())),
-            Ok(None) | Err(_) => {
-                failures.push(format!("only {} upstream connections ended", server.len()));
-                break;
-            }
-        }
-    }
+    let (failures, damaged) = outcomes(&mut clients, &mut reports, CLIENTS).await;
     assert!(
         failures.is_empty(),
         "{} of {CLIENTS} connections failed, e.g.:\n{}",
         failures.len(),
         failures[..failures.len().min(10)].join("\n")
     );
-    let damaged = client_digests
-        .iter()
-        .filter(|(sent, got)| server.get(sent) != Some(got))
-        .count();
     assert_eq!(damaged, 0, "{damaged} of {CLIENTS} streams arrived damaged");
     let elapsed = started.elapsed();
     let (clean, log) = relay.stop().await;
