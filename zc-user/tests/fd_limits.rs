@@ -267,13 +267,16 @@ async fn try_exchange(s: TcpStream, seed: u64) -> io::Result<(Digest, Digest)> {
     Ok((sent?, got?))
 }
 
+/// A client's index and its exchange, or the deadline it hit.
+type ClientOutcome = (
+    usize,
+    Result<io::Result<(Digest, Digest)>, tokio::time::error::Elapsed>,
+);
+
 /// Waits for every client and for `n` server reports; returns what failed
 /// (errors, hangs) and how many streams the two ends saw differently.
 async fn outcomes(
-    clients: &mut tokio::task::JoinSet<(
-        usize,
-        Result<io::Result<(Digest, Digest)>, tokio::time::error::Elapsed>,
-    )>,
+    clients: &mut tokio::task::JoinSet<ClientOutcome>,
     reports: &mut mpsc::UnboundedReceiver<io::Result<(Digest, Digest)>>,
     n: usize,
 ) -> (Vec<String>, usize) {
