@@ -183,6 +183,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
             pin_dir,
         },
     );
+    let stop = crate::stop_signal();
     let listener = control::bind_control(&args.socket, group)?;
     info!(
         "zc agent: data path {mode}; serving {} ({})",
@@ -197,7 +198,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
     } else {
         OnStop::Keep
     };
-    agent.serve(listener, crate::stop_signal(), on_stop).await;
+    agent.serve(listener, stop, on_stop).await;
     let _ = std::fs::remove_file(&args.socket);
     if args.unpin_on_exit {
         unpin(&args.pin_dir)?;
@@ -386,6 +387,8 @@ pub async fn stats(args: StatsArgs) -> Result<()> {
         .filter(|d| !d.is_zero())
         .context("--watch needs a positive number of seconds")?;
     let mut last: Option<(std::time::Instant, Vec<PairStats>)> = None;
+    let stop = crate::stop_signal();
+    tokio::pin!(stop);
     loop {
         let (pairs, sc) = fetch()?;
         let now = std::time::Instant::now();
@@ -401,7 +404,7 @@ pub async fn stats(args: StatsArgs) -> Result<()> {
         last = Some((now, pairs));
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
-            _ = crate::stop_signal() => return Ok(()),
+            _ = &mut stop => return Ok(()),
         }
     }
 }

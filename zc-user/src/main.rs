@@ -295,6 +295,7 @@ async fn relay(args: RelayArgs) -> Result<()> {
         max_conns: args.max_conns.max(1),
         shutdown_grace: secs(args.shutdown_grace, "shutdown-grace")?,
     };
+    let stop = stop_signal();
     // Raises the open-file limit and sizes the relay to it.
     let relay = Relay::bind(config, engine).await?;
     info!(
@@ -303,24 +304,29 @@ async fn relay(args: RelayArgs) -> Result<()> {
         args.upstream
     );
     info!("zc relay: {}", relay.capacity());
-    relay.serve(stop_signal()).await?;
+    relay.serve(stop).await?;
     info!("zc relay: stopped; programs and maps unloaded");
     Ok(())
 }
 
-/// Resolves on the first SIGINT or SIGTERM.
-async fn stop_signal() {
+/// Resolves on the first SIGINT or SIGTERM. The handlers are installed
+/// here, not when the future is first polled: a signal that arrives before
+/// then must still stop zc cleanly rather than kill it.
+fn stop_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (
+    let handlers = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
-    ) else {
-        error!("cannot install signal handlers; stop zc with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
+    );
+    async move {
+        let (Ok(mut int), Ok(mut term)) = handlers else {
+            error!("cannot install signal handlers; stop zc with SIGKILL");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
     }
 }
 

@@ -22,7 +22,7 @@ use anyhow::{Context as _, Result};
 use log::{debug, info, warn};
 use nix::errno::Errno;
 use tokio::{
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
     sync::{Semaphore, TryAcquireError},
     task::JoinSet,
 };
@@ -312,11 +312,18 @@ impl Relay {
                     }
                 }
             };
+            // The upstream socket is made before the client is accepted:
+            // a client taken in must never be reset because its second
+            // descriptor could not be had. Out of descriptors, the client
+            // stays in the listen backlog instead.
             let mut retry = Duration::from_millis(10);
-            let (client, peer) = loop {
-                let r = tokio::select! {
-                    _ = &mut stop => break 'serve,
-                    r = self.listener.accept() => r,
+            let (client, peer, upstream) = loop {
+                let r = match upstream_socket(self.config.upstream) {
+                    Ok(up) => tokio::select! {
+                        _ = &mut stop => break 'serve,
+                        r = self.listener.accept() => r.map(|(c, p)| (c, p, up)),
+                    },
+                    Err(e) => Err(e),
                 };
                 match r {
                     Ok(c) => break c,
@@ -324,10 +331,9 @@ impl Relay {
                     // accepted; the queue moved on, so try the next.
                     Err(e) if aborted_before_accept(&e) => debug!("accept: {e}"),
                     Err(e) => {
-                        // EMFILE, ENFILE, ENOBUFS, ENOMEM: the client stays
-                        // in the backlog. Retrying at once would spin; wait
-                        // for a connection to end (freeing its descriptors)
-                        // or a timer, whichever comes first.
+                        // EMFILE, ENFILE, ENOBUFS, ENOMEM: retrying at once
+                        // would spin; wait for a connection to end (freeing
+                        // its descriptors) or a timer, whichever comes first.
                         let msg = format!(
                             "accept failed: {e} ({} connections open); not accepting until a \
                              connection ends or {retry:?} passed, further clients wait in the \
@@ -357,7 +363,9 @@ impl Relay {
             );
             conns.spawn(async move {
                 let _permit = permit;
-                if let Err(e) = serve_one(client, peer, &engine, &cfg, &stats, &notices).await {
+                if let Err(e) =
+                    serve_one(client, peer, upstream, &engine, &cfg, &stats, &notices).await
+                {
                     stats.failed.fetch_add(1, Ordering::Relaxed);
                     warn!("{peer}: {e:#}");
                 }
@@ -442,14 +450,31 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(s.into())
 }
 
-/// Connects to the upstream. Running out of descriptors or local ports is
-/// not the upstream's fault: retried until the connect timeout rather than
-/// resetting the client at once.
-async fn connect_upstream(cfg: &Config, notices: &Notices) -> Result<TcpStream> {
+/// An unconnected socket of the upstream's address family.
+fn upstream_socket(upstream: SocketAddr) -> io::Result<TcpSocket> {
+    if upstream.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+}
+
+/// Connects `first` to the upstream. Running out of local ports (or, on a
+/// retry, descriptors) is not the upstream's fault: retried until the
+/// connect timeout rather than resetting the client at once.
+async fn connect_upstream(first: TcpSocket, cfg: &Config, notices: &Notices) -> Result<TcpStream> {
     let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
     let mut retry = Duration::from_millis(10);
+    let mut sock = Some(first);
     loop {
-        match tokio::time::timeout_at(deadline, TcpStream::connect(cfg.upstream)).await {
+        let attempt = async {
+            let s = match sock.take() {
+                Some(s) => s,
+                None => upstream_socket(cfg.upstream)?,
+            };
+            s.connect(cfg.upstream).await
+        };
+        match tokio::time::timeout_at(deadline, attempt).await {
             Ok(Ok(s)) => return Ok(s),
             Ok(Err(e))
                 if out_of_resources(&e) && tokio::time::Instant::now() + retry < deadline =>
@@ -481,6 +506,7 @@ async fn connect_upstream(cfg: &Config, notices: &Notices) -> Result<TcpStream> 
 async fn serve_one(
     client: TcpStream,
     peer: SocketAddr,
+    upstream: TcpSocket,
     engine: &Engine,
     cfg: &Config,
     stats: &Stats,
@@ -490,7 +516,7 @@ async fn serve_one(
     let client = client
         .into_std()
         .context("taking the client socket from the runtime")?;
-    let upstream = match connect_upstream(cfg, notices).await {
+    let upstream = match connect_upstream(upstream, cfg, notices).await {
         Ok(s) => s
             .into_std()
             .context("taking the upstream socket from the runtime")?,
