@@ -398,40 +398,41 @@ impl Relay {
 /// for the relay: the next accept takes the next client (accept(2), "Error
 /// handling").
 fn aborted_before_accept(e: &io::Error) -> bool {
-    let Some(code) = e.raw_os_error() else {
-        return false;
-    };
-    [
-        Errno::ECONNABORTED,
-        Errno::EPROTO,
-        Errno::EPERM,
-        Errno::ENETDOWN,
-        Errno::ENOPROTOOPT,
-        Errno::EHOSTDOWN,
-        Errno::ENONET,
-        Errno::EHOSTUNREACH,
-        Errno::EOPNOTSUPP,
-        Errno::ENETUNREACH,
-    ]
-    .iter()
-    .any(|&errno| errno as i32 == code)
+    errno_in(
+        e,
+        &[
+            Errno::ECONNABORTED,
+            Errno::EPROTO,
+            Errno::EPERM,
+            Errno::ENETDOWN,
+            Errno::ENOPROTOOPT,
+            Errno::EHOSTDOWN,
+            Errno::ENONET,
+            Errno::EHOSTUNREACH,
+            Errno::EOPNOTSUPP,
+            Errno::ENETUNREACH,
+        ],
+    )
 }
 
 /// Out of descriptors, buffers or local ports: worth retrying once
 /// something ends.
 fn out_of_resources(e: &io::Error) -> bool {
-    let Some(code) = e.raw_os_error() else {
-        return false;
-    };
-    [
-        Errno::EMFILE,
-        Errno::ENFILE,
-        Errno::ENOBUFS,
-        Errno::ENOMEM,
-        Errno::EADDRNOTAVAIL,
-    ]
-    .iter()
-    .any(|&errno| errno as i32 == code)
+    errno_in(
+        e,
+        &[
+            Errno::EMFILE,
+            Errno::ENFILE,
+            Errno::ENOBUFS,
+            Errno::ENOMEM,
+            Errno::EADDRNOTAVAIL,
+        ],
+    )
+}
+
+fn errno_in(e: &io::Error, set: &[Errno]) -> bool {
+    e.raw_os_error()
+        .is_some_and(|code| set.iter().any(|&errno| errno as i32 == code))
 }
 
 /// A listening socket with a deep accept queue: a burst of clients must

@@ -282,6 +282,21 @@ type ClientOutcome = (
     Result<io::Result<(Digest, Digest)>, tokio::time::error::Elapsed>,
 );
 
+/// Connects `n` clients to `addr` at once, each running an exchange.
+async fn offer_clients(addr: SocketAddr, n: usize) -> tokio::task::JoinSet<ClientOutcome> {
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let s = TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("client {i}: connecting to the relay: {e}"));
+        clients.spawn(async move {
+            let r = tokio::time::timeout(DEADLINE, try_exchange(s, i as u64)).await;
+            (i, r)
+        });
+    }
+    clients
+}
+
 /// Waits for every client and for `n` server reports; returns what failed
 /// (errors, hangs) and how many streams the two ends saw differently.
 async fn outcomes(
@@ -348,16 +363,7 @@ async fn clients_beyond_the_fd_limit_wait_and_complete(mode: &str) {
     // Every client connects at once: those beyond the cap complete the
     // handshake into the listen backlog, and send and shut down into their
     // socket buffers.
-    let mut clients = tokio::task::JoinSet::new();
-    for i in 0..CONNS {
-        let s = TcpStream::connect(relay.listen)
-            .await
-            .unwrap_or_else(|e| panic!("client {i}: connecting to the relay: {e}"));
-        clients.spawn(async move {
-            let r = tokio::time::timeout(DEADLINE, try_exchange(s, i as u64)).await;
-            (i, r)
-        });
-    }
+    let mut clients = offer_clients(relay.listen, CONNS).await;
 
     // The relay fills up to its cap, says so, and stops there.
     // (`wait_for` returns a guard that holds the server's counter locked;
@@ -557,16 +563,7 @@ async fn a_relay_out_of_fds_backs_off_and_admits_clients_later() {
     };
     assert_eq!(rc, 0, "prlimit: {}", io::Error::last_os_error());
 
-    let mut clients = tokio::task::JoinSet::new();
-    for i in 0..CLIENTS {
-        let s = TcpStream::connect(relay.listen)
-            .await
-            .unwrap_or_else(|e| panic!("client {i}: connecting to the relay: {e}"));
-        clients.spawn(async move {
-            let r = tokio::time::timeout(DEADLINE, try_exchange(s, i as u64)).await;
-            (i, r)
-        });
-    }
+    let mut clients = offer_clients(relay.listen, CLIENTS).await;
     // Nothing ends while the server holds every connection, so the relay
     // runs out of fds and must wait.
     relay
