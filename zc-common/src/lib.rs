@@ -74,6 +74,12 @@ pub struct Peer {
     /// Redirected-skb total ([`Flow::sent_msgs`]) beyond which user space
     /// wants a report too (it watches the average skb size).
     pub msg_limit: u64,
+    /// Non-zero: the verdict redirects no skb that would take
+    /// [`Flow::sent`] past this total; it passes it instead, as if held,
+    /// and reports. User space keeps it at what the destination's reader
+    /// has acknowledged plus the window, so the bound holds however late
+    /// user space looks.
+    pub cap: u64,
 }
 
 /// What the verdict program did with a relay socket's bytes. Written only

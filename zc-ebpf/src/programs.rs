@@ -175,7 +175,18 @@ fn check_limit(key: &SockKey, peer: *mut Peer, sent: u64, msgs: u64) {
     // caller; a racing user-space update replaces the whole element, and
     // a write to the old one is lost harmlessly.
     unsafe {
-        if (*peer).armed != 0 && (sent > (*peer).limit || msgs > (*peer).msg_limit) {
+        if sent > (*peer).limit || msgs > (*peer).msg_limit {
+            report(key, peer);
+        }
+    }
+}
+
+/// Sends `key` to user space if its report is armed, and disarms it.
+#[inline(always)]
+fn report(key: &SockKey, peer: *mut Peer) {
+    // SAFETY: as in `check_limit`.
+    unsafe {
+        if (*peer).armed != 0 {
             (*peer).armed = 0;
             let _ = EVENTS.output::<SockKey>(key, 0);
         }
@@ -331,9 +342,20 @@ fn verdict(ctx: &SkBuffContext, parsed: bool, offset: u32) -> u32 {
     unsafe {
         // Held, or user space still has passed bytes to forward: keep
         // passing, so that every byte reaches the peer in arrival order.
-        if peer.hold != 0 || (*flow).passed != forwarded {
+        // Past the cap, the destination's reader lags by a whole window:
+        // pass too, so the bytes count against this socket's receive
+        // buffer and TCP flow control stops the sender, and tell user
+        // space, which forwards them once the reader caught up.
+        let capped = peer.cap != 0 && (*flow).sent + u64::from(len) > peer.cap;
+        if peer.hold != 0 || (*flow).passed != forwarded || capped {
             (*flow).passed += u64::from(len);
             (*flow).passed_msgs += 1;
+            if capped
+                && peer.hold == 0
+                && let Some(p) = peer_ptr
+            {
+                report(&key, p);
+            }
             return sk_action::SK_PASS;
         }
     }

@@ -395,8 +395,9 @@ impl Programs {
                 kind,
                 armed: u32::from(window > 0),
                 hold: 0,
-                limit: window,
+                limit: window / 2,
                 msg_limit: u64::MAX,
+                cap: 2 * window,
             };
             m.peers
                 .insert(ka, peer(kb), 0)
@@ -706,20 +707,36 @@ impl Programs {
             .map_err(|e| PairError::Map("PEERS", e))
     }
 
-    /// Sets the next redirected-byte total at which `key` is reported, and
-    /// arms the report.
-    pub fn rearm(&self, key: &SockKey, limit: u64, msg_limit: u64) -> Result<(), PairError> {
+    /// Sets the next redirected-byte and skb totals at which `key` is
+    /// reported, arms the report, and moves its cap (see [`Peer::cap`]).
+    pub fn rearm(
+        &self,
+        key: &SockKey,
+        limit: u64,
+        msg_limit: u64,
+        cap: u64,
+    ) -> Result<(), PairError> {
         self.update_peer(key, |p| {
             p.limit = limit;
             p.msg_limit = msg_limit;
+            p.cap = cap;
             p.armed = 1;
         })
     }
 
-    /// Asks the verdict to pass (`true`) or redirect (`false`) what
-    /// arrives on `key`'s socket; see [`Peer::hold`].
-    pub fn set_hold(&self, key: &SockKey, hold: bool) -> Result<(), PairError> {
-        self.update_peer(key, |p| p.hold = u32::from(hold))
+    /// Asks the verdict to pass what arrives on `key`'s socket; see
+    /// [`Peer::hold`].
+    pub fn hold(&self, key: &SockKey) -> Result<(), PairError> {
+        self.update_peer(key, |p| p.hold = 1)
+    }
+
+    /// Lets the verdict redirect again (once every passed byte has been
+    /// forwarded), up to a new cap.
+    pub fn release(&self, key: &SockKey, cap: u64) -> Result<(), PairError> {
+        self.update_peer(key, |p| {
+            p.hold = 0;
+            p.cap = cap;
+        })
     }
 
     /// Receives the key of `key`'s socket each time it passes its armed

@@ -188,13 +188,16 @@ struct RelayArgs {
     /// from stalling on a momentarily full destination.
     #[arg(long, value_name = "BYTES", default_value_t = zc_user::engine::bpf::DEFAULT_SNDBUF)]
     sndbuf: usize,
-    /// bpf mode: most bytes one direction may have waiting in the kernel's
-    /// redirect queue before zc holds the sender back. Beyond it the verdict
-    /// passes arriving bytes to the socket's own receive queue, where TCP
-    /// flow control stops the sender, and zc forwards them once the reader
-    /// caught up; then the kernel path takes over again. A reader that never
-    /// reads costs about this much kernel memory per direction, plus socket
-    /// buffers. 0: no bound (the kernel's own behaviour).
+    /// bpf mode: bounds what one direction may have waiting in the kernel
+    /// for a slow reader. The verdict redirects no byte that would leave
+    /// more than two windows unacknowledged by the reader; beyond, it
+    /// passes arriving bytes to the socket's own receive queue (512 KiB),
+    /// where TCP flow control stops the sender, and zc forwards them once
+    /// the reader caught up; then the kernel path takes over again. A
+    /// reader that never reads costs at most two windows plus 512 KiB per
+    /// direction. Smaller windows hold bulk streams more often (each hold
+    /// moves bytes through user space). 0: no bound (the kernel's own
+    /// behaviour: the backlog grows without limit).
     #[arg(long, value_name = "BYTES", default_value_t = zc_user::engine::bpf::DEFAULT_WINDOW)]
     window: u64,
     /// auto mode on the BPF path: a direction whose segments average fewer

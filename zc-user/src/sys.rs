@@ -152,6 +152,14 @@ pub fn kick_data_ready(fd: BorrowedFd<'_>) -> io::Result<()> {
 
 /// Sets the send buffer, above `net.core.wmem_max` when privileged
 /// (SO_SNDBUFFORCE needs CAP_NET_ADMIN), else as far as allowed.
+/// Sets SO_RCVBUF (the kernel doubles it), forcing past `rmem_max` when
+/// privileged.
+pub fn set_rcvbuf(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    let val = i32::try_from(bytes).unwrap_or(i32::MAX);
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, val)
+        .or_else(|_| setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, val))
+}
+
 pub fn set_sndbuf(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
     let val = i32::try_from(bytes).unwrap_or(i32::MAX);
     setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, val)

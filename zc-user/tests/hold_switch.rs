@@ -18,7 +18,7 @@ use tokio::{
 };
 use zc_user::engine::bpf::BpfEngine;
 
-const WINDOW: u64 = 64 << 10;
+const WINDOW: u64 = 4 << 20;
 const TOTAL: u64 = 256 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

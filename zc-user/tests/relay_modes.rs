@@ -309,9 +309,10 @@ async fn slow_reader_gets_backpressure_without_loss(subject: Subject) {
         last >> 20
     );
     // What a sleeping reader may cost: socket buffers, a pipe, and in BPF
-    // mode up to two windows (16 MiB default) of redirect backlog plus the
-    // 16 MiB send buffer. Measured 7-9 MiB for copy, 14 for splice, 52 for
-    // bpf; without a window bpf took all 512.
+    // mode up to two windows (8 MiB default) waiting for the reader plus
+    // a 512 KiB receive buffer, beside the endpoints' own buffers.
+    // Measured 7-9 MiB for copy, 14 for splice; without a window bpf took
+    // all 512.
     assert!(
         last < 80 << 20,
         "the writer pushed {} MiB into a relay whose reader sleeps: no backpressure",

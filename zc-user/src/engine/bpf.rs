@@ -10,13 +10,17 @@
 //!
 //! The kernel's redirect queue (the destination psock's backlog) has no
 //! bound: a slow destination would let the source's sender fill kernel
-//! memory. The verdict reports a source each time it has redirected
-//! another `window` bytes; if the destination is then more than `window`
-//! behind, the source is *held*: the verdict passes its bytes to its own
-//! receive queue, where they count against its receive buffer, so TCP flow
-//! control stops its sender. Once the destination has caught up, user
-//! space forwards what was passed, and the verdict redirects again as soon
-//! as nothing passed is left, so every byte keeps its place.
+//! memory. So the verdict has a cap per direction: it redirects no byte
+//! that would leave more than two windows waiting for the destination's
+//! reader (redirected and not yet acknowledged). Past the cap it passes
+//! the bytes to the source's own receive queue, where they count against
+//! its receive buffer, so TCP flow control stops the sender, and it tells
+//! user space. User space moves the cap with every report (each half
+//! window of redirected bytes) and, once the verdict has passed bytes,
+//! *holds* the source: once the destination has caught up, it forwards
+//! what was passed, and the verdict redirects again as soon as nothing
+//! passed is left, so every byte keeps its place. The bound holds however
+//! late user space looks.
 //!
 //! Taking the source out of the verdict map instead would be simpler, but
 //! the kernel drops an skb that is being dequeued while the program is
@@ -51,17 +55,28 @@ use crate::{
 /// absorb a burst keeps the path from stalling (measured in BENCHMARKS.md).
 pub const DEFAULT_SNDBUF: usize = 16 << 20;
 
-/// Default bound on the bytes one direction may have queued in the
-/// kernel's redirect backlog before the sender is held back. A few MiB
-/// keep a bulk stream on the kernel path (BENCHMARKS.md) while a reader
-/// that stops costs little kernel memory.
+/// Default window: per direction, the verdict keeps at most two windows
+/// of redirected bytes waiting for the destination's reader (redirect
+/// backlog and send queue, until the reader's ACK), and a held sender at
+/// most `HELD_RCVBUF` twice over in its own queue. 8 MiB: a reader that
+/// never reads costs at most 17 MiB per direction, and a bulk stream whose
+/// reader keeps up is rarely held (1 MiB writes: relay CPU 0.04 s/GiB
+/// against 0.09 at 4 MiB and 0.014 at 16 MiB; BENCHMARKS.md).
 ///
 /// Holding used to be opt-in: on 6.18 a held stream sometimes got one skb
 /// twice. The cause was a spurious TCP retransmission overlapping bytes
 /// already handled, which `tcp_read_skb` hands to the verdict whole; the
 /// verdict now skips those bytes (zc-ebpf, `skip_handled`; tested by
 /// tests/retransmit_overlap.rs).
-pub const DEFAULT_WINDOW: u64 = 16 << 20;
+pub const DEFAULT_WINDOW: u64 = 8 << 20;
+
+/// SO_RCVBUF of relay sockets when a window is set (the kernel doubles
+/// it): the most a held direction keeps in its own receive queue, beside
+/// the two windows the cap allows. The kernel path drains the queue as
+/// skbs arrive, so it only limits the advertised TCP window to about this
+/// much (512 KiB per round trip; 128 KiB without it, autotuning only
+/// grows buffers that an application reads).
+pub const HELD_RCVBUF: usize = 256 << 10;
 
 /// Default size below which a direction's average skb counts as small and
 /// the direction is moved to user space (`--mode auto`). Each skb the
@@ -261,6 +276,12 @@ impl BpfEngine {
             if self.sndbuf > 0 {
                 sys::set_sndbuf(s.as_fd(), self.sndbuf).context("setting SO_SNDBUF")?;
             }
+            if self.window > 0 && !self.foreign {
+                // What the verdict passes while a direction is held waits
+                // here, and autotuning would let it grow to tcp_rmem's
+                // maximum (32 MiB here).
+                sys::set_rcvbuf(s.as_fd(), HELD_RCVBUF).context("setting SO_RCVBUF")?;
+            }
         }
         let base = [Base::of(a.as_fd())?, Base::of(b.as_fd())?];
         let mut events = self
@@ -320,7 +341,10 @@ impl BpfEngine {
         ];
         if self.window > 0 && self.small_skb > 0 {
             for k in &pairing.keys {
-                if let Err(e) = self.progs.rearm(k, self.window, ADAPT_MSGS) {
+                if let Err(e) = self
+                    .progs
+                    .rearm(k, self.window / 2, ADAPT_MSGS, 2 * self.window)
+                {
                     reset(&socks);
                     return Err(e).context("arming the adaptive path");
                 }
@@ -396,8 +420,10 @@ impl<'a> Pair<'a> {
                     }
                     let src = ev.side;
                     // A forwarder sees the EOF itself.
-                    if ev.read_closed && !self.done[src] && self.in_relay[src] && !self.forwarding[src] {
-                        self.finish_direction(src).await?;
+                    if ev.read_closed && !self.done[src] && self.in_relay[src] && !self.forwarding[src]
+                        && let Some(f) = self.finish_direction(src).await?
+                    {
+                        if src == 0 { *fwd_a = Some(f) } else { *fwd_b = Some(f) }
                     }
                 }
                 Some(_) = limit_a.recv() => {
@@ -406,8 +432,12 @@ impl<'a> Pair<'a> {
                 Some(_) = limit_b.recv() => {
                     if let Some(f) = self.check_backlog(1).await? { *fwd_b = Some(f) }
                 }
-                r = poll_slot(fwd_a) => self.forwarder_ended(0, r?).await?,
-                r = poll_slot(fwd_b) => self.forwarder_ended(1, r?).await?,
+                r = poll_slot(fwd_a) => {
+                    if let Some(f) = self.forwarder_ended(0, r?).await? { *fwd_a = Some(f) }
+                }
+                r = poll_slot(fwd_b) => {
+                    if let Some(f) = self.forwarder_ended(1, r?).await? { *fwd_b = Some(f) }
+                }
                 r = poll_slot(copy_a) => { r?; self.done[0] = true }
                 r = poll_slot(copy_b) => { r?; self.done[1] = true }
             }
@@ -415,7 +445,14 @@ impl<'a> Pair<'a> {
         Ok(())
     }
 
-    async fn forwarder_ended(&mut self, src: usize, how: Forwarded) -> Result<(), Abort> {
+    /// A forwarder ended; returns the next one if the verdict passed more
+    /// bytes at its cap meanwhile (its report may have come while this
+    /// one still ran, and no later skb need come to report again).
+    async fn forwarder_ended(
+        &mut self,
+        src: usize,
+        how: Forwarded,
+    ) -> Result<Task<'a, Forwarded>, Abort> {
         self.forwarding[src] = false;
         debug!(
             "side {src}: forwarder ended ({}), {} bytes forwarded",
@@ -430,9 +467,9 @@ impl<'a> Pair<'a> {
             Forwarded::BackToKernel => sys::fin_received(&sys::tcp_info(self.socks[src].as_fd())?),
         };
         if fin && !self.done[src] {
-            self.finish_direction(src).await?;
+            return self.finish_direction(src).await;
         }
-        Ok(())
+        self.check_backlog(src).await
     }
 
     fn flow(&self, src: usize) -> Result<zc_common::Flow, Abort> {
@@ -441,7 +478,9 @@ impl<'a> Pair<'a> {
 
     /// The source's remote end sent FIN: once every byte it sent before
     /// has reached the destination, pass the FIN on.
-    async fn finish_direction(&mut self, src: usize) -> Result<(), Abort> {
+    /// Returns a forwarder instead if the verdict passed bytes at its cap
+    /// on the way (that forwarder then sees the EOF and comes back here).
+    async fn finish_direction(&mut self, src: usize) -> Result<Task<'a, Forwarded>, Abort> {
         let dst = 1 - src;
         // Every byte before the FIN has been through the verdict once the
         // source's received count equals what the verdict redirected or
@@ -452,8 +491,12 @@ impl<'a> Pair<'a> {
             let received = info.bytes_received.saturating_sub(1 + self.base[src].read);
             let f = self.flow(src)?;
             duplicated(received, f)?;
-            if all_accounted(received, f, self.by_user[src].load(Ordering::Relaxed)) {
+            let forwarded = self.by_user[src].load(Ordering::Relaxed);
+            if all_accounted(received, f, forwarded) {
                 break;
+            }
+            if f.passed > forwarded {
+                return self.check_backlog(src).await;
             }
             wait.sleep(|| {
                 debug!(
@@ -482,62 +525,64 @@ impl<'a> Pair<'a> {
         let _ = self.socks[dst].shutdown(Shutdown::Write);
         debug!("side {src}: FIN passed on");
         self.done[src] = true;
-        Ok(())
+        Ok(None)
     }
 
-    /// The verdict reported that `src` passed its limit. If the
-    /// destination lags by more than the window, hold `src` and return a
-    /// forwarder for what the verdict passes meanwhile.
+    /// The verdict reported `src`: it passed its report limit, or its cap.
+    /// Moves the cap to what the destination's reader has acknowledged
+    /// plus the window, and re-arms. If the verdict had to pass bytes at
+    /// the cap (or the direction's skbs are small), holds `src` and returns
+    /// a forwarder for what the verdict passes meanwhile.
     async fn check_backlog(&mut self, src: usize) -> Result<Task<'a, Forwarded>, Abort> {
         let dst = 1 - src;
         let window = self.engine.window;
         let f = self.flow(src)?;
-        let mut task: Task<'a, Forwarded> = None;
-        if !self.forwarding[src] && !self.done[src] {
-            // Bytes count as waiting until the destination's remote end
-            // acknowledged them: queued in its send buffer is in the kernel
-            // too, so the window bounds the redirect queue and send buffer
-            // together.
-            let taken = written(self.socks[dst], self.base[dst])?
-                .saturating_sub(self.by_user[src].load(Ordering::Relaxed));
-            let lag = f.sent.saturating_sub(taken);
-            let small = self.small_segments(src);
-            if lag > window || small.is_some() {
-                match small {
-                    Some(avg) => {
-                        debug!("side {src}: skbs average {avg} bytes; forwarding in user space");
-                        self.small += 1;
-                    }
-                    None => {
-                        debug!("holding side {src}: {lag} bytes wait in the kernel for side {dst}");
-                        self.holds += 1;
-                    }
-                }
-                self.engine.progs.set_hold(&self.keys[src], true)?;
-                // A verdict run that read the old entry may still be
-                // redirecting. It runs under the socket's lock, so taking
-                // that lock once (any setsockopt does) waits it out; every
-                // later run sees the hold.
-                sys::kick_data_ready(self.socks[src].as_fd())?;
-                self.forwarding[src] = true;
-                let fwd = Forwarder {
-                    progs: self.engine.progs.clone(),
-                    key: self.keys[src],
-                    src: (self.socks[src], self.base[src]),
-                    src_io: to_tokio(self.socks[src].try_clone()?).map_err(|_| Abort)?,
-                    dst: (self.socks[dst], self.base[dst]),
-                    dst_io: to_tokio(self.socks[dst].try_clone()?).map_err(|_| Abort)?,
-                    by_user: &self.by_user[src],
-                    resume_below: window / 2,
-                    small_below: small.map(|_| back_to_kernel_at(self.engine.small_skb)),
-                };
-                task = Some(Box::pin(fwd.run()));
+        let cap = cap(self.socks[dst], self.base[dst], &self.by_user[src], window)?;
+        self.engine.progs.rearm(
+            &self.keys[src],
+            f.sent + window / 2,
+            self.engine.msg_limit(f),
+            cap,
+        )?;
+        if self.forwarding[src] || self.done[src] {
+            return Ok(None);
+        }
+        // Read after re-arming: a verdict run that passes at the cap from
+        // now on reports again, so none is missed between the two.
+        let f = self.flow(src)?;
+        let capped = f.passed > self.by_user[src].load(Ordering::Relaxed);
+        let small = self.small_segments(src);
+        if !capped && small.is_none() {
+            return Ok(None);
+        }
+        match small {
+            Some(avg) => {
+                debug!("side {src}: skbs average {avg} bytes; forwarding in user space");
+                self.small += 1;
+            }
+            None => {
+                debug!("holding side {src}: a window of bytes waits in the kernel for side {dst}");
+                self.holds += 1;
             }
         }
-        self.engine
-            .progs
-            .rearm(&self.keys[src], f.sent + window, self.engine.msg_limit(f))?;
-        Ok(task)
+        self.engine.progs.hold(&self.keys[src])?;
+        // A verdict run that read the old entry may still be redirecting.
+        // It runs under the socket's lock, so taking that lock once (any
+        // setsockopt does) waits it out; every later run sees the hold.
+        sys::kick_data_ready(self.socks[src].as_fd())?;
+        self.forwarding[src] = true;
+        let fwd = Forwarder {
+            progs: self.engine.progs.clone(),
+            key: self.keys[src],
+            src: (self.socks[src], self.base[src]),
+            src_io: to_tokio(self.socks[src].try_clone()?).map_err(|_| Abort)?,
+            dst: (self.socks[dst], self.base[dst]),
+            dst_io: to_tokio(self.socks[dst].try_clone()?).map_err(|_| Abort)?,
+            by_user: &self.by_user[src],
+            window,
+            small_below: small.map(|_| back_to_kernel_at(self.engine.small_skb)),
+        };
+        Ok(Some(Box::pin(fwd.run())))
     }
 
     /// The average size of the skbs the verdict redirected from `src`
@@ -599,6 +644,19 @@ fn acked(s: &TcpStream, base: Base) -> Result<u64, Abort> {
     Ok(sys::tcp_info(s.as_fd())?
         .bytes_acked
         .saturating_sub(base.written))
+}
+
+/// The verdict's cap for the direction into `dst` (see `Peer::cap`): the
+/// redirected total at which two windows wait for `dst`'s remote end to
+/// acknowledge them, counting what user space wrote into `dst` too.
+/// Reports come every half window, and the cap moves with each, so a
+/// reader that keeps within a window and a half never meets it.
+fn cap(dst: &TcpStream, dbase: Base, by_user: &AtomicU64, window: u64) -> Result<u64, Abort> {
+    if window == 0 {
+        return Ok(0);
+    }
+    let taken = acked(dst, dbase)?.saturating_sub(by_user.load(Ordering::Relaxed));
+    Ok(taken + 2 * window)
 }
 
 /// Bytes written into `s` since pairing.
@@ -673,10 +731,10 @@ struct Forwarder<'a> {
     dst: (&'a TcpStream, Base),
     dst_io: tokio::net::TcpStream,
     by_user: &'a AtomicU64,
-    /// The hold lasts until fewer bytes than this wait for the
-    /// destination's reader (half the window, so a reader that keeps up
-    /// only just does not flip the direction back and forth).
-    resume_below: u64,
+    /// The hold lasts until fewer than half this many bytes wait for the
+    /// destination's reader, so a reader that keeps up only just does not
+    /// flip the direction back and forth.
+    window: u64,
     /// Set when the direction came for its small skbs: it stays in user
     /// space (held) while the skbs the verdict passes average less than
     /// this, however idle it gets.
@@ -693,15 +751,15 @@ impl Forwarder<'_> {
             dst: (dst, dbase),
             dst_io,
             by_user,
-            resume_below,
+            window,
             mut small_below,
         } = self;
         if small_below.is_none() {
-            wait_drained(&progs, key, dst, dbase, by_user, resume_below).await?;
+            wait_drained(&progs, key, dst, dbase, by_user, window / 2).await?;
         }
         wait_caught_up(&progs, key, dst, dbase, by_user).await?;
         if small_below.is_none() {
-            progs.set_hold(&key, false)?;
+            progs.release(&key, cap(dst, dbase, by_user, window)?)?;
         }
         let mut sample = progs.flow(&key).ok_or(Abort)?;
         let mut buf = vec![0u8; copy::DEFAULT_BUFFER];
@@ -743,6 +801,9 @@ impl Forwarder<'_> {
                     copy::write_all(&dst_io, &buf[..n], by_user).await?;
                     progs.set_forwarded(&key, by_user.load(Ordering::Relaxed))?;
                     if let Some(below) = small_below {
+                        // Forwarding for good: the window bounds what waits
+                        // for the destination's reader here too.
+                        wait_drained(&progs, key, dst, dbase, by_user, window).await?;
                         let f = progs.flow(&key).ok_or(Abort)?;
                         let (bytes, msgs) =
                             (f.passed - sample.passed, f.passed_msgs - sample.passed_msgs);
@@ -756,7 +817,7 @@ impl Forwarder<'_> {
                                     bytes / msgs.max(1)
                                 );
                                 small_below = None;
-                                progs.set_hold(&key, false)?;
+                                progs.release(&key, cap(dst, dbase, by_user, window)?)?;
                             }
                         }
                     }
