@@ -98,19 +98,33 @@ fn forced_bpf_mode_without_privilege_fails_with_a_reason() {
     );
 }
 
-/// `kill -9` of a BPF relay mid-stream: both ends see a reset, never a
-/// clean end of a stream that was cut.
 #[test]
 fn killing_a_bpf_relay_mid_stream_resets_both_ends() {
     let _one_at_a_time = BPF_RELAYS.lock().unwrap_or_else(|p| p.into_inner());
+    killed_mid_stream_resets_both_ends("bpf");
+}
+
+#[test]
+fn killing_a_splice_relay_mid_stream_resets_both_ends() {
+    killed_mid_stream_resets_both_ends("splice");
+}
+
+#[test]
+fn killing_a_copy_relay_mid_stream_resets_both_ends() {
+    killed_mid_stream_resets_both_ends("copy");
+}
+
+/// `kill -9` of a relay mid-stream: both ends see a reset, never a clean
+/// end of a stream that was cut.
+fn killed_mid_stream_resets_both_ends(mode: &str) {
     assert!(
         nix::unistd::geteuid().is_root(),
-        "this test runs `zc relay --mode bpf` and needs root; run `cargo xtask test` as root"
+        "this test runs `zc relay --mode {mode}`, which needs root for bpf; run `cargo xtask test` as root"
     );
     let server = TcpListener::bind("127.0.0.1:0").expect("bind");
     let mut relay = RelayProcess::start(
         server.local_addr().expect("addr"),
-        &["--mode", "bpf"],
+        &["--mode", mode],
         &[],
         false,
     );
@@ -157,6 +171,6 @@ fn killing_a_bpf_relay_mid_stream_resets_both_ends() {
         ),
         "the client's write failed with {client_err}, not a reset"
     );
-    eprintln!("server got {got} bytes, client sent {sent}, then both saw resets");
+    eprintln!("{mode}: server got {got} bytes, client sent {sent}, then both saw resets");
     drop(client);
 }

@@ -51,6 +51,7 @@ impl CopyEngine {
         counts: super::Counts,
     ) -> Result<Summary> {
         let (a, b) = (to_tokio(a)?, to_tokio(b)?);
+        arm_reset(&a, &b);
         // try_join: the first error cancels the other direction.
         let result = tokio::try_join!(
             pump(&a, &b, self.buffer, &counts[0]),
@@ -60,12 +61,25 @@ impl CopyEngine {
     }
 }
 
-/// Arms a reset on both sockets if the relay failed, and sums up.
+/// Makes both closes abortive until [`finish`] says the relay ended
+/// cleanly: should this process die mid-stream (kill -9), the kernel's
+/// close then sends RST, and neither end takes the cut for a complete
+/// stream.
+pub fn arm_reset(a: &TcpStream, b: &TcpStream) {
+    for s in [a, b] {
+        let _ = sys::set_reset_on_close(s.as_fd());
+    }
+}
+
+/// Leaves both closes abortive if the relay failed (see [`arm_reset`]),
+/// graceful otherwise, and sums up.
 pub fn finish(a: &TcpStream, b: &TcpStream, failed: bool, counts: &[AtomicU64; 2]) -> Summary {
-    if failed {
-        for s in [a, b] {
-            let _ = sys::set_reset_on_close(s.as_fd());
-        }
+    for s in [a, b] {
+        let _ = if failed {
+            sys::set_reset_on_close(s.as_fd())
+        } else {
+            socket2::SockRef::from(s).set_linger(None)
+        };
     }
     Summary {
         a_to_b: counts[0].load(Ordering::Relaxed),

@@ -30,7 +30,7 @@ use tokio::{io::Interest, net::TcpStream};
 
 use super::{
     Summary,
-    copy::{self, CopyEngine, finish, pump, shutdown_write, to_tokio, write_all},
+    copy::{self, CopyEngine, arm_reset, finish, pump, shutdown_write, to_tokio, write_all},
 };
 
 /// Pipe capacity asked of F_SETPIPE_SZ (the kernel's default maximum for
@@ -245,6 +245,7 @@ impl SpliceEngine {
         };
         let mut leases = [Lease::new(&self.pool, p0), Lease::new(&self.pool, p1)];
         let (a, b) = (to_tokio(a)?, to_tokio(b)?);
+        arm_reset(&a, &b);
         let [rec0, rec1] = match self.record.as_ref().map(|r| r.open()) {
             Some(Ok([x, y])) => [Some(x), Some(y)],
             Some(Err(e)) => {
