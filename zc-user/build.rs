@@ -1,5 +1,5 @@
 //! Builds the eBPF object from `zc-ebpf` and leaves it in `OUT_DIR/zc-ebpf`,
-//! where `src/ebpf.rs` embeds it, so the `zc` binary is self-contained.
+//! where `src/ebpf/mod.rs` embeds it, so the `zc` binary is self-contained.
 //!
 //! `cargo xtask build` bootstraps the toolchain first (nightly `rust-src`,
 //! a bpf-linker matching the nightly's LLVM). With `AYA_BUILD_SKIP=1` an

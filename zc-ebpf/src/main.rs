@@ -10,13 +10,30 @@
 //! - `LOCAL`: same-host sockets whose sent bytes go to their peer's
 //!   ingress (`zc_msg`, an sk_msg program).
 //! - `PEERS`: socket -> where its bytes go. `COUNTERS`: what moved.
+//!
+//! One module per program family, mirrored by `zc-user`'s `ebpf` module:
+//! `verdict` (the relay: `zc_verdict`, `zc_verdict_parsed`, `zc_parser`),
+//! `fin_hold` (`zc_fin_hold`), `recording` (`zc_sockops`) and
+//! `short_circuit` (`zc_msg`, and the sock_ops enrolment). `maps` holds
+//! the maps more than one family uses, `sock` what every family reads
+//! from a socket.
 // Host builds (clippy, tests) see a plain empty binary; only the bpf
 // target is freestanding.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
-mod programs;
+mod fin_hold;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod recording;
+#[cfg(target_arch = "bpf")]
+mod short_circuit;
+#[cfg(target_arch = "bpf")]
+mod sock;
+#[cfg(target_arch = "bpf")]
+mod verdict;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -62,7 +62,7 @@ const SPARE_FDS: u64 = 64;
 /// A connection's two sockets.
 const SOCKETS: usize = 2;
 
-/// The BPF engine (engine/bpf.rs) duplicates both sockets of a direction
+/// The BPF engine (engine::bpf) duplicates both sockets of a direction
 /// it moves in user space: while it forwards a held direction, or for the
 /// whole connection when the kernel refused a socket at pairing. Both
 /// directions can do so at once, so a connection may briefly hold four

@@ -8,30 +8,15 @@
 //! byte counts), and only then shut the destination's write side. A reset
 //! on either side resets the other.
 //!
-//! The kernel's redirect queue (the destination psock's backlog) has no
-//! bound: a slow destination would let the source's sender fill kernel
-//! memory. So the verdict has a cap per direction: it redirects no byte
-//! that would leave more than two windows waiting for the destination's
-//! reader (redirected and not yet acknowledged). Past the cap it passes
-//! the bytes to the source's own receive queue, where they count against
-//! its receive buffer, so TCP flow control stops the sender, and it tells
-//! user space. User space moves the cap with every report (each half
-//! window of redirected bytes) and, once the verdict has passed bytes,
-//! *holds* the source: once the destination has caught up, it forwards
-//! what was passed, and the verdict redirects again as soon as nothing
-//! passed is left, so every byte keeps its place. The bound holds however
-//! late user space looks.
-//!
-//! Taking the source out of the verdict map instead would be simpler, but
-//! the kernel drops an skb that is being dequeued while the program is
-//! detached (sk_psock_verdict_recv finds no program: SK_DROP). Observed on
-//! 6.18 as lost bytes in the middle of a stream.
+//! Backpressure and the adaptive path, both of which move a direction
+//! between the kernel and user space, live in `switch`.
+mod switch;
+
 use std::{
     net::{Shutdown, TcpStream},
     os::fd::{AsFd, BorrowedFd},
     pin::Pin,
     sync::atomic::{AtomicU64, Ordering},
-    time::Duration,
 };
 
 use anyhow::{Context as _, Result};
@@ -40,6 +25,8 @@ use socket2::SockRef;
 use tokio::sync::mpsc::UnboundedReceiver;
 use zc_common::SockKey;
 
+use self::switch::{ADAPT_MSGS, Backoff, Forwarded, wait_caught_up};
+pub use self::switch::{DEFAULT_SMALL_SKB, DEFAULT_WINDOW, HELD_RCVBUF};
 use super::{
     Summary,
     copy::{self, CopyEngine, pump, to_tokio},
@@ -54,47 +41,6 @@ use crate::{
 /// full destination only after a timer tick, so a destination that can
 /// absorb a burst keeps the path from stalling (measured in BENCHMARKS.md).
 pub const DEFAULT_SNDBUF: usize = 16 << 20;
-
-/// Default window: per direction, the verdict keeps at most two windows
-/// of redirected bytes waiting for the destination's reader (redirect
-/// backlog and send queue, until the reader's ACK), and a held sender at
-/// most `HELD_RCVBUF` twice over in its own queue. 8 MiB: a reader that
-/// never reads costs at most 17 MiB per direction, and a bulk stream whose
-/// reader keeps up is rarely held (1 MiB writes: relay CPU 0.04 s/GiB
-/// against 0.09 at 4 MiB and 0.014 at 16 MiB; BENCHMARKS.md).
-///
-/// Holding used to be opt-in: on 6.18 a held stream sometimes got one skb
-/// twice. The cause was a spurious TCP retransmission overlapping bytes
-/// already handled, which `tcp_read_skb` hands to the verdict whole; the
-/// verdict now skips those bytes (zc-ebpf, `skip_handled`; tested by
-/// tests/retransmit_overlap.rs).
-pub const DEFAULT_WINDOW: u64 = 8 << 20;
-
-/// SO_RCVBUF of relay sockets when a window is set (the kernel doubles
-/// it): the most a held direction keeps in its own receive queue, beside
-/// the two windows the cap allows. The kernel path drains the queue as
-/// skbs arrive, so it only limits the advertised TCP window to about this
-/// much (512 KiB per round trip; 128 KiB without it, autotuning only
-/// grows buffers that an application reads).
-pub const HELD_RCVBUF: usize = 256 << 10;
-
-/// Default size below which a direction's average skb counts as small and
-/// the direction is moved to user space (`--mode auto`). Each skb the
-/// kernel redirects costs a verdict run, a queue operation and a share of
-/// a worker wake-up, and leaves as a segment of its own; user space reads
-/// many small skbs at once and writes them as one. Measured in
-/// BENCHMARKS.md ("adaptive path").
-pub const DEFAULT_SMALL_SKB: u64 = 32 << 10;
-
-/// The average passed-skb size at which a direction moved to user space
-/// for its small skbs goes back to the kernel: twice the threshold, but no
-/// more than nearly full 64 KiB skbs, or a bulk stream could never return.
-/// (Skbs a user-space reader leaves in the queue coalesce, so they come
-/// out larger than the same traffic's skbs on the kernel path: a
-/// threshold without this gap flips the direction back and forth.)
-fn back_to_kernel_at(small_skb: u64) -> u64 {
-    (2 * small_skb).min(60 << 10).max(small_skb)
-}
 
 #[derive(Clone)]
 pub struct BpfEngine {
@@ -187,14 +133,6 @@ impl From<PairError> for Abort {
     }
 }
 
-/// What a user-space forwarder ended with.
-enum Forwarded {
-    /// The source reached EOF; the direction can be finished.
-    Eof,
-    /// Nothing passed is left and the verdict redirects again.
-    BackToKernel,
-}
-
 type Task<'a, T> = Option<Pin<Box<dyn Future<Output = Result<T, Abort>> + Send + 'a>>>;
 
 impl BpfEngine {
@@ -230,17 +168,6 @@ impl BpfEngine {
     pub fn with_adaptive(mut self, bytes: u64) -> Self {
         self.small_skb = bytes;
         self
-    }
-
-    /// The redirected-skb total at which the verdict should next report a
-    /// socket that has sent `f` so far: soon when adaptive, so a direction
-    /// of small skbs is found long before a window of them has passed.
-    fn msg_limit(&self, f: zc_common::Flow) -> u64 {
-        if self.small_skb == 0 || self.window == 0 {
-            u64::MAX
-        } else {
-            f.sent_msgs + ADAPT_MSGS
-        }
     }
 
     /// Backlog bound per direction (0: unbounded, as the kernel does).
@@ -445,33 +372,6 @@ impl<'a> Pair<'a> {
         Ok(())
     }
 
-    /// A forwarder ended; returns the next one if the verdict passed more
-    /// bytes at its cap meanwhile (its report may have come while this
-    /// one still ran, and no later skb need come to report again).
-    async fn forwarder_ended(
-        &mut self,
-        src: usize,
-        how: Forwarded,
-    ) -> Result<Task<'a, Forwarded>, Abort> {
-        self.forwarding[src] = false;
-        debug!(
-            "side {src}: forwarder ended ({}), {} bytes forwarded",
-            matches!(how, Forwarded::Eof)
-                .then_some("EOF")
-                .unwrap_or("back to the kernel"),
-            self.by_user[src].load(Ordering::Relaxed)
-        );
-        let fin = match how {
-            Forwarded::Eof => true,
-            // Its FIN may have come while the forwarder owned the source.
-            Forwarded::BackToKernel => sys::fin_received(&sys::tcp_info(self.socks[src].as_fd())?),
-        };
-        if fin && !self.done[src] {
-            return self.finish_direction(src).await;
-        }
-        self.check_backlog(src).await
-    }
-
     fn flow(&self, src: usize) -> Result<zc_common::Flow, Abort> {
         self.engine.progs.flow(&self.keys[src]).ok_or(Abort)
     }
@@ -528,77 +428,6 @@ impl<'a> Pair<'a> {
         Ok(None)
     }
 
-    /// The verdict reported `src`: it passed its report limit, or its cap.
-    /// Moves the cap to what the destination's reader has acknowledged
-    /// plus the window, and re-arms. If the verdict had to pass bytes at
-    /// the cap (or the direction's skbs are small), holds `src` and returns
-    /// a forwarder for what the verdict passes meanwhile.
-    async fn check_backlog(&mut self, src: usize) -> Result<Task<'a, Forwarded>, Abort> {
-        let dst = 1 - src;
-        let window = self.engine.window;
-        let f = self.flow(src)?;
-        let cap = cap(self.socks[dst], self.base[dst], &self.by_user[src], window)?;
-        self.engine.progs.rearm(
-            &self.keys[src],
-            f.sent + window / 2,
-            self.engine.msg_limit(f),
-            cap,
-        )?;
-        if self.forwarding[src] || self.done[src] {
-            return Ok(None);
-        }
-        // Read after re-arming: a verdict run that passes at the cap from
-        // now on reports again, so none is missed between the two.
-        let f = self.flow(src)?;
-        let capped = f.passed > self.by_user[src].load(Ordering::Relaxed);
-        let small = self.small_segments(src);
-        if !capped && small.is_none() {
-            return Ok(None);
-        }
-        match small {
-            Some(avg) => {
-                debug!("side {src}: skbs average {avg} bytes; forwarding in user space");
-                self.small += 1;
-            }
-            None => {
-                debug!("holding side {src}: a window of bytes waits in the kernel for side {dst}");
-                self.holds += 1;
-            }
-        }
-        self.engine.progs.hold(&self.keys[src])?;
-        // A verdict run that read the old entry may still be redirecting.
-        // It runs under the socket's lock, so taking that lock once (any
-        // setsockopt does) waits it out; every later run sees the hold.
-        sys::kick_data_ready(self.socks[src].as_fd())?;
-        self.forwarding[src] = true;
-        let fwd = Forwarder {
-            progs: self.engine.progs.clone(),
-            key: self.keys[src],
-            src: (self.socks[src], self.base[src]),
-            src_io: to_tokio(self.socks[src].try_clone()?).map_err(|_| Abort)?,
-            dst: (self.socks[dst], self.base[dst]),
-            dst_io: to_tokio(self.socks[dst].try_clone()?).map_err(|_| Abort)?,
-            by_user: &self.by_user[src],
-            window,
-            small_below: small.map(|_| back_to_kernel_at(self.engine.small_skb)),
-        };
-        Ok(Some(Box::pin(fwd.run())))
-    }
-
-    /// The average size of the skbs the verdict redirected from `src`
-    /// since its last report, when adaptive and below the threshold.
-    fn small_segments(&mut self, src: usize) -> Option<u64> {
-        if self.engine.small_skb == 0 || self.engine.window == 0 {
-            return None;
-        }
-        let now = self.engine.progs.flow(&self.keys[src])?;
-        let now = (now.sent, now.sent_msgs);
-        let last = std::mem::replace(&mut self.sampled[src], now);
-        let (bytes, msgs) = (now.0 - last.0, now.1 - last.1);
-        let avg = bytes.checked_div(msgs)?;
-        (avg < self.engine.small_skb).then_some(avg)
-    }
-
     /// Copies what arrives on `src` to the other socket in user space.
     /// Only used when the kernel refused `src` at pairing, so nothing of
     /// that direction is in the kernel's redirect path.
@@ -637,244 +466,6 @@ fn duplicated(received: u64, f: zc_common::Flow) -> Result<(), Abort> {
         return Err(Abort);
     }
     Ok(())
-}
-
-/// Bytes written into `s` since pairing and acknowledged by its remote end.
-fn acked(s: &TcpStream, base: Base) -> Result<u64, Abort> {
-    Ok(sys::tcp_info(s.as_fd())?
-        .bytes_acked
-        .saturating_sub(base.written))
-}
-
-/// The verdict's cap for the direction into `dst` (see `Peer::cap`): the
-/// redirected total at which two windows wait for `dst`'s remote end to
-/// acknowledge them, counting what user space wrote into `dst` too.
-/// Reports come every half window, and the cap moves with each, so a
-/// reader that keeps within a window and a half never meets it.
-fn cap(dst: &TcpStream, dbase: Base, by_user: &AtomicU64, window: u64) -> Result<u64, Abort> {
-    if window == 0 {
-        return Ok(0);
-    }
-    let taken = acked(dst, dbase)?.saturating_sub(by_user.load(Ordering::Relaxed));
-    Ok(taken + 2 * window)
-}
-
-/// Bytes written into `s` since pairing.
-fn written(s: &TcpStream, base: Base) -> Result<u64, Abort> {
-    Ok(sys::bytes_written(s.as_fd())?.saturating_sub(base.written))
-}
-
-/// Waits until `dst` has taken every byte of the direction from `src`:
-/// what the verdict redirected plus what user space wrote. The kernel
-/// signals nothing when its redirect backlog empties, so this polls.
-async fn wait_caught_up(
-    progs: &Programs,
-    src: SockKey,
-    dst: &TcpStream,
-    dbase: Base,
-    by_user: &AtomicU64,
-) -> Result<(), Abort> {
-    let mut wait = Backoff::new();
-    loop {
-        let sent = progs.flow(&src).ok_or(Abort)?.sent;
-        let expected = sent + by_user.load(Ordering::Relaxed);
-        let w = written(dst, dbase)?;
-        if w >= expected {
-            return Ok(());
-        }
-        if failed(dst) {
-            debug!("destination failed while taking redirected bytes");
-            return Err(Abort);
-        }
-        wait.sleep(|| debug!("destination has taken {w} of {expected} bytes"))
-            .await;
-    }
-}
-
-/// Waits until fewer than `below` bytes of the direction from `src` wait
-/// in the kernel for `dst`'s reader: redirected or forwarded, and not yet
-/// acknowledged by `dst`'s remote end.
-async fn wait_drained(
-    progs: &Programs,
-    src: SockKey,
-    dst: &TcpStream,
-    dbase: Base,
-    by_user: &AtomicU64,
-    below: u64,
-) -> Result<(), Abort> {
-    let mut wait = Backoff::new();
-    loop {
-        let moved = progs.flow(&src).ok_or(Abort)?.sent + by_user.load(Ordering::Relaxed);
-        let waiting = moved.saturating_sub(acked(dst, dbase)?);
-        if waiting < below {
-            return Ok(());
-        }
-        if failed(dst) {
-            debug!("destination failed while its reader lagged");
-            return Err(Abort);
-        }
-        wait.sleep(|| debug!("{waiting} bytes wait for a slow reader"))
-            .await;
-    }
-}
-
-/// Forwards what the verdict passed to `src`'s own receive queue while
-/// held. First lets the destination take everything already redirected
-/// (so forwarded bytes follow them), then releases the hold: the verdict
-/// keeps passing until user space has forwarded every passed byte, then
-/// redirects again.
-struct Forwarder<'a> {
-    progs: Programs,
-    key: SockKey,
-    src: (&'a TcpStream, Base),
-    src_io: tokio::net::TcpStream,
-    dst: (&'a TcpStream, Base),
-    dst_io: tokio::net::TcpStream,
-    by_user: &'a AtomicU64,
-    /// The hold lasts until fewer than half this many bytes wait for the
-    /// destination's reader, so a reader that keeps up only just does not
-    /// flip the direction back and forth.
-    window: u64,
-    /// Set when the direction came for its small skbs: it stays in user
-    /// space (held) while the skbs the verdict passes average less than
-    /// this, however idle it gets.
-    small_below: Option<u64>,
-}
-
-impl Forwarder<'_> {
-    async fn run(self) -> Result<Forwarded, Abort> {
-        let Forwarder {
-            progs,
-            key,
-            src: (src_std, sbase),
-            src_io: src,
-            dst: (dst, dbase),
-            dst_io,
-            by_user,
-            window,
-            mut small_below,
-        } = self;
-        if small_below.is_none() {
-            wait_drained(&progs, key, dst, dbase, by_user, window / 2).await?;
-        }
-        wait_caught_up(&progs, key, dst, dbase, by_user).await?;
-        if small_below.is_none() {
-            progs.release(&key, cap(dst, dbase, by_user, window)?)?;
-        }
-        let mut sample = progs.flow(&key).ok_or(Abort)?;
-        let mut buf = vec![0u8; copy::DEFAULT_BUFFER];
-        let mut eof_wait: Option<Backoff> = None;
-        let mut last = (0, zc_common::Flow::default());
-        loop {
-            match &mut eof_wait {
-                None => src.readable().await?,
-                Some(w) => {
-                    let (received, f) = last;
-                    let fwd = by_user.load(Ordering::Relaxed);
-                    w.sleep(|| {
-                    debug!(
-                        "after FIN: {received} received, {} redirected, {} passed, {fwd} forwarded",
-                        f.sent, f.passed
-                    )
-                })
-                .await
-                }
-            }
-            match src.try_read(&mut buf) {
-                // The socket says EOF as soon as the FIN is in and its message
-                // queue is momentarily empty, though passed bytes may still
-                // be on their way into it (the psock backlog). Only an EOF
-                // with every received byte accounted for is the end.
-                Ok(0) => {
-                    let received = sys::tcp_info(src_std.as_fd())?
-                        .bytes_received
-                        .saturating_sub(1 + sbase.read);
-                    let f = progs.flow(&key).ok_or(Abort)?;
-                    duplicated(received, f)?;
-                    if all_accounted(received, f, by_user.load(Ordering::Relaxed)) {
-                        return Ok(Forwarded::Eof);
-                    }
-                    last = (received, f);
-                    eof_wait.get_or_insert_with(Backoff::new);
-                }
-                Ok(n) => {
-                    copy::write_all(&dst_io, &buf[..n], by_user).await?;
-                    progs.set_forwarded(&key, by_user.load(Ordering::Relaxed))?;
-                    if let Some(below) = small_below {
-                        // Forwarding for good: the window bounds what waits
-                        // for the destination's reader here too.
-                        wait_drained(&progs, key, dst, dbase, by_user, window).await?;
-                        let f = progs.flow(&key).ok_or(Abort)?;
-                        let (bytes, msgs) =
-                            (f.passed - sample.passed, f.passed_msgs - sample.passed_msgs);
-                        if bytes >= ADAPT_SAMPLE {
-                            sample = f;
-                            if bytes / msgs.max(1) >= below {
-                                // Bulk again: release, and hand the
-                                // direction back once the rest is forwarded.
-                                debug!(
-                                    "skbs average {} bytes again; back to the kernel",
-                                    bytes / msgs.max(1)
-                                );
-                                small_below = None;
-                                progs.release(&key, cap(dst, dbase, by_user, window)?)?;
-                            }
-                        }
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && small_below.is_some() => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    // Everything passed is forwarded: every later verdict
-                    // run redirects. One already under way may have read
-                    // the old forwarded count and still pass its skb; it
-                    // runs under the socket's lock, so taking the lock once
-                    // waits it out, and a second look tells.
-                    let done = |f: zc_common::Flow| f.passed == by_user.load(Ordering::Relaxed);
-                    if done(progs.flow(&key).ok_or(Abort)?) {
-                        sys::kick_data_ready(src_std.as_fd())?;
-                        if done(progs.flow(&key).ok_or(Abort)?) {
-                            return Ok(Forwarded::BackToKernel);
-                        }
-                    }
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-}
-
-/// Redirected skbs between looks at a direction's average skb size.
-const ADAPT_MSGS: u64 = 512;
-
-/// Bytes a small-skb direction forwards between looks at the size of what
-/// the verdict passes.
-const ADAPT_SAMPLE: u64 = 1 << 20;
-
-/// Polling delay for waits the kernel gives no event for: starts at 50 µs
-/// and doubles to 2 ms; says once, at debug level, when a wait is long.
-struct Backoff {
-    wait: Duration,
-    started: std::time::Instant,
-    complained: bool,
-}
-
-impl Backoff {
-    fn new() -> Self {
-        Self {
-            wait: Duration::from_micros(50),
-            started: std::time::Instant::now(),
-            complained: false,
-        }
-    }
-
-    async fn sleep(&mut self, complain: impl FnOnce()) {
-        if !self.complained && self.started.elapsed() > Duration::from_secs(1) {
-            self.complained = true;
-            complain();
-        }
-        tokio::time::sleep(self.wait).await;
-        self.wait = (self.wait * 2).min(Duration::from_millis(2));
-    }
 }
 
 /// Has this socket been reset, or otherwise failed for good? A reset

@@ -1,0 +1,146 @@
+//! The FIN hold (`zc_fin_hold`, tc ingress): for the agent's pairs, a FIN
+//! waits until the peer has taken every byte redirected before it.
+use aya::{
+    maps::HashMap,
+    programs::{SchedClassifier, TcAttachType, links::FdLink},
+};
+use log::{debug, warn};
+
+use super::{LoadError, Programs};
+
+/// File names of the FIN hold's pinned links start with this, followed by
+/// the interface index (bpffs refuses dots, which interface names may hold).
+pub const HOLD_LINK_PREFIX: &str = "fin_hold_";
+
+impl Programs {
+    /// Loads `zc_fin_hold` and attaches it to the ingress of every network
+    /// interface (tcx links, which leave other tc programs alone): from
+    /// now on a FIN for a socket paired with [`Self::pair_foreign`] waits
+    /// until its peer has taken every redirected byte. Needs the kernel's
+    /// BTF for two struct offsets.
+    pub fn enable_fin_hold(&self) -> Result<(), LoadError> {
+        let hold = |e: anyhow::Error| LoadError::Hold(format!("{e:#}"));
+        let o = crate::btf::Offsets::of_running_kernel(&[
+            ("sock", "sk_user_data"),
+            ("sk_psock", "ingress_skb"),
+            ("sk_buff_head", "qlen"),
+        ])
+        .map_err(hold)?;
+        let user_data = o.get("sock", "sk_user_data").map_err(hold)?;
+        let qlen = o.get("sk_psock", "ingress_skb").map_err(hold)?
+            + o.get("sk_buff_head", "qlen").map_err(hold)?;
+        let mut ebpf = self.ebpf();
+        {
+            let mut config: aya::maps::Array<_, u64> = aya::maps::Array::try_from(
+                ebpf.map_mut("HOLD_CONFIG")
+                    .ok_or(LoadError::MissingMap("HOLD_CONFIG"))?,
+            )
+            .map_err(|e| LoadError::MapType("HOLD_CONFIG", e))?;
+            for (i, v) in [(0, user_data), (1, qlen)] {
+                config
+                    .set(i, u64::from(v), 0)
+                    .map_err(|e| LoadError::MapType("HOLD_CONFIG", e))?;
+            }
+        }
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut("zc_fin_hold")
+            .ok_or(LoadError::MissingProgram("zc_fin_hold"))?
+            .try_into()
+            .map_err(|e| LoadError::Program("zc_fin_hold", e))?;
+        prog.load()
+            .map_err(|e| LoadError::Program("zc_fin_hold", e))?;
+        drop(ebpf);
+        // An earlier agent's hold, kept by its pins, gives way to this one.
+        if let Some(dir) = &self.pin_dir {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if e.file_name()
+                    .to_string_lossy()
+                    .starts_with(HOLD_LINK_PREFIX)
+                {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        self.refresh_fin_hold();
+        Ok(())
+    }
+
+    /// Attaches the FIN hold to interfaces that appeared since it was
+    /// enabled (a no-op when it is not). Interfaces whose link-layer
+    /// header length is unknown are skipped, with a warning.
+    pub fn refresh_fin_hold(&self) {
+        let mut ebpf = self.ebpf();
+        let Some(Ok(prog)) = ebpf
+            .program_mut("zc_fin_hold")
+            .map(<&mut SchedClassifier>::try_from)
+        else {
+            return;
+        };
+        if prog.fd().is_err() {
+            return;
+        }
+        let mut attached = self.hold_ifaces.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fresh = Vec::new();
+        for (index, name) in crate::sys::interfaces() {
+            if attached.contains(&index) {
+                continue;
+            }
+            let Some(l2) = crate::sys::link_header_len(&name) else {
+                warn!("FIN hold: interface {name} has an unknown link type, not attached");
+                attached.insert(index);
+                continue;
+            };
+            match prog.attach(&name, TcAttachType::Ingress) {
+                Ok(id) => {
+                    debug!("FIN hold attached to {name}");
+                    fresh.push((index, l2));
+                    if let Some(dir) = &self.pin_dir {
+                        let path = dir.join(format!("{HOLD_LINK_PREFIX}{index}"));
+                        let pinned = prog
+                            .take_link(id)
+                            .map_err(|e| format!("{e:#}"))
+                            .and_then(|l| FdLink::try_from(l).map_err(|e| format!("{e:#}")))
+                            .and_then(|l| l.pin(&path).map_err(|e| format!("{e:#}")));
+                        if let Err(e) = pinned {
+                            // The failed pin dropped the link: attach again,
+                            // held by this process only.
+                            warn!(
+                                "FIN hold on {name}: pinning its link at {} failed ({e}); \
+                                 it ends with this process",
+                                path.display()
+                            );
+                            if let Err(e) = prog.attach(&name, TcAttachType::Ingress) {
+                                warn!("FIN hold: attaching to {name} failed: {e}");
+                            }
+                        }
+                    }
+                }
+                Err(e) => warn!("FIN hold: attaching to {name} failed: {e}"),
+            }
+            attached.insert(index);
+        }
+        if fresh.is_empty() {
+            return;
+        }
+        let Some(map) = ebpf.map_mut("HOLD_IFACES") else {
+            return;
+        };
+        let Ok(mut ifaces) = HashMap::<_, u32, u32>::try_from(map) else {
+            return;
+        };
+        for (index, l2) in fresh {
+            if let Err(e) = ifaces.insert(index, l2, 0) {
+                warn!("FIN hold: recording interface {index} failed: {e}");
+            }
+        }
+    }
+
+    /// What the FIN hold did so far: bare FINs dropped until the peer's
+    /// queue emptied, and FINs taken off data segments.
+    pub fn fin_hold_counts(&self) -> Option<(u64, u64)> {
+        let ebpf = self.ebpf();
+        let stats = aya::maps::PerCpuArray::<_, u64>::try_from(ebpf.map("HOLD_STATS")?).ok()?;
+        let sum = |i| stats.get(&i, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
+        Some((sum(0), sum(1)))
+    }
+}

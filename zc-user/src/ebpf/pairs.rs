@@ -1,0 +1,184 @@
+//! The pair table (`PEERS`) both redirecting families write: the checks
+//! and entries every pairing starts with, undoing a pairing, removing and
+//! listing pairs.
+use std::sync::MutexGuard;
+
+use zc_common::{Counters, Flow, PEER_LOCAL, PEER_RELAY, Peer, SockKey};
+
+use super::{Maps, Programs};
+
+/// Failure of one pairing operation.
+#[derive(Debug, thiserror::Error)]
+pub enum PairError {
+    #[error("socket {0:?} is already paired")]
+    AlreadyPaired(SockKey),
+    #[error("both ends are the same socket")]
+    SameSocket,
+    #[error(
+        "socket {0:?} is short-circuited (the agent's --short-circuit): what its peer sends \
+         arrives without TCP, where no redirect sees it"
+    )]
+    ShortCircuited(SockKey),
+    #[error(
+        "socket {0:?} is not an established TCP connection (it closed, or its remote end finished, before pairing)"
+    )]
+    NotEstablished(SockKey),
+    #[error("reading the socket's addresses failed: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("updating map `{0}` failed: {1}")]
+    Map(&'static str, #[source] aya::maps::MapError),
+}
+
+impl Programs {
+    /// Checks the keys and writes the `COUNTERS` and `PEERS` entries;
+    /// returns the locked maps for the socket inserts.
+    pub(super) fn prepare(
+        &self,
+        kind: u32,
+        [ka, kb]: [SockKey; 2],
+        window: u64,
+    ) -> Result<MutexGuard<'_, Maps>, PairError> {
+        if ka == kb {
+            return Err(PairError::SameSocket);
+        }
+        let mut m = self.maps();
+        for k in [&ka, &kb] {
+            if let Ok(p) = m.peers.get(k, 0) {
+                if p.kind == PEER_LOCAL && kind != PEER_LOCAL {
+                    return Err(PairError::ShortCircuited(*k));
+                }
+                return Err(PairError::AlreadyPaired(*k));
+            }
+        }
+        let result = (|| {
+            for k in [&ka, &kb] {
+                let zero = aya::maps::PerCpuValues::try_from(vec![Counters::default(); nr_cpus()])
+                    .map_err(PairError::Socket)?;
+                m.counters
+                    .insert(k, zero, 0)
+                    .map_err(|e| PairError::Map("COUNTERS", e))?;
+            }
+            for k in [&ka, &kb] {
+                m.flow
+                    .insert(k, Flow::default(), 0)
+                    .map_err(|e| PairError::Map("FLOW", e))?;
+                m.forwarded
+                    .insert(k, 0, 0)
+                    .map_err(|e| PairError::Map("FORWARDED", e))?;
+            }
+            let peer = |key| Peer {
+                key,
+                kind,
+                armed: u32::from(window > 0),
+                hold: 0,
+                limit: window / 2,
+                msg_limit: u64::MAX,
+                cap: 2 * window,
+            };
+            m.peers
+                .insert(ka, peer(kb), 0)
+                .map_err(|e| PairError::Map("PEERS", e))?;
+            m.peers
+                .insert(kb, peer(ka), 0)
+                .map_err(|e| PairError::Map("PEERS", e))
+        })();
+        if let Err(e) = result {
+            remove_locked(&mut m, &[ka, kb]);
+            return Err(e);
+        }
+        Ok(m)
+    }
+
+    /// From now on, relays that end leave their pairs in the maps (see
+    /// [`Self::unpair_ended`]).
+    pub fn retain_pairs(&self) {
+        self.retain
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// For a relay that ended: removes its pair unless pairs are retained.
+    pub fn unpair_ended(&self, keys: &[SockKey]) {
+        if !self.retain.load(std::sync::atomic::Ordering::Relaxed) {
+            self.unpair(keys);
+        }
+    }
+
+    /// Relay pairs present in the maps, each once, in key order: also
+    /// those made by an earlier process on the same pinned maps.
+    pub fn relay_pairs(&self) -> Vec<[SockKey; 2]> {
+        let m = self.maps();
+        let mut out: Vec<[SockKey; 2]> = m
+            .peers
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, p)| p.kind == PEER_RELAY && key_bytes(k) < key_bytes(&p.key))
+            .map(|(k, p)| [k, p.key])
+            .collect();
+        out.sort_by_key(|p| key_bytes(&p[0]));
+        out
+    }
+
+    /// Removes both sockets of a pair from every map. Sockets leave the
+    /// program maps before `TARGETS`, so no redirect targets a socket that
+    /// is half removed.
+    pub fn unpair(&self, keys: &[SockKey]) {
+        let carried: u64 = keys
+            .iter()
+            .filter_map(|k| self.counters(k))
+            .map(|c| c.bytes)
+            .sum();
+        self.retired
+            .fetch_add(carried, std::sync::atomic::Ordering::Relaxed);
+        remove_locked(&mut self.maps(), keys);
+        let mut l = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        for k in keys {
+            l.remove(k);
+        }
+    }
+}
+
+/// The kernel answers EOPNOTSUPP when a socket is not established
+/// (net/core/sock_map.c, sock_map_sk_state_allowed).
+pub(super) fn map_insert_error(
+    map: &'static str,
+    key: SockKey,
+    e: aya::maps::MapError,
+) -> PairError {
+    if let aya::maps::MapError::SyscallError(s) = &e
+        && s.io_error.raw_os_error() == Some(libc::EOPNOTSUPP)
+    {
+        return PairError::NotEstablished(key);
+    }
+    PairError::Map(map, e)
+}
+
+pub(super) fn remove_locked(m: &mut Maps, keys: &[SockKey]) {
+    // Missing entries are expected when undoing a partial pairing.
+    for k in keys {
+        let _ = m.relay.remove(k);
+        let _ = m.foreign.remove(k);
+        let _ = m.local.remove(k);
+    }
+    for k in keys {
+        let _ = m.targets.remove(k);
+        let _ = m.peers.remove(k);
+        let _ = m.flow.remove(k);
+        let _ = m.forwarded.remove(k);
+        let _ = m.counters.remove(k);
+        let _ = m.guarded.remove(k);
+    }
+}
+
+fn key_bytes(k: &SockKey) -> [u32; 11] {
+    let mut b = [0u32; 11];
+    b[0] = k.family;
+    b[1] = k.local_port;
+    b[2] = k.remote_port;
+    b[3..7].copy_from_slice(&k.local_ip);
+    b[7..11].copy_from_slice(&k.remote_ip);
+    b
+}
+
+fn nr_cpus() -> usize {
+    aya::util::nr_cpus().unwrap_or(1)
+}
