@@ -161,7 +161,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<SockKey>(), 4 * 3 + 16 * 2);
         assert_eq!(
             core::mem::size_of::<Peer>(),
-            core::mem::size_of::<SockKey>() + 4 * 3 + 8 + 8
+            core::mem::size_of::<SockKey>() + 4 * 3 + 8 * 3
         );
         assert_eq!(core::mem::offset_of!(Peer, limit) % 8, 0);
         assert_eq!(core::mem::size_of::<Counters>(), 24);
