@@ -332,11 +332,14 @@ pub async fn pair(args: PairArgs) -> Result<()> {
 }
 
 pub async fn unpair(args: UnpairArgs) -> Result<()> {
-    answer(control::call(
+    let how = match answer(control::call(
         &args.socket,
         &Request::Unpair { id: args.id },
-    )?)?;
-    println!("pair {} unpaired", args.id);
+    )?)? {
+        Response::Unpaired { how, .. } => how,
+        _ => String::new(),
+    };
+    println!("pair {} unpaired: {how}", args.id);
     Ok(())
 }
 

@@ -171,6 +171,28 @@ pub fn set_reset_on_close(fd: BorrowedFd<'_>) -> io::Result<()> {
     SockRef::from(&fd).set_linger(Some(std::time::Duration::ZERO))
 }
 
+/// Resets the connection now, however many processes hold the socket:
+/// connect(2) with AF_UNSPEC disconnects a TCP socket, which sends RST
+/// from any synchronised state (tcp_disconnect) and fails the owner's next
+/// call with ECONNRESET. For sockets zc shares with their owner, where an
+/// abortive close would wait for the owner's own close.
+pub fn reset_now(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: a zeroed sockaddr with only its family set, of its size.
+    let rc = unsafe {
+        let mut sa: libc::sockaddr = std::mem::zeroed();
+        sa.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+        libc::connect(
+            fd.as_raw_fd(),
+            &sa,
+            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The socket's cookie (SO_COOKIE): a number that names it for its whole
 /// life, the same in every process and in eBPF programs.
 pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {

@@ -239,6 +239,253 @@ fn paired_mid_stream(agent: &Agent, proxy: &Proxy, server: &TcpListener, both_wa
     assert_eq!(&back, b"back");
 }
 
+/// `zc unpair` of a quiet pair hands the proxy its sockets back with
+/// nothing lost: what the kernel carried before, what the proxy relays
+/// after, one intact stream each way.
+#[test]
+fn unpair_of_a_quiet_pair_gives_the_proxy_an_intact_stream() {
+    let agent = Agent::start("unpairquiet");
+    let server = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let socat = Proxy::start(server.local_addr().expect("addr"));
+    let (mut client, mut up, fds) = through_proxy(&socat, &server);
+    let (ok, _, err) = agent.pair(socat.child.id(), fds);
+    assert!(ok, "zc pair failed: {err}");
+    const N: u64 = 64 << 20;
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut sent = xxhash_rust::xxh3::Xxh3::new();
+    let mut p = traffic::Pattern::new(31);
+    // Each half is read whole before the next step: the pair is quiet.
+    for step in 0..2 {
+        let mut left = N;
+        let mut c2 = client.try_clone().expect("clone");
+        let chunks: Vec<Vec<u8>> = std::iter::from_fn(|| {
+            (left > 0).then(|| {
+                let b = p.next((64 << 10).min(left as usize)).to_vec();
+                left -= b.len() as u64;
+                b
+            })
+        })
+        .collect();
+        for c in &chunks {
+            sent.update(c);
+        }
+        let writer = std::thread::spawn(move || {
+            for c in chunks {
+                c2.write_all(&c).expect("write");
+            }
+        });
+        assert_eq!(read_n_into(&mut up, N, &mut h), N);
+        writer.join().expect("writer");
+        if step == 0 {
+            let carried = kernel_bytes(&agent);
+            assert!(
+                carried >= N,
+                "the kernel carried {carried} bytes of the first {N}: not paired"
+            );
+            let (ok, out, err) = agent.zc(&["unpair", "1"]);
+            assert!(ok, "zc unpair failed: {err}");
+            eprintln!("{}", out.trim());
+            assert!(
+                out.contains("every byte"),
+                "a quiet pair was not handed back whole: {out}"
+            );
+        }
+    }
+    assert_eq!(
+        h.digest(),
+        sent.digest(),
+        "the stream across the unpair is damaged"
+    );
+    up.write_all(b"back").expect("write");
+    let mut back = [0u8; 4];
+    client.read_exact(&mut back).expect("read");
+    assert_eq!(&back, b"back", "after unpair, the proxy relays again");
+}
+
+/// `zc unpair` while bytes pour through the pair: the server gets every
+/// byte once and in order, or a reset; never a clean end of a cut stream.
+/// With a reader that keeps reading, the kernel's queues drain and the
+/// proxy usually gets its sockets back with nothing lost; now and then the
+/// hand-back finds TCP counting one redirected skb as unread, which the
+/// proxy would read again, and resets instead (see engine/bpf/hand_back.rs).
+#[test]
+fn unpair_of_socat_under_load_delivers_every_byte_or_resets() {
+    let mut agent = Agent::start("unpairload");
+    let server = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let socat = Proxy::start(server.local_addr().expect("addr"));
+    ended_under_load(&mut agent, &socat, &server, Ending::Unpair, false);
+}
+
+#[test]
+fn unpair_of_haproxy_under_load_both_ways_delivers_every_byte_or_resets() {
+    let mut agent = Agent::start("unpairhaproxy");
+    let server = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let haproxy = Proxy::haproxy(server.local_addr().expect("addr"), &agent.dir);
+    ended_under_load(&mut agent, &haproxy, &server, Ending::Unpair, true);
+}
+
+/// An agent stopping with `--unpin-on-exit` gives every pair back the
+/// same way.
+#[test]
+fn an_agent_stopping_with_unpin_on_exit_hands_pairs_back_under_load() {
+    let mut agent = Agent::start_with("unpinexit", &["--unpin-on-exit"]);
+    let server = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let socat = Proxy::start(server.local_addr().expect("addr"));
+    ended_under_load(&mut agent, &socat, &server, Ending::StopAgent, false);
+}
+
+enum Ending {
+    Unpair,
+    StopAgent,
+}
+
+/// Pairs the proxy's connection, streams 1 GiB client -> server (and
+/// 256 MiB back with `both_ways`), ends the pair mid-stream, and checks
+/// each direction: every byte intact, or a reset, never a clean EOF of a
+/// cut stream, and what `zc unpair` says matches what the ends saw.
+fn ended_under_load(
+    agent: &mut Agent,
+    proxy: &Proxy,
+    server: &TcpListener,
+    ending: Ending,
+    both_ways: bool,
+) {
+    let (client, up, fds) = through_proxy(proxy, server);
+    let (ok, _, err) = agent.pair(proxy.child.id(), fds);
+    assert!(ok, "zc pair failed: {err}");
+    const N: u64 = 1 << 30;
+    let (at_tx, at_rx) = std::sync::mpsc::channel();
+    let mut streams = vec![(
+        "client -> server",
+        spawn_sender(client.try_clone().expect("clone"), N, 41),
+        spawn_reader(up.try_clone().expect("clone"), Some(at_tx)),
+    )];
+    // One way only, the server's side stays open: socat ends a connection
+    // half a second after either side's EOF.
+    if both_ways {
+        streams.push((
+            "server -> client",
+            spawn_sender(up.try_clone().expect("clone"), N / 4, 42),
+            spawn_reader(client.try_clone().expect("clone"), None),
+        ));
+    }
+    let at = at_rx.recv().expect("the stream ended before 64 MiB");
+    let how = match ending {
+        Ending::Unpair => {
+            let (ok, out, err) = agent.zc(&["unpair", "1"]);
+            assert!(ok, "zc unpair failed: {err}");
+            out
+        }
+        Ending::StopAgent => {
+            let mut child = agent.child.take().expect("agent running");
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::SIGTERM,
+            )
+            .expect("SIGTERM");
+            let status = child.wait().expect("wait");
+            assert!(status.success(), "the agent exited with {status}");
+            String::new()
+        }
+    };
+    eprintln!("at {} MiB or later: {}", at >> 20, how.trim());
+    for (what, sender, reader) in streams {
+        let (end, got) = reader.join().expect("reader");
+        match end {
+            Ok(()) => {
+                let sent = sender.join().expect("sender").unwrap_or_else(|e| {
+                    panic!("{what}: the sender failed ({e}), the reader saw EOF")
+                });
+                assert_eq!(got, sent, "{what}: a clean end of a damaged stream");
+            }
+            Err(e) => {
+                assert_eq!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset,
+                    "{what}: the read failed, but not with a reset: {e}"
+                );
+                eprintln!("{what}: reset, an honest end ({how})");
+                let _ = sender.join();
+                if let Ending::Unpair = ending {
+                    assert!(how.contains("reset"), "reset, but unpair said: {how}");
+                }
+                return;
+            }
+        }
+    }
+    if let Ending::Unpair = ending {
+        assert!(how.contains("every byte"), "intact, but unpair said: {how}");
+    }
+    drop((client, up));
+}
+
+/// Sends `n` bytes of a pattern, then shuts the write side; stops at the
+/// first error.
+fn spawn_sender(
+    mut s: TcpStream,
+    n: u64,
+    seed: u64,
+) -> std::thread::JoinHandle<std::io::Result<Digest>> {
+    std::thread::spawn(move || {
+        let mut p = traffic::Pattern::new(seed);
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut left = n;
+        while left > 0 {
+            let buf = p.next((64 << 10).min(left as usize));
+            s.write_all(buf)?;
+            h.update(buf);
+            left -= buf.len() as u64;
+        }
+        s.shutdown(std::net::Shutdown::Write)?;
+        Ok(Digest {
+            bytes: n,
+            hash: h.digest(),
+        })
+    })
+}
+
+/// Reads to EOF or an error; says once on `at` when 64 MiB are in.
+fn spawn_reader(
+    mut s: TcpStream,
+    at: Option<std::sync::mpsc::Sender<u64>>,
+) -> std::thread::JoinHandle<(std::io::Result<()>, Digest)> {
+    std::thread::spawn(move || {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut buf = vec![0u8; 256 << 10];
+        let mut got = 0u64;
+        let mut at = at;
+        let end = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(k) => {
+                    h.update(&buf[..k]);
+                    got += k as u64;
+                }
+                Err(e) => break Err(e),
+            }
+            if got >= 64 << 20
+                && let Some(tx) = at.take()
+            {
+                let _ = tx.send(got);
+            }
+        };
+        (
+            end,
+            Digest {
+                bytes: got,
+                hash: h.digest(),
+            },
+        )
+    })
+}
+
+fn kernel_bytes(agent: &Agent) -> u64 {
+    let (ok, out, err) = agent.zc(&["stats", "--json"]);
+    assert!(ok, "zc stats failed: {err}");
+    let stats: serde_json::Value = serde_json::from_str(&out).expect("stats json");
+    stats["pairs"][0]["bytes"][0].as_u64().unwrap_or(0)
+}
+
 #[test]
 fn kill_9_of_the_agent_mid_transfer_loses_nothing_and_a_restart_adopts_the_pair() {
     let mut agent = Agent::start("kill9");

@@ -33,7 +33,7 @@ use crate::{
     ebpf::Programs,
     engine::{
         Counts, Engine,
-        bpf::BpfEngine,
+        bpf::{BpfEngine, HandBack, HandedBack},
         splice::{DEFAULT_MAX_PIPES, DEFAULT_PIPE_SIZE, PipePool, SpliceEngine},
     },
 };
@@ -51,6 +51,11 @@ struct Entry {
     /// What a user-space relay (splice) moved so far; none when the
     /// kernel carries the pair and its counters say it.
     counts: Option<Counts>,
+    /// The processes that own the sockets (pid/fd and tuple pairs).
+    owners: Vec<i32>,
+    /// Asks the relay to give the sockets back to their owners (pairs of
+    /// another process's sockets, with a relay).
+    hand_back: Option<tokio::sync::oneshot::Sender<HandBack>>,
 }
 
 pub struct Agent {
@@ -172,6 +177,8 @@ impl Agent {
                     owner_uid: 0,
                     task: None,
                     counts: None,
+                    owners: Vec::new(),
+                    hand_back: None,
                 },
             );
         }
@@ -214,22 +221,53 @@ impl Agent {
             }
             OnStop::Remove => {
                 info!("zc agent: stopping; {n} pair(s) end with it");
-                for e in std::mem::take(&mut *self.pairs()).into_values() {
-                    self.end(e);
+                let mut ends = tokio::task::JoinSet::new();
+                for (id, e) in std::mem::take(&mut *self.pairs()) {
+                    let me = self.clone();
+                    ends.spawn(async move { (id, me.end(e).await) });
+                }
+                while let Some(r) = ends.join_next().await {
+                    if let Ok((id, how)) = r {
+                        info!("pair {id}: {how}");
+                    }
                 }
             }
         }
     }
 
-    fn end(&self, e: Entry) {
+    /// Ends a pair and says how its sockets ended.
+    async fn end(&self, e: Entry) -> String {
+        if let (Some(ask), Some(task)) = (e.hand_back, &e.task) {
+            return match hand_back(ask, &e.owners).await {
+                Ok(HandedBack::Intact) => {
+                    "every byte the kernel accepted was delivered; the owner has its sockets back"
+                        .into()
+                }
+                Ok(HandedBack::Reset(why)) => {
+                    format!("both connections were reset: {why}")
+                }
+                Err(why) => {
+                    task.abort();
+                    format!("left to the owner, bytes queued in the kernel may be lost: {why}")
+                }
+            };
+        }
         match e.task {
-            // Dropping the relay takes both sockets out of the maps; the
-            // owner's fds are untouched.
-            Some(t) => t.abort(),
+            // Dropping the relay ends the pair: handed-over sockets close
+            // (with a reset unless both directions had ended).
+            Some(t) => {
+                t.abort();
+                "the agent's relay of the handed-over sockets ended".into()
+            }
+            // Adopted from pinned maps: no relay and no byte counts from
+            // pairing time to check against.
             None => {
                 if let Some(p) = &self.progs {
                     p.unpair(&e.keys);
                 }
+                "left to the owner; bytes queued in the kernel at this moment are lost (adopted \
+                 pair: the agent that paired it is gone)"
+                    .into()
             }
         }
     }
@@ -296,7 +334,7 @@ impl Agent {
                 pairs: self.stats(),
             }),
             Request::Status => Ok(Response::Status(self.status())),
-            Request::Unpair { id } => self.unpair(id, who),
+            Request::Unpair { id } => self.unpair(id, who).await,
             Request::PairPid { pid, fds } => self.pair_pid(pid, fds, who).await,
             Request::PairTuple { sockets } => self.pair_tuple(sockets, who).await,
             Request::Handoff => Err(refuse(ErrorKind::Malformed, "a handoff needs its sockets")),
@@ -481,22 +519,25 @@ impl Agent {
             .collect()
     }
 
-    fn unpair(&self, id: u64, who: Requester) -> Result<Response, Refusal> {
-        let mut pairs = self.pairs();
-        let e = pairs
-            .get(&id)
-            .ok_or_else(|| refuse(ErrorKind::NotFound, format!("no pair {id}")))?;
-        if who.uid != 0 && who.uid != e.owner_uid {
-            return Err(refuse(
-                ErrorKind::Denied,
-                format!("pair {id} was made by another user"),
-            ));
-        }
-        if let Some(e) = pairs.remove(&id) {
-            info!("pair {id} ({}) unpaired", e.info.source);
-            self.end(e);
-        }
-        Ok(Response::Unpaired { id })
+    async fn unpair(&self, id: u64, who: Requester) -> Result<Response, Refusal> {
+        let e = {
+            let mut pairs = self.pairs();
+            let e = pairs
+                .get(&id)
+                .ok_or_else(|| refuse(ErrorKind::NotFound, format!("no pair {id}")))?;
+            if who.uid != 0 && who.uid != e.owner_uid {
+                return Err(refuse(
+                    ErrorKind::Denied,
+                    format!("pair {id} was made by another user"),
+                ));
+            }
+            pairs
+                .remove(&id)
+                .ok_or_else(|| refuse(ErrorKind::NotFound, format!("no pair {id}")))?
+        };
+        let how = self.end(e).await;
+        info!("pair {id} unpaired: {how}");
+        Ok(Response::Unpaired { id, how })
     }
 
     async fn pair_pid(
@@ -656,11 +697,10 @@ impl Agent {
         // must never touch another process's sockets).
         let counts = (!foreign).then(Counts::default);
         let live = counts.clone();
+        let (hand_back, asked) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
             let end = match (&me.foreign, &me.owned, live) {
-                (Some(e), _, _) if foreign => {
-                    e.relay_reporting(a, b, Some(tx), Counts::default()).await
-                }
+                (Some(e), _, _) if foreign => e.relay_foreign(a, b, tx, asked).await,
                 (_, Engine::Bpf(e), live) => {
                     e.relay_reporting(a, b, Some(tx), live.unwrap_or_default())
                         .await
@@ -693,10 +733,29 @@ impl Agent {
                 owner_uid,
                 task: Some(task.abort_handle()),
                 counts,
+                hand_back: foreign.then_some(hand_back),
+                owners,
             },
         );
         Ok(rx)
     }
+}
+
+/// Stops the owners, has the relay give the sockets back, and lets the
+/// owners go on.
+async fn hand_back(
+    ask: tokio::sync::oneshot::Sender<HandBack>,
+    owners: &[i32],
+) -> Result<HandedBack, String> {
+    let stopped = quiesce::stop(owners).map_err(|r| r.message)?;
+    let (answer, how) = tokio::sync::oneshot::channel();
+    ask.send(answer)
+        .map_err(|_| "the pair's relay had ended".to_string())?;
+    let how = how
+        .await
+        .map_err(|_| "the pair's relay ended while handing back".to_string());
+    drop(stopped);
+    how
 }
 
 /// Refuses sockets (by inode) that are part of a pair already.

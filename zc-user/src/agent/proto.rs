@@ -36,6 +36,9 @@ pub enum Response {
     },
     Unpaired {
         id: u64,
+        /// How the pair's connections ended.
+        #[serde(default)]
+        how: String,
     },
     Pairs {
         pairs: Vec<PairInfo>,

@@ -49,7 +49,7 @@ impl Drop for Stopped {
 
 /// Stops `pids` and waits until each of their threads has stopped. A
 /// process that was stopped already is left as it is, and not continued.
-fn stop(pids: &[i32]) -> Result<Stopped, Refusal> {
+pub(super) fn stop(pids: &[i32]) -> Result<Stopped, Refusal> {
     let mut stopped = Stopped { pids: Vec::new() };
     for &pid in pids {
         if all_threads_stopped(pid)? {

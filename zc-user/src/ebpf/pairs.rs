@@ -118,6 +118,19 @@ impl Programs {
         out
     }
 
+    /// Takes both sockets of a pair out of the program maps only: no
+    /// verdict runs for them any more, and what arrives stays in their
+    /// receive queues, while their psocks (kept alive by `TARGETS`) go on
+    /// sending what was already redirected. [`Self::unpair`] finishes.
+    pub fn stop_verdicts(&self, keys: &[SockKey]) {
+        let mut m = self.maps();
+        for k in keys {
+            let _ = m.relay.remove(k);
+            let _ = m.foreign.remove(k);
+            let _ = m.local.remove(k);
+        }
+    }
+
     /// Removes both sockets of a pair from every map. Sockets leave the
     /// program maps before `TARGETS`, so no redirect targets a socket that
     /// is half removed.

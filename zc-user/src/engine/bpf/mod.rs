@@ -10,6 +10,7 @@
 //!
 //! Backpressure and the adaptive path, both of which move a direction
 //! between the kernel and user space, live in `switch`.
+mod hand_back;
 mod switch;
 
 use std::{
@@ -26,7 +27,10 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use zc_common::SockKey;
 
 use self::switch::{ADAPT_MSGS, Backoff, Forwarded, wait_caught_up};
-pub use self::switch::{DEFAULT_SMALL_SKB, DEFAULT_WINDOW, HELD_RCVBUF};
+pub use self::{
+    hand_back::{HandBack, HandedBack},
+    switch::{DEFAULT_SMALL_SKB, DEFAULT_WINDOW, HELD_RCVBUF},
+};
 use super::{
     Summary,
     copy::{self, CopyEngine, pump, to_tokio},
@@ -114,6 +118,8 @@ struct Pair<'a> {
     /// Each direction's redirected bytes and skbs at its last report, to
     /// tell the average skb size since.
     sampled: [(u64, u64); 2],
+    /// Set once the sockets went back to their owner (foreign pairs).
+    handed_back: Option<HandedBack>,
 }
 
 /// The pair must be reset.
@@ -191,6 +197,37 @@ impl BpfEngine {
         b: TcpStream,
         report: Option<PairedReport>,
         by_user: super::Counts,
+    ) -> Result<Summary> {
+        self.relay_inner(a, b, report, by_user, None).await
+    }
+
+    /// [`Self::relay_reporting`] for another process's sockets (see
+    /// [`Self::for_foreign_sockets`]); a request on `hand_back` gives them
+    /// back to that process (see [`HandedBack`]).
+    pub async fn relay_foreign(
+        &self,
+        a: TcpStream,
+        b: TcpStream,
+        report: PairedReport,
+        hand_back: tokio::sync::oneshot::Receiver<HandBack>,
+    ) -> Result<Summary> {
+        self.relay_inner(
+            a,
+            b,
+            Some(report),
+            super::Counts::default(),
+            Some(hand_back),
+        )
+        .await
+    }
+
+    async fn relay_inner(
+        &self,
+        a: TcpStream,
+        b: TcpStream,
+        report: Option<PairedReport>,
+        by_user: super::Counts,
+        mut hand_back: Option<tokio::sync::oneshot::Receiver<HandBack>>,
     ) -> Result<Summary> {
         let fail = |report: Option<PairedReport>, e: &anyhow::Error| {
             if let Some(r) = report {
@@ -290,9 +327,11 @@ impl BpfEngine {
             holds: 0,
             small: 0,
             sampled: Default::default(),
+            handed_back: None,
         };
-        let outcome = pair.run(&mut events, &mut limits).await;
-        let reset_happened = outcome.is_err();
+        let outcome = pair.run(&mut events, &mut limits, &mut hand_back).await;
+        let reset_happened =
+            outcome.is_err() || matches!(pair.handed_back, Some(HandedBack::Reset(_)));
         if reset_happened {
             reset(&socks);
         } else if !self.foreign {
@@ -323,6 +362,7 @@ impl<'a> Pair<'a> {
         &mut self,
         events: &mut crate::watch::Subscription,
         limits: &mut [UnboundedReceiver<SockKey>; 2],
+        hand_back: &mut Option<tokio::sync::oneshot::Receiver<HandBack>>,
     ) -> Result<(), Abort> {
         let mut copies: [Task<'a, ()>; 2] = [None, None];
         for (src, slot) in copies.iter_mut().enumerate() {
@@ -358,6 +398,13 @@ impl<'a> Pair<'a> {
                 }
                 Some(_) = limit_b.recv() => {
                     if let Some(f) = self.check_backlog(1).await? { *fwd_b = Some(f) }
+                }
+                answer = asked(hand_back) => {
+                    let how = self.hand_back().await;
+                    debug!("handed back: {how:?}");
+                    self.handed_back = Some(how.clone());
+                    let _ = answer.send(how);
+                    return Ok(());
                 }
                 r = poll_slot(fwd_a) => {
                     if let Some(f) = self.forwarder_ended(0, r?).await? { *fwd_a = Some(f) }
@@ -488,6 +535,19 @@ fn reset(socks: &[&TcpStream]) {
     for s in socks {
         let _ = sys::set_reset_on_close(s.as_fd());
     }
+}
+
+/// The next hand-back request; never resolves without a request channel,
+/// or once its sender is gone.
+async fn asked(rx: &mut Option<tokio::sync::oneshot::Receiver<HandBack>>) -> HandBack {
+    if let Some(r) = rx {
+        match r.await {
+            Ok(answer) => return answer,
+            // A finished receiver must not be polled again.
+            Err(_) => *rx = None,
+        }
+    }
+    std::future::pending().await
 }
 
 /// Resolves when the future in `slot` does, then empties the slot; never

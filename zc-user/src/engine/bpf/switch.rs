@@ -223,7 +223,7 @@ fn cap(dst: &TcpStream, dbase: Base, by_user: &AtomicU64, window: u64) -> Result
 }
 
 /// Bytes written into `s` since pairing.
-fn written(s: &TcpStream, base: Base) -> Result<u64, Abort> {
+pub(super) fn written(s: &TcpStream, base: Base) -> Result<u64, Abort> {
     Ok(sys::bytes_written(s.as_fd())?.saturating_sub(base.written))
 }
 
