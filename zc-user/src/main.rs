@@ -190,11 +190,11 @@ struct RelayArgs {
     sndbuf: usize,
     /// bpf mode: bounds what one direction may have waiting in the kernel
     /// for a slow reader. The verdict redirects no byte that would leave
-    /// more than two windows unacknowledged by the reader; beyond, it
-    /// passes arriving bytes to the socket's own receive queue (512 KiB),
-    /// where TCP flow control stops the sender, and zc forwards them once
-    /// the reader caught up; then the kernel path takes over again. A
-    /// reader that never reads costs at most two windows plus 512 KiB per
+    /// more than two windows less 2 MiB unacknowledged by the reader;
+    /// beyond, it passes arriving bytes to the socket's own receive queue
+    /// (2 MiB), where TCP flow control stops the sender, and zc forwards
+    /// them once the reader caught up; then the kernel path takes over
+    /// again. A reader that never reads costs at most two windows per
     /// direction. Smaller windows hold bulk streams more often (each hold
     /// moves bytes through user space). 0: no bound (the kernel's own
     /// behaviour: the backlog grows without limit).

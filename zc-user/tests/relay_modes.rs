@@ -309,8 +309,9 @@ async fn slow_reader_gets_backpressure_without_loss(subject: Subject) {
         last >> 20
     );
     // What a sleeping reader may cost: socket buffers, a pipe, and in BPF
-    // mode up to two windows (8 MiB default) waiting for the reader plus
-    // a 512 KiB receive buffer, beside the endpoints' own buffers.
+    // mode up to two windows (8 MiB default) between what waits for the
+    // reader and what the held sender keeps, beside the endpoints' own
+    // buffers.
     // Measured 7-9 MiB for copy, 14 for splice; without a window bpf took
     // all 512.
     assert!(

@@ -73,7 +73,7 @@ impl Programs {
                 hold: 0,
                 limit: window / 2,
                 msg_limit: u64::MAX,
-                cap: 2 * window,
+                cap: crate::engine::bpf::unacked_allowance(window),
             };
             m.peers
                 .insert(ka, peer(kb), 0)

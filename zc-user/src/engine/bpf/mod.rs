@@ -29,7 +29,7 @@ use zc_common::SockKey;
 use self::switch::{ADAPT_MSGS, Backoff, Forwarded, wait_caught_up};
 pub use self::{
     hand_back::{HandBack, HandedBack},
-    switch::{DEFAULT_SMALL_SKB, DEFAULT_WINDOW, HELD_RCVBUF},
+    switch::{DEFAULT_SMALL_SKB, DEFAULT_WINDOW, HELD_RCVBUF, unacked_allowance},
 };
 use super::{
     Summary,
@@ -305,10 +305,12 @@ impl BpfEngine {
         ];
         if self.window > 0 && self.small_skb > 0 {
             for k in &pairing.keys {
-                if let Err(e) = self
-                    .progs
-                    .rearm(k, self.window / 2, ADAPT_MSGS, 2 * self.window)
-                {
+                if let Err(e) = self.progs.rearm(
+                    k,
+                    self.window / 2,
+                    ADAPT_MSGS,
+                    switch::unacked_allowance(self.window),
+                ) {
                     reset(&socks);
                     return Err(e).context("arming the adaptive path");
                 }

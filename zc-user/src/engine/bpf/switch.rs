@@ -40,11 +40,11 @@ use crate::{
     sys,
 };
 
-/// Default window: per direction, the verdict keeps at most two windows
-/// of redirected bytes waiting for the destination's reader (redirect
-/// backlog and send queue, until the reader's ACK), and a held sender at
-/// most `HELD_RCVBUF` twice over in its own queue. 8 MiB: a reader that
-/// never reads costs at most 17 MiB per direction, and a bulk stream whose
+/// Default window: per direction, a reader that never reads costs at most
+/// two windows of kernel memory: redirected bytes waiting for the reader
+/// (redirect backlog and send queue, until the reader's ACK; see
+/// [`unacked_allowance`]) and a held sender's own queue (`HELD_RCVBUF`,
+/// doubled by the kernel). 8 MiB: at most 16 MiB, and a bulk stream whose
 /// reader keeps up is rarely held (1 MiB writes: relay CPU 0.04 s/GiB
 /// against 0.09 at 4 MiB and 0.014 at 16 MiB; BENCHMARKS.md).
 ///
@@ -56,12 +56,21 @@ use crate::{
 pub const DEFAULT_WINDOW: u64 = 8 << 20;
 
 /// SO_RCVBUF of relay sockets when a window is set (the kernel doubles
-/// it): the most a held direction keeps in its own receive queue, beside
-/// the two windows the cap allows. The kernel path drains the queue as
-/// skbs arrive, so it only limits the advertised TCP window to about this
-/// much (512 KiB per round trip; 128 KiB without it, autotuning only
-/// grows buffers that an application reads).
-pub const HELD_RCVBUF: usize = 256 << 10;
+/// it): the most a held direction keeps in its own receive queue. The
+/// kernel path drains the queue as skbs arrive, so it only limits the
+/// advertised TCP window to about this much (2 MiB per round trip; 128 KiB
+/// without it, autotuning only grows buffers that an application reads).
+/// 256 KiB made a held socket's recv fail with EFAULT now and then on
+/// 6.18 (2 of 12 runs of tests/hold_switch.rs; 0 of 20 at 1 MiB).
+pub const HELD_RCVBUF: usize = 1 << 20;
+
+/// How many redirected bytes may wait for a reader: two windows, less
+/// what a held sender may keep in its own queue, so that both together
+/// stay within two windows; a window at least.
+pub fn unacked_allowance(window: u64) -> u64 {
+    let held = 2 * HELD_RCVBUF as u64;
+    (2 * window).saturating_sub(held).max(window)
+}
 
 /// Default size below which a direction's average skb counts as small and
 /// the direction is moved to user space (`--mode auto`). Each skb the
@@ -210,16 +219,16 @@ fn acked(s: &TcpStream, base: Base) -> Result<u64, Abort> {
 }
 
 /// The verdict's cap for the direction into `dst` (see `Peer::cap`): the
-/// redirected total at which two windows wait for `dst`'s remote end to
-/// acknowledge them, counting what user space wrote into `dst` too.
-/// Reports come every half window, and the cap moves with each, so a
-/// reader that keeps within a window and a half never meets it.
+/// redirected total at which [`unacked_allowance`] bytes wait for `dst`'s
+/// remote end to acknowledge them, counting what user space wrote into
+/// `dst` too. Reports come every half window, and the cap moves with
+/// each, so a reader that keeps within a window never meets it.
 fn cap(dst: &TcpStream, dbase: Base, by_user: &AtomicU64, window: u64) -> Result<u64, Abort> {
     if window == 0 {
         return Ok(0);
     }
     let taken = acked(dst, dbase)?.saturating_sub(by_user.load(Ordering::Relaxed));
-    Ok(taken + 2 * window)
+    Ok(taken + unacked_allowance(window))
 }
 
 /// Bytes written into `s` since pairing.
