@@ -669,3 +669,8 @@ async fn copy_connections_cut_at_shutdown_are_reset() {
 async fn splice_connections_cut_at_shutdown_are_reset() {
     connections_cut_at_shutdown_are_reset("splice").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bpf_connections_cut_at_shutdown_are_reset() {
+    connections_cut_at_shutdown_are_reset("bpf").await;
+}
