@@ -357,7 +357,15 @@ fn run_blocking(args: BenchArgs) -> Result<()> {
                     ));
                     let s = sample::measure(&topo, sys, &server, w, &plan, rep)?;
                     if let Some(e) = &s.error {
-                        bar.suspend(|| warn!("{} {} {}: {e}", topo.name, w.label(), s.system));
+                        // What the relay said last often names the cause.
+                        let tail = sys.log_tail();
+                        let tail: Vec<&str> = tail.lines().rev().take(6).collect();
+                        bar.suspend(|| {
+                            warn!("{} {} {}: {e}", topo.name, w.label(), s.system);
+                            for line in tail.iter().rev() {
+                                warn!("  {} said: {line}", s.system);
+                            }
+                        });
                     }
                     samples.push(s);
                     bar.inc(1);

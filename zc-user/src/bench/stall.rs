@@ -10,7 +10,7 @@ use std::{
     os::fd::AsRawFd as _,
     sync::{
         Condvar, Mutex, OnceLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -38,6 +38,8 @@ const DRAIN_IDLE: Duration = Duration::from_secs(30);
 /// How the server's pushers (threads of this process) stopped.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Tally {
+    /// Connections that reached the server.
+    pub started: usize,
     pub blocked: usize,
     /// Reached the per-connection cap or the run's budget.
     pub capped: usize,
@@ -58,8 +60,10 @@ pub struct Board {
     /// Bytes pushed since the current run began, against `budget`.
     wave: AtomicU64,
     /// A relay that buffers without bound must not take the host with it:
-    /// one run pushes at most half of what was available at the start.
+    /// one run pushes at most a quarter of what was available at the start.
     budget: u64,
+    /// Set when the pushers took too long to block: they stop as capped.
+    halt: AtomicBool,
     first_error: Mutex<Option<String>>,
 }
 
@@ -69,7 +73,8 @@ impl Board {
             tally: Mutex::default(),
             changed: Condvar::new(),
             wave: AtomicU64::new(0),
-            budget: meminfo_kib("MemAvailable")? << 10 >> 1,
+            budget: meminfo_kib("MemAvailable")? << 10 >> 2,
+            halt: AtomicBool::new(false),
             first_error: Mutex::default(),
         })
     }
@@ -86,8 +91,10 @@ impl Board {
     }
 
     /// Waits until `n` pushers beyond those counted in `since` stopped.
-    fn wait_stopped(&self, since: Tally, n: usize) -> Result<Tally> {
-        let deadline = Instant::now() + PUSH_DEADLINE;
+    /// Those still pushing at the deadline are stopped, and said so.
+    fn wait_stopped(&self, since: Tally, n: usize) -> Result<(Tally, Option<String>)> {
+        let mut late = None;
+        let mut deadline = Instant::now() + PUSH_DEADLINE;
         let mut t = self
             .tally
             .lock()
@@ -95,11 +102,23 @@ impl Board {
         while t.stopped() - since.stopped() < n {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                bail!(
-                    "{} of {n} connections still took bytes after {} s: the system never blocked",
-                    n - (t.stopped() - since.stopped()),
-                    PUSH_DEADLINE.as_secs()
+                let started = t.started - since.started;
+                let msg = format!(
+                    "{} of {n} connections still took bytes after {} s: the system never blocked \
+                     ({} never reached the server; {} MiB pushed by then)",
+                    started.saturating_sub(t.stopped() - since.stopped()),
+                    PUSH_DEADLINE.as_secs(),
+                    n.saturating_sub(started),
+                    self.wave.load(Ordering::Relaxed) >> 20
                 );
+                if late.is_some() {
+                    bail!("{msg}, and kept pushing when told to stop");
+                }
+                // Stop them, then measure and drain what was pushed.
+                self.halt.store(true, Ordering::Relaxed);
+                late = Some(msg);
+                deadline = Instant::now() + 2 * BLOCKED;
+                continue;
             }
             t = self
                 .changed
@@ -107,7 +126,7 @@ impl Board {
                 .map_err(|_| anyhow!("stall board poisoned"))?
                 .0;
         }
-        Ok(*t)
+        Ok((*t, late))
     }
 }
 
@@ -121,12 +140,16 @@ fn block() -> &'static [u8] {
 /// The server's side of one stalled connection: push until a write
 /// blocks, then the trailer (which goes once the client reads), then FIN.
 pub fn push(mut s: TcpStream, board: &Board) -> io::Result<()> {
+    board.report(|t| t.started += 1);
     let block = block();
     let mut h = Xxh3::new();
     let (mut pos, mut laps, mut pushed) = (0usize, 0usize, 0u64);
     s.set_write_timeout(Some(BLOCKED))?;
     let capped = loop {
-        if pushed >= CAP_PER_CONN || board.wave.load(Ordering::Relaxed) >= board.budget {
+        if pushed >= CAP_PER_CONN
+            || board.wave.load(Ordering::Relaxed) >= board.budget
+            || board.halt.load(Ordering::Relaxed)
+        {
             break true;
         }
         if pos == block.len() {
@@ -176,7 +199,15 @@ pub fn push(mut s: TcpStream, board: &Board) -> io::Result<()> {
         }
         .to_bytes(),
     )?;
-    s.shutdown(Shutdown::Write)
+    s.shutdown(Shutdown::Write)?;
+    // Closing now would leave an orphan with the stream still queued, and
+    // under TCP memory pressure the kernel kills orphans (tcp_check_oom),
+    // sometimes without a reset: the stream would end short or hang. So
+    // the socket stays open until the client, having read it all, closes.
+    s.set_read_timeout(Some(PUSH_DEADLINE + DRAIN_IDLE))?;
+    let mut rest = [0u8; 64];
+    while s.read(&mut rest)? > 0 {}
+    Ok(())
 }
 
 pub struct Stall<M> {
@@ -201,6 +232,7 @@ pub fn run<M>(
 ) -> Result<Stall<M>> {
     let since = board.tally();
     board.wave.store(0, Ordering::Relaxed);
+    board.halt.store(false, Ordering::Relaxed);
     let mut conns = Vec::with_capacity(n);
     for i in 0..n {
         let mut s = connect(topo.client.as_ref(), addr)
@@ -208,15 +240,17 @@ pub fn run<M>(
         s.write_all(b"S")?;
         conns.push(s);
     }
-    let stopped = board.wait_stopped(since, n)?;
+    let (stopped, late) = board.wait_stopped(since, n)?;
     let measured = measure()?;
-    let mut problems = Vec::new();
+    let mut problems: Vec<String> = late.into_iter().collect();
     let (capped, failed) = (stopped.capped - since.capped, stopped.failed - since.failed);
     if capped > 0 {
         problems.push(format!(
-            "{capped} connection(s) took {} GiB (or the run's budget) without blocking: no \
-             backpressure",
-            CAP_PER_CONN >> 30
+            "{capped} connection(s) stopped by the bench without blocking (cap: {} GiB each, {} \
+             MiB per run, {} s): no backpressure",
+            CAP_PER_CONN >> 30,
+            board.budget >> 20,
+            PUSH_DEADLINE.as_secs()
         ));
     }
     if failed > 0 {
