@@ -138,7 +138,8 @@ fn block() -> &'static [u8] {
 }
 
 /// The server's side of one stalled connection: push until a write
-/// blocks, then the trailer (which goes once the client reads), then FIN.
+/// blocks, then the trailer (which goes once the client reads), FIN, and
+/// wait for the client to close.
 pub fn push(mut s: TcpStream, board: &Board) -> io::Result<()> {
     board.report(|t| t.started += 1);
     let block = block();
