@@ -1,7 +1,8 @@
 //! The bench's server and the workloads its client runs against a system.
 //! The first byte of every connection tells the server what to do, so one
 //! server serves all systems: `B` count to EOF and answer with the count,
-//! `H` also hash what arrived, `E` echo until EOF.
+//! `H` also hash what arrived, `E` echo until EOF, `S` push until the
+//! client's side blocks (the stall workload).
 use std::{
     io::{self, Read as _, Write as _},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -17,29 +18,45 @@ use anyhow::{Context as _, Result, bail};
 use xxhash_rust::xxh3::Xxh3;
 use zc_user::traffic::{Digest, Pattern};
 
-use super::topology::{Netns, Topology, within};
+use super::{
+    pin,
+    stall::{self, Board},
+    topology::{Netns, Topology, within},
+};
 
 const STALL: Duration = Duration::from_secs(20);
 
 pub struct Server {
     pub port: u16,
+    /// Where the stall workload's pushers report.
+    pub board: Arc<Board>,
     stop: Arc<AtomicBool>,
 }
 
 impl Server {
-    pub fn start(topo: &Topology) -> Result<Self> {
+    /// The server's threads run on `cpu` if given (the connection threads
+    /// inherit the accept thread's affinity).
+    pub fn start(topo: &Topology, cpu: Option<usize>) -> Result<Self> {
         let listener = within(topo.server.as_ref(), || {
             TcpListener::bind(SocketAddr::new(topo.server_ip, 0))
         })?
         .context("binding the bench server")?;
         let port = listener.local_addr()?.port();
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let board = Arc::new(Board::new()?);
+        let (flag, b) = (stop.clone(), board.clone());
         std::thread::Builder::new()
             .name("bench-server".into())
-            .spawn(move || accept_loop(listener, &flag))
+            .spawn(move || {
+                if let Some(cpu) = cpu
+                    && let Err(e) = pin::pin_this_thread(cpu)
+                {
+                    log::warn!("the bench server runs unpinned: {e:#}");
+                }
+                accept_loop(listener, &flag, &b)
+            })
             .context("starting the bench server")?;
-        Ok(Self { port, stop })
+        Ok(Self { port, board, stop })
     }
 }
 
@@ -49,7 +66,7 @@ impl Drop for Server {
     }
 }
 
-fn accept_loop(listener: TcpListener, stop: &AtomicBool) {
+fn accept_loop(listener: TcpListener, stop: &AtomicBool, board: &Arc<Board>) {
     let mut pfd = libc::pollfd {
         fd: listener.as_raw_fd(),
         events: libc::POLLIN,
@@ -64,17 +81,21 @@ fn accept_loop(listener: TcpListener, stop: &AtomicBool) {
         let Ok((s, _)) = listener.accept() else {
             continue;
         };
+        let board = board.clone();
         let _ = std::thread::Builder::new()
             .stack_size(128 << 10)
-            .spawn(move || serve(s));
+            .spawn(move || serve(s, &board));
     }
 }
 
-fn serve(mut s: TcpStream) -> io::Result<()> {
+fn serve(mut s: TcpStream, board: &Board) -> io::Result<()> {
     let _ = s.set_nodelay(true);
     let mut kind = [0u8; 1];
     if s.read(&mut kind)? == 0 {
         return Ok(());
+    }
+    if kind[0] == b'S' {
+        return stall::push(s, board);
     }
     let mut buf = vec![0u8; 256 << 10];
     match kind[0] {
@@ -105,7 +126,7 @@ fn serve(mut s: TcpStream) -> io::Result<()> {
     }
 }
 
-fn connect(ns: Option<&Netns>, addr: SocketAddr) -> Result<TcpStream> {
+pub fn connect(ns: Option<&Netns>, addr: SocketAddr) -> Result<TcpStream> {
     let sock = within(ns, || {
         socket2::Socket::new(
             socket2::Domain::for_address(addr),

@@ -1,14 +1,19 @@
 //! `zc bench`: direct, bpf, splice and copy (and any relay the user names)
 //! measured side by side in one run, repetitions interleaved across
 //! systems so drift on the machine hits every system alike.
+mod kmem;
 mod load;
+mod pin;
 mod report;
+mod sample;
+mod sock_diag;
+mod stall;
 mod svg;
 mod systems;
+mod targets;
 mod topology;
 
 use std::{
-    collections::BTreeMap,
     path::PathBuf,
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
@@ -20,7 +25,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use log::warn;
 use serde::Serialize;
 
+pub use self::sample::Sample;
 use self::{
+    pin::Pinning,
     systems::{Running, Spec},
     topology::Topology,
 };
@@ -29,8 +36,9 @@ use crate::demo::parse_size;
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// A first look in under a minute: 64 KiB writes, ping-pong and 200
-    /// connections, 3 repetitions of 0.5 s, on loopback and across
-    /// namespaces. Options given explicitly still apply.
+    /// connections (50 stalled clients if stall is named), 3 repetitions
+    /// of 0.5 s, on loopback and across namespaces. Options given
+    /// explicitly still apply.
     #[arg(long)]
     quick: bool,
     /// Topologies: loopback, and netns (client, relay and server in three
@@ -49,9 +57,13 @@ pub struct BenchArgs {
     /// must stay in the foreground.
     #[arg(long = "peer", value_name = "NAME=COMMAND", value_parser = Spec::parse_peer)]
     peers: Vec<Spec>,
-    /// Workloads: bulk (throughput by write size), pingpong (64-byte round
-    /// trips: p50, p99, p99.9), conns (many connections held open: memory
-    /// per connection and setup rate).
+    /// Workloads: bulk (throughput by write size, and the kernel memory
+    /// the relay holds meanwhile), pingpong (64-byte round trips: p50,
+    /// p99, p99.9), conns (many connections held open: memory per
+    /// connection and setup rate), stall (clients that never read while
+    /// the server pushes until its writes block: kernel memory per
+    /// stalled connection, then every byte read and checked; it takes the
+    /// host's TCP memory to its limit, so it runs only when named).
     #[arg(long, value_enum, value_delimiter = ',', default_values = ["bulk", "pingpong", "conns"])]
     workloads: Vec<WorkloadName>,
     /// Repetitions of every measurement; each repetition visits every
@@ -74,6 +86,14 @@ pub struct BenchArgs {
     /// (200 with --quick).
     #[arg(long, value_name = "N")]
     conns: Option<usize>,
+    /// Clients that never read in the stall workload. Default 1000 (50
+    /// with --quick).
+    #[arg(long, value_name = "N")]
+    stall_conns: Option<usize>,
+    /// Pin the client's threads to one CPU and the server's to another
+    /// (the first two this process may use); relays stay unpinned.
+    #[arg(long)]
+    pin: bool,
     /// Hash every bulk byte on both ends and compare (costs CPU on the
     /// client and server, the same for every system). Byte counts are
     /// always compared.
@@ -119,6 +139,7 @@ enum WorkloadName {
     Bulk,
     Pingpong,
     Conns,
+    Stall,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq, PartialOrd, Ord)]
@@ -127,6 +148,7 @@ pub enum Workload {
     Bulk { write_size: usize, streams: usize },
     PingPong { size: usize },
     Conns { count: usize },
+    Stall { count: usize },
 }
 
 impl Workload {
@@ -138,24 +160,9 @@ impl Workload {
             } => format!("bulk {} x{streams}", report::size(*write_size)),
             Workload::PingPong { size } => format!("ping-pong {}", report::size(*size)),
             Workload::Conns { count } => format!("{count} conns"),
+            Workload::Stall { count } => format!("stall {count} conns"),
         }
     }
-}
-
-/// One measurement of one system.
-#[derive(Clone, Debug, Serialize)]
-pub struct Sample {
-    pub topology: &'static str,
-    pub system: String,
-    pub rep: usize,
-    pub workload: Workload,
-    /// gbps, gib, secs, relay_cpu_s, machine_cpu_s; p50_us, p99_us,
-    /// p999_us, round_trips; relay_kib_per_conn, machine_kib_per_conn,
-    /// conns_per_s.
-    pub metrics: BTreeMap<&'static str, f64>,
-    /// Every byte arrived (counted, and hashed with --verify).
-    pub intact: bool,
-    pub error: Option<String>,
 }
 
 pub struct Plan {
@@ -166,6 +173,9 @@ pub struct Plan {
     duration: Duration,
     verify: bool,
     relay_args: String,
+    pin: Option<Pinning>,
+    /// The zc relays' --window, for the stall targets.
+    window: u64,
 }
 
 impl Plan {
@@ -183,6 +193,7 @@ impl Plan {
         };
         let streams = a.streams.unwrap_or(if a.quick { 0 } else { 4 });
         let conns = a.conns.unwrap_or(if a.quick { 200 } else { 1000 });
+        let stalled = a.stall_conns.unwrap_or(if a.quick { 50 } else { 1000 });
         let mut workloads = Vec::new();
         for w in dedup(&a.workloads) {
             match w {
@@ -208,6 +219,10 @@ impl Plan {
                     workloads.push(Workload::Conns { count: conns })
                 }
                 WorkloadName::Conns => {}
+                WorkloadName::Stall if stalled > 0 => {
+                    workloads.push(Workload::Stall { count: stalled })
+                }
+                WorkloadName::Stall => {}
             }
         }
         if workloads.is_empty() {
@@ -231,9 +246,29 @@ impl Plan {
             reps,
             duration,
             verify: a.verify,
+            window: relay_window(&a.relay_args)?,
             relay_args: a.relay_args.clone(),
+            pin: a.pin.then(Pinning::choose).transpose()?,
         })
     }
+}
+
+/// The window the zc relays run with: `--window` in --relay-args, or the
+/// relay's default.
+fn relay_window(relay_args: &str) -> Result<u64> {
+    let mut args = relay_args.split_whitespace();
+    let mut window = zc_user::engine::bpf::DEFAULT_WINDOW;
+    while let Some(a) = args.next() {
+        let value = match a.strip_prefix("--window") {
+            Some("") => args.next(),
+            Some(v) => v.strip_prefix('='),
+            None => continue,
+        };
+        window = value.and_then(|v| v.parse().ok()).with_context(|| {
+            format!("--relay-args: `{relay_args}` has no byte count after --window")
+        })?;
+    }
+    Ok(window)
 }
 
 fn dedup<T: PartialEq + Copy>(v: &[T]) -> Vec<T> {
@@ -290,7 +325,7 @@ fn run_blocking(args: BenchArgs) -> Result<()> {
             TopologyName::Netns => Topology::namespaces().context("building the netns topology")?,
         };
         bar.set_message(format!("{}: starting relays", topo.name));
-        let server = load::Server::start(&topo)?;
+        let server = load::Server::start(&topo, plan.pin.map(|p| p.server_cpu))?;
         let upstream = topo.server_addr(server.port);
         let mut running = Vec::new();
         for spec in &plan.systems {
@@ -320,9 +355,17 @@ fn run_blocking(args: BenchArgs) -> Result<()> {
                         rep + 1,
                         plan.reps
                     ));
-                    let s = measure(&topo, sys, w, &plan, rep)?;
+                    let s = sample::measure(&topo, sys, &server, w, &plan, rep)?;
                     if let Some(e) = &s.error {
-                        bar.suspend(|| warn!("{} {} {}: {e}", topo.name, w.label(), s.system));
+                        // What the relay said last often names the cause.
+                        let tail = sys.log_tail();
+                        let tail: Vec<&str> = tail.lines().rev().take(6).collect();
+                        bar.suspend(|| {
+                            warn!("{} {} {}: {e}", topo.name, w.label(), s.system);
+                            for line in tail.iter().rev() {
+                                warn!("  {} said: {line}", s.system);
+                            }
+                        });
                     }
                     samples.push(s);
                     bar.inc(1);
@@ -343,6 +386,8 @@ fn run_blocking(args: BenchArgs) -> Result<()> {
             "sample_secs": plan.duration.as_secs_f64(),
             "verify": plan.verify,
             "relay_args": plan.relay_args,
+            "pin": plan.pin,
+            "window": plan.window,
             "left_out": missing,
             "targets": summary.targets(),
             "samples": samples,
@@ -364,98 +409,4 @@ fn run_blocking(args: BenchArgs) -> Result<()> {
         bail!("left out: {}", missing.join("; "));
     }
     Ok(())
-}
-
-fn measure(
-    topo: &Topology,
-    sys: &mut Running,
-    w: Workload,
-    plan: &Plan,
-    rep: usize,
-) -> Result<Sample> {
-    sys.check_alive()?;
-    let mut s = Sample {
-        topology: topo.name,
-        system: sys.name.clone(),
-        rep,
-        workload: w,
-        metrics: BTreeMap::new(),
-        intact: true,
-        error: None,
-    };
-    let cpu0 = sys.cpu_secs();
-    let machine0 = systems::machine_cpu_secs()?;
-    let result = match w {
-        Workload::Bulk {
-            write_size,
-            streams,
-        } => load::bulk(
-            topo,
-            sys.addr,
-            write_size,
-            streams,
-            plan.duration,
-            plan.verify,
-        )
-        .map(|b| {
-            let gib = b.bytes as f64 / (1u64 << 30) as f64;
-            s.metrics.insert("gbps", b.bytes as f64 / b.secs / 1e9);
-            s.metrics.insert("gib", gib);
-            s.metrics.insert("secs", b.secs);
-            s.intact = b.intact;
-            if !b.intact {
-                s.error = Some(if b.sent == b.bytes {
-                    format!("{} bytes arrived, but not the bytes sent", b.bytes)
-                } else {
-                    format!("sent {} bytes, the server got {}", b.sent, b.bytes)
-                });
-            }
-        }),
-        Workload::PingPong { size } => {
-            load::ping_pong(topo, sys.addr, size, plan.duration).map(|mut rtts| {
-                rtts.sort_by(f64::total_cmp);
-                s.metrics.insert("p50_us", report::percentile(&rtts, 50.0));
-                s.metrics.insert("p99_us", report::percentile(&rtts, 99.0));
-                s.metrics.insert("p999_us", report::percentile(&rtts, 99.9));
-                s.metrics
-                    .insert("max_us", rtts.last().copied().unwrap_or(0.0));
-                s.metrics.insert("round_trips", rtts.len() as f64);
-            })
-        }
-        Workload::Conns { count } => {
-            let rss0 = sys.rss_kib();
-            let mem0 = systems::machine_used_kib()?;
-            let mut after = (None, 0);
-            load::many_conns(topo, sys.addr, count, || {
-                // Let the relay finish pairing the last connections.
-                std::thread::sleep(Duration::from_millis(300));
-                after = (sys.rss_kib(), systems::machine_used_kib()?);
-                Ok(())
-            })
-            .map(|rate| {
-                let n = count as f64;
-                if let (Some(a), Some(b)) = (rss0, after.0) {
-                    s.metrics
-                        .insert("relay_kib_per_conn", (b as f64 - a as f64) / n);
-                }
-                s.metrics
-                    .insert("machine_kib_per_conn", (after.1 as f64 - mem0 as f64) / n);
-                s.metrics.insert("conns_per_s", rate);
-            })
-        }
-    };
-    if let Err(e) = result {
-        s.intact = false;
-        s.error = Some(format!("{e:#}"));
-    }
-    s.metrics
-        .insert("machine_cpu_s", systems::machine_cpu_secs()? - machine0);
-    if let (Some(a), Some(b)) = (cpu0, sys.cpu_secs()) {
-        s.metrics.insert("relay_cpu_s", b - a);
-    }
-    // Conns samples need the closed connections gone before the next one.
-    if matches!(w, Workload::Conns { .. }) {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Ok(s)
 }

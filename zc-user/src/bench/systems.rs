@@ -12,7 +12,10 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::topology::{Topology, within};
+use super::{
+    kmem::{self, RelaySockets},
+    topology::{Topology, within},
+};
 
 #[derive(Clone, Debug)]
 pub enum Spec {
@@ -197,6 +200,14 @@ impl Running {
         Some(tree(pid).iter().filter_map(|&p| proc_cpu(p)).sum())
     }
 
+    /// The relay's sockets, for the memory sampler (None for direct).
+    pub fn relay_sockets(&self, topo: &Topology) -> Result<Option<RelaySockets>> {
+        self.child
+            .as_ref()
+            .map(|c| RelaySockets::open(topo, c.id()))
+            .transpose()
+    }
+
     /// Resident memory of the relay process and its descendants, in KiB.
     pub fn rss_kib(&self) -> Option<u64> {
         let pid = self.child.as_ref()?.id();
@@ -259,7 +270,7 @@ fn spawn(argv: &[String]) -> Result<Spawned> {
 }
 
 /// `pid` and every process descended from it.
-fn tree(pid: u32) -> Vec<u32> {
+pub fn tree(pid: u32) -> Vec<u32> {
     let mut parents: Vec<(u32, u32)> = Vec::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
@@ -327,14 +338,5 @@ pub fn machine_cpu_secs() -> Result<f64> {
 
 /// Memory in use by the whole machine (MemTotal - MemAvailable), KiB.
 pub fn machine_used_kib() -> Result<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
-    let get = |k: &str| {
-        s.lines()
-            .find_map(|l| l.strip_prefix(k))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-    };
-    match (get("MemTotal:"), get("MemAvailable:")) {
-        (Some(t), Some(a)) => Ok(t.saturating_sub(a)),
-        _ => bail!("/proc/meminfo lacks MemTotal or MemAvailable"),
-    }
+    Ok(kmem::meminfo_kib("MemTotal")?.saturating_sub(kmem::meminfo_kib("MemAvailable")?))
 }

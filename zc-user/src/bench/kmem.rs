@@ -1,0 +1,165 @@
+//! What the kernel holds while a system runs: the memory of the relay's
+//! own sockets (sock_diag, in the relay's namespace, matched by the
+//! inodes its processes' descriptors point at) and the host's Slab and
+//! MemAvailable. A thread samples them every 50 ms and keeps the peaks.
+use std::{collections::HashSet, sync::mpsc, thread::JoinHandle, time::Duration};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+
+use super::{
+    sock_diag::{SockDiag, SockMem},
+    systems,
+    topology::Topology,
+};
+
+const INTERVAL: Duration = Duration::from_millis(50);
+
+/// One field of /proc/meminfo, KiB.
+pub fn meminfo_kib(field: &str) -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
+    text.lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix(field)?.strip_prefix(':')?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .with_context(|| format!("no {field} in /proc/meminfo"))
+}
+
+#[derive(Clone, Copy, Debug)]
+struct HostMem {
+    slab_kib: u64,
+    available_kib: u64,
+}
+
+impl HostMem {
+    fn read() -> Result<Self> {
+        Ok(Self {
+            slab_kib: meminfo_kib("Slab")?,
+            available_kib: meminfo_kib("MemAvailable")?,
+        })
+    }
+}
+
+/// The sockets of a relay process and its descendants.
+pub struct RelaySockets {
+    diag: SockDiag,
+    pid: u32,
+}
+
+impl RelaySockets {
+    pub fn open(topo: &Topology, pid: u32) -> Result<Self> {
+        Ok(Self {
+            diag: SockDiag::open(topo.relay.as_ref())?,
+            pid,
+        })
+    }
+
+    /// The relay's TCP sockets now. The process tree is read each time:
+    /// a peer such as `socat fork` starts a process per connection.
+    pub fn read(&mut self) -> Result<Vec<SockMem>> {
+        let inodes = socket_inodes(&systems::tree(self.pid));
+        if inodes.is_empty() {
+            bail!("relay process {} holds no sockets (gone?)", self.pid);
+        }
+        let mut all = self.diag.tcp_sockets()?;
+        all.retain(|s| inodes.contains(&s.inode));
+        Ok(all)
+    }
+}
+
+/// Inodes of the sockets the processes hold open (`socket:[N]` links).
+fn socket_inodes(pids: &[u32]) -> HashSet<u32> {
+    let mut out = HashSet::new();
+    for pid in pids {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for e in dir.flatten() {
+            if let Some(ino) = std::fs::read_link(e.path()).ok().and_then(|t| {
+                t.to_str()?
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .parse()
+                    .ok()
+            }) {
+                out.insert(ino);
+            }
+        }
+    }
+    out
+}
+
+/// The largest values seen from the sampler's start to its end.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Peaks {
+    /// rmem_alloc + wmem_queued over the relay's sockets (None: no relay).
+    pub relay_sock_bytes: Option<u64>,
+    /// Slab above its value at the start.
+    pub slab_growth_kib: u64,
+    /// MemAvailable below its value at the start.
+    pub available_drop_kib: u64,
+    pub samples: usize,
+}
+
+pub struct Sampler {
+    stop: mpsc::Sender<()>,
+    handle: JoinHandle<Result<Peaks>>,
+}
+
+impl Sampler {
+    /// Takes the baseline now and samples until `finish`.
+    pub fn start(relay: Option<RelaySockets>) -> Result<Self> {
+        let base = HostMem::read()?;
+        let (stop, stopped) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("bench-kmem".into())
+            .spawn(move || sample_until(base, relay, &stopped))
+            .context("starting the memory sampler")?;
+        Ok(Self { stop, handle })
+    }
+
+    /// Takes one last sample and returns the peaks.
+    pub fn finish(self) -> Result<Peaks> {
+        let Self { stop, handle } = self;
+        let _ = stop.send(());
+        handle
+            .join()
+            .map_err(|_| anyhow!("the memory sampler panicked"))?
+    }
+}
+
+fn sample_until(
+    base: HostMem,
+    mut relay: Option<RelaySockets>,
+    stopped: &mpsc::Receiver<()>,
+) -> Result<Peaks> {
+    let mut peaks = Peaks::default();
+    loop {
+        sample(&base, relay.as_mut(), &mut peaks)?;
+        // The channel is the clock: a stop request ends the wait at once,
+        // and one last sample is the state at that moment.
+        if !matches!(
+            stopped.recv_timeout(INTERVAL),
+            Err(mpsc::RecvTimeoutError::Timeout)
+        ) {
+            sample(&base, relay.as_mut(), &mut peaks)?;
+            return Ok(peaks);
+        }
+    }
+}
+
+fn sample(base: &HostMem, relay: Option<&mut RelaySockets>, peaks: &mut Peaks) -> Result<()> {
+    let host = HostMem::read()?;
+    peaks.slab_growth_kib = peaks
+        .slab_growth_kib
+        .max(host.slab_kib.saturating_sub(base.slab_kib));
+    peaks.available_drop_kib = peaks
+        .available_drop_kib
+        .max(base.available_kib.saturating_sub(host.available_kib));
+    if let Some(r) = relay {
+        let bytes: u64 = r.read()?.iter().map(SockMem::bytes).sum();
+        peaks.relay_sock_bytes = Some(peaks.relay_sock_bytes.unwrap_or(0).max(bytes));
+    }
+    peaks.samples += 1;
+    Ok(())
+}
