@@ -240,12 +240,6 @@ impl BpfEngine {
             if self.sndbuf > 0 {
                 sys::set_sndbuf(s.as_fd(), self.sndbuf).context("setting SO_SNDBUF")?;
             }
-            if self.window > 0 && !self.foreign {
-                // What the verdict passes while a direction is held waits
-                // here, and autotuning would let it grow to tcp_rmem's
-                // maximum (32 MiB here).
-                sys::set_rcvbuf(s.as_fd(), HELD_RCVBUF).context("setting SO_RCVBUF")?;
-            }
         }
         let base = [Base::of(a.as_fd())?, Base::of(b.as_fd())?];
         let mut events = self

@@ -55,13 +55,12 @@ use crate::{
 /// tests/retransmit_overlap.rs).
 pub const DEFAULT_WINDOW: u64 = 8 << 20;
 
-/// SO_RCVBUF of relay sockets when a window is set (the kernel doubles
-/// it): the most a held direction keeps in its own receive queue. The
-/// kernel path drains the queue as skbs arrive, so it only limits the
-/// advertised TCP window to about this much (2 MiB per round trip; 128 KiB
-/// without it, autotuning only grows buffers that an application reads).
-/// 256 KiB made a held socket's recv fail with EFAULT now and then on
-/// 6.18 (2 of 12 runs of tests/hold_switch.rs; 0 of 20 at 1 MiB).
+/// SO_RCVBUF of a relay socket from its first hold on (the kernel doubles
+/// it): the most a held direction keeps in its own receive queue. Before
+/// that the kernel's initial 128 KiB applies (autotuning only grows
+/// buffers an application reads). 256 KiB made a held socket's recv fail
+/// with EFAULT now and then on 6.18 (2 of 12 runs of tests/hold_switch.rs;
+/// 0 of 20 at 1 MiB).
 pub const HELD_RCVBUF: usize = 1 << 20;
 
 /// How many redirected bytes may wait for a reader: two windows, less
@@ -176,6 +175,12 @@ impl<'a> Pair<'a> {
                 self.holds += 1;
             }
         }
+        // What the verdict passes while held waits in the receive queue,
+        // and autotuning (user space reads now) would let the buffer grow
+        // to tcp_rmem's maximum (32 MiB here). Fixed only from the first
+        // hold: a fixed buffer on every relay socket made the kernel path
+        // stall now and then (2 of 25 runs of tests/relay_modes.rs).
+        sys::set_rcvbuf(self.socks[src].as_fd(), HELD_RCVBUF)?;
         self.engine.progs.hold(&self.keys[src])?;
         // A verdict run that read the old entry may still be redirecting.
         // It runs under the socket's lock, so taking that lock once (any
