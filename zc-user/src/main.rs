@@ -105,7 +105,13 @@ enum Cmd {
                       zc pair --pid 4242 --fd 12 --fd 13"
     )]
     Pair(agent_cmd::PairArgs),
-    /// Ask the agent to end a pairing; the owner keeps its sockets.
+    /// Ask the agent to end a pairing and give the owner its sockets back.
+    /// The owner is stopped for at most half a second while the kernel
+    /// sends what it queued; then either every byte the kernel accepted
+    /// has been delivered and the owner goes on, or, if some could not
+    /// be (a reader too slow to drain in time), both connections are reset
+    /// so no end mistakes a cut stream for a whole one. The answer says
+    /// which.
     Unpair(agent_cmd::UnpairArgs),
     /// List the agent's pairs.
     List(agent_cmd::ListArgs),
