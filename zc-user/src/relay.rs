@@ -62,14 +62,6 @@ const SPARE_FDS: u64 = 64;
 /// A connection's two sockets.
 const SOCKETS: usize = 2;
 
-/// The BPF engine (engine::bpf) duplicates both sockets of a direction
-/// it moves in user space: while it forwards a held direction, or for the
-/// whole connection when the kernel refused a socket at pairing. Both
-/// directions can do so at once, so a connection may briefly hold four
-/// more descriptors; they are reserved, because a duplicate that fails
-/// resets the connection.
-const BPF_DUPLICATES: usize = 4;
-
 /// Slowest retry of accept() after a resource error, when no connection
 /// ends to free one sooner.
 const ACCEPT_RETRY_MAX: Duration = Duration::from_secs(1);
@@ -144,7 +136,9 @@ impl Capacity {
                     (SOCKETS + e.fds_per_conn(), idle, Some(pool.max()))
                 }
             }
-            Engine::Bpf(_) => (SOCKETS + BPF_DUPLICATES, 0, None),
+            // Forwarding registers the sockets it moves under their own
+            // descriptors (engine::bpf::io): no more are needed.
+            Engine::Bpf(_) => (SOCKETS, 0, None),
         };
         let reserved = open_fds + SPARE_FDS + idle_fds;
         let by_fds = fd_limit.saturating_sub(reserved) / fds_per_conn as u64;

@@ -34,6 +34,9 @@ const BYTES: u64 = 8 << 10;
 /// A whole test must end well before this.
 const DEADLINE: Duration = Duration::from_secs(45);
 
+/// Sockets a relay holds besides its connections': the listener, the
+/// watcher's netlink socket, the logger's, a margin.
+const SOCKETS_BESIDE: usize = 8;
 /// The log line the relay writes when it reaches its connection cap.
 const LIMIT_LINE: &str = "connection limit reached";
 
@@ -163,12 +166,32 @@ impl Relay {
 
     /// Pipe fds the relay holds now.
     fn pipe_fds(&self) -> usize {
+        self.fds_of_kind("pipe:")
+    }
+
+    /// Fds the relay holds now whose target starts with `kind`.
+    fn fds_of_kind(&self, kind: &str) -> usize {
         let dir = format!("/proc/{}/fd", self.child.id());
         std::fs::read_dir(&dir)
             .unwrap_or_else(|e| panic!("reading {dir}: {e}"))
             .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-            .filter(|l| l.to_string_lossy().starts_with("pipe:"))
+            .filter(|l| l.to_string_lossy().starts_with(kind))
             .count()
+    }
+
+    /// What the relay said one connection costs in fds.
+    fn fds_per_conn(&self) -> usize {
+        let line = self
+            .lines_now()
+            .into_iter()
+            .find(|l| l.contains(" fds per connection"))
+            .unwrap_or_else(|| panic!("no capacity line:\n{}", self.lines_now().join("\n")));
+        let n = line
+            .split(" fds per connection")
+            .next()
+            .and_then(|l| l.rsplit(' ').next());
+        n.and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("bad capacity line `{line}`"))
     }
 
     /// Waits until the relay holds `want` pipe fds (by `check`), polling
@@ -382,6 +405,17 @@ async fn clients_beyond_the_fd_limit_wait_and_complete(mode: &str) {
         at_cap, cap,
         "the relay admitted {at_cap} connections with a cap of {cap}"
     );
+    // A connection costs its two sockets, and in splice mode its two pipes;
+    // the kernel path and user-space forwarding (auto) need no more.
+    let per_conn = relay.fds_per_conn();
+    let want = if mode == "splice" { 6 } else { 2 };
+    assert_eq!(per_conn, want, "{mode}: {per_conn} fds per connection");
+    let sockets = relay.fds_of_kind("socket:");
+    println!("{mode}: {per_conn} fds per connection; {sockets} sockets open at the cap");
+    assert!(
+        sockets <= 2 * cap + SOCKETS_BESIDE,
+        "{mode}: {sockets} sockets open for {cap} connections"
+    );
     println!(
         "{mode}: {at_cap} connections admitted, {} waiting in the backlog ({:?})",
         CONNS - at_cap,
@@ -454,7 +488,7 @@ async fn bpf_relay_admits_clients_beyond_its_fd_limit_later_intact() {
 }
 
 /// Auto mode on the BPF path moves directions of small segments to user
-/// space, which duplicates sockets like a hold does.
+/// space, which must cost no descriptor beyond the two sockets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_relay_admits_clients_beyond_its_fd_limit_later_intact() {
     need_root("the auto relay on its BPF path");

@@ -163,11 +163,19 @@ async fn small_writes_move_to_user_space_and_bulk_returns_to_the_kernel() {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     let client = TcpStream::connect(addr).await.expect("connect");
+    // Small segments, as an interactive client sends them: Nagle would
+    // merge the writes whenever an ACK is late.
+    client.set_nodelay(true).expect("nodelay");
     let (near, _) = l.accept().await.expect("accept");
     let far = TcpStream::connect(addr).await.expect("connect");
-    let (mut server, _) = l.accept().await.expect("accept");
+    let (server, _) = l.accept().await.expect("accept");
     let (near, far) = (near.into_std().expect("std"), far.into_std().expect("std"));
     let relay = tokio::spawn(async move { engine.relay(near, far).await.expect("relay") });
+    // The small phase keeps at most IN_FLIGHT bytes ahead of the reader:
+    // a writer far ahead of the relay lets TCP merge its writes into large
+    // skbs in the relay's receive queue, and then they are not small.
+    const IN_FLIGHT: u64 = 4 << 10;
+    let (read_tx, mut read_rx) = tokio::sync::watch::channel(0u64);
     let writer = tokio::spawn(async move {
         let mut client = client;
         let mut h = xxhash_rust::xxh3::Xxh3::new();
@@ -175,6 +183,13 @@ async fn small_writes_move_to_user_space_and_bulk_returns_to_the_kernel() {
         for (total, size) in [(SMALL, 64), (BULK, 1 << 20)] {
             let mut done = 0;
             while done < total {
+                if size == 64 && done % IN_FLIGHT == 0 {
+                    let ahead = done.saturating_sub(IN_FLIGHT);
+                    read_rx
+                        .wait_for(|&r| r >= ahead)
+                        .await
+                        .expect("reader gone");
+                }
                 let buf = pattern.next(size);
                 client.write_all(buf).await.expect("write");
                 h.update(buf);
@@ -184,13 +199,29 @@ async fn small_writes_move_to_user_space_and_bulk_returns_to_the_kernel() {
         client.shutdown().await.expect("shutdown");
         (h.digest(), client)
     });
-    let got = tokio::time::timeout(HANG, recv_all(&mut server))
+    let reader = async move {
+        use tokio::io::AsyncReadExt;
+        let mut server = server;
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut buf = vec![0u8; 256 << 10];
+        let mut bytes = 0u64;
+        loop {
+            let n = server.read(&mut buf).await?;
+            if n == 0 {
+                return std::io::Result::Ok((bytes, h.digest(), server));
+            }
+            h.update(&buf[..n]);
+            bytes += n as u64;
+            let _ = read_tx.send(bytes);
+        }
+    };
+    let (got_bytes, got_hash, server) = tokio::time::timeout(HANG, reader)
         .await
         .expect("stalled")
         .expect("recv");
     let (hash, client) = writer.await.expect("writer");
-    assert_eq!(got.bytes, SMALL + BULK);
-    assert_eq!(got.hash, hash, "the stream arrived damaged");
+    assert_eq!(got_bytes, SMALL + BULK);
+    assert_eq!(got_hash, hash, "the stream arrived damaged");
     drop((client, server));
     let summary = tokio::time::timeout(HANG, relay)
         .await

@@ -11,6 +11,7 @@
 //! Backpressure and the adaptive path, both of which move a direction
 //! between the kernel and user space, live in `switch`.
 mod hand_back;
+mod io;
 mod switch;
 
 use std::{
@@ -33,7 +34,7 @@ pub use self::{
 };
 use super::{
     Summary,
-    copy::{self, CopyEngine, pump, to_tokio},
+    copy::{self, CopyEngine},
 };
 use crate::{
     ebpf::{PairError, Programs},
@@ -100,6 +101,8 @@ impl Drop for Paired<'_> {
 struct Pair<'a> {
     engine: &'a BpfEngine,
     socks: [&'a TcpStream; 2],
+    /// Registrations with the runtime, for directions moved in user space.
+    io: &'a io::Registrations,
     keys: [SockKey; 2],
     base: [Base; 2],
     /// Whether the kernel redirects what arrives on each socket; `false`
@@ -311,9 +314,12 @@ impl BpfEngine {
             }
         }
         let by_user: &[AtomicU64; 2] = &by_user;
+        // Dropped (deregistered) before `a` and `b`, which close last.
+        let io = io::Registrations::default();
         let mut pair = Pair {
             engine: self,
             socks,
+            io: &io,
             keys: pairing.keys,
             base,
             in_relay: pairing.in_relay,
@@ -475,14 +481,29 @@ impl<'a> Pair<'a> {
     /// Only used when the kernel refused `src` at pairing, so nothing of
     /// that direction is in the kernel's redirect path.
     fn copy_direction(&self, src: usize) -> Result<Task<'a, ()>, Abort> {
-        let r = to_tokio(self.socks[src].try_clone()?).map_err(|_| Abort)?;
-        let w = to_tokio(self.socks[1 - src].try_clone()?).map_err(|_| Abort)?;
+        let (r, w) = (self.io(src)?, self.io(1 - src)?);
+        let dst = self.socks[1 - src];
         let count = &self.by_user[src];
         Ok(Some(Box::pin(async move {
-            pump(&r, &w, copy::DEFAULT_BUFFER, count)
-                .await
-                .map_err(Abort::from)
+            let mut buf = vec![0u8; copy::DEFAULT_BUFFER];
+            loop {
+                let n = r.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                w.write_all(&buf[..n], count).await?;
+            }
+            dst.shutdown(Shutdown::Write)?;
+            Ok(())
         })))
+    }
+
+    /// Socket `i`'s registration with the runtime, made on first use.
+    fn io(&self, i: usize) -> Result<&'a io::SockIo, Abort> {
+        let io: &'a io::Registrations = self.io;
+        // SAFETY: the registrations are a local of `relay_inner`, which
+        // owns both sockets, so they are dropped before either closes.
+        Ok(unsafe { io::registered(&io[i], self.socks[i]) }?)
     }
 }
 

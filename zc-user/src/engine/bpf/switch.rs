@@ -34,11 +34,7 @@ use log::debug;
 use zc_common::SockKey;
 
 use super::{Abort, Base, BpfEngine, Pair, Task, all_accounted, duplicated, failed};
-use crate::{
-    ebpf::Programs,
-    engine::copy::{self, to_tokio},
-    sys,
-};
+use crate::{ebpf::Programs, engine::copy, sys};
 
 /// Default window: per direction, a reader that never reads costs at most
 /// two windows of kernel memory: redirected bytes waiting for the reader
@@ -191,9 +187,9 @@ impl<'a> Pair<'a> {
             progs: self.engine.progs.clone(),
             key: self.keys[src],
             src: (self.socks[src], self.base[src]),
-            src_io: to_tokio(self.socks[src].try_clone()?).map_err(|_| Abort)?,
+            src_io: self.io(src)?,
             dst: (self.socks[dst], self.base[dst]),
-            dst_io: to_tokio(self.socks[dst].try_clone()?).map_err(|_| Abort)?,
+            dst_io: self.io(dst)?,
             by_user: &self.by_user[src],
             window,
             small_below: small.map(|_| back_to_kernel_at(self.engine.small_skb)),
@@ -304,9 +300,9 @@ struct Forwarder<'a> {
     progs: Programs,
     key: SockKey,
     src: (&'a TcpStream, Base),
-    src_io: tokio::net::TcpStream,
+    src_io: &'a super::io::SockIo,
     dst: (&'a TcpStream, Base),
-    dst_io: tokio::net::TcpStream,
+    dst_io: &'a super::io::SockIo,
     by_user: &'a AtomicU64,
     /// The hold lasts until fewer than half this many bytes wait for the
     /// destination's reader, so a reader that keeps up only just does not
@@ -375,7 +371,7 @@ impl Forwarder<'_> {
                     eof_wait.get_or_insert_with(Backoff::new);
                 }
                 Ok(n) => {
-                    copy::write_all(&dst_io, &buf[..n], by_user).await?;
+                    dst_io.write_all(&buf[..n], by_user).await?;
                     progs.set_forwarded(&key, by_user.load(Ordering::Relaxed))?;
                     if let Some(below) = small_below {
                         // Forwarding for good: the window bounds what waits
