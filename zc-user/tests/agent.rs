@@ -906,65 +906,6 @@ fn a_handoff_of_bad_sockets_is_refused() {
     assert!(agent.pairs().is_empty());
 }
 
-/// `n` bytes each way at once, fixed lengths (nobody half-closes), both
-/// checked by digest.
-fn exchange(client: &mut TcpStream, up: &mut TcpStream, n: u64) {
-    let mut c2 = client.try_clone().expect("clone");
-    let mut u2 = up.try_clone().expect("clone");
-    let sent_up = std::thread::spawn(move || send_n(&mut c2, n, 1));
-    let sent_down = std::thread::spawn(move || send_n(&mut u2, n, 2));
-    let got_up = read_n(up, n);
-    let got_down = read_n(client, n);
-    assert_eq!(
-        sent_up.join().expect("sender"),
-        got_up,
-        "client -> server damaged"
-    );
-    assert_eq!(
-        sent_down.join().expect("sender"),
-        got_down,
-        "server -> client damaged"
-    );
-}
-
-fn read_n_into(s: &mut TcpStream, n: u64, h: &mut xxhash_rust::xxh3::Xxh3) -> u64 {
-    let mut buf = vec![0u8; 256 << 10];
-    let mut got = 0u64;
-    while got < n {
-        let want = buf.len().min((n - got) as usize);
-        let k = s.read(&mut buf[..want]).expect("read");
-        assert!(k > 0, "EOF after {got} of {n} bytes");
-        h.update(&buf[..k]);
-        got += k as u64;
-    }
-    got
-}
-
-fn send_n(s: &mut TcpStream, n: u64, seed: u64) -> Digest {
-    let mut p = traffic::Pattern::new(seed);
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    let mut left = n;
-    while left > 0 {
-        let buf = p.next((64 << 10).min(left as usize));
-        s.write_all(buf).expect("write");
-        h.update(buf);
-        left -= buf.len() as u64;
-    }
-    Digest {
-        bytes: n,
-        hash: h.digest(),
-    }
-}
-
-fn read_n(s: &mut TcpStream, n: u64) -> Digest {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    let bytes = read_n_into(s, n, &mut h);
-    Digest {
-        bytes,
-        hash: h.digest(),
-    }
-}
-
 /// A connected loopback TCP pair owned by this process.
 fn tcp_pair(v6: bool) -> (TcpStream, TcpStream) {
     let l = TcpListener::bind(if v6 { "[::1]:0" } else { "127.0.0.1:0" }).expect("bind");
