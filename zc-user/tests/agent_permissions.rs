@@ -9,6 +9,8 @@
 //! ever stopped them.
 mod common;
 
+use std::os::unix::fs::MetadataExt as _;
+
 use common::{agent::*, process::UNPRIVILEGED};
 
 /// An agent whose control socket the unprivileged requester can reach.
@@ -57,9 +59,11 @@ fn a_member_cannot_pair_its_connection_with_roots_by_tuple_and_nobody_is_stopped
     roots.still_relays();
 }
 
-/// Cases the old uid comparison let through (every uid of the target is
-/// the requester's, and /proc/PID is the requester's), and one it
-/// approximated: the kernel's answer for the requester is what counts.
+/// Targets a comparison of uids let through: every uid of the target is
+/// the requester's, and so is /proc/PID, even for a process that is not
+/// dumpable (fs/proc/base.c task_dump_owner gives root only the files
+/// inside, not the world-readable directory). The kernel's ptrace check
+/// for the requester refuses each.
 #[test]
 fn a_member_cannot_take_sockets_the_kernel_would_not_let_it_ptrace() {
     let agent = agent("perm-kernel");
@@ -110,6 +114,8 @@ fn a_member_cannot_take_sockets_the_kernel_would_not_let_it_ptrace() {
             status.contains("Uid:\t65534\t65534\t65534\t65534"),
             "{what}: {status}"
         );
+        let dir = std::fs::metadata(format!("/proc/{}", t.pid())).expect("/proc/PID");
+        assert_eq!(dir.uid(), 65534, "{what}: /proc/PID is the requester's");
         let (pid, fds) = (t.pid().to_string(), t.fds.map(|f| f.to_string()));
         let got = agent.zc_as(
             &MEMBER,
@@ -164,6 +170,9 @@ fn paired_and_carried(agent: &Agent, got: (bool, String, String), proxy: &mut Ho
     let (ok, out, err) = got;
     assert!(ok, "the member could not pair its own proxy: {err}");
     assert!(out.starts_with("pair "), "{out}");
+    // The agent stops the owner while it pairs: the check the refusal
+    // tests rely on sees that.
+    assert!(proxy.was_ever_stopped(), "pairing did not stop the owner");
     const N: u64 = 16 << 20;
     let [a, b] = &mut proxy.ends;
     exchange(a, b, N);
