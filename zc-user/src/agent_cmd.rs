@@ -68,7 +68,8 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/zc";
 pub struct PairArgs {
     /// Two sockets recorded by the agent, as `ss -tn` prints them:
     /// LOCAL-REMOTE, e.g. 10.0.0.5:443-10.0.0.9:51234 (root or the
-    /// agent's --group only). Or use --pid and --fd.
+    /// agent's --group only; both held by one process, unless root). Or
+    /// use --pid and --fd.
     #[arg(value_name = "TUPLE", conflicts_with_all = ["pid", "fds"])]
     tuples: Vec<String>,
     /// The process that owns both sockets (a proxy).

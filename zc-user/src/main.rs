@@ -100,7 +100,14 @@ enum Cmd {
                       read from one socket and not yet written to the other, then lets it \
                       continue. A proxy that adds or rewrites bytes (PROXY protocol, TLS) never \
                       reaches such a moment and is refused: zc pairs only byte-transparent \
-                      (TCP-mode) proxies.",
+                      (TCP-mode) proxies.\n\n\
+                      Root may pair any sockets. Anyone else (the agent's --group) gets what the \
+                      kernel would let them take with ptrace: the agent takes the sockets with \
+                      the requester's uid, gid and groups and no capabilities, so the owner must \
+                      have the same uid and gid, be dumpable, hold no capability the requester \
+                      lacks, and pass Yama and other security modules. Both sockets must belong to \
+                      one process, by tuple as by pid; only root may join two processes' sockets. \
+                      A refused request stops nothing and changes nothing.",
         after_help = "Examples:\n  zc pair 10.0.0.5:443-10.0.0.9:51234 10.0.0.5:40100-10.0.0.7:8443\n  \
                       zc pair --pid 4242 --fd 12 --fd 13"
     )]

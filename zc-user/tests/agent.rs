@@ -906,65 +906,6 @@ fn a_handoff_of_bad_sockets_is_refused() {
     assert!(agent.pairs().is_empty());
 }
 
-/// `n` bytes each way at once, fixed lengths (nobody half-closes), both
-/// checked by digest.
-fn exchange(client: &mut TcpStream, up: &mut TcpStream, n: u64) {
-    let mut c2 = client.try_clone().expect("clone");
-    let mut u2 = up.try_clone().expect("clone");
-    let sent_up = std::thread::spawn(move || send_n(&mut c2, n, 1));
-    let sent_down = std::thread::spawn(move || send_n(&mut u2, n, 2));
-    let got_up = read_n(up, n);
-    let got_down = read_n(client, n);
-    assert_eq!(
-        sent_up.join().expect("sender"),
-        got_up,
-        "client -> server damaged"
-    );
-    assert_eq!(
-        sent_down.join().expect("sender"),
-        got_down,
-        "server -> client damaged"
-    );
-}
-
-fn read_n_into(s: &mut TcpStream, n: u64, h: &mut xxhash_rust::xxh3::Xxh3) -> u64 {
-    let mut buf = vec![0u8; 256 << 10];
-    let mut got = 0u64;
-    while got < n {
-        let want = buf.len().min((n - got) as usize);
-        let k = s.read(&mut buf[..want]).expect("read");
-        assert!(k > 0, "EOF after {got} of {n} bytes");
-        h.update(&buf[..k]);
-        got += k as u64;
-    }
-    got
-}
-
-fn send_n(s: &mut TcpStream, n: u64, seed: u64) -> Digest {
-    let mut p = traffic::Pattern::new(seed);
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    let mut left = n;
-    while left > 0 {
-        let buf = p.next((64 << 10).min(left as usize));
-        s.write_all(buf).expect("write");
-        h.update(buf);
-        left -= buf.len() as u64;
-    }
-    Digest {
-        bytes: n,
-        hash: h.digest(),
-    }
-}
-
-fn read_n(s: &mut TcpStream, n: u64) -> Digest {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    let bytes = read_n_into(s, n, &mut h);
-    Digest {
-        bytes,
-        hash: h.digest(),
-    }
-}
-
 /// A connected loopback TCP pair owned by this process.
 fn tcp_pair(v6: bool) -> (TcpStream, TcpStream) {
     let l = TcpListener::bind(if v6 { "[::1]:0" } else { "127.0.0.1:0" }).expect("bind");
@@ -1059,57 +1000,33 @@ fn bad_pair_requests_are_refused_precisely_and_change_nothing() {
     assert_eq!(agent.pairs().len(), 1);
 }
 
-/// `--group`: the control socket is 0660 for that group, whose members
-/// may pair by tuple and end their own pairs, but not take root's sockets
-/// by pid; a user outside the group cannot connect at all.
+/// `--group`: the control socket is 0660 for that group; its members may
+/// connect but take none of root's sockets, by pid or by tuple (they pair
+/// their own: tests/agent_permissions.rs); a user outside the group cannot
+/// connect at all.
 #[test]
-fn members_of_the_agents_group_may_pair_by_tuple_and_others_cannot_connect() {
-    const GID: &str = "4242";
-    let agent = Agent::start_with("group", &["--group", GID]);
+fn members_of_the_agents_group_may_connect_but_not_pair_roots_sockets() {
+    let agent = Agent::start_with("group", &["--group", MEMBER_GROUP]);
     let meta = std::fs::metadata(&agent.socket).expect("control socket");
     use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
-    assert_eq!(meta.gid().to_string(), GID);
-    let as_user = |groups: &str, args: &[&str]| {
-        let out = Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534"])
-            .arg(groups)
-            .args(["--inh-caps=-all", "--bounding-set=-all"])
-            .arg(env!("CARGO_BIN_EXE_zc"))
-            .args(args)
-            .arg("--socket")
-            .arg(&agent.socket)
-            .output()
-            .expect("setpriv");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
-    let member = format!("--groups={GID}");
+    assert_eq!(meta.gid().to_string(), MEMBER_GROUP);
 
-    let (ok, _, err) = as_user("--clear-groups", &["list"]);
+    let (ok, _, err) = agent.zc_as(&UNPRIVILEGED, &["list"]);
     assert!(!ok && err.contains("Permission denied"), "{err}");
+    let (ok, _, err) = agent.zc_as(&MEMBER, &["list"]);
+    assert!(ok, "a member could not connect: {err}");
 
     let server = TcpListener::bind("127.0.0.1:0").expect("bind");
     let socat = Proxy::start(server.local_addr().expect("addr"));
-    let (mut client, mut up, fds) = through_proxy(&socat, &server);
-    let (ok, _, err) = as_user(
-        &member,
-        &[
-            "pair",
-            "--pid",
-            &socat.child.id().to_string(),
-            "--fd",
-            &fds[0].to_string(),
-            "--fd",
-            &fds[1].to_string(),
-        ],
+    let (client, up, fds) = through_proxy(&socat, &server);
+    let (pid, fds) = (socat.child.id().to_string(), fds.map(|f| f.to_string()));
+    let (ok, _, err) = agent.zc_as(
+        &MEMBER,
+        &["pair", "--pid", &pid, "--fd", &fds[0], "--fd", &fds[1]],
     );
     assert!(!ok, "a group member took root's sockets by pid");
-    assert!(agent.pairs().is_empty(), "{err}");
-
+    assert!(err.contains("the kernel denies uid 65534"), "{err}");
     let addr = |s: &TcpStream| {
         format!(
             "{}-{}",
@@ -1117,13 +1034,9 @@ fn members_of_the_agents_group_may_pair_by_tuple_and_others_cannot_connect() {
             s.local_addr().expect("local")
         )
     };
-    let (ok, out, err) = as_user(&member, &["pair", &addr(&client), &addr(&up)]);
-    assert!(ok, "a group member could not pair by tuple: {err}");
-    assert!(out.starts_with("pair "), "{out}");
-    exchange(&mut client, &mut up, 16 << 20);
-    let id = agent.pairs()[0]["id"].to_string();
-    let (ok, _, err) = as_user(&member, &["unpair", &id]);
-    assert!(ok, "the member could not end the pair it made: {err}");
+    let (ok, _, err) = agent.zc_as(&MEMBER, &["pair", &addr(&client), &addr(&up)]);
+    assert!(!ok, "a group member paired root's sockets by tuple");
+    assert!(err.contains("the kernel denies uid 65534"), "{err}");
     assert!(agent.pairs().is_empty());
 }
 

@@ -1,9 +1,10 @@
 //! The control socket: a SOCK_SEQPACKET Unix socket, one message per
-//! request and per response, with the sender's credentials from
-//! SO_PEERCRED. Server and client halves both live here.
+//! request and per response, with the sender's credentials as the kernel
+//! recorded them at connect(2) (SO_PEERCRED, SO_PEERGROUPS). Server and
+//! client halves both live here.
 use std::{
     io,
-    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
     path::Path,
 };
 
@@ -15,8 +16,8 @@ use nix::sys::socket::{
 use tokio::io::{Interest, unix::AsyncFd};
 
 use super::{
+    access::Requester,
     proto::{MAX_REQUEST, Response},
-    take::Requester,
 };
 
 /// Where `zc agent` listens and the other commands connect by default.
@@ -82,9 +83,42 @@ pub async fn accept(listener: &AsyncFd<OwnedFd>) -> io::Result<(AsyncFd<OwnedFd>
     let who = Requester {
         uid: cred.uid(),
         gid: cred.gid(),
+        groups: peer_groups(fd.as_fd())?,
         pid: cred.pid(),
     };
     Ok((register(fd)?, who))
+}
+
+/// The peer's supplementary groups, from the credentials SO_PEERCRED reads
+/// (SO_PEERGROUPS, Linux 4.13).
+fn peer_groups(fd: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
+    let mut groups = vec![0u32; 32];
+    loop {
+        let room = groups.len() * size_of::<u32>();
+        let mut len = room as libc::socklen_t;
+        // SAFETY: the buffer holds `len` bytes, and the kernel writes at
+        // most that many.
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let needed = len as usize / size_of::<u32>();
+        if r == 0 {
+            groups.truncate(needed);
+            return Ok(groups);
+        }
+        let e = io::Error::last_os_error();
+        // ERANGE: `len` now says how much room it takes.
+        if e.raw_os_error() != Some(libc::ERANGE) || len as usize <= room {
+            return Err(e);
+        }
+        groups.resize(needed, 0);
+    }
 }
 
 /// One request as received: its bytes, whether the kernel cut it short

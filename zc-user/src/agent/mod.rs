@@ -1,8 +1,10 @@
 //! `zc agent`: pairs sockets of other processes (an unmodified proxy) in
 //! the kernel on request over a control socket.
+pub mod access;
 pub mod client;
 pub mod control;
 pub mod find;
+pub mod pidfd;
 pub mod proto;
 mod quiesce;
 pub mod take;
@@ -24,8 +26,10 @@ use log::{debug, info, warn};
 use tokio::{io::unix::AsyncFd, task::AbortHandle};
 
 use self::{
+    access::Requester,
+    pidfd::Process,
     proto::{ErrorKind, PairInfo, Request, Response},
-    take::{Refusal, Requester, refuse},
+    take::{Refusal, refuse},
 };
 use zc_common::SockKey;
 
@@ -52,7 +56,7 @@ struct Entry {
     /// kernel carries the pair and its counters say it.
     counts: Option<Counts>,
     /// The processes that own the sockets (pid/fd and tuple pairs).
-    owners: Vec<i32>,
+    owners: Vec<Arc<Process>>,
     /// Asks the relay to give the sockets back to their owners (pairs of
     /// another process's sockets, with a relay).
     hand_back: Option<tokio::sync::oneshot::Sender<HandBack>>,
@@ -283,7 +287,7 @@ impl Agent {
                 }
             };
             let resp = match proto::decode(&msg.body, msg.truncated) {
-                Ok(req) => self.clone().handle(req, who, msg.fds).await,
+                Ok(req) => self.clone().handle(req, &who, msg.fds).await,
                 Err(e) => Response::Error {
                     kind: ErrorKind::Malformed,
                     message: e.to_string(),
@@ -301,7 +305,7 @@ impl Agent {
         }
     }
 
-    async fn handle(self: Arc<Self>, req: Request, who: Requester, fds: Vec<OwnedFd>) -> Response {
+    async fn handle(self: Arc<Self>, req: Request, who: &Requester, fds: Vec<OwnedFd>) -> Response {
         let result = match (req, fds.len()) {
             (Request::Handoff, 2) => self.handoff(fds, who).await,
             (Request::Handoff, n) => Err(refuse(
@@ -323,7 +327,7 @@ impl Agent {
     async fn handle_plain(
         self: Arc<Self>,
         req: Request,
-        who: Requester,
+        who: &Requester,
     ) -> Result<Response, Refusal> {
         match req {
             Request::List => Ok(Response::Pairs {
@@ -346,7 +350,7 @@ impl Agent {
     async fn handoff(
         self: Arc<Self>,
         fds: Vec<OwnedFd>,
-        who: Requester,
+        who: &Requester,
     ) -> Result<Response, Refusal> {
         let mut socks = Vec::with_capacity(2);
         for (i, fd) in fds.into_iter().enumerate() {
@@ -368,14 +372,15 @@ impl Agent {
             .await
     }
 
-    /// Pairs two sockets recorded by sock_ops, found by 4-tuple in
-    /// whichever process holds them.
+    /// Pairs two sockets recorded by sock_ops, found by 4-tuple in the
+    /// process that holds them, with the rule pid/fd pairing follows (see
+    /// `access`); root may also join two processes' sockets.
     async fn pair_tuple(
         self: Arc<Self>,
         tuples: [String; 2],
-        who: Requester,
+        who: &Requester,
     ) -> Result<Response, Refusal> {
-        if who.uid != 0 && !self.group.is_some_and(|g| in_group(who, g)) {
+        if !who.is_root() && !self.group.is_some_and(|g| who.in_group(g)) {
             return Err(refuse(
                 ErrorKind::Denied,
                 "pairing by tuple is for root and the agent's --group",
@@ -399,9 +404,9 @@ impl Agent {
                 format!("sockets are not being recorded: {why}"),
             ));
         }
-        let mut socks = Vec::with_capacity(2);
-        let mut owners = Vec::with_capacity(2);
-        for t in &tuples {
+        let mut cookies = [0u64; 2];
+        let mut inodes = [0u64; 2];
+        for (i, t) in tuples.iter().enumerate() {
             let (local, remote) = find::parse_tuple(t)?;
             let key = crate::sys::key_from_addrs(&local, &remote);
             let recorded = progs.recorded(&key).ok_or_else(|| {
@@ -413,21 +418,32 @@ impl Agent {
                     ),
                 )
             })?;
-            let inode = find::inode_of(local, remote).ok_or_else(|| {
+            cookies[i] = recorded.cookie;
+            inodes[i] = find::inode_of(local, remote).ok_or_else(|| {
                 refuse(
                     ErrorKind::NotFound,
                     format!("{t} is not an established connection"),
                 )
             })?;
-            let (pid, fd) = find::holder_of(inode)
-                .ok_or_else(|| refuse(ErrorKind::NotFound, format!("no process holds {t}")))?;
-            owners.push(pid);
-            let s = take::established_tcp(
-                take::take_fd(pid, fd)?,
-                &format!("{t} (fd {fd} of pid {pid})"),
-            )?;
-            if crate::sys::socket_cookie(std::os::fd::AsFd::as_fd(&s)).ok() != Some(recorded.cookie)
-            {
+        }
+        let holders = access::one_holder(who, &tuples, find::holders_of(inodes))?;
+        // One pidfd per process, from before the first fd is taken to the
+        // last signal.
+        let first = Arc::new(Process::open(holders[0].0)?);
+        let second = if holders[1].0 == first.pid() {
+            first.clone()
+        } else {
+            Arc::new(Process::open(holders[1].0)?)
+        };
+        let from = [first, second];
+        let mut socks = Vec::with_capacity(2);
+        for (i, t) in tuples.iter().enumerate() {
+            let (pid, fd) = holders[i];
+            let taken = access::take_fd(who, &from[i], fd)?;
+            let s = take::established_tcp(taken, &format!("{t} (fd {fd} of pid {pid})"))?;
+            // Also proves the fd was taken from the process the scan found
+            // (a pid reused since would hold other sockets).
+            if crate::sys::socket_cookie(std::os::fd::AsFd::as_fd(&s)).ok() != Some(cookies[i]) {
                 return Err(refuse(
                     ErrorKind::Invalid,
                     format!("{t} is no longer the socket that was recorded"),
@@ -439,7 +455,8 @@ impl Agent {
             .try_into()
             .map_err(|_| refuse(ErrorKind::Internal, "two sockets expected"))?;
         let inodes = check_pairable(&a, &b, "the two tuples")?;
-        owners.dedup();
+        let mut owners = from.to_vec();
+        owners.dedup_by_key(|p| p.pid());
         let c = Candidate {
             socks: [a, b],
             inodes,
@@ -519,13 +536,13 @@ impl Agent {
             .collect()
     }
 
-    async fn unpair(&self, id: u64, who: Requester) -> Result<Response, Refusal> {
+    async fn unpair(&self, id: u64, who: &Requester) -> Result<Response, Refusal> {
         let e = {
             let mut pairs = self.pairs();
             let e = pairs
                 .get(&id)
                 .ok_or_else(|| refuse(ErrorKind::NotFound, format!("no pair {id}")))?;
-            if who.uid != 0 && who.uid != e.owner_uid {
+            if !who.is_root() && who.uid != e.owner_uid {
                 return Err(refuse(
                     ErrorKind::Denied,
                     format!("pair {id} was made by another user"),
@@ -544,7 +561,7 @@ impl Agent {
         self: Arc<Self>,
         pid: i32,
         fds: [i32; 2],
-        who: Requester,
+        who: &Requester,
     ) -> Result<Response, Refusal> {
         if let Some(why) = &self.no_bpf {
             return Err(refuse(
@@ -556,16 +573,14 @@ impl Agent {
                 ),
             ));
         }
-        take::check_access(who, pid)?;
-        let mut socks = Vec::with_capacity(2);
-        for fd in fds {
-            let what = format!("fd {fd} of pid {pid}");
-            let owned = take::take_fd(pid, fd)?;
-            socks.push(take::established_tcp(owned, &what)?);
-        }
-        let [a, b]: [TcpStream; 2] = socks
+        // One pidfd for the whole request: the fds are taken from it and
+        // the signals go to it.
+        let owner = Arc::new(Process::open(pid)?);
+        let [fa, fb]: [OwnedFd; 2] = access::take_fds(who, &owner, &fds)?
             .try_into()
-            .map_err(|_| refuse(ErrorKind::Internal, "two sockets expected"))?;
+            .map_err(|_| refuse(ErrorKind::Internal, "two fds expected"))?;
+        let a = take::established_tcp(fa, &format!("fd {} of pid {pid}", fds[0]))?;
+        let b = take::established_tcp(fb, &format!("fd {} of pid {pid}", fds[1]))?;
         let inodes = check_pairable(
             &a,
             &b,
@@ -574,7 +589,7 @@ impl Agent {
         let c = Candidate {
             socks: [a, b],
             inodes,
-            owners: vec![pid],
+            owners: vec![owner],
         };
         self.start(c, format!("pid {pid} fds {},{}", fds[0], fds[1]), who)
             .await
@@ -585,7 +600,7 @@ impl Agent {
         self: Arc<Self>,
         c: Candidate,
         source: String,
-        who: Requester,
+        who: &Requester,
     ) -> Result<Response, Refusal> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let info = PairInfo {
@@ -661,7 +676,7 @@ struct Candidate {
     inodes: [u64; 2],
     /// The processes that own them (pid/fd and tuple pairing); none when
     /// they were handed over and the agent owns them.
-    owners: Vec<i32>,
+    owners: Vec<Arc<Process>>,
 }
 
 impl Agent {
@@ -745,7 +760,7 @@ impl Agent {
 /// owners go on.
 async fn hand_back(
     ask: tokio::sync::oneshot::Sender<HandBack>,
-    owners: &[i32],
+    owners: &[Arc<Process>],
 ) -> Result<HandedBack, String> {
     // Unstopped, the owner may read meanwhile and the counts then show
     // bytes the verdict did not move: the hand-back resets rather than
@@ -785,13 +800,13 @@ fn not_paired(pairs: &BTreeMap<u64, Entry>, inodes: &[u64; 2]) -> Result<(), Ref
 impl Agent {
     /// Whether `s` connected (active open) rather than was accepted: as
     /// sock_ops recorded it, else whether no listener has its port.
-    fn connected(&self, s: &TcpStream, owners: &[i32]) -> bool {
+    fn connected(&self, s: &TcpStream, owners: &[Arc<Process>]) -> bool {
         let recorded = self.progs.as_ref().and_then(|p| {
             let fd = std::os::fd::AsFd::as_fd(s);
             let r = p.recorded(&crate::sys::sock_key(fd).ok()?)?;
             (crate::sys::socket_cookie(fd).ok()? == r.cookie).then_some(r.active != 0)
         });
-        recorded.unwrap_or_else(|| !quiesce::accepted(s, owners.first().copied().unwrap_or(0)))
+        recorded.unwrap_or_else(|| !owners.first().is_some_and(|o| quiesce::accepted(s, o)))
     }
 }
 
@@ -802,16 +817,6 @@ fn clone(s: &TcpStream) -> Result<TcpStream, Refusal> {
             format!("duplicating a socket descriptor: {e}"),
         )
     })
-}
-
-/// Whether the requester has `gid` as primary or supplementary group.
-fn in_group(who: Requester, gid: u32) -> bool {
-    who.gid == gid
-        || std::fs::read_to_string(format!("/proc/{}/status", who.pid)).is_ok_and(|st| {
-            st.lines()
-                .find_map(|l| l.strip_prefix("Groups:"))
-                .is_some_and(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
-        })
 }
 
 /// Two distinct sockets of one address family, or why not; returns their

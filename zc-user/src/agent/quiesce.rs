@@ -16,16 +16,15 @@ use std::{
     io,
     net::TcpStream,
     os::fd::AsFd as _,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use log::debug;
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::Pid,
-};
+use rustix::process::Signal;
 
 use super::{
+    pidfd::Process,
     proto::ErrorKind,
     take::{Refusal, refuse},
 };
@@ -36,30 +35,31 @@ const SETTLE: Duration = Duration::from_secs(3);
 
 /// Processes this agent stopped; they continue when this is dropped.
 pub struct Stopped {
-    pids: Vec<i32>,
+    procs: Vec<Arc<Process>>,
 }
 
 impl Drop for Stopped {
     fn drop(&mut self) {
-        for &pid in &self.pids {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+        for p in &self.procs {
+            let _ = p.signal(Signal::CONT);
         }
     }
 }
 
-/// Stops `pids` and waits until each of their threads has stopped. A
+/// Stops `owners` and waits until each of their threads has stopped. A
 /// process that was stopped already is left as it is, and not continued.
-pub(super) fn stop(pids: &[i32]) -> Result<Stopped, Refusal> {
-    let mut stopped = Stopped { pids: Vec::new() };
-    for &pid in pids {
-        if all_threads_stopped(pid)? {
+pub(super) fn stop(owners: &[Arc<Process>]) -> Result<Stopped, Refusal> {
+    let mut stopped = Stopped { procs: Vec::new() };
+    for p in owners {
+        let pid = p.pid();
+        if all_threads_stopped(p)? {
             continue;
         }
-        kill(Pid::from_raw(pid), Signal::SIGSTOP)
+        p.signal(Signal::STOP)
             .map_err(|e| refuse(ErrorKind::NotFound, format!("stopping pid {pid}: {e}")))?;
-        stopped.pids.push(pid);
+        stopped.procs.push(p.clone());
         let deadline = Instant::now() + Duration::from_secs(1);
-        while !all_threads_stopped(pid)? {
+        while !all_threads_stopped(p)? {
             if Instant::now() > deadline {
                 return Err(refuse(
                     ErrorKind::Invalid,
@@ -72,9 +72,9 @@ pub(super) fn stop(pids: &[i32]) -> Result<Stopped, Refusal> {
     Ok(stopped)
 }
 
-fn all_threads_stopped(pid: i32) -> Result<bool, Refusal> {
-    let gone = |e: io::Error| refuse(ErrorKind::NotFound, format!("pid {pid}: {e}"));
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).map_err(gone)? {
+fn all_threads_stopped(p: &Process) -> Result<bool, Refusal> {
+    let gone = |e: io::Error| refuse(ErrorKind::NotFound, format!("pid {}: {e}", p.pid()));
+    for t in std::fs::read_dir(p.proc_path("task")).map_err(gone)? {
         let stat = match t.map(|t| std::fs::read_to_string(t.path().join("stat"))) {
             Ok(Ok(s)) => s,
             // A thread that exited meanwhile.
@@ -89,13 +89,13 @@ fn all_threads_stopped(pid: i32) -> Result<bool, Refusal> {
     Ok(true)
 }
 
-/// Whether a thread of `pid` stopped right after select(2) or poll(2): it
+/// Whether a thread of `p` stopped right after select(2) or poll(2): it
 /// may have been told a socket is readable and be about to read it. Once
 /// paired, that read would find nothing and fail with EAGAIN, which a
 /// select loop (socat) takes as fatal, shutting the sockets down on its
 /// way out. A thread stopped while blocked in such a call restarts it and
 /// sees the truth, so this only matters while bytes are queued.
-fn just_scanned(pid: i32) -> bool {
+fn just_scanned(p: &Process) -> bool {
     #[cfg(target_arch = "x86_64")]
     const SCANS: [i64; 4] = [
         libc::SYS_select,
@@ -105,7 +105,7 @@ fn just_scanned(pid: i32) -> bool {
     ];
     #[cfg(not(target_arch = "x86_64"))]
     const SCANS: [i64; 2] = [libc::SYS_pselect6, libc::SYS_ppoll];
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+    let Ok(tasks) = std::fs::read_dir(p.proc_path("task")) else {
         return false;
     };
     tasks.flatten().any(|t| {
@@ -139,13 +139,13 @@ fn progress(s: &TcpStream, connected: bool) -> io::Result<Progress> {
 /// Whether the socket was accepted (a listener in the owner's network
 /// namespace has its local port) rather than connected. A proxy that
 /// closed its listener makes this wrong, and the pairing is then refused.
-pub fn accepted(s: &TcpStream, owner: i32) -> bool {
+pub fn accepted(s: &TcpStream, owner: &Process) -> bool {
     let Ok(local) = s.local_addr() else {
         return false;
     };
     let port = format!(":{:04X} ", local.port());
     ["tcp", "tcp6"].iter().any(|f| {
-        std::fs::read_to_string(format!("/proc/{owner}/net/{f}")).is_ok_and(|t| {
+        std::fs::read_to_string(owner.proc_path(&format!("net/{f}"))).is_ok_and(|t| {
             t.lines().skip(1).any(|l| {
                 let mut cols = l.split_whitespace().skip(1);
                 let (Some(local), Some(_), Some(state)) = (cols.next(), cols.next(), cols.next())
@@ -170,7 +170,7 @@ pub fn progress_of(socks: &[TcpStream; 2], connected: [bool; 2]) -> io::Result<[
 /// Stops the owners at a moment when they hold no bytes between the two
 /// sockets; returns them stopped, with each socket's progress then.
 pub async fn settle(
-    owners: &[i32],
+    owners: &[Arc<Process>],
     socks: &[TcpStream; 2],
     connected: [bool; 2],
 ) -> Result<(Stopped, [Progress; 2]), Refusal> {
@@ -192,7 +192,7 @@ pub async fn settle(
         ];
         let queued = sys::inq(socks[0].as_fd()).map_err(closed)?
             + sys::inq(socks[1].as_fd()).map_err(closed)?;
-        let scanned = owners.iter().any(|&p| just_scanned(p));
+        let scanned = owners.iter().any(|p| just_scanned(p));
         debug!("try {tries}: held {held:?}, queued {queued}, just scanned {scanned}");
         if held == [0, 0] && !(queued > 0 && scanned) {
             debug!("owner holds no bytes (try {tries}); pairing");

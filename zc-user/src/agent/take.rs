@@ -1,13 +1,8 @@
-//! Taking a socket out of another process (pidfd_getfd) for a requester,
-//! after checking the requester could reach that process itself and that
-//! the fd really is an established TCP socket.
+//! What a taken fd must be before it is paired (an established TCP
+//! socket), and how a request is refused. Taking it is `access`'s job.
 use std::{
-    io,
     net::TcpStream,
-    os::{
-        fd::{AsFd as _, FromRawFd as _, OwnedFd},
-        unix::fs::MetadataExt as _,
-    },
+    os::fd::{AsFd as _, OwnedFd},
 };
 
 use socket2::SockRef;
@@ -27,95 +22,6 @@ pub fn refuse(kind: ErrorKind, message: impl Into<String>) -> Refusal {
         kind,
         message: message.into(),
     }
-}
-
-/// Who sent a request, from SO_PEERCRED.
-#[derive(Clone, Copy, Debug)]
-pub struct Requester {
-    pub uid: u32,
-    pub gid: u32,
-    pub pid: i32,
-}
-
-/// Root may take from any process; anyone else only from a process of
-/// their own uid that is dumpable (as ptrace would require): the kernel
-/// makes /proc/PID root-owned when a process is not dumpable.
-pub fn check_access(who: Requester, pid: i32) -> Result<(), Refusal> {
-    let meta = std::fs::metadata(format!("/proc/{pid}"))
-        .map_err(|_| refuse(ErrorKind::NotFound, format!("no process with pid {pid}")))?;
-    if who.uid == 0 {
-        return Ok(());
-    }
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .map_err(|_| refuse(ErrorKind::NotFound, format!("no process with pid {pid}")))?;
-    // Uid: real effective saved fs
-    let uids: Vec<u32> = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .map(|v| {
-            v.split_whitespace()
-                .filter_map(|x| x.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    let same_user = !uids.is_empty() && uids.iter().all(|&u| u == who.uid);
-    if !same_user || meta.uid() != who.uid {
-        return Err(refuse(
-            ErrorKind::Denied,
-            format!(
-                "uid {} may not take sockets from pid {pid}: it is not theirs, or not dumpable",
-                who.uid
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// Duplicates `fd` of process `pid` into the agent.
-pub fn take_fd(pid: i32, fd: i32) -> Result<OwnedFd, Refusal> {
-    // SAFETY: plain syscalls; the returned descriptors are owned below.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if pidfd < 0 {
-        let e = io::Error::last_os_error();
-        return Err(match e.raw_os_error() {
-            Some(libc::ESRCH) => refuse(ErrorKind::NotFound, format!("no process with pid {pid}")),
-            _ => refuse(ErrorKind::Internal, format!("pidfd_open({pid}): {e}")),
-        });
-    }
-    // SAFETY: pidfd_open returned a new descriptor that nothing else owns.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
-    // SAFETY: as above.
-    let got = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_getfd,
-            std::os::fd::AsRawFd::as_raw_fd(&pidfd),
-            fd,
-            0,
-        )
-    };
-    if got < 0 {
-        let e = io::Error::last_os_error();
-        return Err(match e.raw_os_error() {
-            Some(libc::EBADF) => refuse(
-                ErrorKind::NotFound,
-                format!("pid {pid} has no open fd {fd}"),
-            ),
-            Some(libc::ESRCH) => refuse(
-                ErrorKind::NotFound,
-                format!("pid {pid} exited during the request"),
-            ),
-            Some(libc::EPERM) => refuse(
-                ErrorKind::Denied,
-                format!("the agent may not take fds from pid {pid}: {e}"),
-            ),
-            _ => refuse(
-                ErrorKind::Internal,
-                format!("pidfd_getfd(pid {pid}, fd {fd}): {e}"),
-            ),
-        });
-    }
-    // SAFETY: pidfd_getfd returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(got as i32) })
 }
 
 /// Checks that `fd` is a connected, established TCP socket and returns it

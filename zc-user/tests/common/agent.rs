@@ -1,11 +1,14 @@
 //! An agent process, the proxies it is paired beside (socat, HAProxy from
 //! Debian's packages), and how a test finds their sockets and CPU time.
 use std::{
+    io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
+
+use zc_user::traffic::Digest;
 
 use super::process::zc_command;
 
@@ -124,6 +127,24 @@ impl Agent {
             "--fd",
             &fds[1].to_string(),
         ])
+    }
+
+    /// Runs `zc ARGS --socket S` under setpriv with `user` (e.g.
+    /// [`MEMBER`]); returns (success, stdout, stderr).
+    pub fn zc_as(&self, user: &[&str], args: &[&str]) -> (bool, String, String) {
+        let out = Command::new("setpriv")
+            .args(user)
+            .arg(env!("CARGO_BIN_EXE_zc"))
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .output()
+            .expect("setpriv (util-linux)");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 }
 
@@ -361,5 +382,198 @@ pub fn wait_listening(port: u16, what: &str) {
     {
         assert!(Instant::now() < deadline, "{what} did not listen on {port}");
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `n` bytes each way at once, fixed lengths (nobody half-closes), both
+/// checked by digest.
+pub fn exchange(client: &mut TcpStream, up: &mut TcpStream, n: u64) {
+    let mut c2 = client.try_clone().expect("clone");
+    let mut u2 = up.try_clone().expect("clone");
+    let sent_up = std::thread::spawn(move || send_n(&mut c2, n, 1));
+    let sent_down = std::thread::spawn(move || send_n(&mut u2, n, 2));
+    let got_up = read_n(up, n);
+    let got_down = read_n(client, n);
+    assert_eq!(
+        sent_up.join().expect("sender"),
+        got_up,
+        "client -> server damaged"
+    );
+    assert_eq!(
+        sent_down.join().expect("sender"),
+        got_down,
+        "server -> client damaged"
+    );
+}
+
+pub fn read_n_into(s: &mut TcpStream, n: u64, h: &mut xxhash_rust::xxh3::Xxh3) -> u64 {
+    let mut buf = vec![0u8; 256 << 10];
+    let mut got = 0u64;
+    while got < n {
+        let want = buf.len().min((n - got) as usize);
+        let k = s.read(&mut buf[..want]).expect("read");
+        assert!(k > 0, "EOF after {got} of {n} bytes");
+        h.update(&buf[..k]);
+        got += k as u64;
+    }
+    got
+}
+
+pub fn send_n(s: &mut TcpStream, n: u64, seed: u64) -> Digest {
+    let mut p = zc_user::traffic::Pattern::new(seed);
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut left = n;
+    while left > 0 {
+        let buf = p.next((64 << 10).min(left as usize));
+        s.write_all(buf).expect("write");
+        h.update(buf);
+        left -= buf.len() as u64;
+    }
+    Digest {
+        bytes: n,
+        hash: h.digest(),
+    }
+}
+
+pub fn read_n(s: &mut TcpStream, n: u64) -> Digest {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let bytes = read_n_into(s, n, &mut h);
+    Digest {
+        bytes,
+        hash: h.digest(),
+    }
+}
+
+/// The group an agent started with `--group MEMBER_GROUP` lets in.
+pub const MEMBER_GROUP: &str = "4242";
+
+/// setpriv arguments for an unprivileged requester that may reach such an
+/// agent: nobody (uid and gid 65534) in group [`MEMBER_GROUP`], without
+/// capabilities.
+pub const MEMBER: [&str; 5] = [
+    "--reuid=65534",
+    "--regid=65534",
+    "--groups=4242",
+    "--inh-caps=-all",
+    "--bounding-set=-all",
+];
+
+/// A process that opened two connections to this test and holds them:
+/// socat relaying between them (a proxy, both ends connected by it), or
+/// any program given the two addresses. Neither port is chosen in
+/// advance: the test's listeners take what the kernel gives them.
+pub struct Holder {
+    pub child: Child,
+    /// This test's end of each connection.
+    pub ends: [TcpStream; 2],
+    /// The holder's fd for each connection.
+    pub fds: [i32; 2],
+    /// The holder's sockets as `ss -tn` prints them (LOCAL-REMOTE).
+    pub tuples: [String; 2],
+}
+
+impl Holder {
+    /// socat between two new listeners, run under setpriv with `user`
+    /// (none: as root, directly).
+    pub fn socat(user: &[&str]) -> Self {
+        Self::start(user, |a, b| {
+            vec!["socat".into(), format!("TCP:{a}"), format!("TCP:{b}")]
+        })
+    }
+
+    /// `command(a, b)` under setpriv with `user`; it must connect to `a`,
+    /// then to `b`, and keep both open.
+    pub fn start(user: &[&str], command: impl Fn(SocketAddr, SocketAddr) -> Vec<String>) -> Self {
+        let listeners = [0, 1].map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"));
+        let addrs = listeners.each_ref().map(|l| l.local_addr().expect("addr"));
+        let argv = command(addrs[0], addrs[1]);
+        let mut cmd = if user.is_empty() {
+            Command::new(&argv[0])
+        } else {
+            let mut c = Command::new("setpriv");
+            c.args(user).arg(&argv[0]);
+            c
+        };
+        let child = cmd
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {argv:?}: {e}"));
+        let ends = listeners.map(|l| {
+            let (s, _) = l.accept().expect("the holder connects");
+            s.set_read_timeout(Some(super::HANG)).expect("timeout");
+            s
+        });
+        let tuples = ends.each_ref().map(|s| {
+            format!(
+                "{}-{}",
+                s.peer_addr().expect("peer"),
+                s.local_addr().expect("local")
+            )
+        });
+        let pid = child.id();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let fds = loop {
+            let fd = |s: &TcpStream| {
+                inode_of(s.peer_addr().ok()?, s.local_addr().ok()?).and_then(|i| fd_of(pid, i))
+            };
+            if let (Some(a), Some(b)) = (fd(&ends[0]), fd(&ends[1])) {
+                break [a, b];
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{argv:?} (pid {pid}) holds no fds for its connections"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        Self {
+            child,
+            ends,
+            fds,
+            tuples,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// One message each way through the holder (a proxy): it still relays
+    /// as it did.
+    pub fn still_relays(&mut self) {
+        for (from, to) in [(0, 1), (1, 0)] {
+            self.ends[from].write_all(b"still").expect("write");
+            let mut got = [0u8; 5];
+            self.ends[to]
+                .read_exact(&mut got)
+                .expect("the proxy relays");
+            assert_eq!(&got, b"still");
+        }
+    }
+
+    /// Whether the holder was stopped (SIGSTOP) at any time since it
+    /// started, whether or not it was continued since. Reads the kernel's
+    /// record for a child without reaping it: a stop leaves CLD_STOPPED,
+    /// and a SIGCONT after it CLD_CONTINUED (kernel/signal.c
+    /// prepare_signal), until the parent waits for them.
+    pub fn was_ever_stopped(&self) -> bool {
+        use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+        let flags = WaitPidFlag::WSTOPPED
+            | WaitPidFlag::WCONTINUED
+            | WaitPidFlag::WNOHANG
+            | WaitPidFlag::WNOWAIT;
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        match waitid(Id::Pid(pid), flags).expect("waitid on the holder") {
+            WaitStatus::StillAlive => false,
+            WaitStatus::Stopped(..) | WaitStatus::Continued(_) => true,
+            other => panic!("the holder (pid {pid}) ended: {other:?}"),
+        }
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
