@@ -84,7 +84,9 @@ enum Cmd {
                       carries half-close and reset across and removes a pair when it ends.\n\n\
                       Requests arrive on a Unix control socket (0600; 0660 with --group), and \
                       each is checked against the sender's credentials: root may pair any \
-                      process's sockets, others only their own, dumpable processes'.\n\n\
+                      process's sockets; others only sockets the kernel would let them take \
+                      themselves (its ptrace-attach check, run with their credentials), both \
+                      held by one process.\n\n\
                       Needs root (pidfd_getfd and BPF).",
         after_help = "Example:\n  zc agent &\n  ss -tnp | grep haproxy      # find the proxy's pid and fds\n  \
                       zc pair --pid 4242 --fd 12 --fd 13\n  zc list\n  zc unpair 1"
