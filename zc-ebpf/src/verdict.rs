@@ -239,8 +239,13 @@ fn verdict(ctx: &SkBuffContext, parsed: bool, offset: u32) -> u32 {
         if peer.hold != 0 || (*flow).passed != forwarded || capped {
             (*flow).passed += u64::from(len);
             (*flow).passed_msgs += 1;
-            if capped
-                && peer.hold == 0
+            // Not held: user space may not know that passed bytes wait
+            // for it. A pass at the cap reports, but its report can be
+            // lost to a re-arm that replaced this entry meanwhile, and the
+            // skbs after it pass only to keep their order (no longer
+            // capped), so every pass while not held reports. User space
+            // leaves the report disarmed while a forwarder runs.
+            if peer.hold == 0
                 && let Some(p) = peer_ptr
             {
                 report(&key, p);

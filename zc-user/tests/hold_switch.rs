@@ -24,8 +24,35 @@ const TOTAL: u64 = 256 << 20;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn holds_and_releases_at_random_moments_lose_nothing() {
     let progs = programs();
-    let watcher = zc_user::watch::Watcher::start().expect("watcher");
-    let engine = BpfEngine::new(progs.clone(), watcher).with_window(WINDOW);
+    let engine = BpfEngine::new(progs.clone(), watcher()).with_window(WINDOW);
+    let run = switch_at_random(&progs, engine, WINDOW, TOTAL, 11, 8).await;
+    // Timing decides how many (18 to 86 seen); a handful already crosses
+    // every switch point both ways.
+    assert!(
+        run.holds >= 8,
+        "only {} holds: the test did not exercise the switch",
+        run.holds
+    );
+}
+
+/// What one connection through [`switch_at_random`] did.
+struct Switched {
+    holds: u64,
+    small: u64,
+}
+
+/// Relays one connection through `engine` with random traffic both ways
+/// (`total` bytes one way, a quarter back) and readers that stop at
+/// random, and checks that each stream arrived intact, that nothing was
+/// reset, and that the kernel carried at least 1/`kernel_share` of it.
+async fn switch_at_random(
+    progs: &zc_user::ebpf::Programs,
+    engine: BpfEngine,
+    window: u64,
+    total: u64,
+    seed: u64,
+    kernel_share: u64,
+) -> Switched {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     let client = TcpStream::connect(addr).await.expect("connect");
@@ -34,26 +61,60 @@ async fn holds_and_releases_at_random_moments_lose_nothing() {
     let (server, _) = l.accept().await.expect("accept");
     let (near, far) = (near.into_std().expect("std"), far.into_std().expect("std"));
     let near_key = zc_user::sys::sock_key(near.as_fd()).expect("key");
+    let far_key = zc_user::sys::sock_key(far.as_fd()).expect("key");
+    let dups = [
+        near.try_clone().expect("dup"),
+        far.try_clone().expect("dup"),
+    ];
     let relay = tokio::spawn(async move { engine.relay(near, far).await.expect("relay") });
+    let stalled = |what: &str| -> ! {
+        let flows = [near_key, far_key].map(|k| progs.flow(&k));
+        let ss = std::process::Command::new("ss")
+            .args([
+                "-tnmi",
+                &format!("( sport = :{0} or dport = :{0} )", addr.port()),
+            ])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let peek = dups.each_ref().map(|d| {
+            let mut b = vec![0u8; 1 << 20];
+            let r = nix::sys::socket::recv(
+                std::os::fd::AsRawFd::as_raw_fd(d),
+                &mut b,
+                nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            );
+            format!("{r:?}")
+        });
+        panic!("{what} stalled; flows (near, far): {flows:?}; peek (near, far): {peek:?}\n{ss}");
+    };
 
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
     // Both ways at once, random write sizes; each write half is kept, not
     // dropped, until the counters are read (dropping it sends FIN).
-    let up = tokio::spawn(async move { (send_in_bursts(&mut cw, TOTAL, 11).await, cw) });
-    let down =
-        tokio::spawn(async move { (send_random(&mut sw, TOTAL / 4, 256 << 10, 12).await, sw) });
-    let slow = tokio::spawn(async move { read_with_pauses(&mut sr, TOTAL, 13).await });
-    let back = tokio::spawn(async move { read_with_pauses(&mut cr, TOTAL / 4, 14).await });
+    let up = tokio::spawn(async move { (send_in_bursts(&mut cw, total, window, seed).await, cw) });
+    let down = tokio::spawn(async move {
+        (
+            send_random(&mut sw, total / 4, 256 << 10, seed + 1).await,
+            sw,
+        )
+    });
+    let slow =
+        tokio::spawn(async move { read_with_pauses(&mut sr, total, window, seed + 2, true).await });
+    let back =
+        tokio::spawn(
+            async move { read_with_pauses(&mut cr, total / 4, window, seed + 3, false).await },
+        );
 
-    let got = tokio::time::timeout(HANG, slow)
-        .await
-        .expect("stalled")
-        .expect("join");
-    let got_back = tokio::time::timeout(HANG, back)
-        .await
-        .expect("stalled")
-        .expect("join");
+    let Ok(got) = tokio::time::timeout(HANG, slow).await else {
+        stalled("client -> server")
+    };
+    let got = got.expect("join");
+    let Ok(got_back) = tokio::time::timeout(HANG, back).await else {
+        stalled("server -> client")
+    };
+    let got_back = got_back.expect("join");
     let (sent, cw) = up.await.expect("join");
     let (sent_back, sw) = down.await.expect("join");
     let carried = progs.counters(&near_key).expect("counters").bytes;
@@ -63,8 +124,9 @@ async fn holds_and_releases_at_random_moments_lose_nothing() {
         .expect("relay hung")
         .expect("join");
     eprintln!(
-        "{} holds; client->server: the kernel redirected {carried} of {TOTAL} bytes",
-        summary.holds
+        "{} holds, {} moves for small skbs; client->server: the kernel redirected {carried} of \
+         {total} bytes",
+        summary.holds, summary.small
     );
     assert_eq!(got, sent.expect("send"), "client -> server stream damaged");
     assert_eq!(
@@ -73,17 +135,18 @@ async fn holds_and_releases_at_random_moments_lose_nothing() {
         "server -> client stream damaged"
     );
     assert!(!summary.reset, "the relay reset an intact stream");
-    // Timing decides how many (18 to 86 seen); a handful already crosses
-    // every switch point both ways.
     assert!(
-        summary.holds >= 8,
-        "only {} holds: the test did not exercise the switch",
-        summary.holds
-    );
-    assert!(
-        carried >= TOTAL / 8,
+        carried >= total / kernel_share,
         "the kernel redirected only {carried} bytes: the stream ran in user space"
     );
+    Switched {
+        holds: summary.holds,
+        small: summary.small,
+    }
+}
+
+fn watcher() -> zc_user::watch::Watcher {
+    zc_user::watch::Watcher::start().expect("watcher")
 }
 
 /// Writes `total` random bytes in bursts of random length and write
@@ -92,6 +155,7 @@ async fn holds_and_releases_at_random_moments_lose_nothing() {
 async fn send_in_bursts(
     w: &mut tokio::net::tcp::OwnedWriteHalf,
     total: u64,
+    window: u64,
     seed: u64,
 ) -> std::io::Result<Digest> {
     use tokio::io::AsyncWriteExt;
@@ -100,12 +164,12 @@ async fn send_in_bursts(
     let mut buf = vec![0u8; 1 << 20];
     let mut left = total;
     while left > 0 {
-        let mut burst = rng.random_range(1..=(16 * WINDOW)).min(left);
+        let mut burst = rng.random_range(1..=(16 * window)).min(left);
         left -= burst;
         while burst > 0 {
             let bits = rng.random_range(0..=20u32);
             let n = (rng.random_range(1..=(1u64 << bits))).min(burst) as usize;
-            rng.fill(&mut buf[..n]);
+            positional(&mut buf[..n], total - left - burst);
             w.write_all(&buf[..n]).await?;
             h.update(&buf[..n]);
             burst -= n as u64;
@@ -118,18 +182,126 @@ async fn send_in_bursts(
     })
 }
 
+/// Fills `buf` with the stream's bytes from `pos` on: each 8-byte word
+/// holds its own index, so a damaged stream tells where its bytes came
+/// from.
+fn positional(buf: &mut [u8], pos: u64) {
+    // The bytes before the first whole word, then whole words.
+    let head = ((8 - pos % 8) % 8).min(buf.len() as u64) as usize;
+    let (first, rest) = buf.split_at_mut(head);
+    let word = (pos / 8).to_le_bytes();
+    first.copy_from_slice(&word[(pos % 8) as usize..][..head]);
+    for (index, chunk) in ((pos + head as u64) / 8..).zip(rest.chunks_mut(8)) {
+        chunk.copy_from_slice(&index.to_le_bytes()[..chunk.len()]);
+    }
+}
+
+/// Follows a stream of [`positional`] bytes as it arrives and notes
+/// each place where it does not continue where it should: the received
+/// offset and the sent offset its bytes came from instead.
+#[derive(Default)]
+struct Tracker {
+    /// The sent offset the next received byte should come from.
+    next: u64,
+    received: u64,
+    jumps: Vec<(u64, u64, u64)>,
+}
+
+impl Tracker {
+    fn check(&mut self, mut got: &[u8]) {
+        while !got.is_empty() {
+            let same = matching(got, self.next);
+            self.next += same as u64;
+            self.received += same as u64;
+            got = &got[same..];
+            if got.is_empty() {
+                break;
+            }
+            // Find where the rest came from: try each alignment of a word.
+            let origin = (0..8usize).find_map(|s| {
+                let w: [u8; 8] = got.get(s..s + 8)?.try_into().ok()?;
+                let from = u64::from_le_bytes(w)
+                    .checked_mul(8)?
+                    .checked_sub(s as u64)?;
+                (matching(&got[..got.len().min(16)], from) == got.len().min(16)).then_some(from)
+            });
+            let Some(from) = origin else {
+                // Not from this stream at all (or too short to tell).
+                self.jumps.push((self.received, self.next, u64::MAX));
+                self.received += got.len() as u64;
+                self.next += got.len() as u64;
+                break;
+            };
+            if self.jumps.len() < 16 {
+                self.jumps.push((self.received, self.next, from));
+            }
+            self.next = from;
+        }
+    }
+
+    fn report(&self) -> Option<String> {
+        if self.jumps.is_empty() {
+            return None;
+        }
+        let lines: Vec<String> = self
+            .jumps
+            .iter()
+            .map(|&(at, want, from)| {
+                if from == u64::MAX {
+                    format!("at {at}: bytes from no sent offset (expected {want})")
+                } else {
+                    format!(
+                        "at {at}: bytes of sent offset {from} where {want} was due ({:+})",
+                        from as i128 - want as i128
+                    )
+                }
+            })
+            .collect();
+        Some(lines.join("; "))
+    }
+}
+
+/// How many leading bytes of `got` match [`positional`] from `pos`.
+fn matching(got: &[u8], pos: u64) -> usize {
+    let mut want = [0u8; 4096];
+    let mut done = 0;
+    while done < got.len() {
+        let n = (got.len() - done).min(want.len());
+        positional(&mut want[..n], pos + done as u64);
+        if let Some(i) = got[done..done + n]
+            .iter()
+            .zip(&want[..n])
+            .position(|(g, w)| g != w)
+        {
+            return done + i;
+        }
+        done += n;
+    }
+    got.len()
+}
+
 /// Reads `total` bytes in bursts of random length, pausing at random.
-async fn read_with_pauses(r: &mut tokio::net::tcp::OwnedReadHalf, total: u64, seed: u64) -> Digest {
+async fn read_with_pauses(
+    r: &mut tokio::net::tcp::OwnedReadHalf,
+    total: u64,
+    window: u64,
+    seed: u64,
+    check: bool,
+) -> Digest {
+    let mut tracker = Tracker::default();
     let mut rng = StdRng::seed_from_u64(seed);
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     let mut buf = vec![0u8; 256 << 10];
     let mut bytes = 0u64;
     while bytes < total {
-        let mut burst = rng.random_range(1..=(4 * WINDOW));
+        let mut burst = rng.random_range(1..=(4 * window));
         while burst > 0 && bytes < total {
             let want = (burst as usize).min(buf.len());
             let n = r.read(&mut buf[..want]).await.expect("read");
             assert!(n > 0, "EOF after {bytes} of {total} bytes");
+            if check {
+                tracker.check(&buf[..n]);
+            }
             h.update(&buf[..n]);
             bytes += n as u64;
             burst = burst.saturating_sub(n as u64);
@@ -141,6 +313,9 @@ async fn read_with_pauses(r: &mut tokio::net::tcp::OwnedReadHalf, total: u64, se
         if rng.random_ratio(1, 8) {
             tokio::time::sleep(Duration::from_micros(rng.random_range(2000..8000))).await;
         }
+    }
+    if let Some(w) = tracker.report() {
+        panic!("the stream arrived damaged: {w}");
     }
     Digest {
         bytes,
@@ -157,8 +332,7 @@ async fn small_writes_move_to_user_space_and_bulk_returns_to_the_kernel() {
     const SMALL: u64 = 4 << 20;
     const BULK: u64 = 256 << 20;
     let progs = programs();
-    let watcher = zc_user::watch::Watcher::start().expect("watcher");
-    let engine = BpfEngine::new(progs.clone(), watcher)
+    let engine = BpfEngine::new(progs.clone(), watcher())
         .with_adaptive(zc_user::engine::bpf::DEFAULT_SMALL_SKB);
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
@@ -241,4 +415,33 @@ async fn small_writes_move_to_user_space_and_bulk_returns_to_the_kernel() {
         carried >= BULK / 2,
         "the bulk phase stayed in user space: the kernel carried only {carried} bytes"
     );
+}
+
+/// The drill: a small window, the adaptive path on, several connections at
+/// once, each switching between the kernel and user space thousands of
+/// times in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_switches_under_random_traffic_lose_nothing() {
+    const DRILL_WINDOW: u64 = 1 << 20;
+    const CONNS: u64 = 4;
+    const EACH: u64 = 1 << 30;
+    let progs = programs();
+    let engine = BpfEngine::new(progs.clone(), watcher())
+        .with_window(DRILL_WINDOW)
+        .with_adaptive(zc_user::engine::bpf::DEFAULT_SMALL_SKB);
+    let runs = (0..CONNS).map(|i| {
+        let (progs, engine) = (progs.clone(), engine.clone());
+        tokio::spawn(async move {
+            // A reader that stops often keeps a 1 MiB window in user
+            // space most of the time; the kernel still carries some.
+            switch_at_random(&progs, engine, DRILL_WINDOW, EACH, 100 + 10 * i, 1024).await
+        })
+    });
+    let mut switches = 0;
+    for r in runs {
+        let r = r.await.expect("join");
+        switches += r.holds + r.small;
+    }
+    eprintln!("{switches} switches to user space in {CONNS} connections");
+    assert!(switches >= 1000, "only {switches} switches");
 }

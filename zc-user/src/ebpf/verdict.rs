@@ -168,19 +168,21 @@ impl Programs {
     }
 
     /// Sets the next redirected-byte and skb totals at which `key` is
-    /// reported, arms the report, and moves its cap (see [`Peer::cap`]).
+    /// reported, moves its cap (see [`Peer::cap`]), and arms the report
+    /// if `arm`.
     pub fn rearm(
         &self,
         key: &SockKey,
         limit: u64,
         msg_limit: u64,
         cap: u64,
+        arm: bool,
     ) -> Result<(), PairError> {
         self.update_peer(key, |p| {
             p.limit = limit;
             p.msg_limit = msg_limit;
             p.cap = cap;
-            p.armed = 1;
+            p.armed = u32::from(arm);
         })
     }
 
@@ -200,7 +202,12 @@ impl Programs {
     }
 
     /// Receives the key of `key`'s socket each time it passes its armed
-    /// limit. Replaces any earlier listener for the key.
+    /// limit. Replaces any earlier listener for the key. Listen before
+    /// pairing: the report is armed from the start, and one that finds no
+    /// listener is lost, leaving the direction unwatched.
+    ///
+    /// The listener goes with the pair's map entries
+    /// ([`Programs::unpair_ended`]) or with [`Programs::stop_listening`].
     pub fn limit_events(&self, key: SockKey) -> tokio::sync::mpsc::UnboundedReceiver<SockKey> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         self.listeners
@@ -208,6 +215,14 @@ impl Programs {
             .unwrap_or_else(|p| p.into_inner())
             .insert(key, tx);
         rx
+    }
+
+    /// Drops the listeners of `keys` (a pairing that failed).
+    pub fn stop_listening(&self, keys: &[SockKey]) {
+        let mut l = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        for k in keys {
+            l.remove(k);
+        }
     }
 
     /// Raw access for tests that need a socket in `RELAY` without a peer.

@@ -85,6 +85,19 @@ impl Base {
     }
 }
 
+/// Drops the limit listeners of a pairing however it ends (a failed
+/// pairing has no map entries to take them along).
+struct Listening<'a> {
+    progs: &'a Programs,
+    keys: [SockKey; 2],
+}
+
+impl Drop for Listening<'_> {
+    fn drop(&mut self) {
+        self.progs.stop_listening(&self.keys);
+    }
+}
+
 /// Removes the pair's map entries however the relay ends.
 struct Paired<'a> {
     progs: &'a Programs,
@@ -249,6 +262,15 @@ impl BpfEngine {
             .watcher
             .watch(&[a.as_fd(), b.as_fd()])
             .context("watching the pair")?;
+        // Listen before the sockets join the maps: the verdict may report
+        // within microseconds of pairing, and a report nobody hears is
+        // never repeated (seen as a direction passing forever, unwatched).
+        let keys = [sys::sock_key(a.as_fd())?, sys::sock_key(b.as_fd())?];
+        let mut limits = keys.map(|k| self.progs.limit_events(k));
+        let listening = Listening {
+            progs: &self.progs,
+            keys,
+        };
         let pair = if self.foreign {
             self.progs.pair_foreign(a.as_fd(), b.as_fd(), self.window)
         } else {
@@ -296,10 +318,9 @@ impl BpfEngine {
         if let Some(r) = report {
             let _ = r.send(Ok(pairing.keys));
         }
-        let mut limits = [
-            self.progs.limit_events(pairing.keys[0]),
-            self.progs.limit_events(pairing.keys[1]),
-        ];
+        if pairing.keys != keys {
+            limits = pairing.keys.map(|k| self.progs.limit_events(k));
+        }
         if self.window > 0 && self.small_skb > 0 {
             for k in &pairing.keys {
                 if let Err(e) = self.progs.rearm(
@@ -307,6 +328,7 @@ impl BpfEngine {
                     self.window / 2,
                     ADAPT_MSGS,
                     switch::unacked_allowance(self.window),
+                    true,
                 ) {
                     reset(&socks);
                     return Err(e).context("arming the adaptive path");
@@ -348,6 +370,7 @@ impl BpfEngine {
         }
         // Leave the maps before the sockets close (the drop order below).
         drop(paired);
+        drop(listening);
         drop(events);
         Ok(Summary {
             a_to_b: moved[0],

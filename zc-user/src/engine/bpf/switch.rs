@@ -144,13 +144,18 @@ impl<'a> Pair<'a> {
         let window = self.engine.window;
         let f = self.flow(src)?;
         let cap = cap(self.socks[dst], self.base[dst], &self.by_user[src], window)?;
+        // While a forwarder runs the verdict reports every pass; nothing
+        // needs those reports, since the forwarder's end checks again
+        // (`forwarder_ended`), so the report stays disarmed until then.
+        let busy = self.forwarding[src] || self.done[src];
         self.engine.progs.rearm(
             &self.keys[src],
             f.sent + window / 2,
             self.engine.msg_limit(f),
             cap,
+            !busy,
         )?;
-        if self.forwarding[src] || self.done[src] {
+        if busy {
             return Ok(None);
         }
         // Read after re-arming: a verdict run that passes at the cap from
