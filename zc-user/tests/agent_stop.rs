@@ -635,3 +635,55 @@ fn a_proxy_under_a_debugger_is_refused() {
     strace.wait().expect("wait");
     socat.still_relays();
 }
+
+/// Urgent data stops the verdict at its mark (tcp_read_sock reads no
+/// further), so the bytes behind it are never redirected, and the stream
+/// could never be finished in the kernel: the pair would stay listed and
+/// the agent would poll it forever. The agent ends such a pair, and
+/// HAProxy, with its sockets back, reads and relays the rest itself: the
+/// server gets every byte after the kernel's, in order, then EOF.
+#[test]
+fn a_pair_the_kernel_cannot_finish_is_ended_and_the_proxy_relays_the_rest() {
+    let agent = Agent::start("stop-stuck");
+    let server = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let haproxy = Proxy::haproxy_on(
+        TcpListener::bind("127.0.0.1:0").expect("bind"),
+        server.local_addr().expect("addr"),
+        &agent.dir,
+        1,
+    );
+    let pid = haproxy.child.id();
+    let (mut client, mut up, fds) = through_proxy(&haproxy, &server);
+    let (ok, _, err) = agent.pair(pid, fds);
+    assert!(ok, "zc pair failed: {err}");
+    const KERNEL: u64 = 1 << 20;
+    let sent = send_n(&mut client, KERNEL, 11);
+    assert_eq!(read_n(&mut up, KERNEL), sent, "through the kernel");
+    assert_eq!(
+        kernel_bytes(&agent)[0].1[0],
+        KERNEL,
+        "the kernel carried it"
+    );
+    // One urgent byte, then bytes the verdict cannot reach, then EOF.
+    let rest: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+    // SAFETY: sends one byte from a valid buffer.
+    let n = unsafe { libc::send(client.as_raw_fd(), b"!".as_ptr().cast(), 1, libc::MSG_OOB) };
+    assert_eq!(n, 1, "MSG_OOB: {}", std::io::Error::last_os_error());
+    client.write_all(&rest).expect("write");
+    client
+        .shutdown(std::net::Shutdown::Write)
+        .expect("shutdown");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut listed = agent.pairs();
+    while !listed.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the pair is still listed 10 s after its client's EOF: {listed:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        listed = agent.pairs();
+    }
+    let mut got = Vec::new();
+    up.read_to_end(&mut got).expect("the rest, then EOF");
+    assert_eq!(got, rest, "what HAProxy relayed after the pair ended");
+}

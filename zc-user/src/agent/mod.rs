@@ -12,6 +12,7 @@ mod ptrace;
 mod quiesce;
 mod sockopts;
 mod stop;
+mod supervise;
 pub mod take;
 mod turns;
 
@@ -77,7 +78,7 @@ struct Entry {
     hand_back: Option<tokio::sync::oneshot::Sender<HandBack>>,
     /// The owner's options for both sockets from before pairing, put back
     /// when the pair ends (pairs of another process's sockets).
-    saved: Option<Saved>,
+    saved: Option<Arc<Saved>>,
 }
 
 pub struct Agent {

@@ -22,6 +22,7 @@ use super::{
     proto::{ErrorKind, PairInfo, Response},
     quiesce::{self, Progress},
     sockopts::Saved,
+    supervise,
     take::{Refusal, refuse},
 };
 use crate::engine::{Counts, Engine};
@@ -62,12 +63,12 @@ impl Agent {
         let _turn = self.turns.take(&c.owners).await;
         let probes = [clone(&c.socks[0])?, clone(&c.socks[1])?];
         let active = probes.each_ref().map(|s| self.connected(s, &c.owners));
-        let saved = Saved::record(&probes).map_err(|e| {
+        let saved = Arc::new(Saved::record(&probes).map_err(|e| {
             refuse(
                 ErrorKind::Invalid,
                 format!("reading the sockets' options: {e}"),
             )
-        })?;
+        })?);
         let (stopped, before) = quiesce::settle(
             &c.owners,
             &probes,
@@ -77,7 +78,7 @@ impl Agent {
         )
         .await?;
         // Held still from here; each way out lets the owner go.
-        let keys = match self.claim_and_spawn(c, &info, who.uid, Some(saved)) {
+        let keys = match self.claim_and_spawn(c, &info, who.uid, Some(saved.clone())) {
             Ok(report) => self.in_kernel(id, report).await,
             Err(r) => Err(r),
         };
@@ -109,6 +110,7 @@ impl Agent {
         let held = stopped.since().elapsed();
         stopped.release().await;
         debug!("pair {id}: the owner was stopped for {held:?}");
+        supervise::start(&self, id, keys, saved, before);
         Ok(announce(info))
     }
 
@@ -191,7 +193,7 @@ impl Agent {
         c: Candidate,
         info: &PairInfo,
         owner_uid: u32,
-        saved: Option<Saved>,
+        saved: Option<Arc<Saved>>,
     ) -> Result<Report, Refusal> {
         let Candidate {
             socks: [a, b],

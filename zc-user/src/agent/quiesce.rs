@@ -69,9 +69,17 @@ pub struct Progress {
     pub written: u64,
 }
 
+/// Bytes that have left `s`'s receive queue: what its owner read, and,
+/// once paired, what the verdict took. Received first, so that bytes
+/// arriving between the two readings can only make this too small.
+pub fn consumed(s: &TcpStream) -> io::Result<u64> {
+    let fd = s.as_fd();
+    Ok(sys::bytes_received(fd)?.saturating_sub(sys::inq(fd)?))
+}
+
 fn progress(s: &TcpStream, connected: bool) -> io::Result<Progress> {
     let fd = s.as_fd();
-    let read = sys::bytes_received(fd)?.saturating_sub(sys::inq(fd)?);
+    let read = consumed(s)?;
     // The connecting side's count of acknowledged bytes includes its SYN.
     let syn = u64::from(connected);
     Ok(Progress {

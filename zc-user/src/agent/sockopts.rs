@@ -79,9 +79,14 @@ impl Saved {
         })
     }
 
+    /// The agent's references to the sockets.
+    pub fn socks(&self) -> &[TcpStream; 2] {
+        &self.socks
+    }
+
     /// Puts both sockets' options back; a socket that has failed or closed
     /// meanwhile is left as it is.
-    pub fn restore(self) {
+    pub fn restore(&self) {
         for (s, o) in self.socks.iter().zip(&self.before) {
             if let Err(e) = o.apply(s.as_fd()) {
                 log::debug!("restoring a socket's options: {e}");
