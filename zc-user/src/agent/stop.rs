@@ -334,21 +334,43 @@ mod tests {
             .collect()
     }
 
+    /// A child process, killed when dropped, so that a failed test
+    /// leaves nothing stopped behind.
+    struct Kid(std::process::Child);
+
+    impl std::ops::Deref for Kid {
+        type Target = std::process::Child;
+        fn deref(&self) -> &Self::Target {
+            &self.0
+        }
+    }
+
+    impl std::ops::DerefMut for Kid {
+        fn deref_mut(&mut self) -> &mut Self::Target {
+            &mut self.0
+        }
+    }
+
+    impl Drop for Kid {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
     /// A child that never stops on its own: `sleep`.
-    fn sleeper() -> (std::process::Child, Arc<Process>) {
+    fn sleeper() -> (Kid, Arc<Process>) {
         let child = std::process::Command::new("sleep")
             .arg("30")
             .spawn()
             .expect("sleep");
         let p = Arc::new(Process::open(child.id() as i32).expect("pidfd"));
-        (child, p)
+        (Kid(child), p)
     }
 
     #[tokio::test]
     async fn a_stopped_owner_is_traced_still_and_runs_again_once_released() {
-        if !nix::unistd::geteuid().is_root() {
-            panic!("ptrace of another user's process needs root: run the tests as root");
-        }
+        root();
         let (mut child, p) = sleeper();
         let s = stop(
             std::slice::from_ref(&p),
@@ -368,11 +390,118 @@ mod tests {
         child.wait().expect("wait");
     }
 
-    #[tokio::test]
-    async fn the_ceiling_lets_an_owner_go_that_the_agent_forgot() {
+    /// Waits (up to 10 s) until every thread of `pid` is in `state`.
+    fn wait_for(pid: u32, state: char) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while states(pid).iter().any(|&c| c != state) {
+            assert!(Instant::now() < deadline, "{:?}", states(pid));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn root() {
         if !nix::unistd::geteuid().is_root() {
             panic!("ptrace of another user's process needs root: run the tests as root");
         }
+    }
+
+    #[tokio::test]
+    async fn a_signal_sent_during_the_stop_is_delivered_after_it() {
+        root();
+        let (mut child, p) = sleeper();
+        let s = stop(
+            std::slice::from_ref(&p),
+            Duration::from_secs(1),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("stop");
+        p.signal(rustix::process::Signal::USR1).expect("SIGUSR1");
+        assert_eq!(states(child.id()), vec!['t'], "still held");
+        s.release().await;
+        let status = child.wait().expect("wait");
+        use std::os::unix::process::ExitStatusExt as _;
+        assert_eq!(status.signal(), Some(libc::SIGUSR1), "{status}");
+    }
+
+    #[tokio::test]
+    async fn a_process_stopped_already_stays_stopped() {
+        root();
+        let (mut child, p) = sleeper();
+        p.signal(rustix::process::Signal::STOP).expect("SIGSTOP");
+        wait_for(child.id(), 'T');
+        let s = stop(
+            std::slice::from_ref(&p),
+            Duration::from_secs(1),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("stop");
+        // SIGCONT does not wake a thread in a ptrace stop.
+        p.signal(rustix::process::Signal::CONT).expect("SIGCONT");
+        assert_eq!(states(child.id()), vec!['t']);
+        s.release().await;
+        wait_for(child.id(), 'S');
+        p.signal(rustix::process::Signal::STOP).expect("SIGSTOP");
+        wait_for(child.id(), 'T');
+        let s = stop(
+            std::slice::from_ref(&p),
+            Duration::from_secs(1),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("stop");
+        s.release().await;
+        // Detached, it takes up the group stop again (kernel/ptrace.c,
+        // __ptrace_unlink), passing through a moment of running.
+        wait_for(child.id(), 'T');
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+    }
+
+    /// A process that starts a thread every millisecond: every thread it
+    /// has while stopped is stopped.
+    #[tokio::test]
+    async fn threads_started_while_stopping_are_stopped_too() {
+        root();
+        let mut child = Kid(std::process::Command::new("perl")
+            .args([
+                "-Mthreads",
+                "-e",
+                "while (1) { threads->create(sub { select(undef, undef, undef, 0.02) })->detach; \
+                 select(undef, undef, undef, 0.001) }",
+            ])
+            .spawn()
+            .expect("perl"));
+        let p = Arc::new(Process::open(child.id() as i32).expect("pidfd"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while states(child.id()).len() < 3 {
+            assert!(Instant::now() < deadline, "perl started no threads");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut most = 0;
+        for _ in 0..20 {
+            let s = stop(
+                std::slice::from_ref(&p),
+                Duration::from_secs(1),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("stop");
+            let now = states(child.id());
+            assert!(now.iter().all(|&c| c == 't'), "{now:?}");
+            most = most.max(now.len());
+            s.release().await;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(most >= 3, "at most {most} threads at a stop");
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+    }
+
+    #[tokio::test]
+    async fn the_ceiling_lets_an_owner_go_that_the_agent_forgot() {
+        root();
         let (mut child, p) = sleeper();
         let mut s = stop(&[p], Duration::from_secs(1), Duration::from_millis(50))
             .await
