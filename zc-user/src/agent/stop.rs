@@ -265,7 +265,9 @@ fn seize(p: &Process, tid: i32) -> Result<State, Refusal> {
         };
     }
     // The tid was read from `p`'s task list; had that thread exited and
-    // its tid gone to another process since, `p` no longer lists it.
+    // its tid gone to another process since, `p` no longer lists it. Once
+    // seized it cannot change hands: a traced thread that exits stays a
+    // zombie until its tracer reaps it or goes.
     if !p.proc_path(&format!("task/{tid}")).exists() {
         return Ok(State::Stranger);
     }
