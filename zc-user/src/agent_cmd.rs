@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result, bail};
 use log::{info, warn};
 use zc_user::{
     agent::{
-        Agent, DataPath, OnStop, Options,
+        Agent, DEFAULT_MAX_STOP, DataPath, OnStop, Options,
         control::{self, DEFAULT_SOCKET},
         proto::{PairStats, Request, Response},
     },
@@ -53,6 +53,16 @@ pub struct AgentArgs {
     /// skipping TCP/IP. `zc stats` shows what it carried.
     #[arg(long)]
     short_circuit: bool,
+    /// The longest a pairing holds a proxy still, in milliseconds. The
+    /// agent stops the proxy's threads (ptrace), checks that it holds no
+    /// bytes between the two sockets, pairs them, and waits for the kernel
+    /// to take what was queued; a pairing not confirmed by then is undone
+    /// before the proxy goes on, and refused. Undoing a pairing in which
+    /// the kernel had moved bytes already adds the time to deliver them
+    /// (at most half a second, as `zc unpair`).
+    #[arg(long, value_name = "MS", default_value_t = DEFAULT_MAX_STOP.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    max_stop: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -182,6 +192,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
             no_fin_hold,
             no_short_circuit,
             pin_dir,
+            max_stop: std::time::Duration::from_millis(args.max_stop),
         },
     );
     let stop = crate::stop_signal();

@@ -81,7 +81,8 @@ enum Cmd {
                       you already run keeps accepting and connecting; `zc pair --pid PID --fd A \
                       --fd B` then hands two of its sockets to the agent, which joins them with \
                       the sockmap redirect so the proxy stops touching the bytes. The agent \
-                      carries half-close and reset across and removes a pair when it ends.\n\n\
+                      carries half-close and reset across and removes a pair when it ends, giving \
+                      the proxy back the socket options pairing changed.\n\n\
                       Requests arrive on a Unix control socket (0600; 0660 with --group), and \
                       each is checked against the sender's credentials: root may pair any \
                       process's sockets; others only sockets the kernel would let them take \
@@ -97,12 +98,15 @@ enum Cmd {
     #[command(
         long_about = "Ask the agent to pair two sockets of a running proxy, by 4-tuple (as \
                       `ss -tn` prints them) or by pid and fd numbers (as `ss -tnp` shows them).\n\n\
-                      A busy connection can be paired: the agent stops the proxy (SIGSTOP) for \
-                      the few milliseconds it takes, at a moment the proxy holds no bytes it has \
-                      read from one socket and not yet written to the other, then lets it \
-                      continue. A proxy that adds or rewrites bytes (PROXY protocol, TLS) never \
-                      reaches such a moment and is refused: zc pairs only byte-transparent \
-                      (TCP-mode) proxies.\n\n\
+                      A busy connection can be paired: the agent holds the proxy still (ptrace, \
+                      so that a killed agent cannot leave it stopped) at a moment it holds no \
+                      bytes it has read from one socket and not yet written to the other, pairs, \
+                      and lets it continue, within the agent's --max-stop (50 ms unless set). \
+                      A pairing the kernel has not confirmed by then is undone before the proxy \
+                      goes on, and refused. A proxy that adds or rewrites bytes (PROXY protocol, \
+                      TLS) never reaches such a moment and is refused: zc pairs only \
+                      byte-transparent (TCP-mode) proxies. A proxy under a debugger or strace \
+                      is refused. Requests for one proxy take turns.\n\n\
                       Root may pair any sockets. Anyone else (the agent's --group) gets what the \
                       kernel would let them take with ptrace: the agent takes the sockets with \
                       the requester's uid, gid and groups and no capabilities, so the owner must \
@@ -114,13 +118,13 @@ enum Cmd {
                       zc pair --pid 4242 --fd 12 --fd 13"
     )]
     Pair(agent_cmd::PairArgs),
-    /// Ask the agent to end a pairing and give the owner its sockets back.
-    /// The owner is stopped for at most half a second while the kernel
-    /// sends what it queued; then either every byte the kernel accepted
-    /// has been delivered and the owner goes on, or, if some could not
-    /// be (a reader too slow to drain in time), both connections are reset
-    /// so no end mistakes a cut stream for a whole one. The answer says
-    /// which.
+    /// Ask the agent to end a pairing and give the owner its sockets back,
+    /// with the socket options they had before pairing. The owner is
+    /// stopped for at most half a second while the kernel sends what it
+    /// queued; then either every byte the kernel accepted has been
+    /// delivered and the owner goes on, or, if some could not be (a reader
+    /// too slow to drain in time), both connections are reset so no end
+    /// mistakes a cut stream for a whole one. The answer says which.
     Unpair(agent_cmd::UnpairArgs),
     /// List the agent's pairs.
     List(agent_cmd::ListArgs),

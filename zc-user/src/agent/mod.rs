@@ -3,11 +3,18 @@
 pub mod access;
 pub mod client;
 pub mod control;
+mod ending;
 pub mod find;
+mod pairing;
 pub mod pidfd;
 pub mod proto;
+mod ptrace;
 mod quiesce;
+mod sockopts;
+mod stop;
+mod supervise;
 pub mod take;
+mod turns;
 
 use std::{
     collections::BTreeMap,
@@ -20,16 +27,20 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 use log::{debug, info, warn};
-use tokio::{io::unix::AsyncFd, task::AbortHandle};
+use tokio::{io::unix::AsyncFd, task::JoinHandle};
 
 use self::{
     access::Requester,
+    pairing::Candidate,
     pidfd::Process,
     proto::{ErrorKind, PairInfo, Request, Response},
+    sockopts::Saved,
     take::{Refusal, refuse},
+    turns::Turns,
 };
 use zc_common::SockKey;
 
@@ -37,10 +48,15 @@ use crate::{
     ebpf::Programs,
     engine::{
         Counts, Engine,
-        bpf::{BpfEngine, HandBack, HandedBack},
+        bpf::{BpfEngine, HandBack},
         splice::{DEFAULT_MAX_PIPES, DEFAULT_PIPE_SIZE, PipePool, SpliceEngine},
     },
 };
+
+/// How long a proxy may be held still for pairing by default: it measures
+/// what the proxy holds, pairs, and sees the kernel take what was queued
+/// (a fraction of a millisecond on an idle host).
+pub const DEFAULT_MAX_STOP: Duration = Duration::from_millis(50);
 
 struct Entry {
     info: PairInfo,
@@ -51,7 +67,7 @@ struct Entry {
     owner_uid: u32,
     /// The relay watching this pair; none for a pair adopted from pinned
     /// maps, which the kernel carries on its own.
-    task: Option<AbortHandle>,
+    task: Option<JoinHandle<()>>,
     /// What a user-space relay (splice) moved so far; none when the
     /// kernel carries the pair and its counters say it.
     counts: Option<Counts>,
@@ -60,6 +76,9 @@ struct Entry {
     /// Asks the relay to give the sockets back to their owners (pairs of
     /// another process's sockets, with a relay).
     hand_back: Option<tokio::sync::oneshot::Sender<HandBack>>,
+    /// The owner's options for both sockets from before pairing, put back
+    /// when the pair ends (pairs of another process's sockets).
+    saved: Option<Arc<Saved>>,
 }
 
 pub struct Agent {
@@ -82,6 +101,10 @@ pub struct Agent {
     pin_dir: Option<std::path::PathBuf>,
     pairs: Mutex<BTreeMap<u64, Entry>>,
     next: AtomicU64,
+    /// Requests that stop a process take turns.
+    turns: Turns,
+    /// The longest a pairing holds a proxy still.
+    max_stop: Duration,
 }
 
 /// The data path an agent runs on.
@@ -93,7 +116,6 @@ pub enum DataPath {
 }
 
 /// How the agent was set up, for its answers.
-#[derive(Default)]
 pub struct Options {
     /// The group that may pair by tuple besides root.
     pub group: Option<u32>,
@@ -105,6 +127,22 @@ pub struct Options {
     pub no_short_circuit: Option<String>,
     /// Where the maps are pinned (none without BPF).
     pub pin_dir: Option<std::path::PathBuf>,
+    /// The longest a pairing holds a proxy still; a pairing that cannot be
+    /// confirmed within it is undone and refused.
+    pub max_stop: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            group: None,
+            no_recording: None,
+            no_fin_hold: None,
+            no_short_circuit: None,
+            pin_dir: None,
+            max_stop: DEFAULT_MAX_STOP,
+        }
+    }
 }
 
 /// What happens to the pairs when the agent stops.
@@ -152,6 +190,8 @@ impl Agent {
             pin_dir: opts.pin_dir,
             pairs: Mutex::new(BTreeMap::new()),
             next: AtomicU64::new(1),
+            turns: Turns::default(),
+            max_stop: opts.max_stop,
         });
         agent.adopt();
         agent
@@ -183,6 +223,7 @@ impl Agent {
                     counts: None,
                     owners: Vec::new(),
                     hand_back: None,
+                    saved: None,
                 },
             );
         }
@@ -190,6 +231,12 @@ impl Agent {
 
     fn pairs(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry>> {
         self.pairs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// When a stop's thread lets the owner go by itself, should the agent
+    /// never do so: past the bound and an undo's hand-back.
+    fn stop_ceiling(&self) -> Duration {
+        self.max_stop + ending::HAND_BACK_ANSWER + Duration::from_secs(1)
     }
 
     /// Serves the control socket until `stop` resolves.
@@ -235,43 +282,6 @@ impl Agent {
                         info!("pair {id}: {how}");
                     }
                 }
-            }
-        }
-    }
-
-    /// Ends a pair and says how its sockets ended.
-    async fn end(&self, e: Entry) -> String {
-        if let (Some(ask), Some(task)) = (e.hand_back, &e.task) {
-            return match hand_back(ask, &e.owners).await {
-                Ok(HandedBack::Intact) => {
-                    "every byte the kernel accepted was delivered; the owner has its sockets back"
-                        .into()
-                }
-                Ok(HandedBack::Reset(why)) => {
-                    format!("both connections were reset: {why}")
-                }
-                Err(why) => {
-                    task.abort();
-                    format!("left to the owner, bytes queued in the kernel may be lost: {why}")
-                }
-            };
-        }
-        match e.task {
-            // Dropping the relay ends the pair: handed-over sockets close
-            // (with a reset unless both directions had ended).
-            Some(t) => {
-                t.abort();
-                "the agent's relay of the handed-over sockets ended".into()
-            }
-            // Adopted from pinned maps: no relay and no byte counts from
-            // pairing time to check against.
-            None => {
-                if let Some(p) = &self.progs {
-                    p.unpair(&e.keys);
-                }
-                "left to the owner; bytes queued in the kernel at this moment are lost (adopted \
-                 pair: the agent that paired it is gone)"
-                    .into()
             }
         }
     }
@@ -594,193 +604,6 @@ impl Agent {
         self.start(c, format!("pid {pid} fds {},{}", fds[0], fds[1]), who)
             .await
     }
-
-    /// Pairs `c` and waits until the kernel has it (or refused it).
-    async fn start(
-        self: Arc<Self>,
-        c: Candidate,
-        source: String,
-        who: &Requester,
-    ) -> Result<Response, Refusal> {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let info = PairInfo {
-            id,
-            source,
-            sockets: [describe(&c.socks[0]), describe(&c.socks[1])],
-        };
-        // A proxy's sockets: pair them while it is stopped and holds no
-        // bytes between them (see `quiesce`).
-        let settled = if c.owners.is_empty() {
-            None
-        } else {
-            // Refuse what will be refused before stopping anyone.
-            not_paired(&self.pairs(), &c.inodes)?;
-            if let Some(progs) = &self.progs {
-                for s in &c.socks {
-                    let key = crate::sys::sock_key(std::os::fd::AsFd::as_fd(s));
-                    if key.is_ok_and(|k| progs.short_circuited(&k)) {
-                        return Err(refuse(
-                            ErrorKind::Invalid,
-                            format!(
-                                "{} is short-circuited (--short-circuit): what its peer sends \
-                                 arrives without TCP, where no redirect sees it",
-                                describe(s)
-                            ),
-                        ));
-                    }
-                }
-            }
-            let probes = [clone(&c.socks[0])?, clone(&c.socks[1])?];
-            let active = probes.each_ref().map(|s| self.connected(s, &c.owners));
-            let (stopped, before) = quiesce::settle(&c.owners, &probes, active).await?;
-            Some((stopped, before, probes))
-        };
-        let rx = self.claim_and_spawn(c, &info, who.uid)?;
-        let outcome = rx.await;
-        if !matches!(outcome, Ok(Ok(_))) {
-            self.pairs().remove(&id);
-        }
-        match outcome {
-            Ok(Ok(keys)) => {
-                if let (Some((stopped, before, probes)), Some(progs)) = (settled, &self.progs) {
-                    for i in 0..2 {
-                        let taken = || progs.flow(&keys[i]).map(|f| f.sent + f.passed);
-                        if let Err(e) = quiesce::wait_redirected(&probes[i], before[i], taken).await
-                        {
-                            warn!("pair {id}: {e}; letting the owner continue");
-                        }
-                    }
-                    quiesce::wait_unreadable(&probes).await;
-                    drop(stopped);
-                }
-            }
-            Ok(Err(msg)) => return Err(refuse(ErrorKind::Invalid, msg)),
-            Err(_) => {
-                return Err(refuse(
-                    ErrorKind::Invalid,
-                    "the sockets could not be prepared for pairing (closed meanwhile?)",
-                ));
-            }
-        }
-        info!(
-            "pair {id}: {} <-> {} ({})",
-            info.sockets[0], info.sockets[1], info.source
-        );
-        Ok(Response::Paired { id, pair: info })
-    }
-}
-
-/// Two checked sockets about to be paired.
-struct Candidate {
-    socks: [TcpStream; 2],
-    inodes: [u64; 2],
-    /// The processes that own them (pid/fd and tuple pairing); none when
-    /// they were handed over and the agent owns them.
-    owners: Vec<Arc<Process>>,
-}
-
-impl Agent {
-    /// Claims the sockets (so a concurrent request for either is refused
-    /// rather than racing this one) and starts relaying them.
-    fn claim_and_spawn(
-        self: &Arc<Self>,
-        c: Candidate,
-        info: &PairInfo,
-        owner_uid: u32,
-    ) -> Result<tokio::sync::oneshot::Receiver<Result<[SockKey; 2], String>>, Refusal> {
-        let Candidate {
-            socks: [a, b],
-            inodes,
-            owners,
-        } = c;
-        let foreign = !owners.is_empty();
-        let id = info.id;
-        let mut pairs = self.pairs();
-        not_paired(&pairs, &inodes)?;
-        let keys = match (crate::sys::sock_key(&a), crate::sys::sock_key(&b)) {
-            (Ok(ka), Ok(kb)) => [ka, kb],
-            _ => {
-                return Err(refuse(
-                    ErrorKind::Invalid,
-                    "a socket closed during the request",
-                ));
-            }
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let me = self.clone();
-        // Foreign pairs move only through the kernel (no window: user space
-        // must never touch another process's sockets).
-        let counts = (!foreign).then(Counts::default);
-        let live = counts.clone();
-        let (hand_back, asked) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(async move {
-            let end = match (&me.foreign, &me.owned, live) {
-                (Some(e), _, _) if foreign => e.relay_foreign(a, b, tx, asked).await,
-                (_, Engine::Bpf(e), live) => {
-                    e.relay_reporting(a, b, Some(tx), live.unwrap_or_default())
-                        .await
-                }
-                (_, other, live) => {
-                    // Splice and copy take any connected pair at once.
-                    let _ = tx.send(Ok(keys));
-                    other.relay_counted(a, b, live.unwrap_or_default()).await
-                }
-            };
-            if let Some(e) = me.pairs().remove(&id) {
-                match end {
-                    Ok(s) => info!(
-                        "pair {id} ({}) ended: {} and {} bytes{}",
-                        e.info.source,
-                        s.a_to_b,
-                        s.b_to_a,
-                        if s.reset { ", reset" } else { "" }
-                    ),
-                    Err(err) => debug!("pair {id} ended: {err:#}"),
-                }
-            }
-        });
-        pairs.insert(
-            id,
-            Entry {
-                info: info.clone(),
-                keys,
-                inodes,
-                owner_uid,
-                task: Some(task.abort_handle()),
-                counts,
-                hand_back: foreign.then_some(hand_back),
-                owners,
-            },
-        );
-        Ok(rx)
-    }
-}
-
-/// Stops the owners, has the relay give the sockets back, and lets the
-/// owners go on.
-async fn hand_back(
-    ask: tokio::sync::oneshot::Sender<HandBack>,
-    owners: &[Arc<Process>],
-) -> Result<HandedBack, String> {
-    // Unstopped, the owner may read meanwhile and the counts then show
-    // bytes the verdict did not move: the hand-back resets rather than
-    // risk a cut, which is the honest end when the owner cannot be held.
-    let stopped = quiesce::stop(owners)
-        .inspect_err(|r| {
-            warn!(
-                "handing a pair back without stopping its owner: {}",
-                r.message
-            )
-        })
-        .ok();
-    let (answer, how) = tokio::sync::oneshot::channel();
-    ask.send(answer)
-        .map_err(|_| "the pair's relay had ended".to_string())?;
-    let how = how
-        .await
-        .map_err(|_| "the pair's relay ended while handing back".to_string());
-    drop(stopped);
-    how
 }
 
 /// Refuses sockets (by inode) that are part of a pair already.
@@ -808,15 +631,6 @@ impl Agent {
         });
         recorded.unwrap_or_else(|| !owners.first().is_some_and(|o| quiesce::accepted(s, o)))
     }
-}
-
-fn clone(s: &TcpStream) -> Result<TcpStream, Refusal> {
-    s.try_clone().map_err(|e| {
-        refuse(
-            ErrorKind::Internal,
-            format!("duplicating a socket descriptor: {e}"),
-        )
-    })
 }
 
 /// Two distinct sockets of one address family, or why not; returns their
@@ -848,12 +662,4 @@ fn inode(s: &TcpStream) -> Result<u64, Refusal> {
     f.metadata()
         .map(|m| m.ino())
         .map_err(|e| refuse(ErrorKind::Internal, e.to_string()))
-}
-
-/// A socket as `ss` prints it: local-remote.
-fn describe(s: &TcpStream) -> String {
-    match (s.local_addr(), s.peer_addr()) {
-        (Ok(l), Ok(r)) => format!("{l}-{r}"),
-        _ => "?".into(),
-    }
 }

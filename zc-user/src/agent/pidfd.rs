@@ -1,5 +1,6 @@
 //! A process held by a pidfd. Its pid names it once, when it is opened;
-//! after that every signal goes through the pidfd and every /proc read
+//! after that its fds are taken and signals sent through the pidfd, and
+//! every /proc read (its thread list, for stopping it: see `stop`) goes
 //! through the /proc/PID directory opened beside it. Both keep naming that
 //! process after it exits (signals fail with ESRCH, reads with ESRCH), so a
 //! pid the kernel hands to a new process is never hit.

@@ -1,7 +1,7 @@
 //! Pairing a connection that is busy. A proxy may hold bytes it has read
 //! from one socket and not yet written to the other; were the kernel to
 //! start redirecting then, what it redirects would overtake them. So the
-//! owner is stopped (SIGSTOP) for the moment of pairing, and only paired
+//! owner is stopped (see `stop`) for the moment of pairing, and only paired
 //! while it holds nothing: every byte it read from each socket it has
 //! written to the other. That needs a byte-transparent proxy (TCP mode);
 //! one that adds or rewrites bytes (PROXY protocol, TLS) never matches
@@ -21,73 +21,17 @@ use std::{
 };
 
 use log::debug;
-use rustix::process::Signal;
 
 use super::{
     pidfd::Process,
     proto::ErrorKind,
+    stop::{Stopped, stop},
     take::{Refusal, refuse},
 };
 use crate::sys;
 
 /// How long to look for a moment when the owner holds no bytes.
 const SETTLE: Duration = Duration::from_secs(3);
-
-/// Processes this agent stopped; they continue when this is dropped.
-pub struct Stopped {
-    procs: Vec<Arc<Process>>,
-}
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        for p in &self.procs {
-            let _ = p.signal(Signal::CONT);
-        }
-    }
-}
-
-/// Stops `owners` and waits until each of their threads has stopped. A
-/// process that was stopped already is left as it is, and not continued.
-pub(super) fn stop(owners: &[Arc<Process>]) -> Result<Stopped, Refusal> {
-    let mut stopped = Stopped { procs: Vec::new() };
-    for p in owners {
-        let pid = p.pid();
-        if all_threads_stopped(p)? {
-            continue;
-        }
-        p.signal(Signal::STOP)
-            .map_err(|e| refuse(ErrorKind::NotFound, format!("stopping pid {pid}: {e}")))?;
-        stopped.procs.push(p.clone());
-        let deadline = Instant::now() + Duration::from_secs(1);
-        while !all_threads_stopped(p)? {
-            if Instant::now() > deadline {
-                return Err(refuse(
-                    ErrorKind::Invalid,
-                    format!("pid {pid} did not stop within 1 s (traced, or in the kernel?)"),
-                ));
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
-    }
-    Ok(stopped)
-}
-
-fn all_threads_stopped(p: &Process) -> Result<bool, Refusal> {
-    let gone = |e: io::Error| refuse(ErrorKind::NotFound, format!("pid {}: {e}", p.pid()));
-    for t in std::fs::read_dir(p.proc_path("task")).map_err(gone)? {
-        let stat = match t.map(|t| std::fs::read_to_string(t.path().join("stat"))) {
-            Ok(Ok(s)) => s,
-            // A thread that exited meanwhile.
-            _ => continue,
-        };
-        // The state follows the parenthesised command name.
-        let state = stat.rsplit_once(") ").and_then(|(_, r)| r.chars().next());
-        if !matches!(state, Some('T' | 't')) {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
 
 /// Whether a thread of `p` stopped right after select(2) or poll(2): it
 /// may have been told a socket is readable and be about to read it. Once
@@ -125,9 +69,17 @@ pub struct Progress {
     pub written: u64,
 }
 
+/// Bytes that have left `s`'s receive queue: what its owner read, and,
+/// once paired, what the verdict took. Received first, so that bytes
+/// arriving between the two readings can only make this too small.
+pub fn consumed(s: &TcpStream) -> io::Result<u64> {
+    let fd = s.as_fd();
+    Ok(sys::bytes_received(fd)?.saturating_sub(sys::inq(fd)?))
+}
+
 fn progress(s: &TcpStream, connected: bool) -> io::Result<Progress> {
     let fd = s.as_fd();
-    let read = sys::bytes_received(fd)?.saturating_sub(sys::inq(fd)?);
+    let read = consumed(s)?;
     // The connecting side's count of acknowledged bytes includes its SYN.
     let syn = u64::from(connected);
     Ok(Progress {
@@ -169,10 +121,14 @@ pub fn progress_of(socks: &[TcpStream; 2], connected: [bool; 2]) -> io::Result<[
 
 /// Stops the owners at a moment when they hold no bytes between the two
 /// sockets; returns them stopped, with each socket's progress then.
+/// Each stop lasts at most `bound` unless it is kept for pairing (see
+/// [`stop`] for `ceiling`).
 pub async fn settle(
     owners: &[Arc<Process>],
     socks: &[TcpStream; 2],
     connected: [bool; 2],
+    bound: Duration,
+    ceiling: Duration,
 ) -> Result<(Stopped, [Progress; 2]), Refusal> {
     let closed = |e: io::Error| {
         refuse(
@@ -184,7 +140,7 @@ pub async fn settle(
     let mut tries = 0u32;
     loop {
         tries += 1;
-        let stopped = stop(owners)?;
+        let stopped = stop(owners, bound, ceiling).await?;
         let p = progress_of(socks, connected).map_err(closed)?;
         let held = [
             p[0].read as i64 - p[1].written as i64,
@@ -198,7 +154,7 @@ pub async fn settle(
             debug!("owner holds no bytes (try {tries}); pairing");
             return Ok((stopped, p));
         }
-        drop(stopped);
+        stopped.release().await;
         if Instant::now() > deadline {
             return Err(refuse(
                 ErrorKind::Invalid,
@@ -217,15 +173,15 @@ pub async fn settle(
     }
 }
 
-/// Waits (the owners still stopped) until every byte that reached `s`
-/// after the owner's last read has been through the verdict: `taken`
-/// reports what the verdict has taken from it so far.
+/// Waits (the owners still stopped), until `deadline` at most, until every
+/// byte that reached `s` after the owner's last read has been through the
+/// verdict: `taken` reports what the verdict has taken from it so far.
 pub async fn wait_redirected(
     s: &TcpStream,
     before: Progress,
     taken: impl Fn() -> Option<u64>,
+    deadline: Instant,
 ) -> io::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         let arrived = sys::bytes_received(s.as_fd())?.saturating_sub(before.read);
         let done = taken().unwrap_or(0);
@@ -234,20 +190,28 @@ pub async fn wait_redirected(
         }
         if Instant::now() > deadline {
             return Err(io::Error::other(format!(
-                "the kernel took {done} of {arrived} queued bytes within 2 s"
+                "the kernel had taken {done} of the {arrived} bytes queued on {} when the \
+                 owner had to go on",
+                describe(s)
             )));
         }
         tokio::time::sleep(Duration::from_micros(500)).await;
     }
 }
 
-/// Waits (briefly) until neither socket looks readable to poll(2). Bytes
+fn describe(s: &TcpStream) -> String {
+    match (s.local_addr(), s.peer_addr()) {
+        (Ok(l), Ok(r)) => format!("{l}-{r}"),
+        _ => "a socket".into(),
+    }
+}
+
+/// Waits, until `deadline` at most, until neither socket looks readable to poll(2). Bytes
 /// that arrived while a socket was locked wait for the kernel's parser
 /// worker, and meanwhile poll reports them; an owner let go then would
 /// read, find them gone, and get EAGAIN.
-pub async fn wait_unreadable(socks: &[TcpStream; 2]) {
+pub async fn wait_unreadable(socks: &[TcpStream; 2], deadline: Instant) {
     use std::os::fd::AsRawFd as _;
-    let deadline = Instant::now() + Duration::from_millis(200);
     loop {
         let mut fds = socks.each_ref().map(|s| libc::pollfd {
             fd: s.as_raw_fd(),

@@ -129,6 +129,20 @@ impl Agent {
         ])
     }
 
+    /// Starts `zc pair --pid PID --fd A --fd B` and returns at once; its
+    /// output is piped.
+    pub fn pair_started(&self, pid: u32, fds: [i32; 2]) -> Child {
+        zc_command(false)
+            .args(["pair", "--pid", &pid.to_string()])
+            .args(["--fd", &fds[0].to_string(), "--fd", &fds[1].to_string()])
+            .arg("--socket")
+            .arg(&self.socket)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running zc pair")
+    }
+
     /// Runs `zc ARGS --socket S` under setpriv with `user` (e.g.
     /// [`MEMBER`]); returns (success, stdout, stderr).
     pub fn zc_as(&self, user: &[&str], args: &[&str]) -> (bool, String, String) {
@@ -255,6 +269,52 @@ impl Proxy {
             .spawn()
             .expect("haproxy must be installed (cargo xtask test installs it)");
         Self::listening(child, port)
+    }
+
+    /// HAProxy (mode tcp, `threads` threads) serving `listener`, which it
+    /// inherits as fd 3 (`bind fd@3`): the port is the one the kernel gave
+    /// the test, never one chosen in advance.
+    pub fn haproxy_on(
+        listener: TcpListener,
+        upstream: SocketAddr,
+        dir: &std::path::Path,
+        threads: u32,
+    ) -> Self {
+        use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+        let port = listener.local_addr().expect("addr").port();
+        let cfg = dir.join(format!("haproxy-{port}.cfg"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "global\n  nbthread {threads}\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
+                 timeout client 120s\n  timeout server 120s\nlisten zc\n  \
+                 bind fd@3\n  server up {upstream}\n"
+            ),
+        )
+        .expect("haproxy config");
+        let fd = listener.as_raw_fd();
+        let mut cmd = Command::new("haproxy");
+        cmd.args(["-db", "-f"]).arg(&cfg).stdin(Stdio::null());
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // dup2 onto another number clears close-on-exec; onto the
+                // same number it does not, so clear it either way.
+                if fd != 3 && libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .expect("haproxy must be installed (cargo xtask test installs it)");
+        // HAProxy has the socket now; ours closes.
+        drop(listener);
+        Self { child, port }
     }
 
     pub fn listening(child: Child, port: u16) -> Self {
@@ -470,6 +530,9 @@ pub struct Holder {
     pub fds: [i32; 2],
     /// The holder's sockets as `ss -tn` prints them (LOCAL-REMOTE).
     pub tuples: [String; 2],
+    /// Context switches of its threads once it sat idle (see
+    /// [`Holder::was_ever_stopped`]).
+    idle_switches: u64,
 }
 
 impl Holder {
@@ -526,11 +589,13 @@ impl Holder {
             );
             std::thread::sleep(Duration::from_millis(10));
         };
+        wait_idle(pid);
         Self {
             child,
             ends,
             fds,
             tuples,
+            idle_switches: switches(pid),
         }
     }
 
@@ -551,11 +616,14 @@ impl Holder {
         }
     }
 
-    /// Whether the holder was stopped (SIGSTOP) at any time since it
-    /// started, whether or not it was continued since. Reads the kernel's
-    /// record for a child without reaping it: a stop leaves CLD_STOPPED,
-    /// and a SIGCONT after it CLD_CONTINUED (kernel/signal.c
-    /// prepare_signal), until the parent waits for them.
+    /// Whether anything stopped the holder since it sat idle, whether or
+    /// not it runs again since. A SIGSTOP leaves the kernel's record for
+    /// the parent: CLD_STOPPED, and CLD_CONTINUED after a SIGCONT
+    /// (kernel/signal.c prepare_signal), read here without reaping. A
+    /// ptrace stop (the agent's) leaves no such record, but stopping a
+    /// thread wakes it, and an idle holder's threads otherwise never run:
+    /// their context-switch counts tell. So ask only while nothing has
+    /// been sent to the holder since it started.
     pub fn was_ever_stopped(&self) -> bool {
         use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
         let flags = WaitPidFlag::WSTOPPED
@@ -564,7 +632,7 @@ impl Holder {
             | WaitPidFlag::WNOWAIT;
         let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
         match waitid(Id::Pid(pid), flags).expect("waitid on the holder") {
-            WaitStatus::StillAlive => false,
+            WaitStatus::StillAlive => switches(self.pid()) != self.idle_switches,
             WaitStatus::Stopped(..) | WaitStatus::Continued(_) => true,
             other => panic!("the holder (pid {pid}) ended: {other:?}"),
         }
@@ -576,4 +644,134 @@ impl Drop for Holder {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Context switches of every thread of `pid` so far (/proc/PID/task/*/
+/// status).
+pub fn switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+/// Waits (up to 10 s) until every thread of `pid` sleeps in a system call
+/// (state S or D, a call number in /proc/PID/task/TID/syscall), where an
+/// idle process stays until something wakes it.
+pub fn wait_idle(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let asleep = |t: &std::fs::DirEntry| {
+        let state = std::fs::read_to_string(t.path().join("stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(") ")?.1.chars().next());
+        let call = std::fs::read_to_string(t.path().join("syscall")).unwrap_or_default();
+        matches!(state, Some('S' | 'D'))
+            && call
+                .split_whitespace()
+                .next()
+                .is_some_and(|n| n.parse::<i64>().is_ok_and(|n| n >= 0))
+    };
+    loop {
+        let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("the process's task list")
+            .flatten()
+            .collect();
+        if tasks.iter().all(asleep) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "pid {pid} never went idle");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The state letter of each thread of `pid` (/proc/PID/task/*/stat);
+/// empty once it has exited.
+pub fn thread_states(pid: u32) -> Vec<char> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+            stat.rsplit_once(") ")?.1.chars().next()
+        })
+        .collect()
+}
+
+/// Whether a thread of `pid` is stopped: by a signal (T) or by a tracer
+/// (t).
+pub fn any_stopped(pid: u32) -> bool {
+    thread_states(pid).iter().any(|&c| c == 'T' || c == 't')
+}
+
+/// Watches `pid` from its own side, as often as /proc can be read, and
+/// records how long each stop of any of its threads lasted, bounded from
+/// above: from the last look that saw none stopped to the first look that
+/// saw none stopped again.
+pub struct StopWatch {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<Duration>>,
+}
+
+impl StopWatch {
+    pub fn start(pid: u32) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let done = std::sync::Arc::new(AtomicBool::new(false));
+        let stop = done.clone();
+        let thread = std::thread::spawn(move || {
+            let mut spans = Vec::new();
+            let mut last_running = Instant::now();
+            let mut in_stop = false;
+            while !stop.load(Ordering::Relaxed) {
+                let now = Instant::now();
+                let stopped = any_stopped(pid);
+                match (in_stop, stopped) {
+                    (false, false) => last_running = now,
+                    (false, true) => in_stop = true,
+                    (true, false) => {
+                        spans.push(now - last_running);
+                        in_stop = false;
+                        last_running = now;
+                    }
+                    (true, true) => {}
+                }
+                // A sampling period, not a wait for an event: short enough
+                // to resolve a stop well under a millisecond.
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            if in_stop {
+                spans.push(last_running.elapsed());
+            }
+            spans
+        });
+        Self { done, thread }
+    }
+
+    /// The stops seen so far, longest first.
+    pub fn finish(self) -> Vec<Duration> {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut spans = self.thread.join().expect("the stop watch");
+        spans.sort_unstable_by(|a, b| b.cmp(a));
+        spans
+    }
+}
+
+/// The agent's view of a proxy's socket: fd `fd` of `pid`, duplicated
+/// into this test with pidfd_getfd (the test runs as root).
+pub fn take_fd(pid: u32, fd: i32) -> std::os::fd::OwnedFd {
+    use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
+    let pid = Pid::from_raw(pid as i32).expect("a pid");
+    let pidfd = pidfd_open(pid, PidfdFlags::empty()).expect("pidfd_open");
+    pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty()).expect("pidfd_getfd")
 }
