@@ -5,8 +5,8 @@
 //! leaves the pairs as they were.
 //!
 //! The requester is nobody in the agent's `--group`; the processes holding
-//! sockets are children of this test, so `waitid` shows whether anything
-//! ever stopped them.
+//! sockets are children of this test, whose stop detector
+//! (`Holder::was_ever_stopped`) tells whether anything ever stopped them.
 mod common;
 
 use std::os::unix::fs::MetadataExt as _;

@@ -3,7 +3,7 @@
 //! accepted delivered, or both connections reset: never a stream that
 //! silently lost its middle.
 //!
-//! The owner is stopped (SIGSTOP) by the caller, so only the kernel moves
+//! The owner is stopped (ptrace) by the caller, so only the kernel moves
 //! bytes meanwhile. The sockets first leave the program maps: no verdict
 //! runs any more, and what arrives stays in their receive queues for the
 //! owner. `TARGETS` still holds them, so their psocks go on sending what
