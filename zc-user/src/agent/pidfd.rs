@@ -106,7 +106,9 @@ mod tests {
         let p = Process::open(child.id() as i32).expect("open");
         assert!(p.alive());
         let status = std::fs::read_to_string(p.proc_path("status")).expect("status");
-        assert!(status.contains("sleep"), "{status}");
+        // The pid, not the name: the child may not have exec'd sleep yet.
+        let pid_line = format!("\nPid:\t{}\n", child.id());
+        assert!(status.contains(&pid_line), "{status}");
         child.kill().expect("kill");
         child.wait().expect("wait");
         // Reaped: the pid is free for reuse, and nothing reaches it now.
