@@ -1,7 +1,7 @@
 //! The control socket: a SOCK_SEQPACKET Unix socket, one message per
-//! request and per response, with the sender's credentials as the kernel
-//! recorded them at connect(2) (SO_PEERCRED, SO_PEERGROUPS). Server and
-//! client halves both live here.
+//! request and one or more per response (see [`REPLY_CHUNK`]), with the
+//! sender's credentials as the kernel recorded them at connect(2)
+//! (SO_PEERCRED, SO_PEERGROUPS). Server and client halves both live here.
 use std::{
     io,
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
@@ -22,6 +22,20 @@ use super::{
 
 /// Where `zc agent` listens and the other commands connect by default.
 pub const DEFAULT_SOCKET: &str = "/run/zc/zc.sock";
+
+/// A response goes out in messages of this many bytes; the first shorter
+/// one ends it. One message cannot carry more than the sender's SO_SNDBUF
+/// (net.core.wmem_default, 212,992 bytes here: `zc stats` failed with
+/// EMSGSIZE past about 1,200 pairs), so a large answer must be split.
+pub const REPLY_CHUNK: usize = 64 * 1024;
+
+/// The most descriptors one message can carry (the kernel's SCM_MAX_FD,
+/// include/net/scm.h, summed over all its SCM_RIGHTS headers). With room
+/// for all of them the control data is never truncated, so every
+/// descriptor a client sends arrives here and is closed with the request;
+/// a truncated one (MSG_CTRUNC) makes nix refuse to list what did arrive,
+/// and those leaked.
+const SCM_MAX_FD: usize = 253;
 
 /// Binds the control socket, 0600 (0660 and group-owned with `group`).
 /// A socket file left by a dead agent is replaced; a live agent is not.
@@ -135,7 +149,7 @@ pub async fn recv(conn: &AsyncFd<OwnedFd>) -> io::Result<Option<Message>> {
         .async_io(Interest::READABLE, |c| {
             let mut buf = vec![0u8; MAX_REQUEST + 1];
             let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-            let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 2]);
+            let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; SCM_MAX_FD]);
             let m = nix::sys::socket::recvmsg::<()>(
                 c.as_raw_fd(),
                 &mut iov,
@@ -171,14 +185,57 @@ pub async fn recv(conn: &AsyncFd<OwnedFd>) -> io::Result<Option<Message>> {
     Ok(Some(msg))
 }
 
+/// Sends one response in [`REPLY_CHUNK`]-sized messages.
 pub async fn send(conn: &AsyncFd<OwnedFd>, resp: &Response) -> io::Result<()> {
-    let body = serde_json::to_vec(resp).map_err(io::Error::other)?;
-    conn.async_io(Interest::WRITABLE, |c| {
-        nix::sys::socket::send(c.as_raw_fd(), &body, nix::sys::socket::MsgFlags::empty())
-            .map_err(io::Error::from)
-    })
-    .await?;
+    let mut body = serde_json::to_vec(resp).map_err(io::Error::other)?;
+    // A body that fills its last message exactly gets a trailing newline
+    // (JSON allows it), so that a short message still ends it: an empty
+    // one would read as end of file.
+    if body.len() % REPLY_CHUNK == 0 {
+        body.push(b'\n');
+    }
+    for chunk in body.chunks(REPLY_CHUNK) {
+        conn.async_io(Interest::WRITABLE, |c| {
+            nix::sys::socket::send(c.as_raw_fd(), chunk, nix::sys::socket::MsgFlags::empty())
+                .map_err(io::Error::from)
+        })
+        .await?;
+    }
     Ok(())
+}
+
+/// Client side: reads one response, message by message, until one shorter
+/// than [`REPLY_CHUNK`].
+fn read_reply(fd: BorrowedFd<'_>) -> Result<Response> {
+    let mut body = Vec::new();
+    // One byte more than a chunk, so that an overlong message shows.
+    let mut buf = vec![0u8; REPLY_CHUNK + 1];
+    loop {
+        let n = nix::sys::socket::recv(
+            fd.as_raw_fd(),
+            &mut buf,
+            nix::sys::socket::MsgFlags::empty(),
+        )
+        .context("reading the agent's answer")?;
+        if n == 0 {
+            bail!(
+                "the agent closed the connection {}",
+                if body.is_empty() {
+                    "without answering".to_string()
+                } else {
+                    format!("after {} bytes of its answer", body.len())
+                }
+            );
+        }
+        if n > REPLY_CHUNK {
+            bail!("the agent sent a message longer than {REPLY_CHUNK} bytes");
+        }
+        body.extend_from_slice(&buf[..n]);
+        if n < REPLY_CHUNK {
+            break;
+        }
+    }
+    serde_json::from_slice(&body).context("reading the agent's answer")
 }
 
 /// Client side: connects (blocking) to the agent.
@@ -220,17 +277,7 @@ pub fn call_with_fds(
         None,
     )
     .context("sending the request")?;
-    let mut buf = vec![0u8; 1 << 20];
-    let n = nix::sys::socket::recv(
-        fd.as_raw_fd(),
-        &mut buf,
-        nix::sys::socket::MsgFlags::empty(),
-    )
-    .context("reading the agent's answer")?;
-    if n == 0 {
-        bail!("the agent closed the connection without answering");
-    }
-    serde_json::from_slice(&buf[..n]).context("reading the agent's answer")
+    read_reply(fd.as_fd())
 }
 
 /// Client side: one request, one response.

@@ -247,15 +247,23 @@ impl Agent {
         on_stop: OnStop,
     ) {
         tokio::pin!(stop);
+        let mut failing = AcceptBackoff::default();
         loop {
             tokio::select! {
                 _ = &mut stop => break,
                 r = control::accept(&listener) => match r {
                     Ok((conn, who)) => {
+                        failing.succeeded();
                         let me = self.clone();
                         tokio::spawn(async move { me.conversation(conn, who).await });
                     }
-                    Err(e) => warn!("accepting a control connection: {e}"),
+                    Err(e) => {
+                        let pause = failing.failed(&e);
+                        tokio::select! {
+                            _ = &mut stop => break,
+                            _ = tokio::time::sleep(pause) => {}
+                        }
+                    }
                 },
             }
         }
@@ -603,6 +611,41 @@ impl Agent {
         };
         self.start(c, format!("pid {pid} fds {},{}", fds[0], fds[1]), who)
             .await
+    }
+}
+
+/// Pauses between failed accepts. Out of descriptors (EMFILE, ENFILE) or
+/// memory, the connection stays queued and the listener readable, so
+/// retrying at once spins a CPU and writes a log line each time. The
+/// pause doubles from 5 ms to 1 s (as Go's net/http does), and the log
+/// says when failing starts and when it stops.
+#[derive(Default)]
+struct AcceptBackoff {
+    pause: Duration,
+    failures: u64,
+}
+
+impl AcceptBackoff {
+    const FIRST: Duration = Duration::from_millis(5);
+    const MOST: Duration = Duration::from_secs(1);
+
+    fn failed(&mut self, e: &std::io::Error) -> Duration {
+        if self.failures == 0 {
+            warn!("accepting a control connection: {e}; retrying with backoff up to 1 s");
+        }
+        self.failures += 1;
+        self.pause = (self.pause * 2).clamp(Self::FIRST, Self::MOST);
+        self.pause
+    }
+
+    fn succeeded(&mut self) {
+        if self.failures > 0 {
+            info!(
+                "accepting control connections again after {} failed attempt(s)",
+                self.failures
+            );
+        }
+        *self = Self::default();
     }
 }
 

@@ -1,6 +1,8 @@
 //! The control protocol between `zc` commands and `zc agent`: one JSON
-//! object per SOCK_SEQPACKET message each way, so a message is never
-//! split or merged and a truncated one is detectable.
+//! object per SOCK_SEQPACKET message for a request, so a message is never
+//! split or merged and a truncated one is detectable; a response is one
+//! JSON object split into messages of `control::REPLY_CHUNK` bytes, ended
+//! by the first shorter one.
 use serde::{Deserialize, Serialize};
 
 /// Largest request the agent reads; anything longer is refused whole.

@@ -184,18 +184,45 @@ impl Recorder {
         })
     }
 
-    /// Files for the next connection: (a to b, b to a).
+    /// Files for the next connection: (a to b, b to a), under the first
+    /// number whose two names are both free. Each file is created new
+    /// (O_EXCL, which also refuses any symlink in its place, and
+    /// O_NOFOLLOW), 0600: recordings hold other people's traffic, and an
+    /// earlier run's recordings, or a link planted where the next one
+    /// goes, are never written through.
     fn open(&self) -> io::Result<[(File, Pipe); 2]> {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut out = Vec::with_capacity(2);
-        for name in ["client-to-upstream", "upstream-to-client"] {
-            let path = self.dir.join(format!("{id:06}-{name}"));
-            let f = File::create(&path)?;
-            out.push((f, make_pipe(DEFAULT_PIPE_SIZE)?));
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let create = |path: &std::path::Path| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(path)
+        };
+        loop {
+            let id = self.next.fetch_add(1, Ordering::Relaxed);
+            let [a, b] = ["client-to-upstream", "upstream-to-client"]
+                .map(|name| self.dir.join(format!("{id:06}-{name}")));
+            let fa = match create(&a) {
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                r => r.map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", a.display())))?,
+            };
+            let fb = match create(&b) {
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    // The first name is ours (just created, empty): give
+                    // the number up whole.
+                    drop(fa);
+                    let _ = std::fs::remove_file(&a);
+                    continue;
+                }
+                r => r.map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", b.display())))?,
+            };
+            return Ok([
+                (fa, make_pipe(DEFAULT_PIPE_SIZE)?),
+                (fb, make_pipe(DEFAULT_PIPE_SIZE)?),
+            ]);
         }
-        let b = out.pop().ok_or_else(|| io::Error::other("no file"))?;
-        let a = out.pop().ok_or_else(|| io::Error::other("no file"))?;
-        Ok([a, b])
     }
 }
 
