@@ -25,8 +25,18 @@ const PROBE_BYTES: usize = 4 << 20;
 const PROBE_DEADLINE: Duration = Duration::from_secs(3);
 
 /// Test-only: set to `corrupt` or `stall` to make the self-test see a
-/// damaged or stalled redirect, as a broken kernel would show.
+/// damaged or stalled redirect, as a broken kernel would show. Read only
+/// in a build with the `test-faults` feature (the test suite's).
 pub const FAULT_ENV: &str = "ZC_TEST_PROBE_FAULT";
+
+/// The fault the tests asked for, if this build honours one.
+fn injected_fault() -> String {
+    if cfg!(feature = "test-faults") {
+        std::env::var(FAULT_ENV).unwrap_or_default()
+    } else {
+        String::new()
+    }
+}
 
 /// The decision and why.
 #[derive(Clone, Debug, Serialize)]
@@ -88,7 +98,7 @@ pub async fn choose() -> (Verdict, Option<Programs>) {
 
 /// Sends a known pattern both ways through a real BPF pair on loopback.
 async fn self_test(progs: &Programs) -> Result<(), String> {
-    let fault = std::env::var(FAULT_ENV).unwrap_or_default();
+    let fault = injected_fault();
     let watcher = Watcher::start().map_err(|e| e.to_string())?;
     let engine = BpfEngine::new(progs.clone(), watcher);
     let io = |e: std::io::Error| e.to_string();
