@@ -284,3 +284,75 @@ pub fn call_with_fds(
 pub fn call(path: &Path, req: &super::proto::Request) -> Result<Response> {
     call_raw(path, &serde_json::to_vec(req)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use nix::sys::socket::socketpair;
+
+    use super::*;
+    use crate::agent::proto::ErrorKind;
+
+    /// A reply of exactly `len` bytes of JSON.
+    fn reply_of(len: usize) -> Response {
+        let with = |n: usize| Response::Error {
+            kind: ErrorKind::Internal,
+            message: "x".repeat(n),
+        };
+        let overhead = serde_json::to_vec(&with(0)).expect("json").len();
+        with(len - overhead)
+    }
+
+    /// Every length around the chunk boundaries arrives whole through a
+    /// real SOCK_SEQPACKET pair, up to 40 chunks (2.5 MiB).
+    #[test]
+    fn replies_of_any_length_arrive_whole() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        for len in [
+            100,
+            REPLY_CHUNK - 1,
+            REPLY_CHUNK,
+            REPLY_CHUNK + 1,
+            2 * REPLY_CHUNK,
+            40 * REPLY_CHUNK,
+            40 * REPLY_CHUNK + 7,
+        ] {
+            let (server, client) = socketpair(
+                AddressFamily::Unix,
+                SockType::SeqPacket,
+                None,
+                SockFlag::SOCK_CLOEXEC,
+            )
+            .expect("socketpair");
+            nix::fcntl::fcntl(
+                &server,
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            )
+            .expect("O_NONBLOCK");
+            // A reader that waits for a chunk never sent fails, not hangs.
+            nix::sys::socket::setsockopt(
+                &client,
+                nix::sys::socket::sockopt::ReceiveTimeout,
+                &nix::sys::time::TimeVal::new(10, 0),
+            )
+            .expect("SO_RCVTIMEO");
+            let want = reply_of(len);
+            let sent = want.clone();
+            // The reader runs beside the sender: a reply larger than the
+            // socket's buffer waits for it.
+            let reader =
+                std::thread::spawn(move || read_reply(client.as_fd()).map_err(|e| e.to_string()));
+            rt.block_on(async {
+                let conn = register(server).expect("register");
+                send(&conn, &sent).await.expect("send");
+            });
+            let got = reader
+                .join()
+                .expect("reader")
+                .unwrap_or_else(|e| panic!("{len} bytes: {e}"));
+            assert_eq!(got, want, "a reply of {len} bytes");
+        }
+    }
+}
