@@ -14,8 +14,13 @@ use std::{
     time::Duration,
 };
 
-use common::agent::{Agent, cpu_secs};
-use zc_user::agent::{client::hand_off, control};
+use common::agent::{Agent, MEMBER_GROUP, cpu_secs};
+use zc_user::agent::{
+    MAX_CONNS_PER_UID,
+    client::hand_off,
+    control,
+    proto::{ErrorKind, Response},
+};
 
 fn agent_pid(agent: &Agent) -> u32 {
     agent.child.as_ref().expect("agent running").id()
@@ -114,6 +119,73 @@ fn descriptors_sent_with_refused_requests_are_all_closed() {
     assert!(
         after <= before + 8,
         "the agent kept descriptors it was sent: {before} -> {after}"
+    );
+}
+
+/// Takes on, for this thread only (the raw syscalls, not glibc's
+/// process-wide wrappers), the credentials of `common::agent::MEMBER`:
+/// nobody in the agent's group. The kernel records them at connect(2).
+fn become_member() {
+    let gid: libc::gid_t = MEMBER_GROUP.parse().expect("group id");
+    let nobody: u32 = 65534;
+    // SAFETY: plain integers and a one-element array that outlives the call.
+    unsafe {
+        assert_eq!(libc::syscall(libc::SYS_setgroups, 1, [gid].as_ptr()), 0);
+        assert_eq!(
+            libc::syscall(libc::SYS_setresgid, nobody, nobody, nobody),
+            0
+        );
+        assert_eq!(
+            libc::syscall(libc::SYS_setresuid, nobody, nobody, nobody),
+            0
+        );
+    }
+}
+
+/// A member of the agent's group opens more control connections than its
+/// share: the extra ones are answered "busy" and closed, and root is
+/// still served.
+#[test]
+fn a_member_holds_at_most_its_share_of_control_connections() {
+    common::init();
+    const EXTRA: usize = 4;
+    let agent = Agent::start_with("limits-conns", &["--group", MEMBER_GROUP]);
+    let socket = agent.socket.clone();
+    let conns = std::thread::spawn(move || {
+        become_member();
+        (0..MAX_CONNS_PER_UID + EXTRA)
+            .map(|i| {
+                control::connect_control(&socket)
+                    .unwrap_or_else(|e| panic!("member connection {i}: {e:#}"))
+            })
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .expect("the member's thread");
+    let (mut served, mut busy) = (0, 0);
+    for (i, c) in conns.iter().enumerate() {
+        match control::call_on(c.as_fd(), br#"{"op":"list"}"#, &[])
+            .unwrap_or_else(|e| panic!("member connection {i} got no answer: {e:#}"))
+        {
+            Response::Pairs { .. } => served += 1,
+            Response::Error {
+                kind: ErrorKind::Busy,
+                message,
+            } => {
+                busy += 1;
+                if busy == 1 {
+                    println!("connection {i}: {message}");
+                }
+            }
+            other => panic!("member connection {i}: {other:?}"),
+        }
+    }
+    println!("member: {served} connections served, {busy} turned away");
+    assert_eq!((served, busy), (MAX_CONNS_PER_UID, EXTRA));
+    let (ok, _, err) = agent.zc(&["list"]);
+    assert!(
+        ok,
+        "root was not served beside a member at its share: {err}"
     );
 }
 

@@ -267,17 +267,31 @@ pub fn call_with_fds(
     fds: &[std::os::fd::BorrowedFd<'_>],
 ) -> Result<Response> {
     let fd = connect_control(path)?;
+    call_on(fd.as_fd(), body, fds)
+}
+
+/// Client side: one request on a connection already open, one response.
+pub fn call_on(
+    conn: BorrowedFd<'_>,
+    body: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> Result<Response> {
     let raw: Vec<std::os::fd::RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&raw)];
-    nix::sys::socket::sendmsg::<()>(
-        fd.as_fd().as_raw_fd(),
+    let sent = nix::sys::socket::sendmsg::<()>(
+        conn.as_raw_fd(),
         &[std::io::IoSlice::new(body)],
         if raw.is_empty() { &[] } else { &cmsg },
-        nix::sys::socket::MsgFlags::empty(),
+        nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
         None,
-    )
-    .context("sending the request")?;
-    read_reply(fd.as_fd())
+    );
+    if let Err(e) = sent {
+        // A connection the agent turned away (at the requester's share)
+        // was answered and closed before it could read a request: that
+        // answer is still queued here.
+        return read_reply(conn).map_err(|_| anyhow::Error::from(e).context("sending the request"));
+    }
+    read_reply(conn)
 }
 
 /// Client side: one request, one response.

@@ -105,7 +105,17 @@ pub struct Agent {
     turns: Turns,
     /// The longest a pairing holds a proxy still.
     max_stop: Duration,
+    /// Open control connections per uid other than root.
+    conns: Mutex<std::collections::HashMap<u32, usize>>,
 }
+
+/// Control connections one uid other than root may hold open at once.
+pub const MAX_CONNS_PER_UID: usize = 8;
+/// Control connections all uids other than root may hold open at once.
+/// Each holds a descriptor, and up to 253 more while its request is
+/// handled (SCM_MAX_FD), so 64 of them take at most about 16,000: the
+/// rest of the open-file limit stays for root's requests and the pairs.
+pub const MAX_UNPRIVILEGED_CONNS: usize = 64;
 
 /// The data path an agent runs on.
 pub enum DataPath {
@@ -192,6 +202,7 @@ impl Agent {
             next: AtomicU64::new(1),
             turns: Turns::default(),
             max_stop: opts.max_stop,
+            conns: Mutex::default(),
         });
         agent.adopt();
         agent
@@ -254,8 +265,19 @@ impl Agent {
                 r = control::accept(&listener) => match r {
                     Ok((conn, who)) => {
                         failing.succeeded();
-                        let me = self.clone();
-                        tokio::spawn(async move { me.conversation(conn, who).await });
+                        match self.admit(&who) {
+                            Ok(admitted) => {
+                                let me = self.clone();
+                                tokio::spawn(async move { me.conversation(conn, who, admitted).await });
+                            }
+                            Err(r) => {
+                                debug!("control connection from uid {} pid {} turned away: {}", who.uid, who.pid, r.message);
+                                tokio::spawn(async move {
+                                    let busy = Response::Error { kind: r.kind, message: r.message };
+                                    let _ = control::send(&conn, &busy).await;
+                                });
+                            }
+                        }
                     }
                     Err(e) => {
                         let pause = failing.failed(&e);
@@ -294,7 +316,46 @@ impl Agent {
         }
     }
 
-    async fn conversation(self: Arc<Self>, conn: AsyncFd<OwnedFd>, who: Requester) {
+    /// Counts a new control connection against its uid, or refuses it
+    /// when that uid, or all uids but root together, hold their share.
+    /// Root is never counted nor refused.
+    fn admit(self: &Arc<Self>, who: &Requester) -> Result<Admitted, Refusal> {
+        if !who.is_root() {
+            let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+            if conns.get(&who.uid).copied().unwrap_or(0) >= MAX_CONNS_PER_UID {
+                return Err(refuse(
+                    ErrorKind::Busy,
+                    format!(
+                        "uid {} has {MAX_CONNS_PER_UID} control connections open already; \
+                         close one first",
+                        who.uid
+                    ),
+                ));
+            }
+            if conns.values().sum::<usize>() >= MAX_UNPRIVILEGED_CONNS {
+                return Err(refuse(
+                    ErrorKind::Busy,
+                    format!(
+                        "users other than root hold {MAX_UNPRIVILEGED_CONNS} control connections; \
+                         try again later"
+                    ),
+                ));
+            }
+            *conns.entry(who.uid).or_default() += 1;
+        }
+        Ok(Admitted {
+            agent: self.clone(),
+            uid: (!who.is_root()).then_some(who.uid),
+        })
+    }
+
+    /// `_admitted` is held for as long as the connection is served.
+    async fn conversation(
+        self: Arc<Self>,
+        conn: AsyncFd<OwnedFd>,
+        who: Requester,
+        _admitted: Admitted,
+    ) {
         loop {
             let msg = match control::recv(&conn).await {
                 Ok(Some(m)) => m,
@@ -611,6 +672,26 @@ impl Agent {
         };
         self.start(c, format!("pid {pid} fds {},{}", fds[0], fds[1]), who)
             .await
+    }
+}
+
+/// A control connection counted against its uid (none for root) until
+/// it is dropped.
+struct Admitted {
+    agent: Arc<Agent>,
+    uid: Option<u32>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let Some(uid) = self.uid else { return };
+        let mut conns = self.agent.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = conns.get_mut(&uid) {
+            *n -= 1;
+            if *n == 0 {
+                conns.remove(&uid);
+            }
+        }
     }
 }
 

@@ -119,6 +119,9 @@ pub enum ErrorKind {
     Invalid,
     /// The agent or the kernel failed.
     Internal,
+    /// The requester is at its share of the agent (control connections
+    /// open); retry once one of its connections has closed.
+    Busy,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
