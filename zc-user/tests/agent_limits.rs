@@ -189,6 +189,43 @@ fn a_member_holds_at_most_its_share_of_control_connections() {
     );
 }
 
+/// 1,000 or more refused requests write at most 10 refusal lines a second to the
+/// agent's log, and say how many they left out.
+#[test]
+fn repeated_refusals_are_logged_at_most_ten_a_second() {
+    common::init();
+    const REQUESTS: usize = 1000;
+    let dir = std::env::temp_dir().join(format!("zc-limits-log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("log dir");
+    let log = dir.join("agent.log");
+    // The agent's stderr (its log) into a file: sh execs zc in its place.
+    let script = format!("exec \"$0\" \"$@\" 2>{}", log.display());
+    let agent = Agent::start_wrapped("limits-log", &["sh", "-c", &script], &[]);
+    let started = std::time::Instant::now();
+    // Past one second, so that a line is logged in a second second and
+    // says what the first left out.
+    let mut i = 0;
+    while i < REQUESTS || started.elapsed() < Duration::from_millis(1200) {
+        i += 1;
+        let resp = control::call_raw(&agent.socket, br#"{"op":"unpair","id":999}"#)
+            .unwrap_or_else(|e| panic!("request {i}: {e:#}"));
+        assert!(format!("{resp:?}").contains("no pair 999"), "{resp:?}");
+    }
+    let secs = started.elapsed().as_secs_f64();
+    // The last refusal is answered after it is logged (or left out).
+    let text = std::fs::read_to_string(&log).expect("agent log");
+    let refused = text.matches("refused: no pair 999").count();
+    let left_out = text.contains("more refused request(s) not logged");
+    println!("{i} refusals in {secs:.2} s: {refused} logged, left-out note: {left_out}");
+    assert!(
+        refused as f64 <= 10.0 * (secs.ceil() + 1.0),
+        "{refused} refusal lines in {secs:.2} s"
+    );
+    assert!(left_out, "the log does not say lines were left out");
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Sets the agent's soft open-file limit (prlimit(2) on another process).
 fn set_fd_limit(pid: u32, soft: u64) {
     use nix::sys::resource::{Resource, getrlimit};

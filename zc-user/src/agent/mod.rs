@@ -107,6 +107,8 @@ pub struct Agent {
     max_stop: Duration,
     /// Open control connections per uid other than root.
     conns: Mutex<std::collections::HashMap<u32, usize>>,
+    /// Refusals are logged at most this often.
+    refusals: LogLimit,
 }
 
 /// Control connections one uid other than root may hold open at once.
@@ -203,6 +205,7 @@ impl Agent {
             turns: Turns::default(),
             max_stop: opts.max_stop,
             conns: Mutex::default(),
+            refusals: LogLimit::default(),
         });
         agent.adopt();
         agent
@@ -372,7 +375,15 @@ impl Agent {
                     message: e.to_string(),
                 },
             };
-            if let Response::Error { message, .. } = &resp {
+            if let Response::Error { message, .. } = &resp
+                && let Some(left_out) = self.refusals.admit()
+            {
+                if left_out > 0 {
+                    info!(
+                        "{left_out} more refused request(s) not logged (at most {} a second)",
+                        LogLimit::PER_SECOND
+                    );
+                }
                 info!(
                     "request from uid {} pid {} refused: {message}",
                     who.uid, who.pid
@@ -691,6 +702,45 @@ impl Drop for Admitted {
             if *n == 0 {
                 conns.remove(&uid);
             }
+        }
+    }
+}
+
+/// At most [`Self::PER_SECOND`] lines a second of one kind: a client
+/// repeating a bad request must not fill the log (11,000 refused
+/// handoffs wrote 11,000 lines).
+struct LogLimit {
+    /// Start of the current second, lines logged in it, lines left out
+    /// since the last one logged.
+    state: Mutex<(std::time::Instant, u32, u64)>,
+}
+
+impl Default for LogLimit {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new((std::time::Instant::now(), 0, 0)),
+        }
+    }
+}
+
+impl LogLimit {
+    const PER_SECOND: u32 = 10;
+
+    /// Whether to log a line now and, if so, how many were left out
+    /// before it.
+    fn admit(&self) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if now.duration_since(s.0) >= Duration::from_secs(1) {
+            s.0 = now;
+            s.1 = 0;
+        }
+        if s.1 < Self::PER_SECOND {
+            s.1 += 1;
+            Some(std::mem::take(&mut s.2))
+        } else {
+            s.2 += 1;
+            None
         }
     }
 }
