@@ -104,6 +104,10 @@ pub struct Flow {
     pub next_seq: u32,
     /// Non-zero once `next_seq` is set (by the first skb after pairing).
     pub seq_known: u32,
+    /// Old bytes the verdict could not cut off a retransmitted skb; it
+    /// dropped that skb, so the stream is broken and user space resets
+    /// the connection (never seen once the cut covered whole skbs).
+    pub uncut: u64,
 }
 
 /// Relay pair: bytes arriving on this socket leave through the peer

@@ -110,7 +110,12 @@ async fn switch_at_random(
     let Ok(got) = tokio::time::timeout(HANG, slow).await else {
         stalled("client -> server")
     };
-    let got = got.expect("join");
+    let got = got.unwrap_or_else(|e| {
+        // The verdict's counters tell a cut that failed from a pass.
+        let flows = [near_key, far_key].map(|k| progs.flow(&k));
+        eprintln!("flows (near, far) when the stream arrived damaged: {flows:?}");
+        std::panic::resume_unwind(e.into_panic())
+    });
     let Ok(got_back) = tokio::time::timeout(HANG, back).await else {
         stalled("server -> client")
     };
@@ -429,14 +434,16 @@ async fn thousands_of_switches_under_random_traffic_lose_nothing() {
     let engine = BpfEngine::new(progs.clone(), watcher())
         .with_window(DRILL_WINDOW)
         .with_adaptive(zc_user::engine::bpf::DEFAULT_SMALL_SKB);
-    let runs = (0..CONNS).map(|i| {
-        let (progs, engine) = (progs.clone(), engine.clone());
-        tokio::spawn(async move {
-            // A reader that stops often keeps a 1 MiB window in user
-            // space most of the time; the kernel still carries some.
-            switch_at_random(&progs, engine, DRILL_WINDOW, EACH, 100 + 10 * i, 1024).await
+    let runs: Vec<_> = (0..CONNS)
+        .map(|i| {
+            let (progs, engine) = (progs.clone(), engine.clone());
+            tokio::spawn(async move {
+                // A reader that stops often keeps a 1 MiB window in user
+                // space most of the time; the kernel still carries some.
+                switch_at_random(&progs, engine, DRILL_WINDOW, EACH, 100 + 10 * i, 1024).await
+            })
         })
-    });
+        .collect();
     let mut switches = 0;
     for r in runs {
         let r = r.await.expect("join");

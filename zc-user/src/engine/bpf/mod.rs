@@ -463,6 +463,7 @@ impl<'a> Pair<'a> {
             let received = info.bytes_received.saturating_sub(1 + self.base[src].read);
             let f = self.flow(src)?;
             duplicated(received, f)?;
+            broken(f)?;
             let forwarded = self.by_user[src].load(Ordering::Relaxed);
             if all_accounted(received, f, forwarded) {
                 break;
@@ -549,6 +550,19 @@ fn duplicated(received: u64, f: zc_common::Flow) -> Result<(), Abort> {
         log::error!(
             "the verdict handled {} bytes more than TCP received; resetting the connection",
             seen - received
+        );
+        return Err(Abort);
+    }
+    Ok(())
+}
+
+/// The verdict dropped an skb whose old bytes it could not cut (see
+/// `Flow::uncut`): bytes are missing, so the caller resets both sides.
+fn broken(f: zc_common::Flow) -> Result<(), Abort> {
+    if f.uncut > 0 {
+        log::error!(
+            "the kernel could not cut {} retransmitted bytes; resetting the connection",
+            f.uncut
         );
         return Err(Abort);
     }

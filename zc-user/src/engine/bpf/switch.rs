@@ -33,7 +33,7 @@ use std::{
 use log::debug;
 use zc_common::SockKey;
 
-use super::{Abort, Base, BpfEngine, Pair, Task, all_accounted, duplicated, failed};
+use super::{Abort, Base, BpfEngine, Pair, Task, all_accounted, broken, duplicated, failed};
 use crate::{ebpf::Programs, engine::copy, sys};
 
 /// Default window: per direction, a reader that never reads costs at most
@@ -143,6 +143,7 @@ impl<'a> Pair<'a> {
         let dst = 1 - src;
         let window = self.engine.window;
         let f = self.flow(src)?;
+        broken(f)?;
         let cap = cap(self.socks[dst], self.base[dst], &self.by_user[src], window)?;
         // While a forwarder runs the verdict reports every pass; nothing
         // needs those reports, since the forwarder's end checks again
