@@ -21,20 +21,30 @@ static RECORDED: HashMap<SockKey, Recorded> = HashMap::with_max_entries(MAX_SOCK
 const SOCK_OPS_ACTIVE_ESTABLISHED: u32 = 4;
 const SOCK_OPS_PASSIVE_ESTABLISHED: u32 = 5;
 const SOCK_OPS_STATE: u32 = 10;
+const SOCK_OPS_TCP_LISTEN: u32 = 11;
 const SOCK_OPS_STATE_CB_FLAG: u32 = 1 << 2;
 const TCP_CLOSE: u32 = 7;
 
 /// Records each socket of the cgroup as it becomes established, and
 /// forgets it when it closes (the state callback is asked for per socket).
-/// With the short-circuit on, both ends of a same-host connection join
-/// `LOCAL`: the client when it is established (its callback runs before
-/// the server's, which needs the client's ACK), the server then, with the
-/// `PEERS` entries that make `zc_msg` redirect.
+/// With the short-circuit on, both ends of a same-host connection whose
+/// listener is in the cgroup join `LOCAL`: the client when it is
+/// established (its callback runs before the server's, which needs the
+/// client's ACK), the server then, with the `PEERS` entries that make
+/// `zc_msg` redirect.
 #[sock_ops]
 pub fn zc_sockops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
-    if op == SOCK_OPS_ACTIVE_ESTABLISHED || op == SOCK_OPS_PASSIVE_ESTABLISHED {
-        let key = key_of!(ctx.ops);
+    let established = op == SOCK_OPS_ACTIVE_ESTABLISHED || op == SOCK_OPS_PASSIVE_ESTABLISHED;
+    let closing = op == SOCK_OPS_STATE && ctx.arg(1) == TCP_CLOSE;
+    if !(established || closing || op == SOCK_OPS_TCP_LISTEN) {
+        return 1;
+    }
+    // Read once for every branch: a copy per branch let the compiler
+    // share the reads through an offset into the context, which the
+    // verifier refuses ("dereference of modified ctx ptr").
+    let key = key_of!(ctx.ops);
+    if established {
         // SAFETY: sock_ops programs may ask for their socket's cookie.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut _) };
         let rec = Recorded {
@@ -46,10 +56,14 @@ pub fn zc_sockops(ctx: SockOpsContext) -> u32 {
         if short_circuit::on() && short_circuit::same_host(&key) {
             short_circuit::enrol(&ctx, key, op == SOCK_OPS_PASSIVE_ESTABLISHED);
         }
-    } else if op == SOCK_OPS_STATE && ctx.arg(1) == TCP_CLOSE {
-        let key = key_of!(ctx.ops);
+    } else if closing {
         let _ = RECORDED.remove(&key);
         short_circuit::forget(&key);
+    } else {
+        // Listeners are noted whether or not the short-circuit is on yet,
+        // and their close is asked for like any socket's.
+        short_circuit::listening(&key);
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | SOCK_OPS_STATE_CB_FLAG) as i32);
     }
     1
 }

@@ -12,7 +12,7 @@ use aya_ebpf::{
     programs::{SkMsgContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
-use zc_common::{AF_INET, Counters, MAX_SOCKETS, PEER_LOCAL, Peer, SockKey};
+use zc_common::{AF_INET, AF_INET6, Counters, MAX_SOCKETS, PEER_LOCAL, Peer, SockKey};
 
 use crate::{
     maps::{COUNTERS, PEERS, count},
@@ -32,6 +32,13 @@ static SC_CONFIG: Array<u64> = Array::with_max_entries(3, 0);
 /// probe reads of `caught_up`. Removed when the socket closes.
 #[map]
 static SC_ADDRS: HashMap<SockKey, u64> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
+/// Listening sockets of the cgroup, by family, address and port (the rest
+/// of the key zero): a client is enrolled only when its server's listener
+/// is here, so its peer will be enrolled too (see `enrol`). Removed when
+/// the listener closes.
+#[map]
+static SC_LISTENERS: HashMap<SockKey, u8> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
 /// What the short-circuit carried: [SC_BYTES], [SC_MSGS], and
 /// [SC_CONNECTIONS] short-circuited so far.
@@ -69,15 +76,57 @@ pub(crate) fn same_host(k: &SockKey) -> bool {
     loopback || k.remote_ip == k.local_ip
 }
 
-/// Puts the established socket of `ctx` in `LOCAL`; for the server's end,
-/// pairs it with the client's (see `zc_sockops`).
+/// Notes a listening socket of the cgroup (see `SC_LISTENERS`).
+#[inline(always)]
+pub(crate) fn listening(key: &SockKey) {
+    let _ = SC_LISTENERS.insert(
+        &listener_key(key.family, key.local_ip, key.local_port),
+        &1,
+        0,
+    );
+}
+
+#[inline(always)]
+fn listener_key(family: u32, ip: [u32; 4], port: u32) -> SockKey {
+    SockKey {
+        family,
+        local_port: port,
+        remote_port: 0,
+        local_ip: ip,
+        remote_ip: [0; 4],
+    }
+}
+
+/// Whether the server `client` connected to listens in the cgroup: on its
+/// address, on the wildcard of its family, or on the IPv6 wildcard (a
+/// dual-stack listener takes IPv4 connections too).
+#[inline(always)]
+fn server_in_cgroup(client: &SockKey) -> bool {
+    let port = client.remote_port;
+    let known = |k: SockKey| {
+        // SAFETY: only checked for presence.
+        unsafe { SC_LISTENERS.get(&k) }.is_some()
+    };
+    known(listener_key(client.family, client.remote_ip, port))
+        || known(listener_key(client.family, [0; 4], port))
+        || known(listener_key(AF_INET6, [0; 4], port))
+}
+
+/// Puts the established socket of `ctx` in `LOCAL` when both ends of its
+/// connection are in the cgroup, and for the server's end pairs it with
+/// the client's (see `zc_sockops`). A socket alone in a sockhash breaks
+/// splice(2) and FIONREAD for its owner, so neither end joins unless the
+/// other will: the client (whose callback runs first, and which only its
+/// own callback can insert) when its server listens in the cgroup, the
+/// server when its client is enrolled already.
 #[inline(always)]
 pub(crate) fn enrol(ctx: &SockOpsContext, mut key: SockKey, server: bool) {
-    // SAFETY: the context is this socket's, as the helper requires.
-    if LOCAL
-        .update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_NOEXIST))
-        .is_err()
-    {
+    let client = key.reversed();
+    // SAFETY: only checked for presence.
+    if server && unsafe { SC_ADDRS.get(&client) }.is_none() {
+        return;
+    }
+    if !server && !server_in_cgroup(&key) {
         return;
     }
     // SAFETY: the context is valid for this run; its socket pointer is
@@ -86,17 +135,18 @@ pub(crate) fn enrol(ctx: &SockOpsContext, mut key: SockKey, server: bool) {
         let slot = [read_volatile(&raw const (*ctx.ops).__bindgen_anon_2.sk) as u64];
         bpf_probe_read_kernel(slot.as_ptr()).unwrap_or(0)
     };
-    if addr == 0 || SC_ADDRS.insert(&key, &addr, 0).is_err() {
+    if addr == 0 {
+        return;
+    }
+    // SAFETY: the context is this socket's, as the helper requires.
+    if LOCAL
+        .update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_NOEXIST))
+        .is_err()
+        || SC_ADDRS.insert(&key, &addr, 0).is_err()
+    {
         return;
     }
     if !server {
-        return;
-    }
-    let client = key.reversed();
-    // The client must be in `LOCAL` already, or a redirect to it would
-    // fail and drop what the server sends.
-    // SAFETY: only checked for presence.
-    if unsafe { SC_ADDRS.get(&client) }.is_none() {
         return;
     }
     let peer = |k| Peer {
@@ -115,6 +165,8 @@ pub(crate) fn enrol(ctx: &SockOpsContext, mut key: SockKey, server: bool) {
 #[inline(always)]
 pub(crate) fn forget(key: &SockKey) {
     let _ = SC_ADDRS.remove(key);
+    // A listener's key has no remote end; no other key matches one.
+    let _ = SC_LISTENERS.remove(key);
     // The kernel drops a closing socket from `LOCAL` by itself.
     if peer_of(key, PEER_LOCAL).is_some() {
         let _ = PEERS.remove(key);

@@ -44,14 +44,21 @@ pub struct AgentArgs {
     /// cgroup v2 directory whose sockets sock_ops records by 4-tuple for
     /// `zc pair TUPLE TUPLE` (default: the root of the cgroup2 hierarchy,
     /// mounted on /run/zc/cgroup2 if the host has only cgroup v1; narrow
-    /// it to the proxy's cgroup).
+    /// it to the proxy's cgroup). Required by --short-circuit, which acts
+    /// on the same cgroup.
     #[arg(long, value_name = "PATH")]
     cgroup: Option<PathBuf>,
     /// Short-circuit connections between two sockets of this host in
     /// --cgroup: as both ends are established they join an sk_msg map, and
     /// what one end sends goes straight into the other's receive queue,
-    /// skipping TCP/IP. `zc stats` shows what it carried.
-    #[arg(long)]
+    /// skipping TCP/IP. `zc stats` shows what it carried. Needs --cgroup,
+    /// naming a cgroup made for the applications meant: a socket in an
+    /// sk_msg map can no longer be read with splice(2), and FIONREAD may
+    /// report 0 on it, so the cgroup is the promise that its programs do
+    /// neither. Refused for the root cgroup and any cgroup holding the
+    /// agent or PID 1. A connection joins only when its listener was
+    /// opened in the cgroup while the agent ran, and both ends are there.
+    #[arg(long, requires = "cgroup")]
     short_circuit: bool,
     /// The longest a pairing holds a proxy still, in milliseconds. The
     /// agent stops the proxy's threads (ptrace), checks that it holds no
@@ -142,6 +149,14 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
     } else {
         "not asked for (--short-circuit)".to_string()
     });
+    if args.short_circuit {
+        // Before anything is loaded or attached: a refusal changes nothing.
+        let cgroup = args
+            .cgroup
+            .as_deref()
+            .context("--short-circuit needs --cgroup")?;
+        check_short_circuit_cgroup(cgroup)?;
+    }
     let mut pin_dir = None;
     let path = match args.data_path {
         DataPathArg::Splice => DataPath::Splice("--data-path splice".into()),
@@ -246,6 +261,60 @@ fn cgroup_root(given: Option<&std::path::Path>) -> Result<PathBuf> {
         Some(p) => Ok(p.to_path_buf()),
         None => zc_user::host::cgroup2_root().context("finding the cgroup2 hierarchy"),
     }
+}
+
+/// Refuses a cgroup that would short-circuit programs that did not ask
+/// for it: the root (every process on the host), or one holding the agent
+/// or PID 1 (a cgroup's sock_ops program runs for its descendants too).
+fn check_short_circuit_cgroup(cgroup: &std::path::Path) -> Result<()> {
+    let canonical = |p: &std::path::Path| {
+        std::fs::canonicalize(p).with_context(|| format!("--cgroup {}", p.display()))
+    };
+    let root = canonical(&zc_user::host::cgroup2_root().context("finding the cgroup2 hierarchy")?)?;
+    let chosen = canonical(cgroup)?;
+    let Ok(rel) = chosen.strip_prefix(&root) else {
+        bail!(
+            "--short-circuit: --cgroup {} is not in the cgroup2 hierarchy ({})",
+            cgroup.display(),
+            root.display()
+        );
+    };
+    if rel.as_os_str().is_empty() {
+        bail!(
+            "--short-circuit refuses the root cgroup ({}): every process on the host lives there, \
+             and a short-circuited socket breaks splice(2) and FIONREAD for its owner; make a \
+             cgroup for the applications meant and give it with --cgroup",
+            root.display()
+        );
+    }
+    for (who, pid) in [("the agent", "self"), ("PID 1", "1")] {
+        let Some(own) = cgroup2_of(pid)? else {
+            continue;
+        };
+        if std::path::Path::new("/")
+            .join(&own)
+            .starts_with(std::path::Path::new("/").join(rel))
+        {
+            bail!(
+                "--short-circuit refuses --cgroup {}: it holds {who} (in /{}); give a cgroup \
+                 made for the applications meant",
+                cgroup.display(),
+                own.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The cgroup2 path of a process, relative to the hierarchy's root, or
+/// None when the process is in no cgroup2 (a pure v1 host).
+fn cgroup2_of(pid: &str) -> Result<Option<PathBuf>> {
+    let file = format!("/proc/{pid}/cgroup");
+    let text = std::fs::read_to_string(&file).with_context(|| format!("reading {file}"))?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| PathBuf::from(p.trim_start_matches('/'))))
 }
 
 fn cleanup(args: &AgentArgs) -> Result<()> {

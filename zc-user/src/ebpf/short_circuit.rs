@@ -67,8 +67,12 @@ impl Programs {
 
     /// Turns on the same-host short-circuit in the recording program
     /// ([`Self::enable_recording`]): both ends of a connection to this
-    /// host, in the recorded cgroup, join `LOCAL` as they are established,
-    /// so what one end sends goes straight into the other's receive queue.
+    /// host, both in the recorded cgroup (its listener opened there), join
+    /// `LOCAL` as they are established, so what one end sends goes
+    /// straight into the other's receive queue. A socket alone in `LOCAL`
+    /// would lose splice(2) and FIONREAD, so no end joins without the
+    /// other; the caller picks a cgroup that holds only programs that do
+    /// neither (see `zc agent --short-circuit`).
     /// Needs the kernel's BTF for two `tcp_sock` offsets.
     pub fn enable_short_circuit(&self) -> Result<(), LoadError> {
         let sc = |e: anyhow::Error| LoadError::ShortCircuit(format!("{e:#}"));

@@ -280,15 +280,28 @@ impl Proxy {
         dir: &std::path::Path,
         threads: u32,
     ) -> Self {
+        Self::haproxy_with(listener, upstream, dir, threads, &[])
+    }
+
+    /// [`Self::haproxy_on`] with more lines in its `listen` section (e.g.
+    /// `option splice-request`).
+    pub fn haproxy_with(
+        listener: TcpListener,
+        upstream: SocketAddr,
+        dir: &std::path::Path,
+        threads: u32,
+        options: &[&str],
+    ) -> Self {
         use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
         let port = listener.local_addr().expect("addr").port();
         let cfg = dir.join(format!("haproxy-{port}.cfg"));
+        let options: String = options.iter().map(|o| format!("  {o}\n")).collect();
         std::fs::write(
             &cfg,
             format!(
                 "global\n  nbthread {threads}\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
                  timeout client 120s\n  timeout server 120s\nlisten zc\n  \
-                 bind fd@3\n  server up {upstream}\n"
+                 bind fd@3\n{options}  server up {upstream}\n"
             ),
         )
         .expect("haproxy config");
