@@ -2,7 +2,8 @@
 //! The first byte of every connection tells the server what to do, so one
 //! server serves all systems: `B` count to EOF and answer with the count,
 //! `H` also hash what arrived, `E` echo until EOF, `S` push until the
-//! client's side blocks (the stall workload).
+//! client's side blocks (the stall workload), `D` push while counting
+//! what arrives (both ways at once).
 use std::{
     io::{self, Read as _, Write as _},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -97,6 +98,9 @@ fn serve(mut s: TcpStream, board: &Board) -> io::Result<()> {
     if kind[0] == b'S' {
         return stall::push(s, board);
     }
+    if kind[0] == b'D' {
+        return duplex(s);
+    }
     let mut buf = vec![0u8; 256 << 10];
     match kind[0] {
         b'E' => loop {
@@ -124,6 +128,105 @@ fn serve(mut s: TcpStream, board: &Board) -> io::Result<()> {
         }
         _ => Ok(()),
     }
+}
+
+/// The server's half of [`bidir`]: after `D`, the client sends the write
+/// size and the duration (u64 each, little-endian); the server pushes that
+/// long while a second thread counts what arrives until the client's EOF,
+/// then sends what it counted and what it pushed (the last 16 bytes) and
+/// shuts down.
+fn duplex(mut s: TcpStream) -> io::Result<()> {
+    let mut head = [0u8; 16];
+    s.read_exact(&mut head)?;
+    let word = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().unwrap_or_default());
+    let (size, dur) = (word(0) as usize, Duration::from_millis(word(8)));
+    let mut r = s.try_clone()?;
+    let counter = std::thread::spawn(move || -> io::Result<u64> {
+        let mut buf = vec![0u8; 256 << 10];
+        let mut got = 0u64;
+        loop {
+            match r.read(&mut buf)? {
+                0 => return Ok(got),
+                n => got += n as u64,
+            }
+        }
+    });
+    let mut pattern = Pattern::new(3);
+    let mut pushed = 0u64;
+    let t = Instant::now();
+    while t.elapsed() < dur {
+        let buf = pattern.next(size.clamp(1, 1 << 20));
+        s.write_all(buf)?;
+        pushed += buf.len() as u64;
+    }
+    let got = counter
+        .join()
+        .map_err(|_| io::Error::other("the counting thread panicked"))??;
+    s.write_all(&got.to_le_bytes())?;
+    s.write_all(&pushed.to_le_bytes())?;
+    s.shutdown(Shutdown::Write)
+}
+
+pub struct Bidir {
+    /// Bytes each way as the far end counted them.
+    pub up: u64,
+    pub down: u64,
+    pub secs: f64,
+    /// What did not add up, if anything.
+    pub problem: Option<String>,
+}
+
+/// One connection, `write_size` writes both ways at once for `dur`:
+/// the client pushes up while the server pushes down. Time runs until
+/// both directions have ended.
+pub fn bidir(topo: &Topology, addr: SocketAddr, write_size: usize, dur: Duration) -> Result<Bidir> {
+    let mut s = connect(topo.client.as_ref(), addr)?;
+    let mut head = vec![b'D'];
+    head.extend_from_slice(&(write_size as u64).to_le_bytes());
+    head.extend_from_slice(&(dur.as_millis() as u64).to_le_bytes());
+    s.write_all(&head)?;
+    let t = Instant::now();
+    let mut r = s.try_clone()?;
+    let reader = std::thread::spawn(move || -> Result<(u64, [u8; 16])> {
+        let mut buf = vec![0u8; 256 << 10];
+        let mut total = 0u64;
+        // The last 16 bytes of the stream are the server's counts.
+        let mut tail = [0u8; 16];
+        loop {
+            let n = r.read(&mut buf).context("reading (the system stalled?)")?;
+            if n == 0 {
+                return Ok((total, tail));
+            }
+            total += n as u64;
+            let keep = n.min(16);
+            tail.copy_within(keep.., 0);
+            tail[16 - keep..].copy_from_slice(&buf[n - keep..n]);
+        }
+    });
+    let mut pattern = Pattern::new(4);
+    let mut sent = 0u64;
+    while t.elapsed() < dur {
+        let buf = pattern.next(write_size);
+        s.write_all(buf).context("writing (the system stalled?)")?;
+        sent += buf.len() as u64;
+    }
+    s.shutdown(Shutdown::Write)?;
+    let (total, tail) = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("the reading thread panicked"))??;
+    let secs = t.elapsed().as_secs_f64();
+    let word = |i: usize| u64::from_le_bytes(tail[i..i + 8].try_into().unwrap_or_default());
+    let (up, pushed) = (word(0), word(8));
+    let down = total.saturating_sub(16);
+    let problem = (up != sent || down != pushed || total < 16).then(|| {
+        format!("sent {sent} up, the server got {up}; it pushed {pushed} down, {down} arrived")
+    });
+    Ok(Bidir {
+        up,
+        down,
+        secs,
+        problem,
+    })
 }
 
 pub fn connect(ns: Option<&Netns>, addr: SocketAddr) -> Result<TcpStream> {

@@ -63,8 +63,10 @@ pub struct BenchArgs {
     /// connection and setup rate), stall (clients that never read while
     /// the server pushes until its writes block: kernel memory per
     /// stalled connection, then every byte read and checked; it takes the
-    /// host's TCP memory to its limit, so it runs only when named).
-    #[arg(long, value_enum, value_delimiter = ',', default_values = ["bulk", "pingpong", "conns"])]
+    /// host's TCP memory to its limit, so it runs only when named),
+    /// bidir (64 KiB writes both ways at once on one connection: what
+    /// each direction delivered).
+    #[arg(long, value_enum, value_delimiter = ',', default_values = ["bulk", "bidir", "pingpong", "conns"])]
     workloads: Vec<WorkloadName>,
     /// Repetitions of every measurement; each repetition visits every
     /// system, in a rotating order. Default 3.
@@ -137,6 +139,7 @@ enum SystemName {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum WorkloadName {
     Bulk,
+    Bidir,
     Pingpong,
     Conns,
     Stall,
@@ -146,6 +149,7 @@ enum WorkloadName {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Workload {
     Bulk { write_size: usize, streams: usize },
+    Bidir { write_size: usize },
     PingPong { size: usize },
     Conns { count: usize },
     Stall { count: usize },
@@ -158,6 +162,7 @@ impl Workload {
                 write_size,
                 streams,
             } => format!("bulk {} x{streams}", report::size(*write_size)),
+            Workload::Bidir { write_size } => format!("both ways {}", report::size(*write_size)),
             Workload::PingPong { size } => format!("ping-pong {}", report::size(*size)),
             Workload::Conns { count } => format!("{count} conns"),
             Workload::Stall { count } => format!("stall {count} conns"),
@@ -214,6 +219,9 @@ impl Plan {
                         });
                     }
                 }
+                WorkloadName::Bidir => workloads.push(Workload::Bidir {
+                    write_size: 64 << 10,
+                }),
                 WorkloadName::Pingpong => workloads.push(Workload::PingPong { size: 64 }),
                 WorkloadName::Conns if conns > 0 => {
                     workloads.push(Workload::Conns { count: conns })

@@ -201,11 +201,7 @@ impl<'a> Summary<'a> {
                 }
             }
         }
-        let _ = writeln!(
-            out,
-            "\ntargets ({TARGET_TOPOLOGY}, {} writes, single stream unless said):",
-            size(64 << 10)
-        );
+        let _ = writeln!(out, "\ntargets (issue 10; {TARGET_TOPOLOGY} unless said):");
         for t in self.targets() {
             let mark = match t.met {
                 Some(true) => "met   ",
@@ -253,6 +249,13 @@ impl<'a> Summary<'a> {
                     cell(s, "relay_sock_peak_mib")
                 }),
                 row("  slab growth MiB".into(), &|s| cell(s, "slab_growth_mib")),
+            ],
+            Workload::Bidir { .. } => vec![
+                row(format!("{name}  up GB/s"), &|s| cell(s, "up_gbps")),
+                row("  down GB/s".into(), &|s| cell(s, "down_gbps")),
+                row("  machine CPU s/GiB".into(), &|s| {
+                    per_gib(s, "machine_cpu_s")
+                }),
             ],
             Workload::PingPong { .. } => vec![
                 row(format!("{name}  p50 us"), &|s| cell(s, "p50_us")),

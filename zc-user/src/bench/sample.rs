@@ -18,7 +18,7 @@ pub struct Sample {
     pub system: String,
     pub rep: usize,
     pub workload: Workload,
-    /// gbps, gib, secs, relay_cpu_s, machine_cpu_s, relay_sock_peak_mib,
+    /// gbps (up_gbps and down_gbps both ways), gib, secs, relay_cpu_s, machine_cpu_s, relay_sock_peak_mib,
     /// slab_growth_mib; p50_us, p99_us, p999_us, round_trips;
     /// relay_kib_per_conn, machine_kib_per_conn, conns_per_s; for stall,
     /// per connection and in total: relay_sock_mib, slab_mib,
@@ -82,6 +82,20 @@ pub fn measure(
                 }
             })
         }
+        Workload::Bidir { write_size } => pin::on_cpu(client_cpu, || {
+            load::bidir(topo, addr, write_size, plan.duration)
+        })
+        .map(|b| {
+            s.metrics.insert("up_gbps", b.up as f64 / b.secs / 1e9);
+            s.metrics.insert("down_gbps", b.down as f64 / b.secs / 1e9);
+            s.metrics
+                .insert("gib", (b.up + b.down) as f64 / (1u64 << 30) as f64);
+            s.metrics.insert("secs", b.secs);
+            if let Some(e) = b.problem {
+                s.intact = false;
+                s.error = Some(e);
+            }
+        }),
         Workload::PingPong { size } => pin::on_cpu(client_cpu, || {
             load::ping_pong(topo, addr, size, plan.duration)
         })
