@@ -99,7 +99,9 @@ fn short_bench_measures_every_system_and_topology_and_cleans_up() {
     for needle in [
         "== loopback ==",
         "== netns ==",
-        "targets (loopback",
+        "targets (issue 10",
+        "both ways 64 KiB",
+        "netns, 64 KiB writes: auto throughput >= 0.95x direct",
         "vs copy",
         "load generators pinned: client on CPU",
         "peak relay socket memory MiB",
@@ -116,8 +118,8 @@ fn short_bench_measures_every_system_and_topology_and_cleans_up() {
         serde_json::from_str(&std::fs::read_to_string(&json).expect("json file")).expect("json");
     let samples = doc["samples"].as_array().expect("samples array");
     // 2 topologies x 5 systems (direct, auto, bpf, splice, copy) x 2 reps
-    // x (2 sizes + 2 streams + pingpong + conns).
-    assert_eq!(samples.len(), 2 * 5 * 2 * 5, "one sample per cell and rep");
+    // x (2 sizes + 2 streams + both ways + pingpong + conns).
+    assert_eq!(samples.len(), 2 * 5 * 2 * 6, "one sample per cell and rep");
     for s in samples {
         assert_eq!(s["intact"], true, "a sample lost bytes: {s}");
         let m = &s["metrics"];
@@ -150,6 +152,12 @@ fn short_bench_measures_every_system_and_topology_and_cleans_up() {
             }
             "conns" => {
                 assert!(m["conns_per_s"].as_f64().expect("rate") > 0.0, "{s}");
+            }
+            "bidir" => {
+                for dir in ["up_gbps", "down_gbps"] {
+                    let v = m[dir].as_f64().expect(dir);
+                    assert!(v > 0.001, "nothing moved {dir}: {s}");
+                }
             }
             k => panic!("unknown workload {k}"),
         }
