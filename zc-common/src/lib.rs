@@ -80,6 +80,10 @@ pub struct Peer {
     /// has acknowledged plus the window, so the bound holds however late
     /// user space looks.
     pub cap: u64,
+    /// The socket's cookie (SO_COOKIE) when user space entered it in
+    /// `BY_COOKIE`, else 0: the verdict finds a socket by its cookie once
+    /// its key no longer reads right (see `zc_verdict`).
+    pub cookie: u64,
 }
 
 /// What the verdict program did with a relay socket's bytes. Written only
@@ -165,7 +169,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<SockKey>(), 4 * 3 + 16 * 2);
         assert_eq!(
             core::mem::size_of::<Peer>(),
-            core::mem::size_of::<SockKey>() + 4 * 3 + 8 * 3
+            core::mem::size_of::<SockKey>() + 4 * 3 + 8 * 4
         );
         assert_eq!(core::mem::offset_of!(Peer, limit) % 8, 0);
         assert_eq!(core::mem::size_of::<Counters>(), 24);

@@ -5,7 +5,8 @@
 //! sockets of another process.
 use aya_ebpf::{
     bindings::sk_action,
-    helpers::bpf_probe_read_kernel,
+    cty::c_void,
+    helpers::{bpf_probe_read_kernel, generated::bpf_get_socket_cookie},
     macros::{map, stream_parser, stream_verdict},
     maps::{Array, HashMap, RingBuf, SockHash},
     programs::SkBuffContext,
@@ -29,6 +30,16 @@ static RELAY: SockHash<SockKey> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 /// lock, so the plain read-modify-write is never concurrent for one key.
 #[map]
 static FLOW: HashMap<SockKey, Flow> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
+/// Relay sockets by cookie, for the verdict runs that cannot tell their
+/// socket's key: when a socket's FIN arrives after it has sent its own,
+/// TCP closes it (time-wait) and clears its local port before handing the
+/// last bytes to the verdict (tcp_data_queue: tcp_fin, then the data-ready
+/// hook). Looked up by that key they went unpaired to the socket's own
+/// queue, uncounted, and the relay waited for them forever (seen in the
+/// bench's both-ways workload, 1 run in 15 across namespaces).
+#[map]
+static BY_COOKIE: HashMap<u64, SockKey> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
 /// Bytes user space has read from a held socket and written to its peer.
 /// Only user space writes it.
@@ -202,10 +213,19 @@ fn skip_handled(ctx: &SkBuffContext, flow: *mut Flow, len: u32) -> Option<u32> {
 
 #[inline(always)]
 fn verdict(ctx: &SkBuffContext, parsed: bool, offset: u32) -> u32 {
-    let key = key_of!(ctx.skb.skb);
+    let mut key = key_of!(ctx.skb.skb);
     // One lookup serves the whole run: the destination, the hold flag
     // and the limit all live in this entry.
-    let peer_ptr = PEERS.get_ptr_mut(&key);
+    let mut peer_ptr = PEERS.get_ptr_mut(&key);
+    if peer_ptr.is_none() {
+        // SAFETY: the helper only reads the skb's socket.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
+        // SAFETY: the key is copied out at once.
+        if let Some(k) = unsafe { BY_COOKIE.get(&cookie) } {
+            key = *k;
+            peer_ptr = PEERS.get_ptr_mut(&key);
+        }
+    }
     // SAFETY: the value is copied out at once.
     let Some(peer) = peer_ptr
         .map(|p| unsafe { *p })

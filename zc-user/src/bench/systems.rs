@@ -242,7 +242,12 @@ fn spawn(argv: &[String]) -> Result<Spawned> {
     let (prog, rest) = argv.split_first().context("empty command")?;
     let mut child = Command::new(prog)
         .args(rest)
-        .env("RUST_LOG", "info")
+        // ZC_BENCH_LOG gives the systems another log filter, to see why
+        // one failed (its last 40 lines are shown).
+        .env(
+            "RUST_LOG",
+            std::env::var("ZC_BENCH_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

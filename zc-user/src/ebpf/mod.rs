@@ -72,6 +72,7 @@ struct Maps {
     peers: HashMap<MapData, SockKey, Peer>,
     flow: HashMap<MapData, SockKey, Flow>,
     forwarded: HashMap<MapData, SockKey, u64>,
+    by_cookie: HashMap<MapData, u64, SockKey>,
     counters: PerCpuHashMap<MapData, SockKey, Counters>,
     guarded: HashMap<MapData, SockKey, SockKey>,
     recorded: HashMap<MapData, SockKey, Recorded>,
@@ -148,6 +149,7 @@ impl Programs {
         let peers = take(&mut ebpf, "PEERS")?;
         let flow = take(&mut ebpf, "FLOW")?;
         let forwarded = take(&mut ebpf, "FORWARDED")?;
+        let by_cookie = take(&mut ebpf, "BY_COOKIE")?;
         let counters = take(&mut ebpf, "COUNTERS")?;
         let events: RingBuf<MapData> = take(&mut ebpf, "EVENTS")?;
         let guarded = take(&mut ebpf, "GUARDED")?;
@@ -169,6 +171,7 @@ impl Programs {
                 peers,
                 flow,
                 forwarded,
+                by_cookie,
                 counters,
                 guarded,
                 recorded,
@@ -198,7 +201,7 @@ impl Programs {
 
 /// Maps an agent pins: everything a pair needs to keep working, and its
 /// counters. The ring buffers stay private to each process.
-pub const PINNED: [&str; 9] = [
+pub const PINNED: [&str; 10] = [
     "TARGETS",
     "RELAY",
     "FOREIGN",
@@ -206,6 +209,7 @@ pub const PINNED: [&str; 9] = [
     "PEERS",
     "FLOW",
     "FORWARDED",
+    "BY_COOKIE",
     "COUNTERS",
     "GUARDED",
 ];

@@ -32,10 +32,12 @@ pub enum PairError {
 impl Programs {
     /// Checks the keys and writes the `COUNTERS` and `PEERS` entries;
     /// returns the locked maps for the socket inserts.
+    /// `cookies` (SO_COOKIE, or 0 for none) go into `BY_COOKIE`.
     pub(super) fn prepare(
         &self,
         kind: u32,
         [ka, kb]: [SockKey; 2],
+        cookies: [u64; 2],
         window: u64,
     ) -> Result<MutexGuard<'_, Maps>, PairError> {
         if ka == kb {
@@ -66,7 +68,14 @@ impl Programs {
                     .insert(k, 0, 0)
                     .map_err(|e| PairError::Map("FORWARDED", e))?;
             }
-            let peer = |key| Peer {
+            for (k, cookie) in [(ka, cookies[0]), (kb, cookies[1])] {
+                if cookie != 0 {
+                    m.by_cookie
+                        .insert(cookie, k, 0)
+                        .map_err(|e| PairError::Map("BY_COOKIE", e))?;
+                }
+            }
+            let peer = |key, cookie| Peer {
                 key,
                 kind,
                 armed: u32::from(window > 0),
@@ -74,16 +83,20 @@ impl Programs {
                 limit: window / 2,
                 msg_limit: u64::MAX,
                 cap: crate::engine::bpf::unacked_allowance(window),
+                cookie,
             };
             m.peers
-                .insert(ka, peer(kb), 0)
+                .insert(ka, peer(kb, cookies[0]), 0)
                 .map_err(|e| PairError::Map("PEERS", e))?;
             m.peers
-                .insert(kb, peer(ka), 0)
+                .insert(kb, peer(ka, cookies[1]), 0)
                 .map_err(|e| PairError::Map("PEERS", e))
         })();
         if let Err(e) = result {
             remove_locked(&mut m, &[ka, kb]);
+            for c in cookies.into_iter().filter(|&c| c != 0) {
+                let _ = m.by_cookie.remove(&c);
+            }
             return Err(e);
         }
         Ok(m)
@@ -171,6 +184,13 @@ pub(super) fn remove_locked(m: &mut Maps, keys: &[SockKey]) {
         let _ = m.relay.remove(k);
         let _ = m.foreign.remove(k);
         let _ = m.local.remove(k);
+    }
+    for k in keys {
+        if let Ok(p) = m.peers.get(k, 0)
+            && p.cookie != 0
+        {
+            let _ = m.by_cookie.remove(&p.cookie);
+        }
     }
     for k in keys {
         let _ = m.targets.remove(k);

@@ -91,7 +91,11 @@ impl Programs {
             crate::sys::sock_key(b).map_err(PairError::Socket)?,
         ];
         let fds = [a, b];
-        let mut m = self.prepare(PEER_RELAY, keys, window)?;
+        let cookies = [
+            crate::sys::socket_cookie(a).map_err(PairError::Socket)?,
+            crate::sys::socket_cookie(b).map_err(PairError::Socket)?,
+        ];
+        let mut m = self.prepare(PEER_RELAY, keys, cookies, window)?;
         for i in 0..2 {
             if let Err(e) = m.targets.insert(keys[i], fds[i].as_raw_fd(), 0) {
                 remove_locked(&mut m, &keys);

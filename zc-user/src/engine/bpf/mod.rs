@@ -472,9 +472,15 @@ impl<'a> Pair<'a> {
                 return self.check_backlog(src).await;
             }
             wait.sleep(|| {
+                // Bytes in the socket's own queue that the verdict never
+                // counted show here (FIONREAD counts that queue on a
+                // sockmap socket).
+                let inq = sys::inq(self.socks[src].as_fd()).unwrap_or(u64::MAX);
                 debug!(
-                    "side {src}: {received} bytes received, {} through the verdict",
-                    f.sent + f.passed
+                    "side {src}: {received} bytes received, {} through the verdict ({} redirected, {} passed), {forwarded} forwarded, {inq} in its own queue",
+                    f.sent + f.passed,
+                    f.sent,
+                    f.passed
                 )
             })
             .await;
