@@ -17,8 +17,26 @@ fn loaded_zc_programs() -> Vec<u32> {
         .collect()
 }
 
-/// Tests that start a BPF relay run one at a time: one of them checks that
-/// no zc program is loaded before it starts and after its relay stopped.
+/// The ids of the BPF programs process `pid` holds a descriptor of (its
+/// fdinfo names them): other zc instances on the host do not count.
+fn programs_held_by(pid: u32) -> Vec<u32> {
+    let mut ids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .expect("the relay's fdinfo")
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("prog_id:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Tests that start a BPF relay run one at a time, so each relay's
+/// programs are its own to count.
 static BPF_RELAYS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 #[test]
@@ -27,11 +45,6 @@ fn relay_process_relays_then_stops_on_sigterm_leaving_no_programs() {
     assert!(
         nix::unistd::geteuid().is_root(),
         "this test runs `zc relay --mode bpf` and needs root; run `cargo xtask test` as root"
-    );
-    assert!(
-        loaded_zc_programs().is_empty(),
-        "zc programs were already loaded before the test: {:?}",
-        loaded_zc_programs()
     );
     let server = TcpListener::bind("127.0.0.1:0").expect("bind");
     let mut relay = RelayProcess::start(
@@ -42,10 +55,15 @@ fn relay_process_relays_then_stops_on_sigterm_leaving_no_programs() {
     );
     let mut client = relay.connect();
     let mut s = accept_upstream(&server);
+    let held = programs_held_by(relay.child.id());
+    let zc: Vec<u32> = loaded_zc_programs()
+        .into_iter()
+        .filter(|id| held.contains(id))
+        .collect();
     assert_eq!(
-        loaded_zc_programs().len(),
+        zc.len(),
         4,
-        "a running relay has its four programs loaded (two verdicts, parser, sk_msg)"
+        "a running relay has its four programs loaded (two verdicts, parser, sk_msg): {held:?}"
     );
     client
         .write_all(b"hello through the kernel")
@@ -61,10 +79,13 @@ fn relay_process_relays_then_stops_on_sigterm_leaving_no_programs() {
         log.contains("mode bpf"),
         "the start line names the mode: {log}"
     );
+    let left: Vec<u32> = loaded_zc_programs()
+        .into_iter()
+        .filter(|id| zc.contains(id))
+        .collect();
     assert!(
-        loaded_zc_programs().is_empty(),
-        "programs left loaded after the relay stopped: {:?}",
-        loaded_zc_programs()
+        left.is_empty(),
+        "programs left loaded after the relay stopped: {left:?}"
     );
     assert!(
         !std::path::Path::new("/sys/fs/bpf/zc").exists(),
