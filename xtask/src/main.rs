@@ -122,6 +122,29 @@ fn ensure_test_programs() -> Result<()> {
         })
 }
 
+/// The whole suite also holds the code to its format and to clippy with
+/// no warnings, so CI fails on either (after the tests, which say more).
+fn lint(tools: &bootstrap::Tools) -> Result<()> {
+    let mut fmt = cargo(tools);
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    status(fmt).context("`cargo fmt --all` would change files; run it and commit")?;
+    let mut clippy = cargo(tools);
+    // The eBPF object was just built; clippy needs no second build of it.
+    clippy
+        .args([
+            "clippy",
+            "--release",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .env("AYA_BUILD_SKIP", "1");
+    status(clippy).context("clippy found warnings")?;
+    println!("format and clippy: clean");
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Bootstrap => {
@@ -149,6 +172,7 @@ fn run(cli: Cli) -> Result<()> {
             let tools = bootstrap::ensure()?;
             ensure_test_programs()?;
             build(&tools)?;
+            let whole_suite = args.is_empty();
             let mut cmd = cargo(&tools);
             // The default members: zc-ebpf is built by zc-user's build.rs.
             cmd.args(["test", "--release"]).args(args);
@@ -157,6 +181,9 @@ fn run(cli: Cli) -> Result<()> {
             // zc in target/release; put the shipping build back.
             build(&tools)?;
             tested?;
+            if whole_suite {
+                lint(&tools)?;
+            }
         }
     }
     Ok(())
