@@ -31,12 +31,15 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Build, then run the whole test suite (needs root: tests load BPF).
+    /// Build, then run the whole test suite (needs root: tests load BPF),
+    /// then `lint`. With arguments, only `cargo test ARGS`.
     Test {
         /// Extra arguments for `cargo test`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Fail if `cargo fmt` would change a file or clippy warns.
+    Lint,
 }
 
 fn main() -> ExitCode {
@@ -167,6 +170,10 @@ fn run(cli: Cli) -> Result<()> {
             let mut cmd = Command::new(zc);
             cmd.args(args);
             status(cmd)?;
+        }
+        Cmd::Lint => {
+            let tools = bootstrap::ensure()?;
+            lint(&tools)?;
         }
         Cmd::Test { args } => {
             let tools = bootstrap::ensure()?;
