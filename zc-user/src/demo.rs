@@ -15,7 +15,7 @@ use zc_user::traffic::{self, Digest};
 #[derive(clap::Args)]
 pub struct DemoArgs {
     /// Bytes to send in each run (suffixes k, m, g are powers of 1024).
-    #[arg(long, value_name = "SIZE", default_value = "2g", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "2g", value_parser = zc_user::cli::parse_size)]
     bytes: u64,
     /// Extra arguments for the relay (e.g. "--window 8388608").
     #[arg(
@@ -26,23 +26,8 @@ pub struct DemoArgs {
     )]
     relay_args: String,
     /// Size of each write the client makes.
-    #[arg(long, value_name = "SIZE", default_value = "64k", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "64k", value_parser = zc_user::cli::parse_size)]
     write_size: u64,
-}
-
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim().to_ascii_lowercase();
-    let (num, mul) = match s.chars().last() {
-        Some('k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('m') => (&s[..s.len() - 1], 1 << 20),
-        Some('g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (&s[..], 1),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size like 4096, 64k, 8m or 1g"))?;
-    n.checked_mul(mul)
-        .ok_or_else(|| format!("`{s}` is too large"))
 }
 
 /// A sink server: each connection is read to EOF and answered with the

@@ -1,6 +1,7 @@
 //! zc: move bytes between two TCP sockets without visiting user space.
 pub mod agent;
 pub mod btf;
+pub mod cli;
 pub mod ebpf;
 pub mod engine;
 pub mod host;

@@ -169,11 +169,13 @@ async fn status(args: StatusArgs) -> Result<()> {
 
 #[derive(clap::Args)]
 struct RelayArgs {
-    /// Address to accept clients on, e.g. 127.0.0.1:8080 or [::]:8080.
-    #[arg(long, value_name = "ADDR")]
+    /// Address to accept clients on: 127.0.0.1:8080, [::]:8080, or :8080
+    /// for every IPv4 address.
+    #[arg(long, value_name = "ADDR", value_parser = zc_user::cli::parse_listen)]
     listen: SocketAddr,
-    /// Address of the server each client is connected to.
-    #[arg(long, value_name = "ADDR")]
+    /// The server each client is connected to: 10.0.0.9:80 or a name such
+    /// as localhost:80 (resolved once, at start; the first address).
+    #[arg(long, value_name = "ADDR", value_parser = zc_user::cli::parse_upstream)]
     upstream: SocketAddr,
     /// Data path. auto: bpf if its programs load and pass a self-test,
     /// else splice, else copy (the choice and reason are logged). bpf:
@@ -190,8 +192,9 @@ struct RelayArgs {
     /// duplicate a stream, so a recorded relay uses splice (and says so).
     #[arg(long, value_name = "DIR")]
     record: Option<std::path::PathBuf>,
-    /// splice mode: capacity asked for each pipe, in bytes.
-    #[arg(long, value_name = "BYTES", default_value_t = zc_user::engine::splice::DEFAULT_PIPE_SIZE)]
+    /// splice mode: capacity asked for each pipe (sizes: 4096, 64k,
+    /// 1MiB, ...).
+    #[arg(long, value_name = "BYTES", default_value = "1m", value_parser = zc_user::cli::parse_size_usize)]
     pipe_size: usize,
     /// splice mode: most pipes alive at once, two per connection, so the
     /// relay takes at most half as many connections at once (further
@@ -199,13 +202,13 @@ struct RelayArgs {
     /// use but for a few kept for reuse.
     #[arg(long, value_name = "N", default_value_t = zc_user::engine::splice::DEFAULT_MAX_PIPES)]
     max_pipes: usize,
-    /// copy mode: buffer per direction, in bytes.
-    #[arg(long, value_name = "BYTES", default_value_t = zc_user::engine::copy::DEFAULT_BUFFER)]
+    /// copy mode: buffer per direction.
+    #[arg(long, value_name = "BYTES", default_value = "256k", value_parser = zc_user::cli::parse_size_usize)]
     buffer: usize,
-    /// bpf mode: send buffer for both sockets of each pair, in bytes (0 keeps the
+    /// bpf mode: send buffer for both sockets of each pair (0 keeps the
     /// kernel's autotuning). Large buffers keep the in-kernel redirect
     /// from stalling on a momentarily full destination.
-    #[arg(long, value_name = "BYTES", default_value_t = zc_user::engine::bpf::DEFAULT_SNDBUF)]
+    #[arg(long, value_name = "BYTES", default_value = "16m", value_parser = zc_user::cli::parse_size_usize)]
     sndbuf: usize,
     /// bpf mode: bounds what one direction may have waiting in the kernel
     /// for a slow reader. The verdict redirects no byte that would leave
@@ -217,21 +220,20 @@ struct RelayArgs {
     /// direction. Smaller windows hold bulk streams more often (each hold
     /// moves bytes through user space). 0: no bound (the kernel's own
     /// behaviour: the backlog grows without limit).
-    #[arg(long, value_name = "BYTES", default_value_t = zc_user::engine::bpf::DEFAULT_WINDOW)]
+    #[arg(long, value_name = "BYTES", default_value = "8m", value_parser = zc_user::cli::parse_size)]
     window: u64,
     /// auto mode on the BPF path: a direction whose segments average fewer
     /// bytes than this is forwarded in user space, where one read takes
     /// many of them, and goes back to the kernel once they average twice
     /// this (at most 60 KiB; checked every 512 segments). 0 keeps every
     /// direction in the kernel, as `--mode bpf` does.
-    #[arg(long, value_name = "BYTES", default_value_t = zc_user::engine::bpf::DEFAULT_SMALL_SKB)]
+    #[arg(long, value_name = "BYTES", default_value = "32k", value_parser = zc_user::cli::parse_size)]
     small_skb: u64,
     /// Most connections relayed at once; further clients wait in the
     /// listen backlog until connections end. The relay takes fewer if its
     /// open-file limit (raised to the hard limit at start) has no room for
-    /// more: a connection costs 2 fds in copy mode, 6 in splice mode (12
-    /// recording) and 6 in bpf mode (4 of them kept for moments zc moves a
-    /// direction itself). The start log says how many and why.
+    /// more: a connection costs 2 fds in copy and bpf mode, 6 in splice
+    /// mode (12 recording). The start log says how many and why.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     max_conns: usize,
     /// Give up connecting to the upstream after this many seconds (the
@@ -398,9 +400,9 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory as _;
+    use clap::{CommandFactory as _, Parser as _};
 
-    use super::Cli;
+    use super::{Cli, Cmd};
 
     #[test]
     fn cli_definition_is_consistent() {
@@ -427,5 +429,39 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn relay_defaults_written_with_units_are_the_engines_defaults() {
+        let cli =
+            Cli::try_parse_from(["zc", "relay", "--listen", ":0", "--upstream", "127.0.0.1:1"])
+                .expect("parses");
+        let Cmd::Relay(a) = cli.cmd else {
+            panic!("not the relay command")
+        };
+        assert_eq!(a.pipe_size, zc_user::engine::splice::DEFAULT_PIPE_SIZE);
+        assert_eq!(a.buffer, zc_user::engine::copy::DEFAULT_BUFFER);
+        assert_eq!(a.sndbuf, zc_user::engine::bpf::DEFAULT_SNDBUF);
+        assert_eq!(a.window, zc_user::engine::bpf::DEFAULT_WINDOW);
+        assert_eq!(a.small_skb, zc_user::engine::bpf::DEFAULT_SMALL_SKB);
+        assert_eq!(a.listen, "0.0.0.0:0".parse().expect("addr"));
+    }
+
+    #[test]
+    fn a_bad_size_is_a_usage_error() {
+        let e = Cli::try_parse_from([
+            "zc",
+            "relay",
+            "--listen",
+            ":0",
+            "--upstream",
+            "127.0.0.1:1",
+            "--window",
+            "4x",
+        ])
+        .err()
+        .expect("refused");
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("not a size"), "{e}");
     }
 }

@@ -195,3 +195,59 @@ fn killed_mid_stream_resets_both_ends(mode: &str) {
     eprintln!("{mode}: server got {got} bytes, client sent {sent}, then both saw resets");
     drop(client);
 }
+
+/// Habits from other proxies: `:PORT` to listen on every address, the
+/// upstream by name, sizes with units.
+#[test]
+fn listen_without_a_host_an_upstream_by_name_and_sizes_with_units() {
+    // Where the relay will connect: the first address `localhost` has.
+    let first = std::net::ToSocketAddrs::to_socket_addrs(&("localhost", 0))
+        .expect("resolving localhost")
+        .next()
+        .expect("localhost has an address");
+    let server = TcpListener::bind(first).expect("bind");
+    let upstream = format!("localhost:{}", server.local_addr().expect("addr").port());
+    let mut relay = RelayProcess::start_at(
+        ":0",
+        &upstream,
+        &["--mode", "copy", "--buffer", "64KiB", "--window", "4m"],
+        &[],
+        false,
+    );
+    assert!(
+        relay.listen.ip().is_unspecified(),
+        "`:0` listens on every address: {}",
+        relay.listen
+    );
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", relay.listen.port()))
+        .expect("connecting through 127.0.0.1");
+    let mut s = accept_upstream(&server);
+    client.write_all(b"by name").expect("write");
+    client.shutdown(Shutdown::Write).expect("shutdown");
+    let mut got = String::new();
+    s.read_to_string(&mut got).expect("read");
+    assert_eq!(got, "by name");
+    drop((client, s));
+    let (ok, log) = relay.stop();
+    assert!(ok, "zc relay did not exit cleanly: {log}");
+
+    let out = zc_command(false)
+        .args([
+            "relay",
+            "--listen",
+            ":0",
+            "--upstream",
+            &upstream,
+            "--window",
+            "4x",
+        ])
+        .output()
+        .expect("running zc");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a usage error exits 2: {stderr}"
+    );
+    assert!(stderr.contains("not a size"), "{stderr}");
+}

@@ -31,7 +31,7 @@ use self::{
     systems::{Running, Spec},
     topology::Topology,
 };
-use crate::demo::parse_size;
+use zc_user::cli::parse_size;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -76,7 +76,7 @@ pub struct BenchArgs {
     /// --quick).
     #[arg(long, value_name = "SECS")]
     duration: Option<f64>,
-    /// Bulk write sizes, comma-separated (k, m suffixes). Default
+    /// Bulk write sizes, comma-separated (64k, 1MiB and the like). Default
     /// 64,1k,16k,64k,256k,1m (64k with --quick).
     #[arg(long, value_name = "SIZES", value_delimiter = ',', value_parser = parse_size)]
     write_sizes: Option<Vec<u64>>,

@@ -44,18 +44,29 @@ impl RelayProcess {
         env: &[(&str, &str)],
         unprivileged: bool,
     ) -> Self {
-        let mut cmd = zc_command(unprivileged);
-        cmd.args([
-            "relay",
-            "--listen",
+        Self::start_at(
             "127.0.0.1:0",
-            "--upstream",
             &upstream.to_string(),
-        ])
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped());
+            args,
+            env,
+            unprivileged,
+        )
+    }
+
+    /// [`Self::start`] with `--listen` and `--upstream` as written.
+    pub fn start_at(
+        listen: &str,
+        upstream: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        unprivileged: bool,
+    ) -> Self {
+        let mut cmd = zc_command(unprivileged);
+        cmd.args(["relay", "--listen", listen, "--upstream", upstream])
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped());
         let mut child = cmd
             .spawn()
             .expect("starting zc relay (setpriv comes with util-linux)");
