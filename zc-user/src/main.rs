@@ -2,6 +2,7 @@
 mod agent_cmd;
 mod bench;
 mod demo;
+mod docs;
 
 use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
 
@@ -52,6 +53,19 @@ enum Cmd {
     /// Say which data path zc would use here and why: BPF programs,
     /// redirect self-test, fallback.
     Status(StatusArgs),
+    /// Print a shell completion script for zc, e.g.
+    /// `zc completions bash > /etc/bash_completion.d/zc`.
+    Completions {
+        /// The shell to complete for (bash, zsh, fish, elvish, powershell).
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write zc's man pages (zc.1 and one per command) into DIR.
+    Man {
+        /// Directory to write the pages into (created if missing).
+        #[arg(value_name = "DIR")]
+        dir: std::path::PathBuf,
+    },
     /// Show zc at work: relay bytes through the kernel next to a direct
     /// connection and print throughput, integrity and the relay's CPU time.
     Demo(demo::DemoArgs),
@@ -387,6 +401,11 @@ fn main() -> ExitCode {
             Cmd::List(args) => agent_cmd::list(args).await,
             Cmd::Stats(args) => agent_cmd::stats(args).await,
             Cmd::Status(args) => status(args).await,
+            Cmd::Completions { shell } => {
+                docs::completions(shell, &mut std::io::stdout());
+                Ok(())
+            }
+            Cmd::Man { dir } => docs::man_pages(&dir),
         }
     });
     match result {
