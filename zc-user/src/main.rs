@@ -53,19 +53,6 @@ enum Cmd {
     /// Say which data path zc would use here and why: BPF programs,
     /// redirect self-test, fallback.
     Status(StatusArgs),
-    /// Print a shell completion script for zc, e.g.
-    /// `zc completions bash > /etc/bash_completion.d/zc`.
-    Completions {
-        /// The shell to complete for (bash, zsh, fish, elvish, powershell).
-        #[arg(value_enum)]
-        shell: clap_complete::Shell,
-    },
-    /// Write zc's man pages (zc.1 and one per command) into DIR.
-    Man {
-        /// Directory to write the pages into (created if missing).
-        #[arg(value_name = "DIR")]
-        dir: std::path::PathBuf,
-    },
     /// Show zc at work: relay bytes through the kernel next to a direct
     /// connection and print throughput, integrity and the relay's CPU time.
     Demo(demo::DemoArgs),
@@ -148,6 +135,19 @@ enum Cmd {
     /// carried when it is on. `--json` prints {"pairs": [...],
     /// "short_circuit": {...} or null}.
     Stats(agent_cmd::StatsArgs),
+    /// Print a shell completion script for zc, e.g.
+    /// `zc completions bash > /etc/bash_completion.d/zc`.
+    Completions {
+        /// The shell to complete for (bash, zsh, fish, elvish, powershell).
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write zc's man pages (zc.1 and one per command) into DIR.
+    Man {
+        /// Directory to write the pages into (created if missing).
+        #[arg(value_name = "DIR")]
+        dir: std::path::PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
