@@ -507,6 +507,7 @@ async fn serve_one(
     stats: &Stats,
     notices: &Notices,
 ) -> Result<()> {
+    let started = std::time::Instant::now();
     debug!("{peer}: accepted");
     let client = client
         .into_std()
@@ -535,13 +536,38 @@ async fn serve_one(
     if summary.reset {
         stats.reset.fetch_add(1, Ordering::Relaxed);
     }
-    debug!(
-        "{peer}: done, {} bytes up, {} down{}",
-        summary.a_to_b,
-        summary.b_to_a,
-        if summary.reset { ", reset" } else { "" }
+    info!(
+        "{}",
+        access_line(peer, cfg.upstream, engine, &summary, started.elapsed())
     );
     Ok(())
+}
+
+/// The access log's line for one connection: who, where to, bytes each
+/// way, how long, which data path, how it ended.
+fn access_line(
+    peer: SocketAddr,
+    upstream: SocketAddr,
+    engine: &Engine,
+    s: &Summary,
+    took: Duration,
+) -> String {
+    let path = match engine {
+        Engine::Bpf(_) if s.holds + s.small > 0 => format!(
+            "bpf ({} holds, {} moves for small segments in user space)",
+            s.holds, s.small
+        ),
+        Engine::Bpf(_) => "bpf".to_string(),
+        Engine::Splice(_) => "splice".to_string(),
+        Engine::Copy(_) => "copy".to_string(),
+    };
+    let end = if s.reset { "reset" } else { "closed" };
+    format!(
+        "{peer} -> {upstream}: {} bytes up, {} down, {:.3} s, {path}, {end}",
+        s.a_to_b,
+        s.b_to_a,
+        took.as_secs_f64()
+    )
 }
 
 /// An engine relaying two sockets it owns. If dropped before it finishes

@@ -230,6 +230,14 @@ fn listen_without_a_host_an_upstream_by_name_and_sizes_with_units() {
     drop((client, s));
     let (ok, log) = relay.stop();
     assert!(ok, "zc relay did not exit cleanly: {log}");
+    // The access log: one info line per connection.
+    assert!(
+        log.lines().any(|l| l.contains(" INFO ")
+            && l.contains(&format!("-> {}", server.local_addr().expect("addr")))
+            && l.contains("7 bytes up, 0 down")
+            && l.contains("copy, closed")),
+        "no access log line for the connection: {log}"
+    );
 
     let out = zc_command(false)
         .args([
