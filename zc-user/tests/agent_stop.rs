@@ -33,9 +33,10 @@ const SLACK: Duration = Duration::from_millis(30);
 /// time socat runs again at once and, in the end, has relayed every byte.
 ///
 /// socat is kept from ever settling: the server does not read, so socat
-/// sits in select(2) with bytes queued on the client's socket, and each
-/// pair request stops and releases it every few milliseconds for 3 s
-/// before it is refused. This test sees a stop in /proc, freezes the
+/// sits in select(2) waiting for the server's socket to take more, with
+/// bytes queued on the client's socket that it knows are readable; each
+/// pair request stops it, steps it and lets it go again and again for
+/// 3 s before it is refused. This test sees a stop in /proc, freezes the
 /// agent (SIGSTOP), and kills it only if socat is still stopped then, so
 /// every kill lands inside a stop.
 #[test]
