@@ -67,8 +67,16 @@ fn one_round(agent: &Agent, round: usize) -> Result<String, String> {
         agent.pair(pid, socat.fds)
     };
     if !ok {
-        flows.abandon();
-        return Err(format!("zc pair refused: {}", err.trim()));
+        // A refusal must leave the proxy relaying as before.
+        let intact = match flows.finish(AFTER) {
+            Ok((sent, got)) if sent == got => "intact".to_string(),
+            Ok((sent, got)) => format!("damaged: sent {sent:?}, got {got:?}"),
+            Err(e) => e,
+        };
+        return Err(format!(
+            "zc pair refused ({intact} through socat after): {}",
+            err.trim()
+        ));
     }
     let (sent, got) = flows.finish(AFTER)?;
     if sent != got {
@@ -211,13 +219,6 @@ impl TwoWay {
             got.push(g.join().map_err(|_| format!("reader {i} panicked"))??);
         }
         Ok((sent.try_into().expect("two"), got.try_into().expect("two")))
-    }
-
-    /// Stops the senders and lets the threads end with the sockets.
-    fn abandon(self) {
-        for l in &self.limit {
-            l.store(0, Ordering::Relaxed);
-        }
     }
 }
 
