@@ -103,6 +103,10 @@ enum Cmd {
                       so that a killed agent cannot leave it stopped) at a moment it holds no \
                       bytes it has read from one socket and not yet written to the other, pairs, \
                       and lets it continue, within the agent's --max-stop (50 ms unless set). \
+                      A poll or select loop (socat) is paired only where it cannot go on to \
+                      read a socket it was told before is readable (once paired, that read \
+                      would fail with EAGAIN): one of a single thread is stepped there through \
+                      its system calls, and let go once its next select sleeps. \
                       A pairing the kernel has not confirmed by then is undone before the proxy \
                       goes on, and refused. A proxy that adds or rewrites bytes (PROXY protocol, \
                       TLS) never reaches such a moment and is refused: zc pairs only \

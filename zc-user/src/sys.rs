@@ -105,6 +105,13 @@ pub fn fin_received(info: &TcpInfo) -> bool {
     matches!(info.state, 6 | 8 | 9 | 11)
 }
 
+/// [`fin_received`], or TCP_CLOSE (7) with no error pending: a socket
+/// that closed gracefully both ways, which took the remote end's FIN (a
+/// reset leaves an error, which callers check first).
+pub fn fin_arrived(info: &TcpInfo) -> bool {
+    fin_received(info) || info.state == 7
+}
+
 /// Data bytes that arrived on the socket in order, read or not. The
 /// kernel's `tcpi_bytes_received` also counts the FIN's sequence number.
 pub fn bytes_received(fd: BorrowedFd<'_>) -> io::Result<u64> {

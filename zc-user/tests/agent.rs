@@ -159,9 +159,8 @@ fn proxy_paired_by_pid_and_fd(agent: &Agent, socat: &Proxy, server: &TcpListener
 
 /// Pairing in the middle of a busy stream: the agent stops the proxy at a
 /// moment it holds no bytes, pairs, and lets it go on; nothing is lost,
-/// doubled or reordered. socat one way (a select loop that takes a
-/// spurious EAGAIN as fatal, which a paired socket can give it when bytes
-/// flow both ways: see README), HAProxy both ways at once.
+/// doubled or reordered. socat one way, HAProxy both ways at once
+/// (socat both ways: tests/agent_socat.rs).
 #[test]
 fn socat_paired_mid_stream_loses_nothing() {
     let agent = Agent::start("midsocat");

@@ -33,9 +33,10 @@ const SLACK: Duration = Duration::from_millis(30);
 /// time socat runs again at once and, in the end, has relayed every byte.
 ///
 /// socat is kept from ever settling: the server does not read, so socat
-/// sits in select(2) with bytes queued on the client's socket, and each
-/// pair request stops and releases it every few milliseconds for 3 s
-/// before it is refused. This test sees a stop in /proc, freezes the
+/// sits in select(2) waiting for the server's socket to take more, with
+/// bytes queued on the client's socket that it knows are readable; each
+/// pair request stops it, steps it and lets it go again and again for
+/// 3 s before it is refused. This test sees a stop in /proc, freezes the
 /// agent (SIGSTOP), and kills it only if socat is still stopped then, so
 /// every kill lands inside a stop.
 #[test]
@@ -686,4 +687,88 @@ fn a_pair_the_kernel_cannot_finish_is_ended_and_the_proxy_relays_the_rest() {
     let mut got = Vec::new();
     up.read_to_end(&mut got).expect("the rest, then EOF");
     assert_eq!(got, rest, "what HAProxy relayed after the pair ended");
+}
+
+/// Bytes that leave a paired socket's receive queue without the verdict
+/// (here spliced out through a duplicate of socat's own descriptor, as
+/// the owner itself could) can never be accounted for: at the stream's
+/// end the agent would wait for them forever ("4096 bytes received, 0
+/// through the verdict") and the pair would stay listed. The owner's
+/// SO_RCVLOWAT keeps TCP from calling the verdict for the first bytes
+/// (tcp_data_ready on 6.18 calls the data-ready hook only once that many
+/// are queued), so the splice finds them there. The agent ends the pair.
+#[test]
+fn a_pair_whose_owner_read_bytes_itself_is_ended() {
+    let agent = Agent::start("stop-selfread");
+    let mut socat = Holder::socat(&[]);
+    let (ok, _, err) = agent.pair(socat.pid(), socat.fds);
+    assert!(ok, "zc pair failed: {err}");
+    socat.still_relays();
+    let sock = take_fd(socat.pid(), socat.fds[0]);
+    let lowat: libc::c_int = 64 << 10;
+    // SAFETY: passes a valid int of the stated size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&raw const lowat).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVLOWAT: {}", std::io::Error::last_os_error());
+    const OWN: usize = 4096;
+    socat.ends[0].write_all(&[7u8; OWN]).expect("write");
+    let mut pipe = [0; 2];
+    // SAFETY: pipe(2) fills two ints.
+    assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0, "pipe");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut taken = 0usize;
+    while taken < OWN {
+        // SAFETY: plain descriptors, no offsets.
+        let n = unsafe {
+            libc::splice(
+                sock.as_raw_fd(),
+                std::ptr::null_mut(),
+                pipe[1],
+                std::ptr::null_mut(),
+                OWN - taken,
+                libc::SPLICE_F_NONBLOCK,
+            )
+        };
+        if n > 0 {
+            taken += n as usize;
+            continue;
+        }
+        let e = std::io::Error::last_os_error();
+        assert!(
+            n < 0 && e.kind() == std::io::ErrorKind::WouldBlock,
+            "splice: {n} {e}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the {OWN} bytes never waited in the receive queue ({taken} spliced)"
+        );
+        std::thread::yield_now();
+    }
+    for fd in pipe {
+        // SAFETY: closes the pipe made above.
+        unsafe { libc::close(fd) };
+    }
+    socat.ends[0]
+        .shutdown(std::net::Shutdown::Write)
+        .expect("shutdown");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut listed = agent.pairs();
+    while !listed.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the pair is still listed 10 s after its client's EOF, with {OWN} bytes read past \
+             the verdict: {listed:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        listed = agent.pairs();
+    }
+    let (ok, _, err) = agent.zc(&["list"]);
+    assert!(ok, "the agent still answers: {err}");
 }

@@ -10,6 +10,7 @@ pub mod pidfd;
 pub mod proto;
 mod ptrace;
 mod quiesce;
+mod readiness;
 mod sockopts;
 mod stop;
 mod supervise;

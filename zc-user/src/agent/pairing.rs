@@ -72,6 +72,7 @@ impl Agent {
         let (stopped, before) = quiesce::settle(
             &c.owners,
             &probes,
+            &c.inodes,
             active,
             self.max_stop,
             self.stop_ceiling(),

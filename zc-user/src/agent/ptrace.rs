@@ -8,17 +8,34 @@ use std::{io, ptr};
 /// tracee reports for PTRACE_INTERRUPT and for a group stop.
 const PTRACE_EVENT_STOP: i32 = 128;
 
-/// Attaches to thread `tid` without stopping it (PTRACE_SEIZE, no
-/// options: no events are traced, and nothing about the thread changes
-/// until it is interrupted).
+/// Attaches to thread `tid` without stopping it (PTRACE_SEIZE). No events
+/// are traced, and nothing about the thread changes until it is
+/// interrupted; PTRACE_O_TRACESYSGOOD only marks the stops [`syscall`]
+/// asks for, so they cannot be taken for a SIGTRAP.
 pub fn seize(tid: i32) -> io::Result<()> {
-    // SAFETY: PTRACE_SEIZE reads no memory (addr 0, data: no options).
+    // SAFETY: PTRACE_SEIZE reads no memory (addr 0, data: the options).
     check(unsafe {
         libc::ptrace(
             libc::PTRACE_SEIZE,
             tid,
             ptr::null_mut::<libc::c_void>(),
+            libc::PTRACE_O_TRACESYSGOOD as usize as *mut libc::c_void,
+        )
+    })
+}
+
+/// Lets stopped tracee `tid` run to its next system call entry or exit
+/// (PTRACE_SYSCALL), delivering `signal` (0: none) if it stopped to take
+/// one.
+pub fn syscall(tid: i32, signal: i32) -> io::Result<()> {
+    // SAFETY: PTRACE_SYSCALL takes the signal number as its data argument,
+    // not as a pointer.
+    check(unsafe {
+        libc::ptrace(
+            libc::PTRACE_SYSCALL,
+            tid,
             ptr::null_mut::<libc::c_void>(),
+            signal as usize as *mut libc::c_void,
         )
     })
 }
@@ -54,6 +71,63 @@ pub fn detach(tid: i32, signal: i32) -> io::Result<()> {
     })
 }
 
+/// Where a tracee stopped at a system call stands, from its registers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyscallStop {
+    /// Entering call `nr` (x86_64 puts -ENOSYS in rax until it runs).
+    Entry { nr: i64 },
+    /// Returning `ret` from call `nr`.
+    Exit { nr: i64, ret: i64 },
+}
+
+/// Reads where stopped tracee `tid` stands in its system call.
+#[cfg(target_arch = "x86_64")]
+pub fn syscall_stop(tid: i32) -> io::Result<SyscallStop> {
+    let r = regs(tid)?;
+    let (nr, ret) = (r.orig_rax as i64, r.rax as i64);
+    Ok(if ret == -i64::from(libc::ENOSYS) {
+        SyscallStop::Entry { nr }
+    } else {
+        SyscallStop::Exit { nr, ret }
+    })
+}
+
+/// Makes tracee `tid`, stopped at the exit of a system call, run the
+/// same call again, as the kernel restarts an interrupted one
+/// (arch/x86/kernel/signal.c: rax back to the call number, rip back over
+/// the two-byte `syscall` instruction).
+#[cfg(target_arch = "x86_64")]
+pub fn rerun_syscall(tid: i32) -> io::Result<()> {
+    let mut r = regs(tid)?;
+    r.rax = r.orig_rax;
+    r.rip -= 2;
+    // SAFETY: PTRACE_SETREGS reads one user_regs_struct from `r`.
+    check(unsafe {
+        libc::ptrace(
+            libc::PTRACE_SETREGS,
+            tid,
+            ptr::null_mut::<libc::c_void>(),
+            (&raw const r).cast_mut().cast::<libc::c_void>(),
+        )
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+fn regs(tid: i32) -> io::Result<libc::user_regs_struct> {
+    // SAFETY: all-zero is a valid user_regs_struct (plain integers).
+    let mut r: libc::user_regs_struct = unsafe { std::mem::zeroed() };
+    // SAFETY: PTRACE_GETREGS writes one user_regs_struct into `r`.
+    check(unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETREGS,
+            tid,
+            ptr::null_mut::<libc::c_void>(),
+            (&raw mut r).cast::<libc::c_void>(),
+        )
+    })?;
+    Ok(r)
+}
+
 /// What a tracee is doing, as waitpid(2) reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Waited {
@@ -63,6 +137,8 @@ pub enum Waited {
     /// stopped (a signal-delivery stop): it must be given back at detach,
     /// or it would be lost.
     Stopped { signal: Option<i32> },
+    /// Stopped at a system call's entry or exit, as [`syscall`] asked.
+    AtSyscall,
     /// Exited, or no longer ours to wait for.
     Gone,
 }
@@ -91,6 +167,10 @@ pub fn poll(tid: i32) -> io::Result<Waited> {
 fn decode(status: i32) -> Waited {
     if !libc::WIFSTOPPED(status) {
         return Waited::Gone;
+    }
+    // PTRACE_O_TRACESYSGOOD sets 0x80 in a syscall stop's signal.
+    if libc::WSTOPSIG(status) == libc::SIGTRAP | 0x80 {
+        return Waited::AtSyscall;
     }
     // The event sits above the stop signal (ptrace(2), "PTRACE_EVENT
     // stops"); none but PTRACE_EVENT_STOP is asked for. With no event the
@@ -141,6 +221,11 @@ mod tests {
                 signal: Some(libc::SIGRTMIN() + 3)
             },
             "a real-time signal"
+        );
+        assert_eq!(
+            decode(stop(libc::SIGTRAP | 0x80, 0)),
+            Waited::AtSyscall,
+            "a syscall stop"
         );
         assert_eq!(decode(9), Waited::Gone, "killed by SIGKILL");
         assert_eq!(decode(3 << 8), Waited::Gone, "exited with 3");

@@ -25,42 +25,14 @@ use log::debug;
 use super::{
     pidfd::Process,
     proto::ErrorKind,
-    stop::{Stopped, stop},
+    readiness,
+    stop::{Advance, Stopped, stop, stop_advancing},
     take::{Refusal, refuse},
 };
 use crate::sys;
 
 /// How long to look for a moment when the owner holds no bytes.
 const SETTLE: Duration = Duration::from_secs(3);
-
-/// Whether a thread of `p` stopped right after select(2) or poll(2): it
-/// may have been told a socket is readable and be about to read it. Once
-/// paired, that read would find nothing and fail with EAGAIN, which a
-/// select loop (socat) takes as fatal, shutting the sockets down on its
-/// way out. A thread stopped while blocked in such a call restarts it and
-/// sees the truth, so this only matters while bytes are queued.
-fn just_scanned(p: &Process) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    const SCANS: [i64; 4] = [
-        libc::SYS_select,
-        libc::SYS_poll,
-        libc::SYS_pselect6,
-        libc::SYS_ppoll,
-    ];
-    #[cfg(not(target_arch = "x86_64"))]
-    const SCANS: [i64; 2] = [libc::SYS_pselect6, libc::SYS_ppoll];
-    let Ok(tasks) = std::fs::read_dir(p.proc_path("task")) else {
-        return false;
-    };
-    tasks.flatten().any(|t| {
-        std::fs::read_to_string(t.path().join("syscall")).is_ok_and(|s| {
-            s.split_whitespace()
-                .next()
-                .and_then(|n| n.parse::<i64>().ok())
-                .is_some_and(|n| SCANS.contains(&n))
-        })
-    })
-}
 
 /// What the owner has read from a socket and what it has written into it.
 #[derive(Clone, Copy, Debug)]
@@ -119,13 +91,98 @@ pub fn progress_of(socks: &[TcpStream; 2], connected: [bool; 2]) -> io::Result<[
     ])
 }
 
+/// How long one try may step an owner of one thread towards a moment it
+/// may be paired (see `stop::Advance`).
+const STEPPING: Duration = Duration::from_millis(100);
+
+/// What one look at the stopped owners found.
+#[derive(Clone, Debug)]
+struct Look {
+    progress: [Progress; 2],
+    /// Bytes read from one socket and not yet written to the other.
+    held: [i64; 2],
+    hazard: Option<readiness::Hazard>,
+}
+
+impl Look {
+    fn safe(&self) -> bool {
+        self.held == [0, 0] && self.hazard.is_none()
+    }
+}
+
+/// The sockets and owners `settle` looks at, shared with a stepping stop.
+struct Scene {
+    socks: [TcpStream; 2],
+    connected: [bool; 2],
+    /// Owners without epoll, with their descriptors for the two sockets.
+    looked_at: Vec<(Arc<Process>, [Vec<i32>; 2])>,
+}
+
+impl Scene {
+    /// Looks at the stopped owners; `entry` names a thread stopped at a
+    /// system call's entry.
+    fn look(&self, entry: Option<i32>) -> io::Result<Look> {
+        let p = progress_of(&self.socks, self.connected)?;
+        let held = [
+            p[0].read as i64 - p[1].written as i64,
+            p[1].read as i64 - p[0].written as i64,
+        ];
+        let queued = [
+            sys::inq(self.socks[0].as_fd())?,
+            sys::inq(self.socks[1].as_fd())?,
+        ];
+        let hazard = if held == [0, 0] {
+            self.looked_at.iter().find_map(|(p, fds)| {
+                readiness::hazard(p, fds, queued, entry)
+                    .unwrap_or_else(|e| Some(readiness::Hazard::Unreadable(e.to_string())))
+            })
+        } else {
+            None
+        };
+        debug!("held {held:?}, queued {queued:?}, hazard {hazard:?}, at entry of {entry:?}");
+        Ok(Look {
+            progress: p,
+            held,
+            hazard,
+        })
+    }
+
+    /// See `readiness::spurious`. A socket is readable for real when its
+    /// remote end finished (or reset: TCP_CLOSE), or when SIOCINQ counts
+    /// bytes: on a paired socket it counts only what the owner may read
+    /// (tcp_bpf_ioctl), on one no longer paired (an undone pairing) all.
+    fn spurious(&self, tid: i32) -> bool {
+        let real = |i: usize| {
+            let fd = self.socks[i].as_fd();
+            sys::tcp_info(fd).map_or(true, |t| sys::fin_arrived(&t))
+                || sys::inq(fd).map_or(true, |q| q > 0)
+        };
+        self.looked_at
+            .iter()
+            .any(|(p, fds)| readiness::spurious(p, tid, fds, real))
+    }
+
+    /// Whether thread `tid` sleeps in a poll or select that waits for no
+    /// paired socket to become writable (see `readiness::waits_to_write`).
+    fn settled(&self, tid: i32) -> bool {
+        self.looked_at.iter().all(|(p, fds)| {
+            readiness::asleep_in_scan(p, tid) && !readiness::waits_to_write(p, tid, fds)
+        })
+    }
+}
+
 /// Stops the owners at a moment when they hold no bytes between the two
-/// sockets; returns them stopped, with each socket's progress then.
-/// Each stop lasts at most `bound` unless it is kept for pairing (see
-/// [`stop`] for `ceiling`).
+/// sockets and cannot act on readiness they were told before (see
+/// `readiness`); returns them stopped, with each socket's progress then.
+/// `inodes` name the two sockets among the owners' files. An owner of one
+/// thread is stepped from system call to system call towards such a
+/// moment (a busy poll loop is seldom caught in one at random); others
+/// are stopped and let go until one is found. Each stop lasts at most
+/// `bound` unless it is kept for pairing (see [`stop`] for `ceiling`).
 pub async fn settle(
     owners: &[Arc<Process>],
     socks: &[TcpStream; 2],
+    inodes: &[u64; 2],
     connected: [bool; 2],
     bound: Duration,
     ceiling: Duration,
@@ -136,41 +193,120 @@ pub async fn settle(
             format!("a socket closed during the request: {e}"),
         )
     };
+    // Event loops take EAGAIN as "nothing after all"; the others are
+    // looked at (`readiness`).
+    let looked_at: Vec<_> = owners
+        .iter()
+        .filter(|p| !readiness::uses_epoll(p))
+        .map(|p| (p.clone(), readiness::owner_fds(p, inodes)))
+        .collect();
+    let stepping = match &looked_at[..] {
+        [(p, _)] => owners.len() == 1 && readiness::steppable(p),
+        _ => false,
+    };
+    let socks_copy = [
+        socks[0].try_clone().map_err(closed)?,
+        socks[1].try_clone().map_err(closed)?,
+    ];
+    let scene = Arc::new(Scene {
+        socks: socks_copy,
+        connected,
+        looked_at,
+    });
     let deadline = Instant::now() + SETTLE;
     let mut tries = 0u32;
+    let mut holding = 0u32;
+    let mut last_held = [0i64; 2];
+    let mut hazards = 0u32;
+    let mut last_hazard = None;
     loop {
         tries += 1;
-        let stopped = stop(owners, bound, ceiling).await?;
-        let p = progress_of(socks, connected).map_err(closed)?;
-        let held = [
-            p[0].read as i64 - p[1].written as i64,
-            p[1].read as i64 - p[0].written as i64,
-        ];
-        let queued = sys::inq(socks[0].as_fd()).map_err(closed)?
-            + sys::inq(socks[1].as_fd()).map_err(closed)?;
-        let scanned = owners.iter().any(|p| just_scanned(p));
-        debug!("try {tries}: held {held:?}, queued {queued}, just scanned {scanned}");
-        if held == [0, 0] && !(queued > 0 && scanned) {
-            debug!("owner holds no bytes (try {tries}); pairing");
-            return Ok((stopped, p));
+        let (stopped, look) = if stepping {
+            let seen = Arc::new(std::sync::Mutex::new(None));
+            let (scene2, scene3, scene4) = (scene.clone(), scene.clone(), scene.clone());
+            let seen2 = seen.clone();
+            let advance = Advance {
+                budget: STEPPING,
+                safe: Box::new(move |entry| {
+                    let look = scene2.look(entry);
+                    let safe = look.as_ref().is_ok_and(Look::safe);
+                    if let Ok(mut s) = seen2.lock() {
+                        *s = Some(look);
+                    }
+                    safe
+                }),
+                spurious: Box::new(move |tid| scene3.spurious(tid)),
+                settled: Box::new(move |tid| scene4.settled(tid)),
+            };
+            let (stopped, _) = stop_advancing(owners, bound, ceiling, Some(advance)).await?;
+            let look = seen.lock().ok().and_then(|mut s| s.take());
+            let look = match look {
+                Some(l) => l,
+                None => scene.look(None),
+            };
+            (stopped, look)
+        } else {
+            let stopped = stop(owners, bound, ceiling).await?;
+            let look = scene.look(None);
+            (stopped, look)
+        };
+        let look = look.map_err(closed)?;
+        debug!("try {tries}: {look:?}");
+        if look.safe() {
+            debug!("owner holds no bytes and acts on no old readiness (try {tries}); pairing");
+            return Ok((stopped, look.progress));
+        }
+        if look.held != [0, 0] {
+            holding += 1;
+            last_held = look.held;
+        }
+        if let Some(h) = look.hazard {
+            hazards += 1;
+            last_hazard = Some(h);
         }
         stopped.release().await;
         if Instant::now() > deadline {
             return Err(refuse(
                 ErrorKind::Invalid,
-                format!(
-                    "in {} s the owner never held zero bytes between the two sockets \
-                     (last: {} read from the first and not written to the second, {} the \
-                     other way): zc pairs only proxies that pass bytes through unchanged",
-                    SETTLE.as_secs(),
-                    held[0],
-                    held[1]
-                ),
+                never_settled(tries, holding, last_held, hazards, last_hazard),
             ));
         }
         // Let it write out what it holds.
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// Why `settle` gave up, from what its tries found.
+fn never_settled(
+    tries: u32,
+    holding: u32,
+    last_held: [i64; 2],
+    hazards: u32,
+    last_hazard: Option<readiness::Hazard>,
+) -> String {
+    let mut why = format!(
+        "in {} s ({tries} tries) the owner was never at a moment it could be paired safely:",
+        SETTLE.as_secs()
+    );
+    if holding > 0 {
+        why += &format!(
+            " {holding} tries found that it never held zero bytes between the two sockets \
+             (last: {} read from the first and not written to the second, {} the other way; zc \
+             pairs only proxies that pass bytes through unchanged)",
+            last_held[0], last_held[1]
+        );
+    }
+    if let Some(h) = last_hazard {
+        if holding > 0 {
+            why += ";";
+        }
+        why += &format!(
+            " {hazards} tries found it holding nothing, but {h}; once paired, the kernel takes \
+             the queued bytes, and that read would fail with EAGAIN, which a poll loop such as \
+             socat takes as fatal"
+        );
+    }
+    why
 }
 
 /// Waits (the owners still stopped), until `deadline` at most, until every

@@ -24,6 +24,9 @@
 //!
 //! A process traced already (a debugger, strace) cannot be seized: the
 //! request is refused, and it is not stopped.
+//!
+//! An owner of one thread can also be stepped to a place where it may be
+//! paired, and let go under escort (`steps`).
 use std::{
     collections::BTreeMap,
     io,
@@ -39,6 +42,10 @@ use super::{
     ptrace::{self, Waited},
     take::{Refusal, refuse},
 };
+
+mod steps;
+
+pub use self::steps::Advance;
 
 /// The owners of a stop, held still until [`Stopped::release`] (or drop).
 pub struct Stopped {
@@ -89,23 +96,39 @@ pub async fn stop(
     bound: Duration,
     ceiling: Duration,
 ) -> Result<Stopped, Refusal> {
+    Ok(stop_advancing(owners, bound, ceiling, None).await?.0)
+}
+
+/// [`stop`], then, with `advance`, steps an owner of one thread until
+/// `advance.safe` says yes (the owner runs between steps; each stop on the
+/// way is short). Returns the stop, and whether it is at such a place
+/// (always `true` without `advance`).
+pub async fn stop_advancing(
+    owners: &[Arc<Process>],
+    bound: Duration,
+    ceiling: Duration,
+    advance: Option<Advance>,
+) -> Result<(Stopped, bool), Refusal> {
     let (report, stopped) = tokio::sync::oneshot::channel();
     let (release, told) = mpsc::sync_channel(1);
     let (done, released) = tokio::sync::oneshot::channel();
     let owners = owners.to_vec();
     std::thread::Builder::new()
         .name("zc-stop".into())
-        .spawn(move || hold(&owners, bound, ceiling, report, &told, done))
+        .spawn(move || hold(&owners, bound, ceiling, advance, report, &told, done))
         .map_err(|e| refuse(ErrorKind::Internal, format!("starting a thread: {e}")))?;
-    let since = stopped
+    let (since, safe) = stopped
         .await
         .map_err(|_| refuse(ErrorKind::Internal, "the stopping thread ended"))??;
-    Ok(Stopped {
-        release: Some(release),
-        released: Some(released),
-        since,
-        bound,
-    })
+    Ok((
+        Stopped {
+            release: Some(release),
+            released: Some(released),
+            since,
+            bound,
+        },
+        safe,
+    ))
 }
 
 /// The body of one stop's thread.
@@ -113,17 +136,27 @@ fn hold(
     owners: &[Arc<Process>],
     bound: Duration,
     ceiling: Duration,
-    report: tokio::sync::oneshot::Sender<Result<Instant, Refusal>>,
+    advance: Option<Advance>,
+    report: tokio::sync::oneshot::Sender<Result<(Instant, bool), Refusal>>,
     told: &mpsc::Receiver<()>,
     done: tokio::sync::oneshot::Sender<()>,
 ) {
-    let since = Instant::now();
+    let mut since = Instant::now();
     let mut tracees = Tracees::default();
     let stopped = owners
         .iter()
         .try_for_each(|p| tracees.stop(p, since + bound));
+    let mut advance = advance;
+    let stopped = match (stopped, advance.as_mut()) {
+        (Ok(()), Some(a)) => tracees.advance(a).inspect(|_| {
+            // The owner ran between the steps: this stop starts now.
+            since = Instant::now();
+        }),
+        (r, _) => r.map(|()| true),
+    };
+    let escort = stopped.as_ref().is_ok_and(|&safe| safe);
     let ok = stopped.is_ok();
-    if report.send(stopped.map(|()| since)).is_err() || !ok {
+    if report.send(stopped.map(|safe| (since, safe))).is_err() || !ok {
         // Refused, or nobody is waiting any more.
         tracees.detach();
         return;
@@ -140,7 +173,10 @@ fn hold(
             ceiling.as_millis()
         );
     }
-    tracees.detach();
+    match advance.as_mut() {
+        Some(a) if escort => tracees.escort(a),
+        _ => tracees.detach(),
+    }
     debug!("stop released after {:?}", since.elapsed());
     let _ = done.send(());
 }
@@ -195,6 +231,7 @@ impl Tracees {
                         State::Stopping
                     }
                     Ok(Waited::Stopped { signal }) => State::Stopped { signal },
+                    Ok(Waited::AtSyscall) => State::Stopped { signal: None },
                     Ok(Waited::Gone) => State::Gone,
                     Err(e) => {
                         return Err(refuse(

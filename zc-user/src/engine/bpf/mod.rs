@@ -454,6 +454,17 @@ impl<'a> Pair<'a> {
     /// on the way (that forwarder then sees the EOF and comes back here).
     async fn finish_direction(&mut self, src: usize) -> Result<Task<'a, Forwarded>, Abort> {
         let dst = 1 - src;
+        // A read side can be shut without a FIN: the owner's shutdown
+        // (socat shuts both sockets down as it exits) does it too, and
+        // bytes keep arriving and being redirected. Counting a FIN that
+        // never came made the counts look one byte short, and the
+        // connection was reset as if the verdict had doubled a byte. The
+        // FIN's own arrival reports the socket again (a state change wakes
+        // every watcher, edge-triggered or not).
+        if !sys::fin_arrived(&sys::tcp_info(self.socks[src].as_fd())?) {
+            debug!("side {src}: read side shut without a FIN from its remote end; relaying on");
+            return Ok(None);
+        }
         // Every byte before the FIN has been through the verdict once the
         // source's received count equals what the verdict redirected or
         // passed. tcpi_bytes_received counts the FIN as one byte.
