@@ -81,12 +81,14 @@ fn build(tools: &bootstrap::Tools) -> Result<PathBuf> {
 
 /// Programs the tests run beside zc, as a user would (an unmodified proxy).
 /// Installed from the distribution's packages when missing.
-const TEST_PROGRAMS: [(&str, &str); 4] = [
+const TEST_PROGRAMS: [(&str, &str); 5] = [
     ("socat", "socat"),
     ("haproxy", "haproxy"),
     ("iperf3", "iperf3"),
     // Reads the man pages `zc man` writes.
     ("man", "man-db"),
+    // Checks what `zc relay --metrics` serves.
+    ("promtool", "prometheus"),
 ];
 
 fn ensure_test_programs() -> Result<()> {

@@ -258,10 +258,24 @@ struct RelayArgs {
     /// client is then reset).
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     connect_timeout: f64,
+    /// Serve Prometheus metrics on http://ADDR/metrics (and /healthz):
+    /// connections open and ended by how, bytes, bytes the kernel
+    /// redirected, switches to user space. `:9100` for every IPv4 address.
+    #[arg(long, value_name = "ADDR", value_parser = zc_user::cli::parse_listen)]
+    metrics: Option<SocketAddr>,
     /// After SIGINT/SIGTERM, let open connections finish for this many
     /// seconds before resetting them.
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     shutdown_grace: f64,
+}
+
+/// Stops a background task when the command it serves returns.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn secs(v: f64, what: &str) -> Result<Duration> {
@@ -346,6 +360,20 @@ async fn relay(args: RelayArgs) -> Result<()> {
         args.upstream
     );
     info!("zc relay: {}", relay.capacity());
+    let _metrics = match args.metrics {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--metrics {addr}"))?;
+            info!(
+                "zc relay: metrics on http://{}/metrics",
+                l.local_addr().context("the metrics address")?
+            );
+            let task = tokio::spawn(zc_user::metrics::serve(l, relay.metrics(mode.name())));
+            Some(AbortOnDrop(task))
+        }
+        None => None,
+    };
     relay.serve(stop).await?;
     info!("zc relay: stopped; programs and maps unloaded");
     Ok(())

@@ -52,6 +52,10 @@ pub struct Stats {
     pub reset: AtomicU64,
     pub failed: AtomicU64,
     pub bytes: AtomicU64,
+    /// BPF engine: times a direction was held back, and moved to user
+    /// space for its small segments (see [`Summary`]).
+    pub holds: AtomicU64,
+    pub small_moves: AtomicU64,
 }
 
 /// Descriptors kept free beyond those open when the relay binds (its
@@ -267,6 +271,16 @@ impl Relay {
     /// How many connections the relay takes at once, and why.
     pub fn capacity(&self) -> &Capacity {
         &self.capacity
+    }
+
+    /// What `/metrics` shows for this relay, rendered anew on each scrape.
+    pub fn metrics(&self, mode: &'static str) -> crate::metrics::Render {
+        let (stats, engine, max) = (
+            self.stats.clone(),
+            self.engine.clone(),
+            self.capacity.max_conns,
+        );
+        Arc::new(move || render_metrics(&stats, &engine, mode, max))
     }
 
     /// Serves until `stop` resolves, then lets open connections finish for
@@ -536,11 +550,71 @@ async fn serve_one(
     if summary.reset {
         stats.reset.fetch_add(1, Ordering::Relaxed);
     }
+    stats.holds.fetch_add(summary.holds, Ordering::Relaxed);
+    stats
+        .small_moves
+        .fetch_add(summary.small, Ordering::Relaxed);
     info!(
         "{}",
         access_line(peer, cfg.upstream, engine, &summary, started.elapsed())
     );
     Ok(())
+}
+
+fn render_metrics(s: &Stats, engine: &Engine, mode: &str, max_conns: usize) -> String {
+    use crate::metrics::Family;
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+    let ended = get(&s.finished) + get(&s.failed);
+    let mut out = String::new();
+    Family::new(&mut out, "zc_relay_info", "gauge", "The relay's data path.")
+        .sample(&[("mode", mode)], 1.0);
+    Family::new(
+        &mut out,
+        "zc_relay_connections_open",
+        "gauge",
+        "Connections being relayed now.",
+    )
+    .sample(&[], (get(&s.accepted) - ended).max(0.0));
+    Family::new(
+        &mut out,
+        "zc_relay_connections_max",
+        "gauge",
+        "Connections the relay takes at once (its descriptor limit).",
+    )
+    .sample(&[], max_conns as f64);
+    let closed = get(&s.finished) - get(&s.reset);
+    Family::new(
+        &mut out,
+        "zc_relay_connections_total",
+        "counter",
+        "Connections that ended, by how: closed (every byte delivered), reset, failed (upstream unreachable or an error).",
+    )
+    .sample(&[("result", "closed")], closed.max(0.0))
+    .sample(&[("result", "reset")], get(&s.reset))
+    .sample(&[("result", "failed")], get(&s.failed));
+    Family::new(
+        &mut out,
+        "zc_relay_bytes_total",
+        "counter",
+        "Bytes both ways of connections that ended.",
+    )
+    .sample(&[], get(&s.bytes));
+    Family::new(
+        &mut out,
+        "zc_kernel_redirected_bytes_total",
+        "counter",
+        "Bytes the BPF programs redirected in the kernel, live (0 without the BPF path).",
+    )
+    .sample(&[], engine.kernel_bytes() as f64);
+    Family::new(
+        &mut out,
+        "zc_relay_switches_total",
+        "counter",
+        "Times a direction moved to user space: held back for a slow reader (window), or for small segments.",
+    )
+    .sample(&[("reason", "window")], get(&s.holds))
+    .sample(&[("reason", "small_segments")], get(&s.small_moves));
+    out
 }
 
 /// The access log's line for one connection: who, where to, bytes each

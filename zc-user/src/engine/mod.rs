@@ -41,14 +41,20 @@ pub enum Mode {
     Copy,
 }
 
-impl fmt::Display for Mode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
             Mode::Auto => "auto",
             Mode::Bpf => "bpf",
             Mode::Splice => "splice",
             Mode::Copy => "copy",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -65,6 +71,15 @@ pub enum Engine {
 pub type Counts = std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>;
 
 impl Engine {
+    /// Bytes the kernel's BPF path carried for this engine's pairs (0 for
+    /// the user-space engines).
+    pub fn kernel_bytes(&self) -> u64 {
+        match self {
+            Engine::Bpf(e) => e.kernel_bytes(),
+            _ => 0,
+        }
+    }
+
     /// Relays between `a` and `b` until both directions end; closes both.
     pub async fn relay(&self, a: TcpStream, b: TcpStream) -> Result<Summary> {
         self.relay_counted(a, b, Counts::default()).await

@@ -110,6 +110,31 @@ impl RelayProcess {
         }
     }
 
+    /// Waits (up to 20 s) for a log line containing `needle` and returns it.
+    #[allow(dead_code)]
+    pub fn wait_for_log(&mut self, needle: &str) -> String {
+        if let Some(l) = self.seen.lines().find(|l| l.contains(needle)) {
+            return l.to_string();
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push_str(&line);
+                    self.seen.push('\n');
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no log line with `{needle}` in 20 s; the log:\n{}",
+                    self.seen
+                ),
+            }
+        }
+    }
+
     /// A client connection; reads time out rather than hang a test.
     pub fn connect(&self) -> TcpStream {
         let c = TcpStream::connect(self.listen).expect("connecting to the relay");

@@ -178,6 +178,11 @@ impl BpfEngine {
         self
     }
 
+    /// Bytes the kernel redirected for this engine's pairs, live and ended.
+    pub fn kernel_bytes(&self) -> u64 {
+        self.progs.kernel_bytes()
+    }
+
     /// Send buffer given to both sockets of each pair (0: kernel default).
     pub fn with_sndbuf(mut self, bytes: usize) -> Self {
         self.sndbuf = bytes;

@@ -1,0 +1,118 @@
+//! `zc relay --metrics`: what Prometheus scrapes, checked by promtool and
+//! by the numbers a known transfer must show.
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    process::{Command, Stdio},
+};
+
+use common::process::{RelayProcess, accept_upstream};
+
+const BYTES: usize = 8 << 20;
+
+fn get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect(addr).expect("connecting to the metrics port");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .expect("timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: zc\r\n\r\n").expect("request");
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).expect("reply");
+    let (head, body) = reply.split_once("\r\n\r\n").expect("an HTTP reply");
+    (head.to_string(), body.to_string())
+}
+
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no `{series}` in:\n{text}"))
+        .trim()
+        .parse()
+        .expect("a number")
+}
+
+#[test]
+fn a_bpf_relay_serves_metrics_promtool_accepts_with_the_bytes_it_moved() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test runs `zc relay --mode bpf` and needs root; run `cargo xtask test` as root"
+    );
+    let server = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let mut relay = RelayProcess::start(
+        server.local_addr().expect("addr"),
+        &["--mode", "bpf", "--metrics", "127.0.0.1:0"],
+        &[],
+        false,
+    );
+    let line = relay.wait_for_log("metrics on http://");
+    let addr: SocketAddr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in `{line}`"));
+
+    let (head, body) = get(addr, "/healthz");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, "ok\n");
+    let (head, _) = get(addr, "/nothing");
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+
+    let mut client = relay.connect();
+    let mut s = accept_upstream(&server);
+    let data = vec![7u8; BYTES];
+    let writer = std::thread::spawn(move || {
+        client.write_all(&data).expect("write");
+        client.shutdown(Shutdown::Write).expect("shutdown");
+        client
+    });
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).expect("read");
+    assert_eq!(got.len(), BYTES);
+    drop(s);
+    let mut client = writer.join().expect("writer");
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).expect("the relay's EOF");
+    drop(client);
+    // The access line comes when the relay has counted the connection.
+    relay.wait_for_log(" bytes up, ");
+
+    let (head, text) = get(addr, "/metrics");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running promtool (Debian's prometheus package; `cargo xtask test` installs it)");
+    promtool
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("feeding promtool");
+    let checked = promtool.wait_with_output().expect("promtool");
+    assert!(
+        checked.status.success() && checked.stdout.is_empty() && checked.stderr.is_empty(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert_eq!(value(&text, "zc_relay_info{mode=\"bpf\"}"), 1.0);
+    assert_eq!(
+        value(&text, "zc_relay_connections_total{result=\"closed\"}"),
+        1.0
+    );
+    assert_eq!(value(&text, "zc_relay_connections_open"), 0.0);
+    assert_eq!(value(&text, "zc_relay_bytes_total"), BYTES as f64);
+    let kernel = value(&text, "zc_kernel_redirected_bytes_total");
+    assert!(
+        kernel >= BYTES as f64,
+        "the kernel carried the transfer: {kernel} of {BYTES} bytes"
+    );
+    let (ok, log) = relay.stop();
+    assert!(ok, "zc relay did not exit cleanly: {log}");
+}
