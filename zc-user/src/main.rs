@@ -94,8 +94,8 @@ enum Cmd {
                       zc pair --pid 4242 --fd 12 --fd 13\n  zc list\n  zc unpair 1"
     )]
     Agent(agent_cmd::AgentArgs),
-    /// Ask the agent to pair two sockets of a running proxy, by 4-tuple or
-    /// by pid and fd numbers.
+    /// Ask the agent (`zc agent`) to pair two sockets of a running proxy,
+    /// by 4-tuple or by pid and fd numbers.
     #[command(
         long_about = "Ask the agent to pair two sockets of a running proxy, by 4-tuple (as \
                       `ss -tn` prints them) or by pid and fd numbers (as `ss -tnp` shows them).\n\n\
@@ -123,18 +123,21 @@ enum Cmd {
                       zc pair --pid 4242 --fd 12 --fd 13"
     )]
     Pair(agent_cmd::PairArgs),
-    /// Ask the agent to end a pairing and give the owner its sockets back,
-    /// with the socket options they had before pairing. The owner is
+    /// Ask the agent (`zc agent`) to end a pairing and give the owner its
+    /// sockets back.
+    ///
+    /// The owner gets the socket options they had before pairing. It is
     /// stopped for at most half a second while the kernel sends what it
     /// queued; then either every byte the kernel accepted has been
     /// delivered and the owner goes on, or, if some could not be (a reader
     /// too slow to drain in time), both connections are reset so no end
     /// mistakes a cut stream for a whole one. The answer says which.
     Unpair(agent_cmd::UnpairArgs),
-    /// List the agent's pairs.
+    /// List the agent's pairs (asks `zc agent`).
     List(agent_cmd::ListArgs),
-    /// Show what moved through each of the agent's pairs: bytes, skbs and
-    /// failed redirects per direction from the BPF counters (live byte
+    /// Show what moved through each of the agent's pairs (asks `zc agent`).
+    ///
+    /// Bytes, skbs and failed redirects per direction from the BPF counters (live byte
     /// counts for spliced pairs), and what the same-host short-circuit
     /// carried when it is on. `--json` prints {"pairs": [...],
     /// "short_circuit": {...} or null}.
