@@ -66,6 +66,13 @@ pub fn zc_fin_hold(ctx: TcContext) -> i32 {
     let Some(peer) = (unsafe { GUARDED.get(&key) }).copied() else {
         return TC_ACT_UNSPEC;
     };
+    // An entry outlives its socket when no agent removed it (one killed
+    // before the pair ended). The kernel takes a closing socket out of
+    // every sockhash (sock_map_close), so only a socket still in FOREIGN
+    // is the one paired; a later connection with the same 4-tuple is not.
+    if sock_addr(&raw const FOREIGN as *mut c_void, &key).is_none() {
+        return TC_ACT_UNSPEC;
+    }
     if payload {
         // The word holding the flags starts one byte before them.
         let off = flags_at - 1;

@@ -1,6 +1,7 @@
 //! `zc agent`: pairs sockets of other processes (an unmodified proxy) in
 //! the kernel on request over a control socket.
 pub mod access;
+mod adopted;
 pub mod client;
 pub mod control;
 mod ending;
@@ -211,38 +212,6 @@ impl Agent {
         agent
     }
 
-    fn adopt(&self) {
-        let Some(progs) = &self.progs else { return };
-        let found = progs.relay_pairs();
-        let mut pairs = self.pairs();
-        for keys in found {
-            let id = self.next.fetch_add(1, Ordering::Relaxed);
-            let sockets = keys.map(|k| {
-                let (l, r) = crate::sys::addrs_of_key(&k);
-                format!("{l}-{r}")
-            });
-            info!("adopted pair {id}: {} <-> {}", sockets[0], sockets[1]);
-            pairs.insert(
-                id,
-                Entry {
-                    info: PairInfo {
-                        id,
-                        source: "adopted".into(),
-                        sockets,
-                    },
-                    keys,
-                    inodes: [0; 2],
-                    owner_uid: 0,
-                    task: None,
-                    counts: None,
-                    owners: Vec::new(),
-                    hand_back: None,
-                    saved: None,
-                },
-            );
-        }
-    }
-
     fn pairs(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry>> {
         self.pairs.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -261,6 +230,7 @@ impl Agent {
         on_stop: OnStop,
     ) {
         tokio::pin!(stop);
+        tokio::spawn(adopted::watch(Arc::downgrade(&self)));
         let mut failing = AcceptBackoff::default();
         loop {
             tokio::select! {
@@ -419,6 +389,8 @@ impl Agent {
         req: Request,
         who: &Requester,
     ) -> Result<Response, Refusal> {
+        // Answers list no adopted pair that has ended since the last look.
+        let _ = self.prune_adopted();
         match req {
             Request::List => Ok(Response::Pairs {
                 pairs: self.pairs().values().map(|e| e.info.clone()).collect(),
@@ -817,7 +789,10 @@ fn check_pairable(a: &TcpStream, b: &TcpStream, what: &str) -> Result<[u64; 2], 
             format!("{what} are the same socket"),
         ));
     }
-    let family = |s: &TcpStream| s.local_addr().map(|a| a.is_ipv4()).ok();
+    // As keyed: an IPv6 socket holding an IPv4-mapped connection (a
+    // dual-stack listener's) counts as IPv4, and the kernel redirects
+    // between it and an IPv4 socket like any two TCP sockets.
+    let family = |s: &TcpStream| crate::sys::sock_key(s.as_fd()).map(|k| k.family).ok();
     if family(a) != family(b) {
         return Err(refuse(
             ErrorKind::Invalid,
