@@ -594,8 +594,8 @@ pub fn print_agent_status(
         "  FIN hold:       {}",
         s.fin_hold.as_deref().map_or(
             format!(
-                "active ({} bare FINs held, {} taken off data)",
-                s.fins_held, s.fins_stripped
+                "active ({} FINs held, {} taken off data, {} sent round again)",
+                s.fins_held, s.fins_stripped, s.fins_requeued
             ),
             |w| format!("off: {w}")
         )

@@ -543,7 +543,7 @@ impl Agent {
                 v
             })
             .unwrap_or_default();
-        let (fins_held, fins_stripped) = self
+        let (fins_held, fins_stripped, fins_requeued) = self
             .progs
             .as_ref()
             .and_then(Programs::fin_hold_counts)
@@ -558,6 +558,7 @@ impl Agent {
             fin_hold: self.no_fin_hold.clone(),
             fins_held,
             fins_stripped,
+            fins_requeued,
             short_circuit: self.no_short_circuit.clone(),
             pin_dir: self.pin_dir.as_ref().map(|d| d.display().to_string()),
             pinned,
