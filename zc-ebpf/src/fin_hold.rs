@@ -49,6 +49,9 @@ const REQUEUE_MARK: u32 = 0x7a63_f1a0;
 /// How long a FIN goes round before the hold leaves it to TCP's
 /// retransmission (a tail-loss probe about 200 ms after the FIN left).
 const REQUEUE_NS: u64 = 20_000_000;
+/// A start older than this belongs to an earlier FIN whose entry was not
+/// removed (its pair ended first); a FIN seen now starts afresh.
+const REQUEUE_STALE_NS: u64 = 1_000_000_000;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP: u8 = 6;
@@ -83,6 +86,10 @@ pub fn zc_fin_hold(ctx: TcContext) -> i32 {
     if flags & TCP_FIN == 0 || flags & TCP_RST != 0 {
         return TC_ACT_UNSPEC;
     }
+    // A copy made by `requeue`. Another agent's hold (each agent attaches
+    // its own, with its own maps) passes it on untouched, mark included.
+    // SAFETY: the context is valid for this run.
+    let ours = unsafe { (*ctx.skb.skb).mark } == REQUEUE_MARK;
     // SAFETY: copied out at once.
     let Some(peer) = (unsafe { GUARDED.get(&key) }).copied() else {
         return TC_ACT_UNSPEC;
@@ -94,8 +101,11 @@ pub fn zc_fin_hold(ctx: TcContext) -> i32 {
     if sock_addr(&raw const FOREIGN as *mut c_void, &key).is_none() {
         return TC_ACT_UNSPEC;
     }
-    // SAFETY: the context is valid for this run.
-    let ours = unsafe { (*ctx.skb.skb).mark } == REQUEUE_MARK;
+    // This hold's copy: it leaves without the mark, and a further copy
+    // gets it again.
+    if ours {
+        ctx.set_mark(0);
+    }
     if payload && !ours {
         // Before the FIN is taken off: the copy keeps it.
         requeue(&ctx, &key);
@@ -122,9 +132,6 @@ pub fn zc_fin_hold(ctx: TcContext) -> i32 {
         requeue(&ctx, &key);
         return TC_ACT_SHOT;
     }
-    if ours {
-        ctx.set_mark(0);
-    }
     let _ = HOLD_SINCE.remove(&key);
     TC_ACT_UNSPEC
 }
@@ -140,8 +147,8 @@ fn requeue(ctx: &TcContext, key: &SockKey) {
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: copied out at once.
     let since = match unsafe { HOLD_SINCE.get(key) }.copied() {
-        Some(t) => t,
-        None => {
+        Some(t) if now.wrapping_sub(t) <= REQUEUE_STALE_NS => t,
+        _ => {
             let _ = HOLD_SINCE.insert(key, &now, 0);
             now
         }
