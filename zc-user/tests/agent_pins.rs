@@ -224,11 +224,14 @@ fn agents_started_at_once_mount_bpffs_once_and_only_one_takes_a_pin_directory() 
         agent(&a, &b_socket, "b.log"),
         agent(&c, &c.socket, "c.log"),
     );
-    let mut sh = Command::new("unshare")
+    let sh = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "sh", "-c", &script])
         .stdin(Stdio::null())
         .spawn()
         .expect("unshare (util-linux)");
+    // Stops the agents (the shell's children) and the shell however the
+    // test ends, a failed assertion included.
+    let sh = Namespace(sh);
     let log = |n: &str| std::fs::read_to_string(a.dir.join(n)).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(60);
     let (serving, refused) = loop {
@@ -254,7 +257,7 @@ fn agents_started_at_once_mount_bpffs_once_and_only_one_takes_a_pin_directory() 
         log("b.log")
     );
     assert_eq!(refused.iter().filter(|r| **r).count(), 1);
-    let mounts = std::fs::read_to_string(format!("/proc/{}/mountinfo", sh.id()))
+    let mounts = std::fs::read_to_string(format!("/proc/{}/mountinfo", sh.0.id()))
         .expect("the namespace's mountinfo");
     let bpffs: Vec<&str> = mounts
         .lines()
@@ -262,16 +265,25 @@ fn agents_started_at_once_mount_bpffs_once_and_only_one_takes_a_pin_directory() 
         .collect();
     eprintln!("bpffs mounts in the namespace: {bpffs:#?}");
     assert_eq!(bpffs.len(), 1, "bpffs stacked: {bpffs:#?}");
-    // The agents are the shell's children: stop them, then the shell.
-    let kids = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", sh.id()))
-        .unwrap_or_default();
-    for pid in kids
-        .split_whitespace()
-        .filter_map(|p| p.parse::<i32>().ok())
-    {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGTERM);
+}
+
+/// The shell running a test's agents in their mount namespace.
+struct Namespace(std::process::Child);
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let pid = self.0.id();
+        let kids =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        for kid in kids
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(kid), nix::sys::signal::SIGTERM);
+        }
+        let _ = self.0.wait();
     }
-    let _ = sh.wait();
 }
 
 #[test]
