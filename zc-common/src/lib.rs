@@ -27,6 +27,29 @@ pub struct SockKey {
 }
 
 impl SockKey {
+    /// The key of an IPv4 connection held by an IPv6 socket (an
+    /// IPv4-mapped address, `::ffff:a.b.c.d`, as a dual-stack `[::]`
+    /// listener accepts) written as the IPv4 key it is on the wire, so
+    /// that the FIN hold, which reads IPv4 headers, and an IPv4 peer
+    /// socket name it alike. Both sides build every key through this. A
+    /// listener's remote address is all zeros and stays so.
+    #[inline(always)]
+    pub const fn normalised(self) -> Self {
+        if self.family != AF_INET6
+            || !is_v4_mapped(&self.local_ip)
+            || !(is_v4_mapped(&self.remote_ip) || is_zero(&self.remote_ip))
+        {
+            return self;
+        }
+        Self {
+            family: AF_INET,
+            local_port: self.local_port,
+            remote_port: self.remote_port,
+            local_ip: [self.local_ip[3], 0, 0, 0],
+            remote_ip: [self.remote_ip[3], 0, 0, 0],
+        }
+    }
+
     /// The same connection seen from its other end (the same-host case).
     pub const fn reversed(&self) -> Self {
         Self {
@@ -37,6 +60,17 @@ impl SockKey {
             remote_ip: self.local_ip,
         }
     }
+}
+
+/// `::ffff:0:0/96`: the third network-order word is 00 00 ff ff.
+#[inline(always)]
+const fn is_v4_mapped(ip: &[u32; 4]) -> bool {
+    ip[0] == 0 && ip[1] == 0 && ip[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+}
+
+#[inline(always)]
+const fn is_zero(ip: &[u32; 4]) -> bool {
+    ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == 0
 }
 
 /// Normalises the `remote_port` field of `__sk_buff`, `sk_msg_md` and
@@ -182,6 +216,40 @@ mod tests {
         let be = u16::to_be(port) as u32;
         assert_eq!(remote_port_from_ctx(be << 16), 8080);
         assert_eq!(remote_port_from_ctx(be), 8080);
+    }
+
+    #[test]
+    fn ipv4_mapped_keys_become_ipv4_keys() {
+        let w = |o: [u8; 4]| u32::from_ne_bytes(o);
+        let mapped = SockKey {
+            family: AF_INET6,
+            local_port: 80,
+            remote_port: 5000,
+            local_ip: [0, 0, w([0, 0, 0xff, 0xff]), w([127, 0, 0, 1])],
+            remote_ip: [0, 0, w([0, 0, 0xff, 0xff]), w([10, 0, 0, 9])],
+        };
+        let v4 = SockKey {
+            family: AF_INET,
+            local_port: 80,
+            remote_port: 5000,
+            local_ip: [w([127, 0, 0, 1]), 0, 0, 0],
+            remote_ip: [w([10, 0, 0, 9]), 0, 0, 0],
+        };
+        assert_eq!(mapped.normalised(), v4);
+        assert_eq!(v4.normalised(), v4);
+        // A real IPv6 key (::1) and the IPv6 wildcard stay as they are.
+        let v6 = SockKey {
+            family: AF_INET6,
+            local_ip: [0, 0, 0, w([0, 0, 0, 1])],
+            remote_ip: [0, 0, 0, w([0, 0, 0, 1])],
+            ..v4
+        };
+        assert_eq!(v6.normalised(), v6);
+        let wildcard = SockKey {
+            family: AF_INET6,
+            ..SockKey::default()
+        };
+        assert_eq!(wildcard.normalised(), wildcard);
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! The FIN hold: `zc_fin_hold`, on tc ingress, keeps a FIN for a socket
 //! of the agent's pairs behind the bytes redirected before it.
 use aya_ebpf::{
+    bindings::BPF_F_INGRESS,
     cty::c_void,
-    helpers::bpf_probe_read_kernel,
+    helpers::{bpf_probe_read_kernel, generated::bpf_ktime_get_ns},
     macros::{classifier, map},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
 use zc_common::{AF_INET, AF_INET6, MAX_SOCKETS, SockKey};
@@ -27,15 +28,30 @@ static HOLD_CONFIG: Array<u64> = Array::with_max_entries(2, 0);
 #[map]
 static HOLD_IFACES: HashMap<u32, u32> = HashMap::with_max_entries(1024, 0);
 
-/// [HOLD_HELD] bare FINs dropped to wait, [HOLD_STRIPPED] FINs taken off
-/// data segments.
+/// [HOLD_HELD] FINs dropped to wait, [HOLD_STRIPPED] FINs taken off
+/// data segments, [HOLD_REQUEUED] copies of a held FIN sent round the
+/// device's backlog.
 #[map]
-static HOLD_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+static HOLD_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
+
+/// When the hold began sending a socket's FIN round (see `requeue`).
+#[map]
+static HOLD_SINCE: LruHashMap<SockKey, u64> = LruHashMap::with_max_entries(MAX_SOCKETS, 0);
 
 const HOLD_USER_DATA: u32 = 0;
 const HOLD_QLEN: u32 = 1;
 const HOLD_HELD: u32 = 0;
 const HOLD_STRIPPED: u32 = 1;
+const HOLD_REQUEUED: u32 = 2;
+/// Marks the copies `requeue` makes (an ingress skb carries no mark of
+/// ours otherwise; a mark survives a redirect within one namespace).
+const REQUEUE_MARK: u32 = 0x7a63_f1a0;
+/// How long a FIN goes round before the hold leaves it to TCP's
+/// retransmission (a tail-loss probe about 200 ms after the FIN left).
+const REQUEUE_NS: u64 = 20_000_000;
+/// A start older than this belongs to an earlier FIN whose entry was not
+/// removed (its pair ended first); a FIN seen now starts afresh.
+const REQUEUE_STALE_NS: u64 = 1_000_000_000;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP: u8 = 6;
@@ -54,6 +70,14 @@ const TC_ACT_SHOT: i32 = 2;
 /// peer's queue is empty: a bare FIN is dropped (the sender retransmits
 /// it), and a FIN riding on data is taken off that segment, so its bytes
 /// go through the redirect first and the FIN comes back alone.
+///
+/// It comes back without waiting for the sender's retransmission (which
+/// made every paired close take about 205 ms): a held FIN, and a copy of
+/// a data segment whose FIN was taken off, go round the device's ingress
+/// backlog again (`requeue`) until the queue is empty, for at most
+/// `REQUEUE_NS`. The copy's bytes are old by the time it passes: TCP
+/// queues such a segment, and the stream parser, which reads by sequence
+/// number, skips them.
 #[classifier]
 pub fn zc_fin_hold(ctx: TcContext) -> i32 {
     let Some((key, flags, payload, flags_at)) = tcp_segment(&ctx) else {
@@ -62,11 +86,29 @@ pub fn zc_fin_hold(ctx: TcContext) -> i32 {
     if flags & TCP_FIN == 0 || flags & TCP_RST != 0 {
         return TC_ACT_UNSPEC;
     }
+    // A copy made by `requeue`. Another agent's hold (each agent attaches
+    // its own, with its own maps) passes it on untouched, mark included.
+    // SAFETY: the context is valid for this run.
+    let ours = unsafe { (*ctx.skb.skb).mark } == REQUEUE_MARK;
     // SAFETY: copied out at once.
     let Some(peer) = (unsafe { GUARDED.get(&key) }).copied() else {
         return TC_ACT_UNSPEC;
     };
-    if payload {
+    // An entry outlives its socket when no agent removed it (one killed
+    // before the pair ended). The kernel takes a closing socket out of
+    // every sockhash (sock_map_close), so only a socket still in FOREIGN
+    // is the one paired; a later connection with the same 4-tuple is not.
+    if sock_addr(&raw const FOREIGN as *mut c_void, &key).is_none() {
+        return TC_ACT_UNSPEC;
+    }
+    // This hold's copy: it leaves without the mark, and a further copy
+    // gets it again.
+    if ours {
+        ctx.set_mark(0);
+    }
+    if payload && !ours {
+        // Before the FIN is taken off: the copy keeps it.
+        requeue(&ctx, &key);
         // The word holding the flags starts one byte before them.
         let off = flags_at - 1;
         let Ok(old) = ctx.load::<u16>(off) else {
@@ -87,9 +129,43 @@ pub fn zc_fin_hold(ctx: TcContext) -> i32 {
     }
     if peer_queue_len(&peer) > 0 {
         bump(HOLD_HELD);
+        requeue(&ctx, &key);
         return TC_ACT_SHOT;
     }
+    let _ = HOLD_SINCE.remove(&key);
     TC_ACT_UNSPEC
+}
+
+/// Puts a marked copy of the segment at the back of its device's ingress
+/// backlog (bpf_clone_redirect with BPF_F_INGRESS goes through netif_rx,
+/// so this program sees it again in a later softirq round, after the
+/// worker had a chance to send), unless the socket's FIN has gone round
+/// for `REQUEUE_NS` already.
+#[inline(always)]
+fn requeue(ctx: &TcContext, key: &SockKey) {
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: copied out at once.
+    let since = match unsafe { HOLD_SINCE.get(key) }.copied() {
+        Some(t) if now.wrapping_sub(t) <= REQUEUE_STALE_NS => t,
+        _ => {
+            let _ = HOLD_SINCE.insert(key, &now, 0);
+            now
+        }
+    };
+    if now.wrapping_sub(since) > REQUEUE_NS {
+        return;
+    }
+    // SAFETY: the context is valid for this run.
+    let (mark, ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ifindex) };
+    ctx.set_mark(REQUEUE_MARK);
+    if ctx
+        .clone_redirect(ifindex, u64::from(BPF_F_INGRESS))
+        .is_ok()
+    {
+        bump(HOLD_REQUEUED);
+    }
+    ctx.set_mark(mark);
 }
 
 /// The socket key a TCP segment is addressed to, its flags, whether it

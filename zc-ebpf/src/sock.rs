@@ -41,7 +41,9 @@ macro_rules! key_of {
                 key.remote_ip[2] = read_volatile(&raw const (*c).remote_ip6[2]);
                 key.remote_ip[3] = read_volatile(&raw const (*c).remote_ip6[3]);
             }
-            key
+            // IPv4-mapped sockets are keyed as IPv4, as user space and the
+            // FIN hold key them.
+            key.normalised()
         }
     }};
 }

@@ -8,6 +8,7 @@ use zc_user::{
     agent::{
         Agent, DEFAULT_MAX_STOP, DataPath, OnStop, Options,
         control::{self, DEFAULT_SOCKET},
+        lock, pins,
         proto::{PairStats, Request, Response},
     },
     ebpf::{Programs, ShortCircuitTotals},
@@ -16,7 +17,9 @@ use zc_user::{
 
 #[derive(clap::Args)]
 pub struct AgentArgs {
-    /// Control socket to serve.
+    /// Control socket to serve. A stale socket left there by a dead agent
+    /// is replaced; anything else (a live socket, a regular file, a link)
+    /// is refused and left alone.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
     /// Let members of this group (name or gid) use the control socket
@@ -25,15 +28,20 @@ pub struct AgentArgs {
     group: Option<String>,
     /// Directory on bpffs where the agent pins its maps, so pairs outlive
     /// the agent (kill -9 included) and a restarted agent adopts them.
-    /// bpffs is mounted on /sys/fs/bpf if it is not there.
+    /// bpffs is mounted on /sys/fs/bpf if it is not there. The agent
+    /// creates it 0700 and refuses to start on one it does not own (bpffs
+    /// lets anyone create it), with other entries, or with pins of another
+    /// layout version; `--cleanup` removes such a directory. One agent at
+    /// a time per pin directory and per --socket (locks in /run/zc).
     #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
     /// On SIGINT/SIGTERM, end every pair and remove the pinned maps
     /// (default: pairs stay in the kernel and keep moving bytes).
     #[arg(long)]
     unpin_on_exit: bool,
-    /// Remove everything an agent pinned under --pin-dir, ending any pairs
-    /// left there, and exit. Refuses while an agent serves --socket.
+    /// Remove --pin-dir and everything in it, ending any pairs left there,
+    /// and exit; also a directory someone else made there. Refuses while
+    /// an agent uses that directory or serves --socket.
     #[arg(long)]
     cleanup: bool,
     /// auto: BPF if its programs load, else splice (and say why). splice:
@@ -135,9 +143,12 @@ pub struct StatsArgs {
 
 pub async fn agent(args: AgentArgs) -> Result<()> {
     crate::raise_fd_limit();
+    // Before anything is touched: one agent per pin directory and socket.
+    let _locks = take_locks(&args)?;
     if args.cleanup {
         return cleanup(&args);
     }
+    zc_user::agent::control::clear_socket_path(&args.socket)?;
     let group = match &args.group {
         None => None,
         Some(g) => Some(resolve_group(g)?),
@@ -160,7 +171,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
     let mut pin_dir = None;
     let path = match args.data_path {
         DataPathArg::Splice => DataPath::Splice("--data-path splice".into()),
-        DataPathArg::Auto => match load_bpf(&args.pin_dir) {
+        DataPathArg::Auto => match load_bpf(&args.pin_dir)? {
             Ok((progs, guard)) => {
                 no_fin_hold = guard;
                 pin_dir = Some(args.pin_dir.clone());
@@ -228,17 +239,47 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
     agent.serve(listener, stop, on_stop).await;
     let _ = std::fs::remove_file(&args.socket);
     if args.unpin_on_exit {
-        unpin(&args.pin_dir)?;
+        pins::remove_all(&args.pin_dir)?;
     }
     Ok(())
 }
 
-/// Loads the programs with maps pinned in `dir` and the FIN hold.
-fn load_bpf(dir: &std::path::Path) -> Result<(Programs, Option<String>)> {
-    ensure_bpffs(dir)?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let progs = Programs::load_pinned(dir)
-        .with_context(|| format!("loading the programs with maps pinned in {}", dir.display()))?;
+/// The agent's locks (see `zc_user::agent::lock`), or which agent holds
+/// them.
+fn take_locks(args: &AgentArgs) -> Result<[lock::Lock; 2]> {
+    Ok([
+        lock::take(
+            &lock::pin_dir_lock(&args.pin_dir)?,
+            &format!("the pin directory {}", args.pin_dir.display()),
+        )?,
+        lock::take(
+            &lock::socket_lock(&args.socket),
+            &format!("the control socket {}", args.socket.display()),
+        )?,
+    ])
+}
+
+/// Loads the programs with maps pinned in `dir` and the FIN hold. The
+/// outer error is fatal (a pin directory the agent cannot trust: falling
+/// back to splice would hide it); the inner one means BPF is unavailable.
+fn load_bpf(dir: &std::path::Path) -> Result<Result<(Programs, Option<String>)>> {
+    if let Err(e) = ensure_bpffs(dir) {
+        return Ok(Err(e));
+    }
+    match pins::prepare(dir)? {
+        pins::Found::Empty => {}
+        pins::Found::Pins => info!("reusing the pins in {}", dir.display()),
+    }
+    let progs = match Programs::load_pinned(dir) {
+        Ok(p) => p,
+        Err(e) => {
+            return Ok(Err(anyhow::Error::new(e).context(format!(
+                "loading the programs with maps pinned in {}",
+                dir.display()
+            ))));
+        }
+    };
+    pins::mark(dir)?;
     let no_fin_hold = match progs.enable_fin_hold() {
         Ok(()) => {
             info!("FIN hold active: a proxy cannot see a paired stream end before its bytes left");
@@ -252,7 +293,7 @@ fn load_bpf(dir: &std::path::Path) -> Result<(Programs, Option<String>)> {
             Some(e.to_string())
         }
     };
-    Ok((progs, no_fin_hold))
+    Ok(Ok((progs, no_fin_hold)))
 }
 
 /// `given`, or the root of the cgroup2 hierarchy.
@@ -317,6 +358,7 @@ fn cgroup2_of(pid: &str) -> Result<Option<PathBuf>> {
         .map(|p| PathBuf::from(p.trim_start_matches('/'))))
 }
 
+/// `--cleanup`, with the agent's locks held (no agent uses the directory).
 fn cleanup(args: &AgentArgs) -> Result<()> {
     if control::connect_control(&args.socket).is_ok() {
         bail!(
@@ -324,52 +366,33 @@ fn cleanup(args: &AgentArgs) -> Result<()> {
             args.socket.display()
         );
     }
-    let n = unpin(&args.pin_dir)?;
+    let removed = pins::remove_all(&args.pin_dir)?;
     println!(
-        "removed {n} pinned object(s) from {}; pairs left there have ended",
-        args.pin_dir.display()
+        "removed {} and {} pinned object(s) in it; pairs left there have ended",
+        args.pin_dir.display(),
+        removed.entries
     );
+    if !removed.foreign.is_empty() {
+        println!("it was not (only) zc's: {}", removed.foreign.join("; "));
+    }
     Ok(())
 }
 
-/// Removes the agent's pins; a map is freed (and its sockets released
-/// from it) once nothing holds it.
-fn unpin(dir: &std::path::Path) -> Result<usize> {
-    let mut n = 0;
-    let links: Vec<String> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(zc_user::ebpf::HOLD_LINK_PREFIX))
-        .collect();
-    let maps = zc_user::ebpf::PINNED.iter().map(|s| s.to_string());
-    for name in maps.chain(links) {
-        let p = dir.join(&name);
-        match std::fs::remove_file(&p) {
-            Ok(()) => n += 1,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {}", p.display())),
-        }
-    }
-    match std::fs::remove_dir(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(e).with_context(|| format!("removing {} (not ours alone?)", dir.display()));
-        }
-    }
-    Ok(n)
-}
-
 /// Mounts bpffs on /sys/fs/bpf when the pin directory lives there and
-/// nothing is mounted yet.
+/// nothing is mounted yet. Agents of other pin directories may start at
+/// the same moment: the check and the mount happen under one lock, so
+/// that they never stack two mounts (the pins of the first would vanish
+/// under the second).
 fn ensure_bpffs(dir: &std::path::Path) -> Result<()> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     let root = std::path::Path::new("/sys/fs/bpf");
     if !dir.starts_with(root) {
         return Ok(());
     }
+    let _mounting = lock::wait(
+        &std::path::Path::new(lock::LOCK_DIR).join("bpffs.lock"),
+        "mounting bpffs",
+    )?;
     let c = std::ffi::CString::new("/sys/fs/bpf")?;
     // SAFETY: statfs writes into the zeroed struct we own.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
@@ -571,8 +594,8 @@ pub fn print_agent_status(
         "  FIN hold:       {}",
         s.fin_hold.as_deref().map_or(
             format!(
-                "active ({} bare FINs held, {} taken off data)",
-                s.fins_held, s.fins_stripped
+                "active ({} FINs held, {} taken off data, {} sent round again)",
+                s.fins_held, s.fins_stripped, s.fins_requeued
             ),
             |w| format!("off: {w}")
         )

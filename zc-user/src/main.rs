@@ -89,6 +89,11 @@ enum Cmd {
                       process's sockets; others only sockets the kernel would let them take \
                       themselves (its ptrace-attach check, run with their credentials), both \
                       held by one process.\n\n\
+                      One agent runs per pin directory and control socket (flock'd lock files \
+                      in /run/zc); a second one refuses before it touches anything. The pin \
+                      directory must be the agent's own (created 0700 by it, holding only zc's \
+                      pins of this layout version): one made by another user, or holding other \
+                      entries, is refused with the path and the fix (`zc agent --cleanup`).\n\n\
                       Needs root (pidfd_getfd and BPF).",
         after_help = "Example:\n  zc agent &\n  ss -tnp | grep haproxy      # find the proxy's pid and fds\n  \
                       zc pair --pid 4242 --fd 12 --fd 13\n  zc list\n  zc unpair 1"

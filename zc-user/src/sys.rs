@@ -253,6 +253,9 @@ pub fn sock_key(fd: impl AsFd) -> io::Result<SockKey> {
     Ok(key_from_addrs(&local, &peer))
 }
 
+/// The map key of a connection from its addresses; an IPv4-mapped IPv6
+/// connection gets its IPv4 key, as in the eBPF programs
+/// ([`SockKey::normalised`]).
 pub fn key_from_addrs(local: &SocketAddr, remote: &SocketAddr) -> SockKey {
     let (family, local_ip, local_port) = addr_words(local);
     let (_, remote_ip, remote_port) = addr_words(remote);
@@ -263,6 +266,7 @@ pub fn key_from_addrs(local: &SocketAddr, remote: &SocketAddr) -> SockKey {
         local_ip,
         remote_ip,
     }
+    .normalised()
 }
 
 /// The (local, remote) addresses a key was made from.
@@ -339,6 +343,28 @@ mod tests {
         );
         assert_eq!(kc.family, AF_INET);
         assert_eq!(kc.local_ip[0], u32::from_ne_bytes([127, 0, 0, 1]));
+    }
+
+    #[test]
+    fn an_ipv4_mapped_socket_has_the_key_of_its_ipv4_peer() {
+        let l = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)
+            .expect("socket");
+        l.set_only_v6(false).expect("dual stack");
+        l.bind(&"[::]:0".parse::<SocketAddr>().expect("addr").into())
+            .expect("bind");
+        l.listen(1).expect("listen");
+        let port = l
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .expect("port")
+            .port();
+        let c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let (s, _) = l.accept().expect("accept");
+        assert!(s.local_addr().expect("local").is_ipv6(), "not mapped");
+        let ks = sock_key(&s).expect("key");
+        assert_eq!(ks.family, AF_INET);
+        assert_eq!(sock_key(&c).expect("key").reversed(), ks);
     }
 
     #[test]

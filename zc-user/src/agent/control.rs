@@ -37,22 +37,66 @@ pub const REPLY_CHUNK: usize = 64 * 1024;
 /// and those leaked.
 const SCM_MAX_FD: usize = 253;
 
+/// Makes way for the control socket at `path`: nothing there, or a stale
+/// socket (one nobody accepts on: ECONNREFUSED, left by a dead agent),
+/// which is removed. Anything else is refused and left alone: a live
+/// socket (another agent, or another program's), and whatever is not a
+/// socket (a regular file, a link, a directory), which `--socket` must
+/// never destroy.
+pub fn clear_socket_path(path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt as _;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("looking at {}", path.display())),
+    };
+    let t = meta.file_type();
+    if !t.is_socket() {
+        let what = if t.is_symlink() {
+            "a symbolic link"
+        } else if t.is_dir() {
+            "a directory"
+        } else if t.is_file() {
+            "a regular file"
+        } else {
+            "not a socket"
+        };
+        bail!(
+            "{} exists and is {what}, not a stale control socket; zc agent will not remove \
+             it: give another --socket PATH, or remove it yourself",
+            path.display()
+        );
+    }
+    let probe = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("creating a socket to probe the control socket")?;
+    match connect(probe.as_raw_fd(), &UnixAddr::new(path)?) {
+        Ok(()) => bail!(
+            "another zc agent is serving {}; stop it first",
+            path.display()
+        ),
+        Err(nix::errno::Errno::ECONNREFUSED) => std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display())),
+        Err(e) => bail!(
+            "{} is a socket that is not a stale zc control socket (connecting: {e}); zc agent \
+             will not remove it: give another --socket PATH",
+            path.display()
+        ),
+    }
+}
+
 /// Binds the control socket, 0600 (0660 and group-owned with `group`).
-/// A socket file left by a dead agent is replaced; a live agent is not.
+/// A socket left by a dead agent is replaced; nothing else is (see
+/// [`clear_socket_path`]).
 pub fn bind_control(path: &Path, group: Option<u32>) -> Result<AsyncFd<OwnedFd>> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    if path.exists() {
-        if connect_control(path).is_ok() {
-            bail!(
-                "another zc agent is serving {}; stop it first",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing the stale socket {}", path.display()))?;
-    }
+    clear_socket_path(path)?;
     let fd = socket(
         AddressFamily::Unix,
         SockType::SeqPacket,

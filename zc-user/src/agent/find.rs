@@ -48,13 +48,22 @@ fn proc_hex(a: SocketAddr) -> String {
 }
 
 /// Inode of the established socket local -> remote in this network
-/// namespace.
+/// namespace. IPv4 addresses also find an IPv6 socket that holds the
+/// connection IPv4-mapped (a dual-stack listener's), listed in tcp6 only.
 pub fn inode_of(local: SocketAddr, remote: SocketAddr) -> Option<u64> {
-    let table = if local.is_ipv4() {
-        "/proc/net/tcp"
-    } else {
-        "/proc/net/tcp6"
+    let mapped = |a: SocketAddr| match a {
+        SocketAddr::V4(v4) => Some(SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port()))),
+        SocketAddr::V6(_) => None,
     };
+    if local.is_ipv4() {
+        in_table("/proc/net/tcp", local, remote)
+            .or_else(|| in_table("/proc/net/tcp6", mapped(local)?, mapped(remote)?))
+    } else {
+        in_table("/proc/net/tcp6", local, remote)
+    }
+}
+
+fn in_table(table: &str, local: SocketAddr, remote: SocketAddr) -> Option<u64> {
     let (l, r) = (proc_hex(local), proc_hex(remote));
     std::fs::read_to_string(table)
         .ok()?

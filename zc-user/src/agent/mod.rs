@@ -1,12 +1,15 @@
 //! `zc agent`: pairs sockets of other processes (an unmodified proxy) in
 //! the kernel on request over a control socket.
 pub mod access;
+mod adopted;
 pub mod client;
 pub mod control;
 mod ending;
 pub mod find;
+pub mod lock;
 mod pairing;
 pub mod pidfd;
+pub mod pins;
 pub mod proto;
 mod ptrace;
 mod quiesce;
@@ -212,38 +215,6 @@ impl Agent {
         agent
     }
 
-    fn adopt(&self) {
-        let Some(progs) = &self.progs else { return };
-        let found = progs.relay_pairs();
-        let mut pairs = self.pairs();
-        for keys in found {
-            let id = self.next.fetch_add(1, Ordering::Relaxed);
-            let sockets = keys.map(|k| {
-                let (l, r) = crate::sys::addrs_of_key(&k);
-                format!("{l}-{r}")
-            });
-            info!("adopted pair {id}: {} <-> {}", sockets[0], sockets[1]);
-            pairs.insert(
-                id,
-                Entry {
-                    info: PairInfo {
-                        id,
-                        source: "adopted".into(),
-                        sockets,
-                    },
-                    keys,
-                    inodes: [0; 2],
-                    owner_uid: 0,
-                    task: None,
-                    counts: None,
-                    owners: Vec::new(),
-                    hand_back: None,
-                    saved: None,
-                },
-            );
-        }
-    }
-
     fn pairs(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry>> {
         self.pairs.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -262,6 +233,7 @@ impl Agent {
         on_stop: OnStop,
     ) {
         tokio::pin!(stop);
+        tokio::spawn(adopted::watch(Arc::downgrade(&self)));
         let mut failing = AcceptBackoff::default();
         loop {
             tokio::select! {
@@ -420,6 +392,8 @@ impl Agent {
         req: Request,
         who: &Requester,
     ) -> Result<Response, Refusal> {
+        // Answers list no adopted pair that has ended since the last look.
+        let _ = self.prune_adopted();
         match req {
             Request::List => Ok(Response::Pairs {
                 pairs: self.pairs().values().map(|e| e.info.clone()).collect(),
@@ -570,7 +544,7 @@ impl Agent {
                 v
             })
             .unwrap_or_default();
-        let (fins_held, fins_stripped) = self
+        let (fins_held, fins_stripped, fins_requeued) = self
             .progs
             .as_ref()
             .and_then(Programs::fin_hold_counts)
@@ -585,6 +559,7 @@ impl Agent {
             fin_hold: self.no_fin_hold.clone(),
             fins_held,
             fins_stripped,
+            fins_requeued,
             short_circuit: self.no_short_circuit.clone(),
             pin_dir: self.pin_dir.as_ref().map(|d| d.display().to_string()),
             pinned,
@@ -818,7 +793,10 @@ fn check_pairable(a: &TcpStream, b: &TcpStream, what: &str) -> Result<[u64; 2], 
             format!("{what} are the same socket"),
         ));
     }
-    let family = |s: &TcpStream| s.local_addr().map(|a| a.is_ipv4()).ok();
+    // As keyed: an IPv6 socket holding an IPv4-mapped connection (a
+    // dual-stack listener's) counts as IPv4, and the kernel redirects
+    // between it and an IPv4 socket like any two TCP sockets.
+    let family = |s: &TcpStream| crate::sys::sock_key(s.as_fd()).map(|k| k.family).ok();
     if family(a) != family(b) {
         return Err(refuse(
             ErrorKind::Invalid,

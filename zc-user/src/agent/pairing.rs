@@ -47,6 +47,9 @@ impl Agent {
         source: String,
         who: &super::access::Requester,
     ) -> Result<Response, Refusal> {
+        // A pair adopted from a killed agent whose socket has closed would
+        // refuse a later connection with its 4-tuple as "already paired".
+        let _ = self.prune_adopted();
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let info = PairInfo {
             id,

@@ -83,6 +83,9 @@ pub struct AgentStatus {
     pub fins_held: u64,
     #[serde(default)]
     pub fins_stripped: u64,
+    /// Copies of held FINs the hold sent round the device's backlog.
+    #[serde(default)]
+    pub fins_requeued: u64,
     /// None: the same-host short-circuit is on; else why not.
     #[serde(default)]
     pub short_circuit: Option<String>,

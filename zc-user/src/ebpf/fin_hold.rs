@@ -135,12 +135,13 @@ impl Programs {
         }
     }
 
-    /// What the FIN hold did so far: bare FINs dropped until the peer's
-    /// queue emptied, and FINs taken off data segments.
-    pub fn fin_hold_counts(&self) -> Option<(u64, u64)> {
+    /// What the FIN hold did so far: FINs dropped until the peer's queue
+    /// emptied, FINs taken off data segments, and copies of held FINs sent
+    /// round the device's backlog instead of waiting for TCP to resend.
+    pub fn fin_hold_counts(&self) -> Option<(u64, u64, u64)> {
         let ebpf = self.ebpf();
         let stats = aya::maps::PerCpuArray::<_, u64>::try_from(ebpf.map("HOLD_STATS")?).ok()?;
         let sum = |i| stats.get(&i, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
-        Some((sum(0), sum(1)))
+        Some((sum(0), sum(1), sum(2)))
     }
 }

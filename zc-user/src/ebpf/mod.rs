@@ -199,6 +199,76 @@ impl Programs {
     }
 }
 
+/// A map's definition as the kernel keeps it, to compare a pinned map
+/// with the one this build defines.
+#[derive(Debug, PartialEq)]
+pub struct MapSpec {
+    pub kind: Option<aya::maps::MapType>,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+impl MapSpec {
+    /// The definition of the map pinned at `path`.
+    pub fn of_pinned(path: &std::path::Path) -> Result<Self, aya::maps::MapError> {
+        let info = aya::maps::MapData::from_pin(path)?.info()?;
+        Ok(Self {
+            kind: info.map_type().ok(),
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+        })
+    }
+}
+
+impl std::fmt::Display for MapSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            Some(k) => write!(f, "{k:?}")?,
+            None => write!(f, "an unknown type")?,
+        }
+        write!(
+            f,
+            ", key {} B, value {} B, {} entries",
+            self.key_size, self.value_size, self.max_entries
+        )
+    }
+}
+
+/// What this build expects of each map in [`PINNED`], from its own
+/// object. aya reuses a map pinned under a name without looking at it, so
+/// the agent compares first (as cilium/ebpf's `MapSpec.Compatible` does).
+/// Empty for a build without its object, which loads nothing anyway.
+pub fn pinned_map_specs() -> Result<std::collections::HashMap<&'static str, MapSpec>, String> {
+    if OBJECT.is_empty() {
+        return Ok(Default::default());
+    }
+    let obj =
+        aya_obj::Object::parse(OBJECT).map_err(|e| format!("parsing the eBPF object: {e}"))?;
+    PINNED
+        .iter()
+        .map(|name| {
+            let m = obj
+                .maps
+                .get(*name)
+                .ok_or_else(|| format!("map `{name}` is missing from the eBPF object"))?;
+            let kind = aya_obj::generated::bpf_map_type::try_from(m.map_type())
+                .ok()
+                .and_then(|t| aya::maps::MapType::try_from(t).ok());
+            Ok((
+                *name,
+                MapSpec {
+                    kind,
+                    key_size: m.key_size(),
+                    value_size: m.value_size(),
+                    max_entries: m.max_entries(),
+                },
+            ))
+        })
+        .collect()
+}
+
 /// Maps an agent pins: everything a pair needs to keep working, and its
 /// counters. The ring buffers stay private to each process.
 pub const PINNED: [&str; 10] = [

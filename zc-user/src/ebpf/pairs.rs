@@ -131,6 +131,38 @@ impl Programs {
         out
     }
 
+    /// The sockets in `TARGETS`, where every pair's sockets are until
+    /// they close: the kernel takes a closing socket out of every
+    /// sockhash itself (sock_map_close, sock_map_unhash). Read by walking
+    /// the keys: a lookup from user space cannot tell a present socket
+    /// from an absent one (ENOSPC for both, sock_hash_lookup_sys).
+    pub fn present_sockets(&self) -> std::collections::HashSet<SockKey> {
+        self.maps().targets.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Forgets a pair whose socket has closed: its entries in the hash
+    /// maps go, its counters join the retired total. A socket of it still
+    /// open stays in the sockhashes, unpaired (the verdict passes what
+    /// arrives), until it closes: taking it out would drop what the
+    /// kernel still queues for it.
+    pub fn forget(&self, keys: &[SockKey]) {
+        let carried: u64 = keys
+            .iter()
+            .filter_map(|k| self.counters(k))
+            .map(|c| c.bytes)
+            .sum();
+        self.retired
+            .fetch_add(carried, std::sync::atomic::Ordering::Relaxed);
+        let mut m = self.maps();
+        for k in keys {
+            let _ = m.peers.remove(k);
+            let _ = m.guarded.remove(k);
+            let _ = m.flow.remove(k);
+            let _ = m.forwarded.remove(k);
+            let _ = m.counters.remove(k);
+        }
+    }
+
     /// Takes both sockets of a pair out of the program maps only: no
     /// verdict runs for them any more, and what arrives stays in their
     /// receive queues, while their psocks (kept alive by `TARGETS`) go on
