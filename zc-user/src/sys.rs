@@ -132,7 +132,21 @@ pub fn bytes_written(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(acked + outq(fd)?)
 }
 
-fn setsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32, val: i32) -> io::Result<()> {
+/// Reads an int socket option.
+pub fn getsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
+    let mut val: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `val` and `len` are valid for the call to write an int into.
+    let rc =
+        unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, (&raw mut val).cast(), &mut len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(val)
+}
+
+/// Sets an int socket option.
+pub fn setsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32, val: i32) -> io::Result<()> {
     // SAFETY: passes a valid int of the stated size.
     let rc = unsafe {
         libc::setsockopt(

@@ -90,17 +90,6 @@ fn the_answer_riding_on_the_fin_after_ours_arrives_through_the_kernel() {
 }
 
 fn set_cork(s: &TcpStream, on: bool) {
-    use std::os::fd::AsRawFd;
-    let v: libc::c_int = on.into();
-    // SAFETY: a valid int of the stated size.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_CORK,
-            (&raw const v).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "TCP_CORK: {}", std::io::Error::last_os_error());
+    zc_user::sys::setsockopt_int(s.as_fd(), libc::IPPROTO_TCP, libc::TCP_CORK, on.into())
+        .expect("TCP_CORK");
 }

@@ -7,10 +7,12 @@
 //! autotuning off for good; SO_BUF_LOCK (Linux 5.14) reads and sets those
 //! lock bits, so a socket that was autotuned is autotuned again.
 use std::{
-    io, mem,
+    io,
     net::TcpStream,
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    os::fd::{AsFd as _, BorrowedFd},
 };
+
+use crate::sys::{getsockopt_int as get, setsockopt_int as set};
 
 /// `SO_BUF_LOCK` (include/uapi/asm-generic/socket.h, as on x86_64 and
 /// aarch64): the SOCK_SNDBUF_LOCK and SOCK_RCVBUF_LOCK bits of a socket.
@@ -93,35 +95,6 @@ impl Saved {
             }
         }
     }
-}
-
-fn get(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
-    let mut val: libc::c_int = 0;
-    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `val` and `len` are valid for the call to write an int into.
-    let rc =
-        unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, (&raw mut val).cast(), &mut len) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(val)
-}
-
-fn set(fd: BorrowedFd<'_>, level: i32, name: i32, val: i32) -> io::Result<()> {
-    // SAFETY: passes a valid int of the stated size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&raw const val).cast(),
-            mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 #[cfg(test)]
