@@ -10,12 +10,15 @@ use aya_ebpf::{
 };
 use zc_common::{AF_INET, AF_INET6, MAX_SOCKETS, SockKey};
 
-use crate::{maps::FOREIGN, sock::sock_addr};
+use crate::{
+    maps::{FOREIGN, NO_PREALLOC},
+    sock::sock_addr,
+};
 
 /// Paired sockets of another process, to the key of their peer: their
 /// FIN waits for the peer's queue (see `zc_fin_hold`).
 #[map]
-static GUARDED: HashMap<SockKey, SockKey> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+static GUARDED: HashMap<SockKey, SockKey> = HashMap::with_max_entries(MAX_SOCKETS, NO_PREALLOC);
 
 /// Set by the agent from the kernel's BTF, so no layout is compiled in:
 /// [HOLD_USER_DATA] the offset of `sk_user_data` in `struct sock`,

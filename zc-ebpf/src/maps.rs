@@ -6,6 +6,16 @@ use aya_ebpf::{
 };
 use zc_common::{Counters, MAX_SOCKETS, Peer, SockKey};
 
+/// Flags for the hash maps keyed by socket: elements are allocated when
+/// inserted and freed only after every program that may still hold a
+/// pointer into them has finished (RCU). A preallocated map recycles a
+/// deleted element at once, so a verdict run holding a pointer into a
+/// pair that just ended (`Peer::armed`, the `Flow` counters) would write
+/// into whichever pair's entry took the slot next: a lost report or
+/// wrong counts for an unrelated connection. It also saves preallocating
+/// every entry of maps that are mostly empty.
+pub(crate) const NO_PREALLOC: u32 = aya_ebpf::bindings::BPF_F_NO_PREALLOC;
+
 /// Relay sockets another process owns (the agent's pairs). Besides the
 /// verdict, a stream parser is attached here: in parser mode the kernel
 /// does not wake the owner's reader after each redirected skb. Without it
@@ -15,11 +25,12 @@ use zc_common::{Counters, MAX_SOCKETS, Peer, SockKey};
 pub(crate) static FOREIGN: SockHash<SockKey> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
 #[map]
-pub(crate) static PEERS: HashMap<SockKey, Peer> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+pub(crate) static PEERS: HashMap<SockKey, Peer> =
+    HashMap::with_max_entries(MAX_SOCKETS, NO_PREALLOC);
 
 #[map]
 pub(crate) static COUNTERS: PerCpuHashMap<SockKey, Counters> =
-    PerCpuHashMap::with_max_entries(MAX_SOCKETS, 0);
+    PerCpuHashMap::with_max_entries(MAX_SOCKETS, NO_PREALLOC);
 
 #[inline(always)]
 pub(crate) fn count(key: &SockKey, len: u32, ok: bool) {

@@ -9,13 +9,13 @@ use aya_ebpf::{
 };
 use zc_common::{MAX_SOCKETS, Recorded, SockKey};
 
-use crate::{short_circuit, sock::key_of};
+use crate::{maps::NO_PREALLOC, short_circuit, sock::key_of};
 
 /// Established TCP sockets in the agent's cgroup, by 4-tuple, with their
 /// cookie (so the agent can tell the socket it finds in a process is the
 /// one that was recorded) and which side opened the connection.
 #[map]
-static RECORDED: HashMap<SockKey, Recorded> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+static RECORDED: HashMap<SockKey, Recorded> = HashMap::with_max_entries(MAX_SOCKETS, NO_PREALLOC);
 
 // include/uapi/linux/bpf.h
 const SOCK_OPS_ACTIVE_ESTABLISHED: u32 = 4;

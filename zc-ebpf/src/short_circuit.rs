@@ -15,7 +15,7 @@ use aya_log_ebpf::debug;
 use zc_common::{AF_INET, AF_INET6, Counters, MAX_SOCKETS, PEER_LOCAL, Peer, SockKey};
 
 use crate::{
-    maps::{COUNTERS, PEERS, count},
+    maps::{COUNTERS, NO_PREALLOC, PEERS, count},
     sock::key_of,
 };
 
@@ -31,14 +31,14 @@ static SC_CONFIG: Array<u64> = Array::with_max_entries(3, 0);
 /// Kernel addresses of short-circuited sockets (`struct sock`), for the
 /// probe reads of `caught_up`. Removed when the socket closes.
 #[map]
-static SC_ADDRS: HashMap<SockKey, u64> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+static SC_ADDRS: HashMap<SockKey, u64> = HashMap::with_max_entries(MAX_SOCKETS, NO_PREALLOC);
 
 /// Listening sockets of the cgroup, by family, address and port (the rest
 /// of the key zero): a client is enrolled only when its server's listener
 /// is here, so its peer will be enrolled too (see `enrol`). Removed when
 /// the listener closes.
 #[map]
-static SC_LISTENERS: HashMap<SockKey, u8> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+static SC_LISTENERS: HashMap<SockKey, u8> = HashMap::with_max_entries(MAX_SOCKETS, NO_PREALLOC);
 
 /// What the short-circuit carried: [SC_BYTES], [SC_MSGS], and
 /// [SC_CONNECTIONS] short-circuited so far.

@@ -15,7 +15,7 @@ use aya_log_ebpf::debug;
 use zc_common::{EVENTS_BYTES, Flow, MAX_SOCKETS, PEER_RELAY, Peer, SockKey};
 
 use crate::{
-    maps::{PEERS, count},
+    maps::{NO_PREALLOC, PEERS, count},
     sock::key_of,
 };
 
@@ -29,7 +29,7 @@ static RELAY: SockHash<SockKey> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 /// writes it, and TCP runs a socket's data-ready hook under that socket's
 /// lock, so the plain read-modify-write is never concurrent for one key.
 #[map]
-static FLOW: HashMap<SockKey, Flow> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+static FLOW: HashMap<SockKey, Flow> = HashMap::with_max_entries(MAX_SOCKETS, NO_PREALLOC);
 
 /// Relay sockets by cookie, for the verdict runs that cannot tell their
 /// socket's key: when a socket's FIN arrives after it has sent its own,
@@ -39,12 +39,12 @@ static FLOW: HashMap<SockKey, Flow> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 /// queue, uncounted, and the relay waited for them forever (seen in the
 /// bench's both-ways workload, 1 run in 15 across namespaces).
 #[map]
-static BY_COOKIE: HashMap<u64, SockKey> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+static BY_COOKIE: HashMap<u64, SockKey> = HashMap::with_max_entries(MAX_SOCKETS, NO_PREALLOC);
 
 /// Bytes user space has read from a held socket and written to its peer.
 /// Only user space writes it.
 #[map]
-static FORWARDED: HashMap<SockKey, u64> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+static FORWARDED: HashMap<SockKey, u64> = HashMap::with_max_entries(MAX_SOCKETS, NO_PREALLOC);
 
 /// Keys of sockets whose `Flow::sent` passed their `Peer::limit`.
 #[map]

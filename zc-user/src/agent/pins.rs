@@ -19,8 +19,9 @@ use crate::ebpf::{HOLD_LINK_PREFIX, PINNED};
 /// The layout of the pins: which maps, their definitions and what their
 /// keys mean. 2: IPv4-mapped IPv6 sockets are keyed as IPv4
 /// (`SockKey::normalised`); 3: `BY_COOKIE`, and `Peer` carries the
-/// socket's cookie; earlier pins carry no version.
-pub const LAYOUT_VERSION: u32 = 3;
+/// socket's cookie; 4: the socket-keyed hash maps are not preallocated
+/// (`BPF_F_NO_PREALLOC`); earlier pins carry no version.
+pub const LAYOUT_VERSION: u32 = 4;
 
 const LAYOUT_PREFIX: &str = "layout-v";
 
