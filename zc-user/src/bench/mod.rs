@@ -272,9 +272,12 @@ fn relay_window(relay_args: &str) -> Result<u64> {
             Some(v) => v.strip_prefix('='),
             None => continue,
         };
-        window = value.and_then(|v| v.parse().ok()).with_context(|| {
-            format!("--relay-args: `{relay_args}` has no byte count after --window")
-        })?;
+        // The relay's own parser, so that `8m` means here what it means there.
+        window = value
+            .and_then(|v| zc_user::cli::parse_size(v).ok())
+            .with_context(|| {
+                format!("--relay-args: `{relay_args}` has no byte count after --window")
+            })?;
     }
     Ok(window)
 }
