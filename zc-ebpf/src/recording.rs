@@ -4,7 +4,7 @@
 use aya_ebpf::{
     helpers::bpf_get_socket_cookie,
     macros::{map, sock_ops},
-    maps::HashMap,
+    maps::{HashMap, PerCpuArray},
     programs::SockOpsContext,
 };
 use zc_common::{MAX_SOCKETS, Recorded, SockKey};
@@ -16,6 +16,12 @@ use crate::{maps::NO_PREALLOC, short_circuit, sock::key_of};
 /// one that was recorded) and which side opened the connection.
 #[map]
 static RECORDED: HashMap<SockKey, Recorded> = HashMap::with_max_entries(MAX_SOCKETS, NO_PREALLOC);
+
+/// [RECORD_LOST]: sockets that could not be recorded (RECORDED full).
+/// User space names the loss when a tuple it is asked for is missing.
+#[map]
+static RECORD_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+const RECORD_LOST: u32 = 0;
 
 // include/uapi/linux/bpf.h
 const SOCK_OPS_ACTIVE_ESTABLISHED: u32 = 4;
@@ -51,7 +57,12 @@ pub fn zc_sockops(ctx: SockOpsContext) -> u32 {
             cookie,
             active: u64::from(op == SOCK_OPS_ACTIVE_ESTABLISHED),
         };
-        let _ = RECORDED.insert(&key, &rec, 0);
+        if RECORDED.insert(&key, &rec, 0).is_err()
+            && let Some(lost) = RECORD_STATS.get_ptr_mut(RECORD_LOST)
+        {
+            // SAFETY: per-CPU value, so no other CPU writes it concurrently.
+            unsafe { *lost += 1 };
+        }
         let _ = ctx.set_cb_flags((ctx.cb_flags() | SOCK_OPS_STATE_CB_FLAG) as i32);
         if short_circuit::on() && short_circuit::same_host(&key) {
             short_circuit::enrol(&ctx, key, op == SOCK_OPS_PASSIVE_ESTABLISHED);

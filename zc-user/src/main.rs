@@ -173,7 +173,9 @@ struct StatusArgs {
 }
 
 async fn status(args: StatusArgs) -> Result<()> {
-    let (verdict, _) = zc_user::probe::choose().await;
+    // Maps sized for the self-test's one pair: status only asks whether
+    // the kernel path works here.
+    let (verdict, _) = zc_user::probe::choose(2).await;
     if args.json {
         let mut v = serde_json::to_value(&verdict)?;
         v["agent"] = serde_json::to_value(agent_cmd::agent_status(&args.socket))?;
@@ -292,6 +294,7 @@ fn secs(v: f64, what: &str) -> Result<Duration> {
 }
 
 async fn relay(args: RelayArgs) -> Result<()> {
+    let sockets = zc_user::relay::bpf_sockets(args.max_conns.max(1));
     let (mode, why) = match (args.mode, &args.record) {
         (Mode::Auto | Mode::Splice, Some(_)) => (
             Mode::Splice,
@@ -305,7 +308,7 @@ async fn relay(args: RelayArgs) -> Result<()> {
             anyhow::bail!("--record needs splice mode; --mode {forced} cannot duplicate the stream")
         }
         (Mode::Auto, None) => {
-            let (verdict, progs) = zc_user::probe::choose().await;
+            let (verdict, progs) = zc_user::probe::choose(sockets).await;
             let mode = match verdict.mode.as_str() {
                 "bpf" => Mode::Bpf,
                 "splice" => Mode::Splice,
@@ -321,7 +324,7 @@ async fn relay(args: RelayArgs) -> Result<()> {
         Mode::Bpf => {
             let progs = match ready {
                 Some(p) => p,
-                None => zc_user::probe::bpf_ready()
+                None => zc_user::probe::bpf_ready(sockets)
                     .await
                     .map_err(anyhow::Error::msg)
                     .context("BPF mode is unavailable")?,

@@ -49,20 +49,24 @@ pub struct Verdict {
 }
 
 /// Loaded programs that passed the self-test, or why not.
-pub async fn bpf_ready() -> Result<Programs, String> {
-    let progs = Programs::load().map_err(|e| e.to_string())?;
+///
+/// The maps are sized for `sockets` paired sockets (two per connection;
+/// see [`Programs::load_sized`]); the self-test needs two.
+pub async fn bpf_ready(sockets: u32) -> Result<Programs, String> {
+    let progs = Programs::load_sized(sockets).map_err(|e| e.to_string())?;
     self_test(&progs)
         .await
         .map_err(|e| format!("the kernel's redirect path failed its self-test: {e}"))?;
     Ok(progs)
 }
 
-/// Picks the best mode; returns the programs when it picked BPF.
-pub async fn choose() -> (Verdict, Option<Programs>) {
+/// Picks the best mode; returns the programs when it picked BPF, their
+/// maps sized for `sockets` sockets.
+pub async fn choose(sockets: u32) -> (Verdict, Option<Programs>) {
     let kernel = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
-    match bpf_ready().await {
+    match bpf_ready(sockets).await {
         Ok(progs) => (
             Verdict {
                 mode: Mode::Bpf.to_string(),

@@ -179,23 +179,40 @@ impl Capacity {
 /// connection holds at least two sockets) and returns the soft limit now
 /// in force. The one place zc changes its limit.
 pub fn raise_fd_limit() -> Result<u64> {
-    use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit, setrlimit};
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("reading RLIMIT_NOFILE")?;
-    // An unlimited hard limit still stops at fs.nr_open.
-    let target = if hard == RLIM_INFINITY {
-        std::fs::read_to_string("/proc/sys/fs/nr_open")
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(soft)
-    } else {
-        hard
-    };
+    let target = fd_ceiling(soft, hard);
     if target <= soft {
         return Ok(soft);
     }
     setrlimit(Resource::RLIMIT_NOFILE, target, hard)
         .with_context(|| format!("raising RLIMIT_NOFILE from {soft} to {target}"))?;
     Ok(target)
+}
+
+/// The most descriptors this process may raise its limit to: the hard
+/// limit, or fs.nr_open when that is unlimited.
+fn fd_ceiling(soft: u64, hard: u64) -> u64 {
+    if hard == nix::sys::resource::RLIM_INFINITY {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(soft)
+    } else {
+        hard
+    }
+}
+
+/// How many sockets the BPF maps of a relay taking `max_conns`
+/// connections at once must hold: two per connection, but no more than
+/// the open-file limit lets it open (each socket is a descriptor), plus
+/// the self-test's pair. Sized so, the maps never fill before the relay
+/// stops accepting.
+pub fn bpf_sockets(max_conns: usize) -> u32 {
+    use nix::sys::resource::{Resource, getrlimit};
+    let wanted = 2 * max_conns as u64;
+    let fds = getrlimit(Resource::RLIMIT_NOFILE).map_or(wanted, |(s, h)| fd_ceiling(s, h));
+    u32::try_from(wanted.min(fds) + 2).unwrap_or(u32::MAX)
 }
 
 /// Descriptors this process has open.

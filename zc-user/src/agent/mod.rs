@@ -475,11 +475,20 @@ impl Agent {
             let (local, remote) = find::parse_tuple(t)?;
             let key = crate::sys::key_from_addrs(&local, &remote);
             let recorded = progs.recorded(&key).ok_or_else(|| {
+                let lost = progs.recording_lost();
+                let full = if lost > 0 {
+                    format!(
+                        ", or lost: {lost} sockets could not be recorded because the map of \
+                         recorded sockets was full"
+                    )
+                } else {
+                    String::new()
+                };
                 refuse(
                     ErrorKind::NotFound,
                     format!(
                         "{t} was not recorded: not established in the agent's cgroup since it \
-                         started, or closed since"
+                         started, or closed since{full}"
                     ),
                 )
             })?;

@@ -103,6 +103,26 @@ pub struct Programs {
     _undrained: Arc<Mutex<Vec<Box<dyn Send>>>>,
 }
 
+/// The maps with one entry per socket, sized together
+/// ([`Programs::load_sized`]). Their hash maps allocate entries as they
+/// are used, so a large size costs little until it is used.
+const SOCKET_MAPS: [&str; 14] = [
+    "TARGETS",
+    "RELAY",
+    "FOREIGN",
+    "LOCAL",
+    "PEERS",
+    "FLOW",
+    "FORWARDED",
+    "BY_COOKIE",
+    "COUNTERS",
+    "GUARDED",
+    "RECORDED",
+    "SC_ADDRS",
+    "SC_LISTENERS",
+    "HOLD_SINCE",
+];
+
 fn take<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, LoadError>
 where
     M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
@@ -115,7 +135,18 @@ impl Programs {
     /// Loads the object, attaches `zc_verdict` to `RELAY` and `zc_msg` to
     /// `LOCAL`, and starts forwarding eBPF-side logs to `log`.
     pub fn load() -> Result<Self, LoadError> {
-        Self::load_with(&mut EbpfLoader::new())
+        Self::load_sized(zc_common::MAX_SOCKETS)
+    }
+
+    /// Like [`Self::load`], with every socket-keyed map sized for
+    /// `sockets` sockets (two per pair): a relay sizes them to the
+    /// connections it takes at once, a probe to its one test pair.
+    pub fn load_sized(sockets: u32) -> Result<Self, LoadError> {
+        let mut loader = EbpfLoader::new();
+        for name in SOCKET_MAPS {
+            loader.map_max_entries(name, sockets.max(2));
+        }
+        Self::load_with(&mut loader)
     }
 
     /// Like [`Self::load`], with every map that holds pairing state pinned

@@ -27,6 +27,24 @@ pub enum PairError {
     Socket(#[source] std::io::Error),
     #[error("updating map `{0}` failed: {1}")]
     Map(&'static str, #[source] aya::maps::MapError),
+    /// Every entry of the map is taken: more sockets are paired than it
+    /// was sized for. Nothing was changed.
+    #[error("map `{0}` is full: every entry is taken by a paired socket")]
+    Full(&'static str),
+}
+
+impl PairError {
+    /// A failed insert into `map`: [`PairError::Full`] when the kernel
+    /// says the map has no free entry (E2BIG, kernel/bpf/hashtab.c and
+    /// net/core/sock_map.c), else [`PairError::Map`].
+    pub fn map(map: &'static str, e: aya::maps::MapError) -> Self {
+        if let aya::maps::MapError::SyscallError(s) = &e
+            && s.io_error.raw_os_error() == Some(libc::E2BIG)
+        {
+            return PairError::Full(map);
+        }
+        PairError::Map(map, e)
+    }
 }
 
 impl Programs {
@@ -58,21 +76,21 @@ impl Programs {
                     .map_err(PairError::Socket)?;
                 m.counters
                     .insert(k, zero, 0)
-                    .map_err(|e| PairError::Map("COUNTERS", e))?;
+                    .map_err(|e| PairError::map("COUNTERS", e))?;
             }
             for k in [&ka, &kb] {
                 m.flow
                     .insert(k, Flow::default(), 0)
-                    .map_err(|e| PairError::Map("FLOW", e))?;
+                    .map_err(|e| PairError::map("FLOW", e))?;
                 m.forwarded
                     .insert(k, 0, 0)
-                    .map_err(|e| PairError::Map("FORWARDED", e))?;
+                    .map_err(|e| PairError::map("FORWARDED", e))?;
             }
             for (k, cookie) in [(ka, cookies[0]), (kb, cookies[1])] {
                 if cookie != 0 {
                     m.by_cookie
                         .insert(cookie, k, 0)
-                        .map_err(|e| PairError::Map("BY_COOKIE", e))?;
+                        .map_err(|e| PairError::map("BY_COOKIE", e))?;
                 }
             }
             let peer = |key, cookie| Peer {
@@ -87,10 +105,10 @@ impl Programs {
             };
             m.peers
                 .insert(ka, peer(kb, cookies[0]), 0)
-                .map_err(|e| PairError::Map("PEERS", e))?;
+                .map_err(|e| PairError::map("PEERS", e))?;
             m.peers
                 .insert(kb, peer(ka, cookies[1]), 0)
-                .map_err(|e| PairError::Map("PEERS", e))
+                .map_err(|e| PairError::map("PEERS", e))
         })();
         if let Err(e) = result {
             remove_locked(&mut m, &[ka, kb]);
@@ -207,7 +225,7 @@ pub(super) fn map_insert_error(
     {
         return PairError::NotEstablished(key);
     }
-    PairError::Map(map, e)
+    PairError::map(map, e)
 }
 
 pub(super) fn remove_locked(m: &mut Maps, keys: &[SockKey]) {

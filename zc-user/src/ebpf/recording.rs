@@ -25,6 +25,16 @@ impl Programs {
         Ok(())
     }
 
+    /// Sockets `zc_sockops` could not record because `RECORDED` was full,
+    /// since the map was created.
+    pub fn recording_lost(&self) -> u64 {
+        let ebpf = self.ebpf();
+        ebpf.map("RECORD_STATS")
+            .and_then(|m| aya::maps::PerCpuArray::<_, u64>::try_from(m).ok())
+            .and_then(|stats| stats.get(&0, 0).ok())
+            .map_or(0, |v| v.iter().sum())
+    }
+
     /// The established socket recorded under `key`, if any.
     pub fn recorded(&self, key: &SockKey) -> Option<Recorded> {
         self.maps().recorded.get(key, 0).ok()

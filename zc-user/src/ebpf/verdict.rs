@@ -126,7 +126,7 @@ impl Programs {
             for i in 0..2 {
                 if let Err(e) = m.guarded.insert(keys[i], keys[1 - i], 0) {
                     remove_locked(&mut m, &keys);
-                    return Err(PairError::Map("GUARDED", e));
+                    return Err(PairError::map("GUARDED", e));
                 }
             }
         }
@@ -156,7 +156,7 @@ impl Programs {
         self.maps()
             .forwarded
             .insert(key, bytes, 0)
-            .map_err(|e| PairError::Map("FORWARDED", e))
+            .map_err(|e| PairError::map("FORWARDED", e))
     }
 
     fn update_peer(&self, key: &SockKey, f: impl FnOnce(&mut Peer)) -> Result<(), PairError> {
@@ -164,11 +164,11 @@ impl Programs {
         let mut peer = m
             .peers
             .get(key, 0)
-            .map_err(|e| PairError::Map("PEERS", e))?;
+            .map_err(|e| PairError::map("PEERS", e))?;
         f(&mut peer);
         m.peers
             .insert(key, peer, 0)
-            .map_err(|e| PairError::Map("PEERS", e))
+            .map_err(|e| PairError::map("PEERS", e))
     }
 
     /// Sets the next redirected-byte and skb totals at which `key` is
@@ -237,7 +237,7 @@ impl Programs {
         self.maps()
             .relay
             .insert(k, fd.as_raw_fd(), 0)
-            .map_err(|e| PairError::Map("RELAY", e))?;
+            .map_err(|e| PairError::map("RELAY", e))?;
         Ok(k)
     }
 }

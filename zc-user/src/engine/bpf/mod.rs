@@ -22,7 +22,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use log::debug;
+use log::{debug, warn};
 use socket2::SockRef;
 use tokio::sync::mpsc::UnboundedReceiver;
 use zc_common::SockKey;
@@ -146,6 +146,20 @@ impl From<std::io::Error> for Abort {
         debug!("relay aborted: {e}");
         Abort
     }
+}
+
+/// Whether to say again that the maps are full: at most every 10 s, so
+/// a relay at the limit does not log once per connection.
+fn full_notice_due() -> bool {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST.load(Ordering::Relaxed);
+    (last == 0 || now >= last + 10)
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
 }
 
 impl From<PairError> for Abort {
@@ -301,6 +315,19 @@ impl BpfEngine {
                 // client that sent its request and shut down at once) is
                 // relayed in user space instead.
                 debug!("{k:?} finished before pairing; copying this connection");
+                drop(events);
+                return CopyEngine::default().relay(a, b).await;
+            }
+            Err(PairError::Full(map)) => {
+                // More pairs than the maps were sized for (the relay sizes
+                // them to --max-conns, so another user of the programs
+                // took entries): this connection is still served, by copy.
+                if full_notice_due() {
+                    warn!(
+                        "map `{map}` is full; relaying new connections in user space (copy) \
+                         until pairs end"
+                    );
+                }
                 drop(events);
                 return CopyEngine::default().relay(a, b).await;
             }
