@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use common::agent::{Agent, MEMBER_GROUP, cpu_secs};
+use common::agent::{Agent, MEMBER_GROUP, become_member, cpu_secs};
 use zc_user::agent::{
     MAX_CONNS_PER_UID,
     client::hand_off,
@@ -120,26 +120,6 @@ fn descriptors_sent_with_refused_requests_are_all_closed() {
         after <= before + 8,
         "the agent kept descriptors it was sent: {before} -> {after}"
     );
-}
-
-/// Takes on, for this thread only (the raw syscalls, not glibc's
-/// process-wide wrappers), the credentials of `common::agent::MEMBER`:
-/// nobody in the agent's group. The kernel records them at connect(2).
-fn become_member() {
-    let gid: libc::gid_t = MEMBER_GROUP.parse().expect("group id");
-    let nobody: u32 = 65534;
-    // SAFETY: plain integers and a one-element array that outlives the call.
-    unsafe {
-        assert_eq!(libc::syscall(libc::SYS_setgroups, 1, [gid].as_ptr()), 0);
-        assert_eq!(
-            libc::syscall(libc::SYS_setresgid, nobody, nobody, nobody),
-            0
-        );
-        assert_eq!(
-            libc::syscall(libc::SYS_setresuid, nobody, nobody, nobody),
-            0
-        );
-    }
 }
 
 /// A member of the agent's group opens more control connections than its

@@ -788,3 +788,23 @@ pub fn take_fd(pid: u32, fd: i32) -> std::os::fd::OwnedFd {
     let pidfd = pidfd_open(pid, PidfdFlags::empty()).expect("pidfd_open");
     pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty()).expect("pidfd_getfd")
 }
+
+/// Takes on, for this thread only (the raw syscalls, not glibc's
+/// process-wide wrappers), the credentials of `common::agent::MEMBER`:
+/// nobody in the agent's group. The kernel records them at connect(2).
+pub fn become_member() {
+    let gid: libc::gid_t = MEMBER_GROUP.parse().expect("group id");
+    let nobody: u32 = 65534;
+    // SAFETY: plain integers and a one-element array that outlives the call.
+    unsafe {
+        assert_eq!(libc::syscall(libc::SYS_setgroups, 1, [gid].as_ptr()), 0);
+        assert_eq!(
+            libc::syscall(libc::SYS_setresgid, nobody, nobody, nobody),
+            0
+        );
+        assert_eq!(
+            libc::syscall(libc::SYS_setresuid, nobody, nobody, nobody),
+            0
+        );
+    }
+}
