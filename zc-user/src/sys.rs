@@ -3,7 +3,7 @@
 use std::{
     io, mem,
     net::SocketAddr,
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
 };
 
 use socket2::SockRef;
@@ -326,14 +326,51 @@ pub fn interfaces() -> Vec<(u32, String)> {
 
 /// Length of the link-layer header an interface's frames start with, for
 /// the link types zc knows: Ethernet and loopback 14, none (tun,
-/// WireGuard) 0.
+/// WireGuard) 0. Asked of the kernel (SIOCGIFHWADDR) in the calling
+/// thread's network namespace, which /sys need not show.
 pub fn link_header_len(name: &str) -> Option<u32> {
-    let t = std::fs::read_to_string(format!("/sys/class/net/{name}/type")).ok()?;
-    match t.trim().parse::<u32>().ok()? {
-        1 | 772 => Some(14),
-        65534 => Some(0),
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).ok()?;
+    // SAFETY: ifreq is plain data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.len() >= req.ifr_name.len() {
+        return None;
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR reads the name and writes the hardware
+    // address into the ifreq passed.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } != 0 {
+        return None;
+    }
+    // SAFETY: the kernel filled the hardware-address member.
+    match unsafe { req.ifr_ifru.ifru_hwaddr.sa_family } {
+        libc::ARPHRD_ETHER | libc::ARPHRD_LOOPBACK => Some(14),
+        libc::ARPHRD_NONE => Some(0),
         _ => None,
     }
+}
+
+/// The network namespace a socket belongs to (SIOCGSKNS): a descriptor
+/// for it, and its inode number, which names it.
+pub fn netns_of(fd: BorrowedFd<'_>) -> io::Result<(OwnedFd, u64)> {
+    // SAFETY: SIOCGSKNS takes no argument and returns a new descriptor.
+    let ns = unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGSKNS) };
+    if ns < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor the kernel just made for us.
+    let ns = unsafe { OwnedFd::from_raw_fd(ns) };
+    let ino = nix::sys::stat::fstat(&ns).map_err(io::Error::from)?.st_ino;
+    Ok((ns, ino))
+}
+
+/// The inode number of this process's network namespace.
+pub fn own_netns() -> io::Result<u64> {
+    Ok(std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(
+        "/proc/self/ns/net",
+    )?))
 }
 
 #[cfg(test)]

@@ -152,7 +152,7 @@ fn check_entries(dir: &Path, me: u32, fix: &str) -> Result<Found> {
             maps.push(name);
         } else if name
             .strip_prefix(HOLD_LINK_PREFIX)
-            .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+            .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit() || b == b'_'))
         {
             links += 1;
         } else if let Some(v) = name.strip_prefix(LAYOUT_PREFIX) {

@@ -4,6 +4,8 @@ use aya::{
     maps::HashMap,
     programs::{SchedClassifier, TcAttachType, links::FdLink},
 };
+use std::os::fd::BorrowedFd;
+
 use log::{debug, warn};
 
 use super::{LoadError, Programs};
@@ -69,6 +71,51 @@ impl Programs {
     /// enabled (a no-op when it is not). Interfaces whose link-layer
     /// header length is unknown are skipped, with a warning.
     pub fn refresh_fin_hold(&self) {
+        match crate::sys::own_netns() {
+            Ok(ns) => self.attach_hold_here(ns, true),
+            Err(e) => warn!("FIN hold: reading this process's network namespace: {e}"),
+        }
+    }
+
+    /// Makes sure the FIN hold covers the network namespace `sock` lives
+    /// in: a proxy in a container or pod has interfaces of its own, which
+    /// the agent's namespace does not show. Its interfaces are attached
+    /// from a thread that enters that namespace for the purpose (a no-op
+    /// when the hold is not enabled, or the namespace is the agent's).
+    pub fn fin_hold_for(&self, sock: BorrowedFd<'_>) {
+        let (own, (ns_fd, ns)) = match (crate::sys::own_netns(), crate::sys::netns_of(sock)) {
+            (Ok(own), Ok(theirs)) => (own, theirs),
+            (Err(e), _) | (_, Err(e)) => {
+                warn!("FIN hold: finding a socket's network namespace: {e}");
+                return;
+            }
+        };
+        if ns == own {
+            self.refresh_fin_hold();
+            return;
+        }
+        let me = self.clone();
+        // A thread of its own: setns changes only the calling thread, and
+        // this one is thrown away after, so no task of the runtime ever
+        // runs in the other namespace.
+        let entered = std::thread::scope(|s| {
+            s.spawn(move || {
+                nix::sched::setns(&ns_fd, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                me.attach_hold_here(ns, false);
+                Ok::<_, nix::Error>(())
+            })
+            .join()
+        });
+        match entered {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!("FIN hold: entering network namespace {ns}: {e}"),
+            Err(_) => warn!("FIN hold: attaching in network namespace {ns} panicked"),
+        }
+    }
+
+    /// Attaches the hold to every interface of the calling thread's
+    /// network namespace (`netns`, `own`: the agent's) not attached yet.
+    fn attach_hold_here(&self, netns: u64, own: bool) {
         let mut ebpf = self.ebpf();
         let Some(Ok(prog)) = ebpf
             .program_mut("zc_fin_hold")
@@ -82,12 +129,12 @@ impl Programs {
         let mut attached = self.hold_ifaces.lock().unwrap_or_else(|p| p.into_inner());
         let mut fresh = Vec::new();
         for (index, name) in crate::sys::interfaces() {
-            if attached.contains(&index) {
+            if attached.contains(&(netns, index)) {
                 continue;
             }
             let Some(l2) = crate::sys::link_header_len(&name) else {
                 warn!("FIN hold: interface {name} has an unknown link type, not attached");
-                attached.insert(index);
+                attached.insert((netns, index));
                 continue;
             };
             match prog.attach(&name, TcAttachType::Ingress) {
@@ -95,7 +142,12 @@ impl Programs {
                     debug!("FIN hold attached to {name}");
                     fresh.push((index, l2));
                     if let Some(dir) = &self.pin_dir {
-                        let path = dir.join(format!("{HOLD_LINK_PREFIX}{index}"));
+                        // Interface numbers repeat across namespaces.
+                        let path = dir.join(if own {
+                            format!("{HOLD_LINK_PREFIX}{index}")
+                        } else {
+                            format!("{HOLD_LINK_PREFIX}{netns}_{index}")
+                        });
                         let pinned = prog
                             .take_link(id)
                             .map_err(|e| format!("{e:#}"))
@@ -117,7 +169,7 @@ impl Programs {
                 }
                 Err(e) => warn!("FIN hold: attaching to {name} failed: {e}"),
             }
-            attached.insert(index);
+            attached.insert((netns, index));
         }
         if fresh.is_empty() {
             return;

@@ -91,7 +91,9 @@ pub struct Programs {
     /// [`Self::kernel_bytes`] covers ended pairs too.
     retired: Arc<std::sync::atomic::AtomicU64>,
     /// Interfaces the FIN hold has looked at (attached or skipped).
-    hold_ifaces: Arc<Mutex<std::collections::HashSet<u32>>>,
+    /// (network namespace inode, interface index): numbers repeat across
+    /// namespaces.
+    hold_ifaces: Arc<Mutex<std::collections::HashSet<(u64, u32)>>>,
     /// Where the maps are pinned ([`Self::load_pinned`]); the FIN hold's
     /// links are pinned there too, so it outlives this process with the
     /// pairs it protects.

@@ -74,8 +74,9 @@ impl Programs {
         b: BorrowedFd<'_>,
         window: u64,
     ) -> Result<RelayPairing, PairError> {
-        // An interface may have appeared since the last pairing.
-        self.refresh_fin_hold();
+        // An interface may have appeared since the last pairing, or the
+        // sockets live in another network namespace (a container's).
+        self.fin_hold_for(a);
         self.pair_in(true, a, b, window)
     }
 

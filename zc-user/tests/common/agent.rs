@@ -184,6 +184,12 @@ impl Drop for Agent {
 /// The socket inode for a TCP connection local -> remote, from
 /// /proc/net/tcp (what `ss -e` shows as ino).
 pub fn inode_of(local: SocketAddr, remote: SocketAddr) -> Option<u64> {
+    inode_in("/proc/net/tcp", local, remote)
+}
+
+/// [`inode_of`] in the TCP table at `table`: `/proc/PID/net/tcp` shows
+/// the network namespace of process PID.
+pub fn inode_in(table: &str, local: SocketAddr, remote: SocketAddr) -> Option<u64> {
     let hex = |a: SocketAddr| match a {
         SocketAddr::V4(v4) => format!(
             "{:08X}:{:04X}",
@@ -193,7 +199,7 @@ pub fn inode_of(local: SocketAddr, remote: SocketAddr) -> Option<u64> {
         SocketAddr::V6(_) => String::new(),
     };
     let (l, r) = (hex(local), hex(remote));
-    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let table = std::fs::read_to_string(table).ok()?;
     table.lines().skip(1).find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
         (f.get(1) == Some(&l.as_str()) && f.get(2) == Some(&r.as_str()))
@@ -352,14 +358,18 @@ pub fn through_proxy(socat: &Proxy, server: &TcpListener) -> (TcpStream, TcpStre
         s.set_read_timeout(Some(super::HANG)).expect("timeout");
     }
     let pid = socat.child.id();
+    // The proxy's own table: it may run in another network namespace.
+    let table = format!("/proc/{pid}/net/tcp");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let a = inode_of(
+        let a = inode_in(
+            &table,
             client.peer_addr().expect("peer"),
             client.local_addr().expect("local"),
         )
         .and_then(|i| fd_of(pid, i));
-        let b = inode_of(
+        let b = inode_in(
+            &table,
             up.peer_addr().expect("peer"),
             up.local_addr().expect("local"),
         )

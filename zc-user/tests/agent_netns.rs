@@ -1,0 +1,151 @@
+//! A proxy in a network namespace of its own (a container, a pod), paired
+//! by pid and fd by an agent in the host's: the kernel carries its bytes,
+//! and the FIN hold, attached in the proxy's namespace for the purpose,
+//! keeps a FIN behind the bytes queued before it.
+mod common;
+
+use std::{
+    io::Read,
+    net::{Shutdown, TcpListener, TcpStream},
+    path::PathBuf,
+    process::Command,
+};
+
+use common::agent::{Agent, Proxy, read_n, send_n, through_proxy};
+use zc_user::traffic::Digest;
+
+/// A network namespace made for the test (`ip netns add`), with its
+/// loopback up; removed when dropped.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Self {
+        let name = format!("zc-{tag}-{}", std::process::id());
+        for args in [
+            vec!["netns", "add", &name],
+            vec!["-n", &name, "link", "set", "lo", "up"],
+        ] {
+            let out = Command::new("ip")
+                .args(&args)
+                .output()
+                .expect("ip (iproute2)");
+            assert!(
+                out.status.success(),
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Self { name }
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Runs `f` on a thread that entered the namespace: sockets it makes
+    /// and processes it starts live there.
+    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let ns = std::fs::File::open(self.path()).expect("opening the namespace");
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .expect("entering the namespace");
+                f()
+            })
+            .join()
+            .expect("the namespace thread panicked")
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[test]
+fn a_proxy_in_another_network_namespace_is_paired_and_its_fin_held() {
+    common::init();
+    let pod = Netns::new("pod");
+    let agent = Agent::start("netns");
+    let (proxy, mut client, mut up, fds) = pod.run(|| {
+        let server = TcpListener::bind("127.0.0.1:0").expect("bind the server");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let proxy = Proxy::haproxy_on(listener, server.local_addr().expect("addr"), &agent.dir, 1);
+        let (client, up, fds) = through_proxy(&proxy, &server);
+        (proxy, client, up, fds)
+    });
+    let (ok, _, err) = agent.pair(proxy.child.id(), fds);
+    assert!(ok, "pairing the proxy's sockets failed: {err}");
+
+    // The client writes everything and shuts down while the server reads
+    // nothing: its bytes wait in the kernel's redirect queue when its FIN
+    // reaches the proxy, which passes the FIN on at once.
+    const N: u64 = 64 << 20;
+    const M: u64 = 8 << 20;
+    let mut c = client.try_clone().expect("clone");
+    let sent = std::thread::spawn(move || {
+        let d = send_n(&mut c, N, 7);
+        c.shutdown(Shutdown::Write).expect("client shutdown");
+        d
+    })
+    .join()
+    .expect("sender");
+    assert_eq!(
+        read_to_eof(&mut up),
+        sent,
+        "client -> server through the pod's proxy"
+    );
+
+    let (ok, out, err) = agent.zc(&["stats", "--json"]);
+    assert!(ok, "zc stats failed: {err}");
+    let stats: serde_json::Value = serde_json::from_str(&out).expect("stats json");
+    assert_eq!(
+        stats["pairs"][0]["bytes"][0], N,
+        "the kernel did not carry the client's bytes: {stats}"
+    );
+    let (ok, out, err) = agent.zc(&["status", "--json"]);
+    assert!(ok, "zc status failed: {err}");
+    let st: serde_json::Value = serde_json::from_str(&out).expect("status json");
+    let count = |k: &str| st["agent"][k].as_u64().unwrap_or(0);
+    assert!(
+        count("fins_held") + count("fins_stripped") > 0,
+        "the FIN hold never acted in the proxy's namespace: {st}"
+    );
+
+    let back = send_n(&mut up, M, 8);
+    up.shutdown(Shutdown::Write).expect("server shutdown");
+    assert_eq!(read_n(&mut client, M), back, "server -> client");
+    let mut rest = [0u8; 1];
+    assert_eq!(
+        client.read(&mut rest).expect("read"),
+        0,
+        "EOF after the answer"
+    );
+}
+
+/// Reads until EOF.
+fn read_to_eof(s: &mut TcpStream) -> Digest {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut bytes = 0u64;
+    loop {
+        let k = s
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("read after {bytes} bytes: {e}"));
+        if k == 0 {
+            return Digest {
+                bytes,
+                hash: h.digest(),
+            };
+        }
+        h.update(&buf[..k]);
+        bytes += k as u64;
+    }
+}
