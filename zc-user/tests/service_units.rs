@@ -381,7 +381,7 @@ fn the_agent_missing_any_capability_of_its_unit_cannot_pair_and_says_why() {
         let says: &[&str] = match cap.as_str() {
             "CAP_BPF" | "CAP_NET_ADMIN" => &["needs BPF", "failed to create map", cap],
             "CAP_PERFMON" => &["needs BPF", "Permission denied", cap],
-            "CAP_SYS_PTRACE" => &["may not take fds from pid", "Operation not permitted"],
+            "CAP_SYS_PTRACE" => &["may not take fds from pid", "Operation not permitted", cap],
             other => panic!("{AGENT} grants {other}: say here what fails without it"),
         };
         let tag = format!("unit-no-{}", cap.to_ascii_lowercase().replace('_', "-"));
