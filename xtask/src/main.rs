@@ -1,5 +1,6 @@
 //! Build, test and bench tooling for zc: `cargo xtask --help`.
 mod bootstrap;
+mod dist;
 
 use std::{
     path::PathBuf,
@@ -40,6 +41,9 @@ enum Cmd {
     },
     /// Fail if `cargo fmt` would change a file or clippy warns.
     Lint,
+    /// Build, then make a Debian package of zc:
+    /// target/dist/zc_VERSION_ARCH.deb.
+    Dist,
 }
 
 fn main() -> ExitCode {
@@ -179,10 +183,18 @@ fn run(cli: Cli) -> Result<()> {
             let tools = bootstrap::ensure()?;
             lint(&tools)?;
         }
+        Cmd::Dist => {
+            let tools = bootstrap::ensure()?;
+            let zc = build(&tools)?;
+            println!("built {}", dist::package(&zc)?.display());
+        }
         Cmd::Test { args } => {
             let tools = bootstrap::ensure()?;
             ensure_test_programs()?;
-            build(&tools)?;
+            let zc = build(&tools)?;
+            // tests/package.rs installs this package: the shipping build,
+            // packaged before the tests' build replaces target/release/zc.
+            println!("packaged {}", dist::package(&zc)?.display());
             let whole_suite = args.is_empty();
             let mut cmd = cargo(&tools);
             // The default members: zc-ebpf is built by zc-user's build.rs.

@@ -23,7 +23,22 @@ use zc_user::{
 #[derive(Parser)]
 #[command(
     name = "zc",
-    version,
+    // build.rs stamps the git revision and the embedded eBPF object's hash.
+    version = concat!(
+        env!("CARGO_PKG_VERSION"),
+        " (git ",
+        env!("ZC_GIT_REV"),
+        ", eBPF ",
+        env!("ZC_EBPF_HASH"),
+        ")"
+    ),
+    long_version = concat!(
+        env!("CARGO_PKG_VERSION"),
+        "\ngit revision: ",
+        env!("ZC_GIT_REV"),
+        "\neBPF object:  xxh3 ",
+        env!("ZC_EBPF_HASH")
+    ),
     about = "Move bytes between two TCP sockets without visiting user space",
     long_about = "zc joins pairs of TCP sockets inside the kernel with eBPF sockmap programs: \
                   what arrives on one socket leaves through the other without being copied \

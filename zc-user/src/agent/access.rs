@@ -149,9 +149,15 @@ fn take(who: &Requester, from: &Process, fd: i32) -> Result<OwnedFd, Refusal> {
                 who.uid
             ),
         ),
+        // Root's request runs with the agent's own credentials: a bounded
+        // agent (zc-agent.service) lands here without CAP_SYS_PTRACE.
         Errno::PERM => refuse(
             ErrorKind::Denied,
-            format!("the agent may not take fds from pid {pid}: {e}"),
+            format!(
+                "the agent may not take fds from pid {pid}: {e} (pidfd_getfd is a ptrace \
+                 access: the agent needs CAP_SYS_PTRACE for a process of another user or with \
+                 capabilities the agent lacks, and a security module may forbid it)"
+            ),
         ),
         e => refuse(
             ErrorKind::Internal,

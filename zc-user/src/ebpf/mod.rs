@@ -46,7 +46,9 @@ pub enum LoadError {
         "this zc binary was built without its eBPF object (AYA_BUILD_SKIP); rebuild with `cargo xtask build`"
     )]
     NoObject,
-    #[error("loading the eBPF object failed (needs root, or CAP_BPF and CAP_NET_ADMIN): {0}")]
+    #[error(
+        "loading the eBPF object failed (needs root, or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN): {0}"
+    )]
     Load(#[source] aya::EbpfError),
     #[error("program `{0}` is missing from the eBPF object")]
     MissingProgram(&'static str),
@@ -60,7 +62,11 @@ pub enum LoadError {
     Recording(String),
     #[error("the short-circuit is unavailable: {0}")]
     ShortCircuit(String),
-    #[error("loading or attaching program `{0}` failed: {1}")]
+    // Without CAP_PERFMON the verifier refuses the programs' reads of
+    // kernel memory (through BTF) with EACCES, and says nothing of it.
+    #[error(
+        "loading or attaching program `{0}` failed (needs root, or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN): {1}"
+    )]
     Program(&'static str, #[source] aya::programs::ProgramError),
 }
 

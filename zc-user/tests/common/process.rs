@@ -61,7 +61,18 @@ impl RelayProcess {
         env: &[(&str, &str)],
         unprivileged: bool,
     ) -> Self {
-        let mut cmd = zc_command(unprivileged);
+        Self::start_command(zc_command(unprivileged), listen, upstream, args, env)
+    }
+
+    /// [`Self::start_at`] with `cmd` as the `zc` to run (e.g. under
+    /// setpriv with a unit's capabilities).
+    pub fn start_command(
+        mut cmd: Command,
+        listen: &str,
+        upstream: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         cmd.args(["relay", "--listen", listen, "--upstream", upstream])
             .args(args)
             .envs(env.iter().copied())
