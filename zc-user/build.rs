@@ -84,11 +84,12 @@ fn stamp_git_rev() -> anyhow::Result<()> {
         None => "unknown".to_string(),
     };
     println!("cargo:rustc-env=ZC_GIT_REV={rev}");
-    // Rerun when HEAD moves (commit, checkout) or the index changes (add,
-    // commit: the dirty mark). In a worktree HEAD and the index live in
-    // the worktree's own git dir, branch refs in the common one, so ask git
-    // for both rather than assume `.git/`. An edit nobody stages reruns
-    // nothing: until then the mark is as of the last build script run.
+    // Rerun when HEAD moves (commit, checkout). Not on every change to the
+    // index: each rerun rebuilds the eBPF object too (a minute), and a
+    // `git add` is no reason to. So the dirty mark is as of the last run
+    // of this script. In a worktree HEAD lives in the worktree's own git
+    // dir, branch refs in the common one, so ask git for both rather than
+    // assume `.git/`.
     if let (Some(git_dir), Some(common)) = (
         git(&manifest, &["rev-parse", "--absolute-git-dir"]),
         git(
@@ -98,11 +99,7 @@ fn stamp_git_rev() -> anyhow::Result<()> {
     ) {
         let (git_dir, common) = (PathBuf::from(git_dir), PathBuf::from(common));
         let head_ref = git(&manifest, &["symbolic-ref", "-q", "HEAD"]).map(|r| common.join(r));
-        let files = [
-            git_dir.join("HEAD"),
-            git_dir.join("index"),
-            common.join("packed-refs"),
-        ];
+        let files = [git_dir.join("HEAD"), common.join("packed-refs")];
         // A path that does not exist would make cargo rerun on every build
         // (a branch whose ref is only packed has no file of its own).
         for file in files.iter().chain(&head_ref).filter(|f| f.exists()) {

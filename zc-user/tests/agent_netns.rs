@@ -130,6 +130,60 @@ fn a_proxy_in_another_network_namespace_is_paired_and_its_fin_held() {
     );
 }
 
+/// An agent holding only the capabilities of zc-agent.service (no
+/// CAP_SYS_ADMIN) cannot enter the pod's namespace to attach the hold:
+/// it refuses the pairing, saying so, rather than pair the proxy without
+/// the hold, and the proxy keeps relaying on its own.
+#[test]
+fn without_cap_sys_admin_a_pod_proxy_is_refused_not_paired_unguarded() {
+    common::init();
+    let pod = Netns::new("nosysadmin");
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/zc-agent.service"),
+    )
+    .expect("reading zc-agent.service");
+    let caps: Vec<String> = unit
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("CapabilityBoundingSet="))
+        .flat_map(|v| v.split_whitespace())
+        .map(|c| format!(",+{}", c.trim_start_matches("CAP_").to_ascii_lowercase()))
+        .collect();
+    assert!(
+        !caps.is_empty() && !caps.iter().any(|c| c == ",+sys_admin"),
+        "zc-agent.service: expected a bounding set without CAP_SYS_ADMIN, found {caps:?}"
+    );
+    let bounding = format!("--bounding-set=-all{}", caps.concat());
+    let agent = Agent::start_wrapped(
+        "nosysadmin",
+        &["setpriv", "--inh-caps=-all", &bounding, "--no-new-privs"],
+        &[],
+    );
+    let (proxy, mut client, mut up, fds) = pod.run(|| {
+        let server = TcpListener::bind("127.0.0.1:0").expect("bind the server");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let proxy = Proxy::haproxy_on(listener, server.local_addr().expect("addr"), &agent.dir, 1);
+        let (client, up, fds) = through_proxy(&proxy, &server);
+        (proxy, client, up, fds)
+    });
+    let (ok, _, err) = agent.pair(proxy.child.id(), fds);
+    assert!(
+        !ok,
+        "the agent paired a pod's proxy without being able to hold its FIN"
+    );
+    assert!(
+        err.contains("CAP_SYS_ADMIN") && err.contains("network namespace"),
+        "the refusal does not say why: {err}"
+    );
+    assert!(agent.pairs().is_empty(), "a refused pairing left a pair");
+    // The proxy still has its sockets and relays.
+    let sent = send_n(&mut client, 1 << 20, 9);
+    assert_eq!(
+        read_n(&mut up, 1 << 20),
+        sent,
+        "the proxy relays after the refusal"
+    );
+}
+
 /// Reads until EOF.
 fn read_to_eof(s: &mut TcpStream) -> Digest {
     let mut h = xxhash_rust::xxh3::Xxh3::new();

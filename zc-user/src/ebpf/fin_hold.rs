@@ -82,17 +82,20 @@ impl Programs {
     /// the agent's namespace does not show. Its interfaces are attached
     /// from a thread that enters that namespace for the purpose (a no-op
     /// when the hold is not enabled, or the namespace is the agent's).
-    pub fn fin_hold_for(&self, sock: BorrowedFd<'_>) {
-        let (own, (ns_fd, ns)) = match (crate::sys::own_netns(), crate::sys::netns_of(sock)) {
-            (Ok(own), Ok(theirs)) => (own, theirs),
-            (Err(e), _) | (_, Err(e)) => {
-                warn!("FIN hold: finding a socket's network namespace: {e}");
-                return;
-            }
-        };
+    ///
+    /// Fails when the hold is on but cannot reach that namespace: paired
+    /// without it, a proxy that shuts down on EOF would cut its streams.
+    pub fn fin_hold_for(&self, sock: BorrowedFd<'_>) -> Result<(), String> {
+        if !self.fin_hold_loaded() {
+            return Ok(());
+        }
+        let own = crate::sys::own_netns()
+            .map_err(|e| format!("reading the agent's network namespace: {e}"))?;
+        let (ns_fd, ns) = crate::sys::netns_of(sock)
+            .map_err(|e| format!("finding the sockets' network namespace: {e}"))?;
         if ns == own {
             self.refresh_fin_hold();
-            return;
+            return Ok(());
         }
         let me = self.clone();
         // A thread of its own: setns changes only the calling thread, and
@@ -107,10 +110,24 @@ impl Programs {
             .join()
         });
         match entered {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!("FIN hold: entering network namespace {ns}: {e}"),
-            Err(_) => warn!("FIN hold: attaching in network namespace {ns} panicked"),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!(
+                "the sockets live in another network namespace (inode {ns}, a container's?), \
+                 and entering it to attach the FIN hold there failed: {e}; the agent needs \
+                 CAP_SYS_ADMIN for that"
+            )),
+            Err(_) => Err(format!(
+                "attaching the FIN hold in network namespace {ns} panicked"
+            )),
         }
+    }
+
+    /// Whether `zc_fin_hold` is loaded ([`Self::enable_fin_hold`]).
+    fn fin_hold_loaded(&self) -> bool {
+        let mut ebpf = self.ebpf();
+        ebpf.program_mut("zc_fin_hold")
+            .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+            .is_some_and(|p| p.fd().is_ok())
     }
 
     /// Attaches the hold to every interface of the calling thread's

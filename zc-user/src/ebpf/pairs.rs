@@ -31,6 +31,10 @@ pub enum PairError {
     /// was sized for. Nothing was changed.
     #[error("map `{0}` is full: every entry is taken by a paired socket")]
     Full(&'static str),
+    /// The FIN hold cannot cover the sockets (their network namespace is
+    /// out of reach). Nothing was changed.
+    #[error("{0}")]
+    Hold(String),
 }
 
 impl PairError {

@@ -76,7 +76,7 @@ impl Programs {
     ) -> Result<RelayPairing, PairError> {
         // An interface may have appeared since the last pairing, or the
         // sockets live in another network namespace (a container's).
-        self.fin_hold_for(a);
+        self.fin_hold_for(a).map_err(PairError::Hold)?;
         self.pair_in(true, a, b, window)
     }
 
