@@ -61,7 +61,7 @@ enum Cmd {
                       side, the other sees EOF after every byte sent before it; a reset on one side \
                       resets the other.\n\nRuns until SIGINT or SIGTERM, then stops accepting, lets \
                       open connections finish for --shutdown-grace, resets the rest and unloads \
-                      everything it loaded.\n\nNeeds root, or CAP_BPF and CAP_NET_ADMIN.",
+                      everything it loaded.\n\nNeeds root, or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN.",
         after_help = "Example:\n  zc relay --listen 0.0.0.0:8080 --upstream 10.0.0.9:80\n  zc relay --listen [::]:5201 --upstream [::1]:5202"
     )]
     Relay(RelayArgs),
@@ -223,7 +223,7 @@ struct RelayArgs {
     /// Data path. auto: bpf if its programs load and pass a self-test,
     /// else splice, else copy (the choice and reason are logged). bpf:
     /// in-kernel sockmap redirect, the bytes never enter a process (needs
-    /// root or CAP_BPF+CAP_NET_ADMIN). splice: splice(2) through a pipe
+    /// root or CAP_BPF+CAP_PERFMON+CAP_NET_ADMIN). splice: splice(2) through a pipe
     /// per direction, no user buffer. copy: read/write through a buffer,
     /// the plain baseline. A forced mode that cannot work is an error.
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
