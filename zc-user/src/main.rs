@@ -278,7 +278,7 @@ struct RelayArgs {
 }
 
 /// Stops a background task when the command it serves returns.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -377,7 +377,11 @@ async fn relay(args: RelayArgs) -> Result<()> {
                 "zc relay: metrics on http://{}/metrics",
                 l.local_addr().context("the metrics address")?
             );
-            let task = tokio::spawn(zc_user::metrics::serve(l, relay.metrics(mode.name())));
+            let task = tokio::spawn(zc_user::metrics::serve(
+                l,
+                relay.metrics(mode.name()),
+                zc_user::metrics::always_healthy(),
+            ));
             Some(AbortOnDrop(task))
         }
         None => None,
