@@ -17,6 +17,13 @@ use zc_user::{
 
 #[derive(clap::Args)]
 pub struct AgentArgs {
+    /// Read the agent's settings from this TOML file: each key is a flag's
+    /// long name (`pin-dir = "/sys/fs/bpf/zc"`, `max-stop = 20`,
+    /// `unpin-on-exit = true`); flags on the command line win. The default
+    /// file is used only if it exists; a file given here must. An unknown
+    /// key or a bad value is a usage error naming the file, line and key.
+    #[arg(long, value_name = "PATH", default_value = crate::agent_config::DEFAULT_CONFIG)]
+    config: PathBuf,
     /// Control socket to serve. A stale socket left there by a dead agent
     /// is replaced; anything else (a live socket, a regular file, a link)
     /// is refused and left alone.
@@ -87,7 +94,8 @@ pub struct AgentArgs {
     metrics: Option<std::net::SocketAddr>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DataPathArg {
     Auto,
     Splice,

@@ -1,5 +1,6 @@
 //! The `zc` command line.
 mod agent_cmd;
+mod agent_config;
 mod bench;
 mod demo;
 mod docs;
@@ -422,7 +423,8 @@ fn raise_fd_limit() {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let cli = Cli::parse();
+    // `zc agent` may take its flags from a file too.
+    let cli = agent_config::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
