@@ -272,6 +272,14 @@ struct RelayArgs {
     /// redirected, switches to user space. `:9100` for every IPv4 address.
     #[arg(long, value_name = "ADDR", value_parser = zc_user::cli::parse_listen)]
     metrics: Option<SocketAddr>,
+    /// End a connection that has moved no byte either way for this long
+    /// (500ms, 30s, 5m, 1h; default: never). Nothing is in flight then,
+    /// so both ends get a FIN; a connection with bytes still queued
+    /// (a reader that stopped reading) is not idle. In bpf mode idleness
+    /// is read from the kernel's counters. The access log says "idle
+    /// timeout".
+    #[arg(long, value_name = "DURATION", value_parser = zc_user::cli::parse_duration)]
+    idle_timeout: Option<Duration>,
     /// After SIGINT/SIGTERM, let open connections finish for this many
     /// seconds before resetting them.
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
@@ -359,6 +367,7 @@ async fn relay(args: RelayArgs) -> Result<()> {
         connect_timeout: secs(args.connect_timeout, "connect-timeout")?,
         max_conns: args.max_conns.max(1),
         shutdown_grace: secs(args.shutdown_grace, "shutdown-grace")?,
+        idle_timeout: args.idle_timeout.filter(|d| !d.is_zero()),
     };
     let stop = stop_signal();
     // Raises the open-file limit and sizes the relay to it.

@@ -197,6 +197,13 @@ impl BpfEngine {
         self
     }
 
+    /// Bytes the verdict has handled arriving on each socket of a pair
+    /// (redirected or passed to user space), for whoever watches a pair
+    /// for progress: the relay itself never reads in this mode.
+    pub fn handled(&self, keys: &[SockKey; 2]) -> [u64; 2] {
+        keys.map(|k| self.progs.flow(&k).map_or(0, |f| f.sent + f.passed))
+    }
+
     /// Backlog bound per direction (0: unbounded, as the kernel does).
     pub fn with_window(mut self, bytes: u64) -> Self {
         self.window = bytes;
@@ -302,7 +309,9 @@ impl BpfEngine {
                 // relayed in user space instead.
                 debug!("{k:?} finished before pairing; copying this connection");
                 drop(events);
-                return CopyEngine::default().relay(a, b).await;
+                // Counted like a held direction: whoever watches the
+                // relay's progress (--idle-timeout) sees these bytes move.
+                return CopyEngine::default().relay_counted(a, b, by_user).await;
             }
             Err(e) => {
                 reset(&socks);
