@@ -146,3 +146,51 @@ fn agent_metrics_count_a_real_pair_and_its_bytes_and_promtool_accepts_them() {
     assert_eq!(value(&after, KERNEL_UP), BYTES as f64, "{after}");
     assert_eq!(value(&after, KERNEL_DOWN), BYTES as f64, "{after}");
 }
+
+/// A connected loopback TCP pair owned by this process.
+fn tcp_pair() -> (TcpStream, TcpStream) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let c = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+    let (s, _) = l.accept().expect("accept");
+    for x in [&c, &s] {
+        x.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .expect("timeout");
+    }
+    (c, s)
+}
+
+#[test]
+fn a_splice_agent_counts_handed_over_bytes_as_spliced_and_says_why() {
+    let agent = Agent::start_with(
+        "metrics-splice",
+        &["--data-path", "splice", "--metrics", "127.0.0.1:0"],
+    );
+    let addr = metrics_addr(&agent);
+    let (mut client, a) = tcp_pair();
+    let (b, mut server) = tcp_pair();
+    zc_user::agent::client::hand_off(&agent.socket, a, b).expect("the agent takes the sockets");
+    exchange(&mut client, &mut server, BYTES);
+
+    let (_, text) = get(addr, "/metrics");
+    promtool_accepts(&text);
+    for (series, v) in [
+        (
+            "zc_agent_data_path_info{path=\"splice\",reason=\"forced\"}",
+            1.0,
+        ),
+        ("zc_agent_feature_enabled{feature=\"pid_pairing\"}", 0.0),
+        ("zc_agent_pairs_open", 1.0),
+        (
+            "zc_agent_bytes_total{direction=\"first_to_second\",path=\"splice\"}",
+            BYTES as f64,
+        ),
+        (
+            "zc_agent_bytes_total{direction=\"second_to_first\",path=\"splice\"}",
+            BYTES as f64,
+        ),
+        (KERNEL_UP, 0.0),
+        ("zc_agent_pair_requests_total{result=\"ok\"}", 1.0),
+    ] {
+        assert_eq!(value(&text, series), v, "{series}:\n{text}");
+    }
+}

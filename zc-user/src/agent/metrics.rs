@@ -391,3 +391,57 @@ fn backlog(probes: &[(Arc<Saved>, [Progress; 2], [u64; 2])]) -> u64 {
     }
     sum
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::{DataPath, Options};
+
+    #[test]
+    fn healthz_is_ok_only_while_the_agent_serves() {
+        let a = Agent::new(DataPath::Splice(FORCED_SPLICE.into()), Options::default());
+        let health = a.health();
+        assert_eq!(health(), Err("starting".to_string()));
+        a.tally.set_state(State::Serving);
+        assert_eq!(health(), Ok(()));
+        a.tally
+            .set_state(State::AcceptFailing("Too many open files".into()));
+        let why = health().expect_err("accept() fails");
+        assert!(why.contains("Too many open files"), "{why}");
+        a.tally.set_state(State::Stopping);
+        assert_eq!(health(), Err("stopping".to_string()));
+        drop(a);
+        assert!(health().is_err(), "a dropped agent is healthy");
+    }
+
+    #[test]
+    fn a_splice_agent_says_so_and_counts_what_ended() {
+        let a = Agent::new(DataPath::Splice(FORCED_SPLICE.into()), Options::default());
+        a.tally.pair_ended(
+            &Summary {
+                a_to_b: 10,
+                b_to_a: 7,
+                ..Summary::default()
+            },
+            [10, 7],
+        );
+        let text = (a.metrics())();
+        for line in [
+            "zc_agent_data_path_info{path=\"splice\",reason=\"forced\"} 1",
+            "zc_agent_bytes_total{direction=\"first_to_second\",path=\"splice\"} 10",
+            "zc_agent_bytes_total{direction=\"second_to_first\",path=\"splice\"} 7",
+            "zc_agent_bytes_total{direction=\"first_to_second\",path=\"kernel\"} 0",
+            "zc_agent_feature_enabled{feature=\"pid_pairing\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_counter_never_goes_back() {
+        let t = Tally::default();
+        assert_eq!(t.counter("x", 5.0), 5.0);
+        assert_eq!(t.counter("x", 3.0), 5.0);
+        assert_eq!(t.counter("x", 8.0), 8.0);
+    }
+}
