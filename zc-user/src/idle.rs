@@ -5,7 +5,9 @@
 //! Progress is what the data path itself counts: user space's byte
 //! counts (copy, splice, and held BPF directions) and, on the BPF path,
 //! what the verdict handled (the relay never reads a paired socket, so
-//! its own reads would say nothing). A connection whose counts stood
+//! its own reads would say nothing); and what TCP counts on both sockets
+//! (received, acknowledged), which moves when a reader drains bytes
+//! queued before. A connection whose counts stood
 //! still is idle only if neither socket holds bytes: none received and
 //! unread, none sent and unacknowledged. A direction whose reader stopped
 //! reading keeps bytes in its send queue (or, on the BPF path, in the
@@ -50,8 +52,23 @@ impl Activity {
         }
     }
 
-    /// Bytes moved so far, each way.
+    /// Bytes moved so far, each way: redirected by the kernel or written
+    /// by user space (as the engines' summaries count them).
     pub fn moved(&mut self) -> [u64; 2] {
+        let ([sent, _], user) = self.counts();
+        [0, 1].map(|i| user[i] + sent[i])
+    }
+
+    /// Whatever moved, each way: also bytes the verdict passed to user
+    /// space and user space has not written yet.
+    fn progress(&mut self) -> [u64; 2] {
+        let ([sent, passed], user) = self.counts();
+        [0, 1].map(|i| user[i] + sent[i] + passed[i])
+    }
+
+    /// ([redirected, passed] by the verdict, written by user space), each
+    /// indexed by direction.
+    fn counts(&mut self) -> ([[u64; 2]; 2], [u64; 2]) {
         if let Some(rx) = &mut self.paired {
             match rx.try_recv() {
                 Ok(Ok(k)) => {
@@ -63,11 +80,14 @@ impl Activity {
             }
         }
         let user = [0, 1].map(|i| self.counts[i].load(Ordering::Relaxed));
-        let kernel = match (&self.engine, &self.keys) {
-            (Engine::Bpf(e), Some(k)) => e.handled(k),
-            _ => [0, 0],
+        let verdict = match (&self.engine, &self.keys) {
+            (Engine::Bpf(e), Some(k)) => {
+                let h = e.handled(k);
+                [[h[0].0, h[1].0], [h[0].1, h[1].1]]
+            }
+            _ => [[0, 0], [0, 0]],
         };
-        [0, 1].map(|i| user[i] + kernel[i])
+        (verdict, user)
     }
 
     /// Resolves once nothing has moved for `timeout` and nothing is in
@@ -77,11 +97,11 @@ impl Activity {
         // Looked at a few times per period: the connection ends between
         // `timeout` and 1.25 x `timeout` after its last byte.
         let every = (timeout / 4).max(Duration::from_millis(10));
-        let mut last = self.moved();
+        let mut last = (self.progress(), on_the_wire(fds));
         let mut since = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(every).await;
-            let now = self.moved();
+            let now = (self.progress(), on_the_wire(fds));
             if now != last {
                 (last, since) = (now, tokio::time::Instant::now());
                 continue;
@@ -91,6 +111,17 @@ impl Activity {
             }
         }
     }
+}
+
+/// What each socket has received and had acknowledged: a reader taking
+/// bytes queued earlier moves these while the relay's own counts stand
+/// still (a stalled reader catching up is not idle).
+fn on_the_wire(fds: [RawFd; 2]) -> [(u64, u64); 2] {
+    fds.map(|fd| {
+        // SAFETY: the caller keeps both sockets open (see `idle_for`).
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        sys::tcp_info(fd).map_or((0, 0), |i| (i.bytes_received, i.bytes_acked))
+    })
 }
 
 /// Whether either socket holds bytes received and unread, or sent and

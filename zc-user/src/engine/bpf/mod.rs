@@ -197,11 +197,11 @@ impl BpfEngine {
         self
     }
 
-    /// Bytes the verdict has handled arriving on each socket of a pair
-    /// (redirected or passed to user space), for whoever watches a pair
-    /// for progress: the relay itself never reads in this mode.
-    pub fn handled(&self, keys: &[SockKey; 2]) -> [u64; 2] {
-        keys.map(|k| self.progs.flow(&k).map_or(0, |f| f.sent + f.passed))
+    /// What the verdict has done with the bytes arriving on each socket
+    /// of a pair: (redirected, passed to user space), for whoever watches
+    /// a pair for progress: the relay itself never reads in this mode.
+    pub fn handled(&self, keys: &[SockKey; 2]) -> [(u64, u64); 2] {
+        keys.map(|k| self.progs.flow(&k).map_or((0, 0), |f| (f.sent, f.passed)))
     }
 
     /// Backlog bound per direction (0: unbounded, as the kernel does).
