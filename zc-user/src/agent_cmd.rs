@@ -17,6 +17,13 @@ use zc_user::{
 
 #[derive(clap::Args)]
 pub struct AgentArgs {
+    /// Read the agent's settings from this TOML file: each key is a flag's
+    /// long name (`pin-dir = "/sys/fs/bpf/zc"`, `max-stop = 20`,
+    /// `unpin-on-exit = true`); flags on the command line win. The default
+    /// file is used only if it exists; a file given here must. An unknown
+    /// key or a bad value is a usage error naming the file, line and key.
+    #[arg(long, value_name = "PATH", default_value = crate::agent_config::DEFAULT_CONFIG)]
+    config: PathBuf,
     /// Control socket to serve. A stale socket left there by a dead agent
     /// is replaced; anything else (a live socket, a regular file, a link)
     /// is refused and left alone.
@@ -78,9 +85,17 @@ pub struct AgentArgs {
     #[arg(long, value_name = "MS", default_value_t = DEFAULT_MAX_STOP.as_millis() as u64,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     max_stop: u64,
+    /// Serve Prometheus metrics on http://ADDR/metrics (and /healthz, 200
+    /// while the agent accepts requests, else 503 and why): pairs, bytes
+    /// by direction and data path, failed redirects, held FINs, map fill,
+    /// the kernel's backlog, pairing requests by answer. `:9101` for every
+    /// IPv4 address; port 0 picks one (`zc status` says which).
+    #[arg(long, value_name = "ADDR", value_parser = zc_user::cli::parse_listen)]
+    metrics: Option<std::net::SocketAddr>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DataPathArg {
     Auto,
     Splice,
@@ -170,7 +185,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
     }
     let mut pin_dir = None;
     let path = match args.data_path {
-        DataPathArg::Splice => DataPath::Splice("--data-path splice".into()),
+        DataPathArg::Splice => DataPath::Splice(zc_user::agent::metrics::FORCED_SPLICE.into()),
         DataPathArg::Auto => match load_bpf(&args.pin_dir)? {
             Ok((progs, guard)) => {
                 no_fin_hold = guard;
@@ -210,6 +225,19 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         DataPath::Bpf(..) => "bpf".to_string(),
         DataPath::Splice(why) => format!("splice ({why})"),
     };
+    // Bound before the agent exists, so that a taken port fails the start.
+    let metrics = match args.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--metrics {addr}"))?,
+        ),
+        None => None,
+    };
+    let metrics_addr = match &metrics {
+        Some(l) => Some(l.local_addr().context("the metrics address")?),
+        None => None,
+    };
     let agent = Agent::new(
         path,
         Options {
@@ -219,8 +247,19 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
             no_short_circuit,
             pin_dir,
             max_stop: std::time::Duration::from_millis(args.max_stop),
+            metrics: metrics_addr,
         },
     );
+    let _metrics = metrics.map(|l| {
+        if let Some(a) = metrics_addr {
+            info!("zc agent: metrics on http://{a}/metrics");
+        }
+        crate::AbortOnDrop(tokio::spawn(zc_user::metrics::serve(
+            l,
+            agent.metrics(),
+            agent.health(),
+        )))
+    });
     let stop = crate::stop_signal();
     let listener = control::bind_control(&args.socket, group)?;
     info!(
@@ -603,5 +642,8 @@ pub fn print_agent_status(
     match &s.pin_dir {
         Some(d) => println!("  pinned in {d}: {}", s.pinned.join(", ")),
         None => println!("  nothing pinned"),
+    }
+    if let Some(m) = &s.metrics {
+        println!("  metrics:        http://{m}/metrics");
     }
 }

@@ -30,6 +30,26 @@ pub fn parse_size_usize(s: &str) -> Result<usize, String> {
     usize::try_from(n).map_err(|_| format!("`{s}` is too large"))
 }
 
+/// A duration: a number of seconds, or a number with a unit: `1.5`,
+/// `500ms`, `30s`, `5m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let bad = || format!("`{s}` is not a duration like 500ms, 30s, 5m or 1h");
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(bad()),
+    };
+    std::time::Duration::try_from_secs_f64(secs).map_err(|_| bad())
+}
+
 /// Where to accept clients: `HOST:PORT`, `[V6]:PORT`, or `:PORT` for
 /// every IPv4 address of the host.
 pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
@@ -83,6 +103,24 @@ mod tests {
         }
         for bad in ["", "k", "4x", "1.5m", "-1", "99999999999999999999g"] {
             assert!(parse_size(bad).is_err(), "{bad} was accepted");
+        }
+    }
+
+    #[test]
+    fn durations_take_units() {
+        use std::time::Duration;
+        for (s, d) in [
+            ("1", Duration::from_secs(1)),
+            ("1.5", Duration::from_millis(1500)),
+            ("500ms", Duration::from_millis(500)),
+            ("30s", Duration::from_secs(30)),
+            ("5m", Duration::from_secs(300)),
+            ("1h", Duration::from_secs(3600)),
+        ] {
+            assert_eq!(parse_duration(s), Ok(d), "{s}");
+        }
+        for bad in ["", "s", "1x", "-1", "1.2.3"] {
+            assert!(parse_duration(bad).is_err(), "{bad} was accepted");
         }
     }
 

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod ebpf;
 pub mod engine;
 pub mod host;
+pub mod idle;
 pub mod metrics;
 pub mod probe;
 pub mod relay;

@@ -1,5 +1,6 @@
 //! The `zc` command line.
 mod agent_cmd;
+mod agent_config;
 mod bench;
 mod demo;
 mod docs;
@@ -288,6 +289,14 @@ struct RelayArgs {
     /// redirected, switches to user space. `:9100` for every IPv4 address.
     #[arg(long, value_name = "ADDR", value_parser = zc_user::cli::parse_listen)]
     metrics: Option<SocketAddr>,
+    /// End a connection that has moved no byte either way for this long
+    /// (500ms, 30s, 5m, 1h; default: never). Nothing is in flight then,
+    /// so both ends get a FIN; a connection with bytes still queued
+    /// (a reader that stopped reading) is not idle. In bpf mode idleness
+    /// is read from the kernel's counters. The access log says "idle
+    /// timeout".
+    #[arg(long, value_name = "DURATION", value_parser = zc_user::cli::parse_duration)]
+    idle_timeout: Option<Duration>,
     /// After SIGINT/SIGTERM, let open connections finish for this many
     /// seconds before resetting them.
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
@@ -295,7 +304,7 @@ struct RelayArgs {
 }
 
 /// Stops a background task when the command it serves returns.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -376,6 +385,7 @@ async fn relay(args: RelayArgs) -> Result<()> {
         connect_timeout: secs(args.connect_timeout, "connect-timeout")?,
         max_conns: args.max_conns.max(1),
         shutdown_grace: secs(args.shutdown_grace, "shutdown-grace")?,
+        idle_timeout: args.idle_timeout.filter(|d| !d.is_zero()),
     };
     let stop = stop_signal();
     // Raises the open-file limit and sizes the relay to it.
@@ -395,7 +405,11 @@ async fn relay(args: RelayArgs) -> Result<()> {
                 "zc relay: metrics on http://{}/metrics",
                 l.local_addr().context("the metrics address")?
             );
-            let task = tokio::spawn(zc_user::metrics::serve(l, relay.metrics(mode.name())));
+            let task = tokio::spawn(zc_user::metrics::serve(
+                l,
+                relay.metrics(mode.name()),
+                zc_user::metrics::always_healthy(),
+            ));
             Some(AbortOnDrop(task))
         }
         None => None,
@@ -436,7 +450,8 @@ fn raise_fd_limit() {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let cli = Cli::parse();
+    // `zc agent` may take its flags from a file too.
+    let cli = agent_config::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

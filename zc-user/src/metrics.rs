@@ -12,8 +12,17 @@ use tokio::{
 /// Builds the metrics text on each scrape.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// Whether the service is doing its job, for `/healthz`: Err says why
+/// not (answered 503).
+pub type Health = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// A service that is healthy whenever it can answer at all.
+pub fn always_healthy() -> Health {
+    Arc::new(|| Ok(()))
+}
+
 /// Answers scrapes on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, render: Render) {
+pub async fn serve(listener: TcpListener, render: Render, health: Health) {
     loop {
         let Ok((mut s, peer)) = listener.accept().await else {
             // Out of descriptors or similar: the relay itself says so;
@@ -21,7 +30,7 @@ pub async fn serve(listener: TcpListener, render: Render) {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
         };
-        let render = render.clone();
+        let (render, health) = (render.clone(), health.clone());
         tokio::spawn(async move {
             let mut req = Vec::with_capacity(512);
             let mut buf = [0u8; 512];
@@ -43,7 +52,10 @@ pub async fn serve(listener: TcpListener, render: Render) {
                     "text/plain; version=0.0.4; charset=utf-8",
                     render(),
                 ),
-                ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
+                ("GET", "/healthz") => match health() {
+                    Ok(()) => ("200 OK", "text/plain", "ok\n".to_string()),
+                    Err(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
+                },
                 ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
                 _ => (
                     "405 Method Not Allowed",

@@ -29,6 +29,7 @@ use tokio::{
 
 use crate::{
     engine::{Engine, Summary},
+    idle::Activity,
     sys,
 };
 
@@ -42,6 +43,10 @@ pub struct Config {
     pub max_conns: usize,
     /// After a stop signal: how long open connections may finish.
     pub shutdown_grace: Duration,
+    /// A connection that moves no byte either way for this long, with
+    /// nothing in flight, is ended with a FIN to both ends (see
+    /// [`crate::idle`]). None: never.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// Totals over the relay's life.
@@ -56,6 +61,8 @@ pub struct Stats {
     /// space for its small segments (see [`Summary`]).
     pub holds: AtomicU64,
     pub small_moves: AtomicU64,
+    /// Connections ended by --idle-timeout (counted in `finished` too).
+    pub idle: AtomicU64,
 }
 
 /// Descriptors kept free beyond those open when the relay binds (its
@@ -554,13 +561,32 @@ async fn serve_one(
     };
     debug!("{peer}: connected upstream");
     let fds = [client.as_raw_fd(), upstream.as_raw_fd()];
-    let summary = ResetIfDropped {
+    let counts = crate::engine::Counts::default();
+    let (paired, keys) = tokio::sync::oneshot::channel();
+    let mut activity = Activity::new(engine.clone(), counts.clone(), keys);
+    let mut relay = ResetIfDropped {
         fds,
         done: false,
-        relay: Box::pin(engine.relay(client, upstream)),
-    }
-    .await?;
+        relay: Box::pin(engine.relay_observed(client, upstream, counts, paired)),
+    };
+    let (summary, idle) = match cfg.idle_timeout {
+        None => ((&mut relay).await?, false),
+        Some(t) => tokio::select! {
+            r = &mut relay => (r?, false),
+            () = activity.idle_for(t, fds) => {
+                // Read before the engine, dropped, takes the pair out of
+                // the maps with its counts.
+                let [a_to_b, b_to_a] = activity.moved();
+                relay.end_cleanly();
+                drop(relay);
+                (Summary { a_to_b, b_to_a, ..Summary::default() }, true)
+            }
+        },
+    };
     stats.finished.fetch_add(1, Ordering::Relaxed);
+    if idle {
+        stats.idle.fetch_add(1, Ordering::Relaxed);
+    }
     stats
         .bytes
         .fetch_add(summary.a_to_b + summary.b_to_a, Ordering::Relaxed);
@@ -573,7 +599,14 @@ async fn serve_one(
         .fetch_add(summary.small, Ordering::Relaxed);
     info!(
         "{}",
-        access_line(peer, cfg.upstream, engine, &summary, started.elapsed())
+        access_line(
+            peer,
+            cfg.upstream,
+            engine,
+            &summary,
+            idle,
+            started.elapsed()
+        )
     );
     Ok(())
 }
@@ -599,14 +632,15 @@ fn render_metrics(s: &Stats, engine: &Engine, mode: &str, max_conns: usize) -> S
         "Connections the relay takes at once (its descriptor limit).",
     )
     .sample(&[], max_conns as f64);
-    let closed = get(&s.finished) - get(&s.reset);
+    let closed = get(&s.finished) - get(&s.reset) - get(&s.idle);
     Family::new(
         &mut out,
         "zc_relay_connections_total",
         "counter",
-        "Connections that ended, by how: closed (every byte delivered), reset, failed (upstream unreachable or an error).",
+        "Connections that ended, by how: closed (every byte delivered), reset, idle_timeout (nothing moved for --idle-timeout; both ends got FIN), failed (upstream unreachable or an error).",
     )
     .sample(&[("result", "closed")], closed.max(0.0))
+    .sample(&[("result", "idle_timeout")], get(&s.idle))
     .sample(&[("result", "reset")], get(&s.reset))
     .sample(&[("result", "failed")], get(&s.failed));
     Family::new(
@@ -641,6 +675,7 @@ fn access_line(
     upstream: SocketAddr,
     engine: &Engine,
     s: &Summary,
+    idle: bool,
     took: Duration,
 ) -> String {
     let path = match engine {
@@ -652,7 +687,11 @@ fn access_line(
         Engine::Splice(_) => "splice".to_string(),
         Engine::Copy(_) => "copy".to_string(),
     };
-    let end = if s.reset { "reset" } else { "closed" };
+    let end = match (s.reset, idle) {
+        (true, _) => "reset",
+        (false, true) => "idle timeout",
+        (false, false) => "closed",
+    };
     format!(
         "{peer} -> {upstream}: {} bytes up, {} down, {:.3} s, {path}, {end}",
         s.a_to_b,
@@ -686,6 +725,20 @@ impl<F: Future<Output = Result<Summary>>> Future for ResetIfDropped<F> {
             self.done = true;
         }
         out
+    }
+}
+
+impl<F> ResetIfDropped<F> {
+    /// The engine is about to be dropped with nothing in flight: both
+    /// closes become graceful (a FIN each), as when the engine ends by
+    /// itself. The kernel still resets a socket closed with unread bytes.
+    fn end_cleanly(&mut self) {
+        self.done = true;
+        for &fd in &self.fds {
+            // SAFETY: as in `drop`: `relay` has not completed.
+            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+            let _ = socket2::SockRef::from(&fd).set_linger(None);
+        }
     }
 }
 

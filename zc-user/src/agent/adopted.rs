@@ -49,6 +49,7 @@ impl Agent {
             }
             let id = self.next.fetch_add(1, Ordering::Relaxed);
             info!("adopted pair {id}: {} <-> {}", sockets[0], sockets[1]);
+            self.tally.adopted();
             pairs.insert(
                 id,
                 Entry {
@@ -65,6 +66,7 @@ impl Agent {
                     owners: Vec::new(),
                     hand_back: None,
                     saved: None,
+                    before: None,
                 },
             );
         }
@@ -88,6 +90,14 @@ impl Agent {
             .collect();
         for id in ended {
             if let Some(e) = pairs.remove(&id) {
+                // What it carried stays in the agent's byte counts.
+                let sent = e.keys.map(|k| progs.flow(&k).map_or(0, |f| f.sent));
+                let carried = crate::engine::Summary {
+                    a_to_b: sent[0],
+                    b_to_a: sent[1],
+                    ..Default::default()
+                };
+                self.tally.pair_ended(&carried, [0, 0]);
                 progs.forget(&e.keys);
                 info!("adopted pair {id} ended (a socket of it closed); forgotten");
             }

@@ -7,6 +7,7 @@ pub mod control;
 mod ending;
 pub mod find;
 pub mod lock;
+pub mod metrics;
 mod pairing;
 pub mod pidfd;
 pub mod pins;
@@ -83,6 +84,9 @@ struct Entry {
     /// The owner's options for both sockets from before pairing, put back
     /// when the pair ends (pairs of another process's sockets).
     saved: Option<Arc<Saved>>,
+    /// What the owner had read and written on each socket at pairing
+    /// (pairs of another process's sockets), for the kernel's backlog.
+    before: Option<[quiesce::Progress; 2]>,
 }
 
 pub struct Agent {
@@ -113,6 +117,10 @@ pub struct Agent {
     conns: Mutex<std::collections::HashMap<u32, usize>>,
     /// Refusals are logged at most this often.
     refusals: LogLimit,
+    /// What `--metrics` shows that no map holds.
+    tally: metrics::Tally,
+    /// Where `--metrics` is served, for `zc status`.
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Control connections one uid other than root may hold open at once.
@@ -146,6 +154,8 @@ pub struct Options {
     /// The longest a pairing holds a proxy still; a pairing that cannot be
     /// confirmed within it is undone and refused.
     pub max_stop: Duration,
+    /// Where `--metrics` is served, if it is.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl Default for Options {
@@ -157,6 +167,7 @@ impl Default for Options {
             no_short_circuit: None,
             pin_dir: None,
             max_stop: DEFAULT_MAX_STOP,
+            metrics: None,
         }
     }
 }
@@ -210,6 +221,8 @@ impl Agent {
             max_stop: opts.max_stop,
             conns: Mutex::default(),
             refusals: LogLimit::default(),
+            tally: metrics::Tally::default(),
+            metrics_addr: opts.metrics,
         });
         agent.adopt();
         agent
@@ -235,11 +248,15 @@ impl Agent {
         tokio::pin!(stop);
         tokio::spawn(adopted::watch(Arc::downgrade(&self)));
         let mut failing = AcceptBackoff::default();
+        self.tally.set_state(metrics::State::Serving);
         loop {
             tokio::select! {
                 _ = &mut stop => break,
                 r = control::accept(&listener) => match r {
                     Ok((conn, who)) => {
+                        if failing.failures > 0 {
+                            self.tally.set_state(metrics::State::Serving);
+                        }
                         failing.succeeded();
                         match self.admit(&who) {
                             Ok(admitted) => {
@@ -256,6 +273,7 @@ impl Agent {
                         }
                     }
                     Err(e) => {
+                        self.tally.set_state(metrics::State::AcceptFailing(e.to_string()));
                         let pause = failing.failed(&e);
                         tokio::select! {
                             _ = &mut stop => break,
@@ -265,6 +283,7 @@ impl Agent {
                 },
             }
         }
+        self.tally.set_state(metrics::State::Stopping);
         let n = self.pairs().len();
         match on_stop {
             OnStop::Keep => {
@@ -342,7 +361,14 @@ impl Agent {
                 }
             };
             let resp = match proto::decode(&msg.body, msg.truncated) {
-                Ok(req) => self.clone().handle(req, &who, msg.fds).await,
+                Ok(req) => {
+                    let kind = req.clone();
+                    let resp = self.clone().handle(req, &who, msg.fds).await;
+                    if let Some(o) = metrics::Outcome::of(&kind, &resp) {
+                        self.tally.request(o);
+                    }
+                    resp
+                }
                 Err(e) => Response::Error {
                     kind: ErrorKind::Malformed,
                     message: e.to_string(),
@@ -573,6 +599,7 @@ impl Agent {
             pin_dir: self.pin_dir.as_ref().map(|d| d.display().to_string()),
             pinned,
             pairs: self.pairs().len(),
+            metrics: self.metrics_addr.map(|a| a.to_string()),
         }
     }
 

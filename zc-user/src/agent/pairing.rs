@@ -110,6 +110,9 @@ impl Agent {
                 ),
             ));
         }
+        if let Some(e) = self.pairs().get_mut(&id) {
+            e.before = Some(before);
+        }
         quiesce::wait_unreadable(&probes, stopped.deadline()).await;
         let held = stopped.since().elapsed();
         stopped.release().await;
@@ -223,6 +226,7 @@ impl Agent {
         // must never touch another process's sockets).
         let counts = (!foreign).then(Counts::default);
         let live = counts.clone();
+        let by_user = counts.clone().unwrap_or_default();
         let (hand_back, asked) = oneshot::channel();
         let task = tokio::spawn(async move {
             let end = match (&me.foreign, &me.owned, live) {
@@ -237,7 +241,14 @@ impl Agent {
                     other.relay_counted(a, b, live.unwrap_or_default()).await
                 }
             };
-            let e = me.pairs().remove(&id);
+            let e = {
+                let mut pairs = me.pairs();
+                if let Ok(s) = &end {
+                    me.tally
+                        .pair_ended(s, [0, 1].map(|i| by_user[i].load(Ordering::Relaxed)));
+                }
+                pairs.remove(&id)
+            };
             if let Some(e) = e {
                 match end {
                     Ok(s) => info!(
@@ -266,6 +277,7 @@ impl Agent {
                 hand_back: foreign.then_some(hand_back),
                 owners,
                 saved,
+                before: None,
             },
         );
         Ok(rx)

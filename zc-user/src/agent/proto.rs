@@ -92,6 +92,9 @@ pub struct AgentStatus {
     pub pin_dir: Option<String>,
     pub pinned: Vec<String>,
     pub pairs: usize,
+    /// Where `--metrics` is served (the address bound), if it is.
+    #[serde(default)]
+    pub metrics: Option<String>,
 }
 
 /// What the kernel moved for one pair, from the verdict's counters.

@@ -96,6 +96,8 @@ pub struct Programs {
     /// Bytes the programs redirected for pairs that have been removed, so
     /// [`Self::kernel_bytes`] covers ended pairs too.
     retired: Arc<std::sync::atomic::AtomicU64>,
+    /// Failed redirects of pairs that have been removed.
+    retired_failed: Arc<std::sync::atomic::AtomicU64>,
     /// Interfaces the FIN hold has looked at (attached or skipped).
     /// (network namespace inode, interface index): numbers repeat across
     /// namespaces.
@@ -218,6 +220,7 @@ impl Programs {
             listeners,
             retain: Arc::default(),
             retired: Arc::default(),
+            retired_failed: Arc::default(),
             hold_ifaces: Arc::default(),
             pin_dir: None,
             _ebpf: Arc::new(Mutex::new(ebpf)),

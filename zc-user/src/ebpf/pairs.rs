@@ -175,6 +175,7 @@ impl Programs {
             .sum();
         self.retired
             .fetch_add(carried, std::sync::atomic::Ordering::Relaxed);
+        let failed = self.failed_of(keys);
         let mut m = self.maps();
         for k in keys {
             let _ = m.peers.remove(k);
@@ -183,6 +184,8 @@ impl Programs {
             let _ = m.forwarded.remove(k);
             let _ = m.counters.remove(k);
         }
+        drop(m);
+        self.retire_failed(failed);
     }
 
     /// Takes both sockets of a pair out of the program maps only: no
@@ -209,11 +212,29 @@ impl Programs {
             .sum();
         self.retired
             .fetch_add(carried, std::sync::atomic::Ordering::Relaxed);
+        let failed = self.failed_of(keys);
         remove_locked(&mut self.maps(), keys);
+        self.retire_failed(failed);
         let mut l = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
         for k in keys {
             l.remove(k);
         }
+    }
+}
+
+impl Programs {
+    fn failed_of(&self, keys: &[SockKey]) -> u64 {
+        keys.iter()
+            .filter_map(|k| self.counters(k))
+            .map(|c| c.failed)
+            .sum()
+    }
+
+    /// Added once the counters are gone, so that a scrape in between
+    /// sees a count too low for a moment rather than one counted twice.
+    fn retire_failed(&self, failed: u64) {
+        self.retired_failed
+            .fetch_add(failed, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

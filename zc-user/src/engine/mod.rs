@@ -85,6 +85,22 @@ impl Engine {
         self.relay_counted(a, b, Counts::default()).await
     }
 
+    /// [`Self::relay_counted`], and on the BPF path, `paired` is told the
+    /// pair's map keys once it is in the kernel (see
+    /// [`bpf::BpfEngine::handled`]); the other engines drop it.
+    pub async fn relay_observed(
+        &self,
+        a: TcpStream,
+        b: TcpStream,
+        counts: Counts,
+        paired: bpf::PairedReport,
+    ) -> Result<Summary> {
+        match self {
+            Engine::Bpf(e) => e.relay_reporting(a, b, Some(paired), counts).await,
+            other => other.relay_counted(a, b, counts).await,
+        }
+    }
+
     /// [`Self::relay`], keeping `counts` up to date with the bytes user
     /// space moves (all of them in splice and copy mode; in BPF mode those
     /// of held directions, the rest being in the verdict's counters).

@@ -77,6 +77,7 @@ impl TestRelay {
             connect_timeout: Duration::from_secs(5),
             max_conns: 10_000,
             shutdown_grace: Duration::from_secs(5),
+            idle_timeout: None,
         };
         let relay = Relay::bind(config, engine)
             .await

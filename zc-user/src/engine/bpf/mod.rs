@@ -211,6 +211,13 @@ impl BpfEngine {
         self
     }
 
+    /// What the verdict has done with the bytes arriving on each socket
+    /// of a pair: (redirected, passed to user space), for whoever watches
+    /// a pair for progress: the relay itself never reads in this mode.
+    pub fn handled(&self, keys: &[SockKey; 2]) -> [(u64, u64); 2] {
+        keys.map(|k| self.progs.flow(&k).map_or((0, 0), |f| (f.sent, f.passed)))
+    }
+
     /// Backlog bound per direction (0: unbounded, as the kernel does).
     pub fn with_window(mut self, bytes: u64) -> Self {
         self.window = bytes;
@@ -316,7 +323,9 @@ impl BpfEngine {
                 // relayed in user space instead.
                 debug!("{k:?} finished before pairing; copying this connection");
                 drop(events);
-                return CopyEngine::default().relay(a, b).await;
+                // Counted like a held direction: whoever watches the
+                // relay's progress (--idle-timeout) sees these bytes move.
+                return CopyEngine::default().relay_counted(a, b, by_user).await;
             }
             Err(PairError::Full(map)) => {
                 // More pairs than the maps were sized for (the relay sizes
