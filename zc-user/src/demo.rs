@@ -82,36 +82,62 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Starts `zc relay --mode bpf` on a port the kernel picks, and learns it
+/// from the relay's own start line (its log is passed through to ours):
+/// no port is chosen in advance and no probe connection shows up in the
+/// relay's access log.
 fn start_relay(upstream: SocketAddr, extra: &str) -> Result<(KillOnDrop, SocketAddr)> {
-    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let listen: SocketAddr = ([127, 0, 0, 1], port).into();
     let exe = std::env::current_exe().context("finding the zc binary")?;
-    let child = Command::new(exe)
+    // The start line is at info level, whatever the user's filter says.
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    let mut child = Command::new(exe)
         .args([
             "relay",
             "--mode",
             "bpf",
             "--listen",
-            &listen.to_string(),
+            "127.0.0.1:0",
             "--upstream",
             &upstream.to_string(),
         ])
         .args(extra.split_whitespace())
+        .env("RUST_LOG", format!("{filter},zc=info"))
         .stdin(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .context("starting zc relay")?;
-    let mut child = KillOnDrop(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(listen).is_err() {
-        if let Some(st) = child.0.try_wait()? {
-            bail!("zc relay exited before listening ({st}); see its error above");
+    let stderr = child.stderr.take().context("the relay's stderr")?;
+    let child = KillOnDrop(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            eprintln!("{line}");
+            if let Some(addr) = listening_on(&line) {
+                let _ = tx.send(addr);
+            }
         }
-        if Instant::now() > deadline {
-            bail!("zc relay did not start listening on {listen} within 10 s");
+    });
+    match rx.recv_timeout(Duration::from_secs(10)) {
+        Ok(addr) => Ok((child, addr)),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            bail!("zc relay exited before listening; see its error above")
         }
-        std::thread::sleep(Duration::from_millis(20));
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            bail!("zc relay did not start listening within 10 s")
+        }
     }
-    Ok((child, listen))
+}
+
+/// The address in the relay's start line (`zc relay: mode ..., listening
+/// on ADDR, upstream ...`).
+fn listening_on(line: &str) -> Option<SocketAddr> {
+    let rest = line.split_once("zc relay: mode ")?.1;
+    let rest = rest.split_once(", listening on ")?.1;
+    rest.split_once(", upstream ")?.0.parse().ok()
 }
 
 pub async fn run(args: DemoArgs) -> Result<()> {
