@@ -16,7 +16,11 @@ fn get(addr: SocketAddr, path: &str) -> (String, String) {
     let mut s = TcpStream::connect(addr).expect("connecting to the metrics port");
     s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
         .expect("timeout");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: zc\r\n\r\n").expect("request");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: zc\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
     let mut reply = String::new();
     s.read_to_string(&mut reply).expect("reply");
     let (head, body) = reply.split_once("\r\n\r\n").expect("an HTTP reply");
@@ -113,6 +117,132 @@ fn a_bpf_relay_serves_metrics_promtool_accepts_with_the_bytes_it_moved() {
         kernel >= BYTES as f64,
         "the kernel carried the transfer: {kernel} of {BYTES} bytes"
     );
+    // And a real Prometheus server scrapes it and stores what it says.
+    let scraped = Prometheus::scraping(addr).query("zc_relay_bytes_total");
+    assert_eq!(
+        scraped, BYTES as f64,
+        "what Prometheus stored from the relay"
+    );
     let (ok, log) = relay.stop();
     assert!(ok, "zc relay did not exit cleanly: {log}");
+}
+
+/// A Prometheus server (Debian's package) scraping one target every
+/// second, listening on a port the kernel picked; killed when dropped.
+struct Prometheus {
+    child: std::process::Child,
+    api: SocketAddr,
+    _dir: tempdir::Dir,
+}
+
+mod tempdir {
+    /// A directory removed when dropped.
+    pub struct Dir(pub std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl Prometheus {
+    fn scraping(target: SocketAddr) -> Self {
+        let dir = std::env::temp_dir().join(format!("zc-prometheus-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("prometheus dir");
+        let dir = tempdir::Dir(dir);
+        let config = dir.0.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: zc\n    \
+                 static_configs:\n      - targets: [\"{target}\"]\n"
+            ),
+        )
+        .expect("prometheus.yml");
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.0.join("data").display()
+            ))
+            .arg("--web.listen-address=127.0.0.1:0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "running prometheus (Debian's prometheus package; `cargo xtask test` installs it)",
+            );
+        let api = Self::listening_port(child.id());
+        Self {
+            child,
+            api,
+            _dir: dir,
+        }
+    }
+
+    /// The port process `pid` listens on: a LISTEN socket of its own in
+    /// /proc/PID/net/tcp (polled: the process says nothing when it is up).
+    fn listening_port(pid: u32) -> SocketAddr {
+        let deadline = std::time::Instant::now() + common::HANG;
+        loop {
+            let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| {
+                    let l = std::fs::read_link(e.path()).ok()?;
+                    let l = l.to_string_lossy();
+                    Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+                })
+                .collect();
+            let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
+            let port = table.lines().skip(1).find_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let listening =
+                    f.get(3) == Some(&"0A") && inodes.iter().any(|i| Some(&i.as_str()) == f.get(9));
+                listening
+                    .then(|| u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok())
+                    .flatten()
+            });
+            if let Some(port) = port {
+                return SocketAddr::from(([127, 0, 0, 1], port));
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "prometheus never listened"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// The value of `query` once Prometheus has one (it scrapes every
+    /// second; the first scrape comes when it is ready).
+    fn query(&self, query: &str) -> f64 {
+        let deadline = std::time::Instant::now() + common::HANG;
+        loop {
+            let (head, body) = get(self.api, &format!("/api/v1/query?query={query}"));
+            if head.starts_with("HTTP/1.1 200") {
+                let v: serde_json::Value = serde_json::from_str(&body).expect("API JSON");
+                if let Some(x) = v["data"]["result"][0]["value"][1]
+                    .as_str()
+                    .and_then(|x| x.parse().ok())
+                {
+                    return x;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "prometheus never stored {query}: {head}\n{body}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
