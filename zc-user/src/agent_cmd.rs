@@ -119,6 +119,11 @@ pub struct PairArgs {
     /// /proc/PID/fd` or `ss -tnp`); give --fd twice.
     #[arg(long = "fd", value_name = "FD", num_args = 1, requires = "pid")]
     fds: Vec<i32>,
+    /// With TUPLE: the network namespace the sockets live in (a
+    /// container's), named by a pid in it or a file such as
+    /// /run/netns/NAME; default the agent's. Pairing by --pid needs none.
+    #[arg(long, value_name = "PID|PATH", requires = "tuples")]
+    netns: Option<String>,
     /// The agent's control socket.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
@@ -465,6 +470,7 @@ pub async fn pair(args: PairArgs) -> Result<()> {
         (Some(pid), [a, b], []) => Request::PairPid { pid, fds: [*a, *b] },
         (None, [], [a, b]) => Request::PairTuple {
             sockets: [a.clone(), b.clone()],
+            netns: args.netns.clone(),
         },
         _ => bail!("give two sockets: TUPLE TUPLE, or --pid PID --fd A --fd B"),
     };

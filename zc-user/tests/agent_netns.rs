@@ -11,7 +11,7 @@ use std::{
     process::Command,
 };
 
-use common::agent::{Agent, Proxy, read_n, send_n, through_proxy};
+use common::agent::{Agent, Proxy, exchange, read_n, send_n, through_proxy};
 use zc_user::traffic::Digest;
 
 /// A network namespace made for the test (`ip netns add`), with its
@@ -128,6 +128,59 @@ fn a_proxy_in_another_network_namespace_is_paired_and_its_fin_held() {
         0,
         "EOF after the answer"
     );
+}
+
+/// Pairing by 4-tuple names the proxy's namespace, by a pid in it or by
+/// its file: the tuples are not connections in the agent's namespace
+/// (refused, nothing changed), and with `--netns` they are found and the
+/// kernel carries the bytes.
+#[test]
+fn a_pod_proxy_is_paired_by_tuple_naming_its_namespace() {
+    common::init();
+    let pod = Netns::new("tuple");
+    let agent = Agent::start("netns-tuple");
+    let (proxy, mut client, mut up, _) = pod.run(|| {
+        let server = TcpListener::bind("127.0.0.1:0").expect("bind the server");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let proxy = Proxy::haproxy_on(listener, server.local_addr().expect("addr"), &agent.dir, 1);
+        let (client, up, fds) = through_proxy(&proxy, &server);
+        (proxy, client, up, fds)
+    });
+    // The proxy's sockets, as `ss -tn` in the pod prints them.
+    let tuple = |s: &TcpStream| {
+        format!(
+            "{}-{}",
+            s.peer_addr().expect("peer"),
+            s.local_addr().expect("local")
+        )
+    };
+    let (a, b) = (tuple(&client), tuple(&up));
+    let (ok, _, err) = agent.zc(&["pair", &a, &b]);
+    assert!(
+        !ok && err.contains("not an established connection in the agent's network namespace"),
+        "pairing without --netns: {err}"
+    );
+    assert!(agent.pairs().is_empty(), "a refused pairing left a pair");
+
+    let pid = proxy.child.id().to_string();
+    let path = pod.path().display().to_string();
+    const N: u64 = 16 << 20;
+    for (id, netns) in [(1, path.as_str()), (2, pid.as_str())] {
+        let (ok, _, err) = agent.zc(&["pair", "--netns", netns, &a, &b]);
+        assert!(ok, "pairing by tuple with --netns {netns} failed: {err}");
+        exchange(&mut client, &mut up, N);
+        let (ok, out, err) = agent.zc(&["stats", "--json"]);
+        assert!(ok, "zc stats failed: {err}");
+        let stats: serde_json::Value = serde_json::from_str(&out).expect("stats json");
+        assert_eq!(stats["pairs"][0]["id"], id, "{stats}");
+        assert_eq!(
+            stats["pairs"][0]["bytes"],
+            serde_json::json!([N, N]),
+            "the kernel did not carry the bytes (--netns {netns}): {stats}"
+        );
+        let (ok, _, err) = agent.zc(&["unpair", &id.to_string()]);
+        assert!(ok, "unpair failed: {err}");
+    }
 }
 
 /// An agent holding only the capabilities of zc-agent.service (no

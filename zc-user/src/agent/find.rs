@@ -51,15 +51,49 @@ fn proc_hex(a: SocketAddr) -> String {
 /// namespace. IPv4 addresses also find an IPv6 socket that holds the
 /// connection IPv4-mapped (a dual-stack listener's), listed in tcp6 only.
 pub fn inode_of(local: SocketAddr, remote: SocketAddr) -> Option<u64> {
+    inode_in("/proc/net", local, remote)
+}
+
+/// [`inode_of`] in the network namespace `netns` names: a pid in it
+/// (whose /proc/PID/net shows it) or a namespace file such as
+/// /run/netns/NAME (entered by a thread of its own to read its table).
+pub fn inode_in_netns(
+    netns: &str,
+    local: SocketAddr,
+    remote: SocketAddr,
+) -> Result<Option<u64>, String> {
+    if let Ok(pid) = netns.parse::<u32>() {
+        let dir = format!("/proc/{pid}/net");
+        if !std::path::Path::new(&dir).exists() {
+            return Err(format!("no process {pid} to name a network namespace by"));
+        }
+        return Ok(inode_in(&dir, local, remote));
+    }
+    let file = std::fs::File::open(netns)
+        .map_err(|e| format!("opening network namespace {netns}: {e}"))?;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("entering network namespace {netns}: {e}"))?;
+            // thread-self: /proc/self/net shows the main thread's namespace.
+            Ok(inode_in("/proc/thread-self/net", local, remote))
+        })
+        .join()
+        .map_err(|_| format!("reading network namespace {netns} panicked"))?
+    })
+}
+
+/// [`inode_of`] in the TCP tables under `dir` (a /proc/.../net).
+fn inode_in(dir: &str, local: SocketAddr, remote: SocketAddr) -> Option<u64> {
     let mapped = |a: SocketAddr| match a {
         SocketAddr::V4(v4) => Some(SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port()))),
         SocketAddr::V6(_) => None,
     };
+    let (tcp, tcp6) = (format!("{dir}/tcp"), format!("{dir}/tcp6"));
     if local.is_ipv4() {
-        in_table("/proc/net/tcp", local, remote)
-            .or_else(|| in_table("/proc/net/tcp6", mapped(local)?, mapped(remote)?))
+        in_table(&tcp, local, remote).or_else(|| in_table(&tcp6, mapped(local)?, mapped(remote)?))
     } else {
-        in_table("/proc/net/tcp6", local, remote)
+        in_table(&tcp6, local, remote)
     }
 }
 

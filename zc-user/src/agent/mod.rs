@@ -431,7 +431,9 @@ impl Agent {
             Request::Status => Ok(Response::Status(self.status())),
             Request::Unpair { id } => self.unpair(id, who).await,
             Request::PairPid { pid, fds } => self.pair_pid(pid, fds, who).await,
-            Request::PairTuple { sockets } => self.pair_tuple(sockets, who).await,
+            Request::PairTuple { sockets, netns } => {
+                self.pair_tuple(sockets, netns.as_deref(), who).await
+            }
             Request::Handoff => Err(refuse(ErrorKind::Malformed, "a handoff needs its sockets")),
         }
     }
@@ -469,6 +471,7 @@ impl Agent {
     async fn pair_tuple(
         self: Arc<Self>,
         tuples: [String; 2],
+        netns: Option<&str>,
         who: &Requester,
     ) -> Result<Response, Refusal> {
         if !who.is_root() && !self.group.is_some_and(|g| who.in_group(g)) {
@@ -519,10 +522,20 @@ impl Agent {
                 )
             })?;
             cookies[i] = recorded.cookie;
-            inodes[i] = find::inode_of(local, remote).ok_or_else(|| {
+            let inode = match netns {
+                None => find::inode_of(local, remote),
+                Some(ns) => find::inode_in_netns(ns, local, remote)
+                    .map_err(|e| refuse(ErrorKind::NotFound, e))?,
+            };
+            inodes[i] = inode.ok_or_else(|| {
                 refuse(
                     ErrorKind::NotFound,
-                    format!("{t} is not an established connection"),
+                    format!(
+                        "{t} is not an established connection in {}",
+                        netns.map_or("the agent's network namespace".to_string(), |n| {
+                            format!("network namespace {n}")
+                        })
+                    ),
                 )
             })?;
         }

@@ -14,8 +14,14 @@ pub enum Request {
     /// Pair two sockets of a running process, taken with pidfd_getfd.
     PairPid { pid: i32, fds: [i32; 2] },
     /// Pair two sockets recorded by sock_ops, named LOCAL-REMOTE as `ss`
-    /// prints them. Root or the agent's group only.
-    PairTuple { sockets: [String; 2] },
+    /// prints them. Root or the agent's group only. `netns` names the
+    /// network namespace they live in, by a pid in it or a path such as
+    /// /run/netns/NAME (default: the agent's).
+    PairTuple {
+        sockets: [String; 2],
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        netns: Option<String>,
+    },
     /// End a pairing; the sockets go back to their owner untouched.
     Unpair { id: u64 },
     /// The current pairings.
