@@ -256,8 +256,8 @@ struct RelayArgs {
     sndbuf: usize,
     /// bpf mode: bounds what one direction may have waiting in the kernel
     /// for a slow reader. The verdict redirects no byte that would leave
-    /// more than two windows less 4 MiB (but at least one window)
-    /// unacknowledged by the reader (2 MiB for the held queue below, 2 for
+    /// more than two windows less 2 MiB and a quarter window (but at least
+    /// one window) unacknowledged by the reader (the held queue below, and
     /// what skbs cost beyond their bytes);
     /// beyond, it passes arriving bytes to the socket's own receive queue
     /// (2 MiB), where TCP flow control stops the sender, and zc forwards

@@ -60,11 +60,16 @@ pub const DEFAULT_WINDOW: u64 = 8 << 20;
 pub const HELD_RCVBUF: usize = 1 << 20;
 
 /// What the kernel spends on skbs beyond their bytes, allowed for in the
-/// bound: each carries its sk_buff, shared info and page rounding. With
-/// the bytes alone counted, a client that never read cost 17.6-18.9 MiB
-/// per connection at the default window against a bound of 17
-/// (`zc bench --workloads stall`, 50 clients).
-const SKB_OVERHEAD: u64 = 2 << 20;
+/// bound, as a share of the window (a quarter: 2 MiB at the default):
+/// each skb carries its sk_buff, shared info and page rounding. With the
+/// bytes alone counted, a client that never read cost 17.6-18.9 MiB per
+/// connection at the default window against a bound of 17 (`zc bench
+/// --workloads stall`, 50 clients); with this, 15.2-15.7. A fixed 2 MiB
+/// left a 4 MiB window only one window of room, and a stream with
+/// random pauses then ran mostly in user space.
+fn skb_overhead(window: u64) -> u64 {
+    window / 4
+}
 
 /// How many redirected bytes may wait for a reader: two windows, less
 /// what a held sender may keep in its own queue and what the skbs cost
@@ -72,7 +77,9 @@ const SKB_OVERHEAD: u64 = 2 << 20;
 /// window at least.
 pub fn unacked_allowance(window: u64) -> u64 {
     let held = 2 * HELD_RCVBUF as u64;
-    (2 * window).saturating_sub(held + SKB_OVERHEAD).max(window)
+    (2 * window)
+        .saturating_sub(held + skb_overhead(window))
+        .max(window)
 }
 
 /// Default size below which a direction's average skb counts as small and
