@@ -621,26 +621,6 @@ fn half_close_through_socat(tag: &str, cork: bool, kill: bool) -> (u64, u64) {
     (held, stripped)
 }
 
-/// Reads until EOF; a reset or timeout fails the test.
-fn read_to_eof(s: &mut TcpStream) -> Digest {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    let mut buf = vec![0u8; 256 << 10];
-    let mut bytes = 0u64;
-    loop {
-        let k = s
-            .read(&mut buf)
-            .unwrap_or_else(|e| panic!("read after {bytes} bytes: {e}"));
-        if k == 0 {
-            return Digest {
-                bytes,
-                hash: h.digest(),
-            };
-        }
-        h.update(&buf[..k]);
-        bytes += k as u64;
-    }
-}
-
 /// `zc agent --short-circuit` on a cgroup of its own: a client and an
 /// echo server (socat, talking first) run in it, and what crosses their
 /// connection both ways goes through sk_msg, intact, then the connection

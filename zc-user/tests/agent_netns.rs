@@ -11,8 +11,7 @@ use std::{
     process::Command,
 };
 
-use common::agent::{Agent, Proxy, exchange, read_n, send_n, through_proxy};
-use zc_user::traffic::Digest;
+use common::agent::{Agent, Proxy, exchange, read_n, read_to_eof, send_n, through_proxy};
 
 /// A network namespace made for the test (`ip netns add`), with its
 /// loopback up; removed when dropped.
@@ -61,6 +60,21 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// HAProxy in the namespace, relaying a client there to a server
+    /// there: (proxy, client, server side, the proxy's two fds).
+    fn proxy(&self, agent: &Agent) -> (Proxy, TcpStream, TcpStream, [i32; 2]) {
+        self.run(|| {
+            let server = TcpListener::bind("127.0.0.1:0").expect("bind the server");
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+            let proxy =
+                Proxy::haproxy_on(listener, server.local_addr().expect("addr"), &agent.dir, 1);
+            let (client, up, fds) = through_proxy(&proxy, &server);
+            (proxy, client, up, fds)
+        })
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip")
@@ -74,13 +88,7 @@ fn a_proxy_in_another_network_namespace_is_paired_and_its_fin_held() {
     common::init();
     let pod = Netns::new("pod");
     let agent = Agent::start("netns");
-    let (proxy, mut client, mut up, fds) = pod.run(|| {
-        let server = TcpListener::bind("127.0.0.1:0").expect("bind the server");
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
-        let proxy = Proxy::haproxy_on(listener, server.local_addr().expect("addr"), &agent.dir, 1);
-        let (client, up, fds) = through_proxy(&proxy, &server);
-        (proxy, client, up, fds)
-    });
+    let (proxy, mut client, mut up, fds) = pod.proxy(&agent);
     let (ok, _, err) = agent.pair(proxy.child.id(), fds);
     assert!(ok, "pairing the proxy's sockets failed: {err}");
 
@@ -139,13 +147,7 @@ fn a_pod_proxy_is_paired_by_tuple_naming_its_namespace() {
     common::init();
     let pod = Netns::new("tuple");
     let agent = Agent::start("netns-tuple");
-    let (proxy, mut client, mut up, _) = pod.run(|| {
-        let server = TcpListener::bind("127.0.0.1:0").expect("bind the server");
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
-        let proxy = Proxy::haproxy_on(listener, server.local_addr().expect("addr"), &agent.dir, 1);
-        let (client, up, fds) = through_proxy(&proxy, &server);
-        (proxy, client, up, fds)
-    });
+    let (proxy, mut client, mut up, _) = pod.proxy(&agent);
     // The proxy's sockets, as `ss -tn` in the pod prints them.
     let tuple = |s: &TcpStream| {
         format!(
@@ -211,13 +213,7 @@ fn without_cap_sys_admin_a_pod_proxy_is_refused_not_paired_unguarded() {
         &["setpriv", "--inh-caps=-all", &bounding, "--no-new-privs"],
         &[],
     );
-    let (proxy, mut client, mut up, fds) = pod.run(|| {
-        let server = TcpListener::bind("127.0.0.1:0").expect("bind the server");
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
-        let proxy = Proxy::haproxy_on(listener, server.local_addr().expect("addr"), &agent.dir, 1);
-        let (client, up, fds) = through_proxy(&proxy, &server);
-        (proxy, client, up, fds)
-    });
+    let (proxy, mut client, mut up, fds) = pod.proxy(&agent);
     let (ok, _, err) = agent.pair(proxy.child.id(), fds);
     assert!(
         !ok,
@@ -235,24 +231,4 @@ fn without_cap_sys_admin_a_pod_proxy_is_refused_not_paired_unguarded() {
         sent,
         "the proxy relays after the refusal"
     );
-}
-
-/// Reads until EOF.
-fn read_to_eof(s: &mut TcpStream) -> Digest {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    let mut buf = vec![0u8; 256 << 10];
-    let mut bytes = 0u64;
-    loop {
-        let k = s
-            .read(&mut buf)
-            .unwrap_or_else(|e| panic!("read after {bytes} bytes: {e}"));
-        if k == 0 {
-            return Digest {
-                bytes,
-                hash: h.digest(),
-            };
-        }
-        h.update(&buf[..k]);
-        bytes += k as u64;
-    }
 }

@@ -4,37 +4,16 @@ mod common;
 
 use std::{
     io::{Read, Write},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{Shutdown, SocketAddr, TcpListener},
     process::{Command, Stdio},
 };
 
-use common::process::{RelayProcess, accept_upstream};
+use common::{
+    process::{RelayProcess, accept_upstream},
+    scrape::{get, promtool_accepts, value},
+};
 
 const BYTES: usize = 8 << 20;
-
-fn get(addr: SocketAddr, path: &str) -> (String, String) {
-    let mut s = TcpStream::connect(addr).expect("connecting to the metrics port");
-    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
-        .expect("timeout");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: zc\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).expect("reply");
-    let (head, body) = reply.split_once("\r\n\r\n").expect("an HTTP reply");
-    (head.to_string(), body.to_string())
-}
-
-fn value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no `{series}` in:\n{text}"))
-        .trim()
-        .parse()
-        .expect("a number")
-}
 
 #[test]
 fn a_bpf_relay_serves_metrics_promtool_accepts_with_the_bytes_it_moved() {
@@ -85,26 +64,7 @@ fn a_bpf_relay_serves_metrics_promtool_accepts_with_the_bytes_it_moved() {
     let (head, text) = get(addr, "/metrics");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("running promtool (Debian's prometheus package; `cargo xtask test` installs it)");
-    promtool
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("feeding promtool");
-    let checked = promtool.wait_with_output().expect("promtool");
-    assert!(
-        checked.status.success() && checked.stdout.is_empty() && checked.stderr.is_empty(),
-        "promtool check metrics: {}{}\n{text}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
-    );
+    promtool_accepts(&text);
     assert_eq!(value(&text, "zc_relay_info{mode=\"bpf\"}"), 1.0);
     assert_eq!(
         value(&text, "zc_relay_connections_total{result=\"closed\"}"),

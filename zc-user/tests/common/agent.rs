@@ -527,6 +527,26 @@ pub fn read_n(s: &mut TcpStream, n: u64) -> Digest {
     }
 }
 
+/// Reads until EOF; a reset or timeout fails the test.
+pub fn read_to_eof(s: &mut TcpStream) -> Digest {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut bytes = 0u64;
+    loop {
+        let k = s
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("read after {bytes} bytes: {e}"));
+        if k == 0 {
+            return Digest {
+                bytes,
+                hash: h.digest(),
+            };
+        }
+        h.update(&buf[..k]);
+        bytes += k as u64;
+    }
+}
+
 /// The group an agent started with `--group MEMBER_GROUP` lets in.
 pub const MEMBER_GROUP: &str = "4242";
 

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod process;
+pub mod scrape;
 
 use std::{net::SocketAddr, os::fd::AsFd, sync::Once, time::Duration};
 
