@@ -199,6 +199,10 @@ fn run(cli: Cli) -> Result<()> {
             let mut cmd = cargo(&tools);
             // The default members: zc-ebpf is built by zc-user's build.rs.
             cmd.args(["test", "--release"]).args(args);
+            if whole_suite {
+                // One failing test binary must not hide the others' results.
+                cmd.arg("--no-fail-fast");
+            }
             let tested = status(cmd);
             // The tests' build has the `test-faults` feature and leaves its
             // zc in target/release; put the shipping build back.

@@ -6,7 +6,7 @@ mod common;
 use std::{
     net::{TcpListener, TcpStream},
     os::{
-        fd::{AsFd as _, BorrowedFd},
+        fd::{AsFd as _, AsRawFd as _, BorrowedFd},
         unix::fs::PermissionsExt as _,
     },
     path::Path,
@@ -166,6 +166,77 @@ fn a_member_holds_at_most_its_share_of_control_connections() {
     assert!(
         ok,
         "root was not served beside a member at its share: {err}"
+    );
+}
+
+/// A member past its share that sends its request at once, before the
+/// agent turned it away, still reads why: the agent reads that request
+/// before it closes, as a Unix socket closed with an unread message
+/// resets its peer, and that reset is read before the queued answer.
+#[test]
+fn a_turned_away_request_sent_at_once_reads_its_refusal() {
+    common::init();
+    const EXTRA: usize = 20;
+    let agent = Agent::start_with("limits-race", &["--group", MEMBER_GROUP]);
+    let socket = agent.socket.clone();
+    let answers = std::thread::spawn(move || {
+        become_member();
+        let held: Vec<_> = (0..MAX_CONNS_PER_UID)
+            .map(|i| {
+                control::connect_control(&socket)
+                    .unwrap_or_else(|e| panic!("member connection {i}: {e:#}"))
+            })
+            .collect();
+        let answers: Vec<String> = (0..EXTRA)
+            .map(|i| {
+                let c = control::connect_control(&socket)
+                    .unwrap_or_else(|e| panic!("extra connection {i}: {e:#}"));
+                let req = br#"{"op":"list"}"#;
+                // EPIPE if the agent closed first: nothing to race then.
+                let _ = nix::sys::socket::send(
+                    c.as_raw_fd(),
+                    req,
+                    nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+                );
+                // The agent's close is the event: then the answer, if
+                // any, is queued, and a reset would be pending.
+                let mut pfd = [nix::poll::PollFd::new(
+                    c.as_fd(),
+                    nix::poll::PollFlags::empty(),
+                )];
+                nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(10_000u16))
+                    .unwrap_or_else(|e| panic!("extra connection {i}: poll: {e}"));
+                let mut buf = vec![0u8; control::REPLY_CHUNK];
+                match nix::sys::socket::recv(
+                    c.as_raw_fd(),
+                    &mut buf,
+                    nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+                ) {
+                    Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+                    Err(e) => format!("recv: {e}"),
+                }
+            })
+            .collect();
+        drop(held);
+        answers
+    })
+    .join()
+    .expect("the member's thread");
+    let refused = answers
+        .iter()
+        .filter(|a| a.contains("close one first"))
+        .count();
+    println!(
+        "{refused} of {EXTRA} requests sent at once read their refusal; first: {}",
+        answers[0]
+    );
+    let other: Vec<_> = answers
+        .iter()
+        .filter(|a| !a.contains("close one first"))
+        .collect();
+    assert!(
+        other.is_empty(),
+        "turned-away requests read no refusal: {other:?}"
     );
 }
 

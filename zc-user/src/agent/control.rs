@@ -248,18 +248,50 @@ pub async fn send(conn: &AsyncFd<OwnedFd>, resp: &Response) -> io::Result<()> {
     Ok(())
 }
 
+/// How long a turned-away connection waits for the request it was about
+/// to send.
+const TURN_AWAY_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Answers a connection the agent will not serve, and closes it without
+/// resetting it. A Unix socket closed with an unread message in it sets
+/// ECONNRESET on its peer, and on a SOCK_SEQPACKET socket that error is
+/// returned before the answer already queued: a client that sent its
+/// request just before the close would never read why it was refused. So
+/// the request (or EOF) is awaited a short while and read first. `linger`
+/// is false when too many turned-away connections wait already: those
+/// close at once, as the cheap path must stay cheap.
+pub async fn turn_away(conn: AsyncFd<OwnedFd>, resp: &Response, linger: bool) {
+    if send(&conn, resp).await.is_err() || !linger {
+        return;
+    }
+    // The request (its descriptors are closed with it), or EOF; then any
+    // message queued behind it.
+    if let Ok(Ok(Some(_))) = tokio::time::timeout(TURN_AWAY_WAIT, recv(&conn)).await {
+        let mut buf = [0u8; 64];
+        let dontwait = nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+        // Descriptors riding on these are discarded by the kernel, as no
+        // room is given for them.
+        while nix::sys::socket::recv(conn.as_raw_fd(), &mut buf, dontwait).is_ok_and(|n| n > 0) {}
+    }
+}
+
 /// Client side: reads one response, message by message, until one shorter
 /// than [`REPLY_CHUNK`].
 fn read_reply(fd: BorrowedFd<'_>) -> Result<Response> {
     let mut body = Vec::new();
     // One byte more than a chunk, so that an overlong message shows.
     let mut buf = vec![0u8; REPLY_CHUNK + 1];
+    let recv = |buf: &mut [u8], flags| nix::sys::socket::recv(fd.as_raw_fd(), buf, flags);
     loop {
-        let n = nix::sys::socket::recv(
-            fd.as_raw_fd(),
-            &mut buf,
-            nix::sys::socket::MsgFlags::empty(),
-        )
+        let n = match recv(&mut buf, nix::sys::socket::MsgFlags::empty()) {
+            // A reset is reported before messages already queued (see
+            // `turn_away`), and reported once: an answer may still wait.
+            Err(nix::errno::Errno::ECONNRESET) => {
+                recv(&mut buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT)
+                    .map_err(|_| nix::errno::Errno::ECONNRESET)
+            }
+            r => r,
+        }
         .context("reading the agent's answer")?;
         if n == 0 {
             bail!(

@@ -117,6 +117,9 @@ pub struct Agent {
     conns: Mutex<std::collections::HashMap<u32, usize>>,
     /// Refusals are logged at most this often.
     refusals: LogLimit,
+    /// Turned-away control connections that may wait for their request
+    /// before they close (see [`control::turn_away`]).
+    turning_away: Arc<tokio::sync::Semaphore>,
     /// What `--metrics` shows that no map holds.
     tally: metrics::Tally,
     /// Where `--metrics` is served, for `zc status`.
@@ -221,6 +224,7 @@ impl Agent {
             max_stop: opts.max_stop,
             conns: Mutex::default(),
             refusals: LogLimit::default(),
+            turning_away: Arc::new(tokio::sync::Semaphore::new(MAX_UNPRIVILEGED_CONNS)),
             tally: metrics::Tally::default(),
             metrics_addr: opts.metrics,
         });
@@ -265,9 +269,11 @@ impl Agent {
                             }
                             Err(r) => {
                                 debug!("control connection from uid {} pid {} turned away: {}", who.uid, who.pid, r.message);
+                                let permit = self.turning_away.clone().try_acquire_owned().ok();
                                 tokio::spawn(async move {
                                     let busy = Response::Error { kind: r.kind, message: r.message };
-                                    let _ = control::send(&conn, &busy).await;
+                                    control::turn_away(conn, &busy, permit.is_some()).await;
+                                    drop(permit);
                                 });
                             }
                         }
