@@ -12,18 +12,26 @@ pub const AF_INET6: u32 = 10;
 /// Capacity of every socket map. A relay pair holds two entries.
 pub const MAX_SOCKETS: u32 = 65_536;
 
-/// One TCP socket, named by its 4-tuple as seen from that socket.
+/// One TCP socket, named by its network namespace and its 4-tuple as
+/// seen from that socket.
 ///
 /// Addresses are the kernel's network-byte-order 32-bit words (an IPv4
 /// address fills `local_ip[0]`, the rest stay zero); ports are host order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SockKey {
+    /// The cookie of the socket's network namespace (SO_NETNS_COOKIE,
+    /// `bpf_get_netns_cookie`): two containers may each hold a connection
+    /// with the same 4-tuple (a sidecar's to 127.0.0.1, say).
+    pub netns: u64,
     pub family: u32,
     pub local_port: u32,
     pub remote_port: u32,
     pub local_ip: [u32; 4],
     pub remote_ip: [u32; 4],
+    /// Always 0: makes the size a multiple of 8 without hidden padding,
+    /// whose bytes a hash map would read as part of the key.
+    pub pad: u32,
 }
 
 impl SockKey {
@@ -42,22 +50,26 @@ impl SockKey {
             return self;
         }
         Self {
+            netns: self.netns,
             family: AF_INET,
             local_port: self.local_port,
             remote_port: self.remote_port,
             local_ip: [self.local_ip[3], 0, 0, 0],
             remote_ip: [self.remote_ip[3], 0, 0, 0],
+            pad: 0,
         }
     }
 
     /// The same connection seen from its other end (the same-host case).
     pub const fn reversed(&self) -> Self {
         Self {
+            netns: self.netns,
             family: self.family,
             local_port: self.remote_port,
             remote_port: self.local_port,
             local_ip: self.remote_ip,
             remote_ip: self.local_ip,
+            pad: 0,
         }
     }
 }
@@ -102,6 +114,8 @@ pub struct Peer {
     /// arriving bytes to the socket's own receive queue, where they count
     /// against its receive buffer, so TCP flow control holds the sender.
     pub hold: u32,
+    /// Always 0 (keeps `limit` 8-aligned without hidden padding).
+    pub pad: u32,
     /// Byte total beyond which user space wants to look at the
     /// destination's backlog.
     pub limit: u64,
@@ -200,10 +214,10 @@ mod tests {
 
     #[test]
     fn layouts_have_no_padding() {
-        assert_eq!(core::mem::size_of::<SockKey>(), 4 * 3 + 16 * 2);
+        assert_eq!(core::mem::size_of::<SockKey>(), 8 + 4 * 3 + 16 * 2 + 4);
         assert_eq!(
             core::mem::size_of::<Peer>(),
-            core::mem::size_of::<SockKey>() + 4 * 3 + 8 * 4
+            core::mem::size_of::<SockKey>() + 4 * 4 + 8 * 4
         );
         assert_eq!(core::mem::offset_of!(Peer, limit) % 8, 0);
         assert_eq!(core::mem::size_of::<Counters>(), 24);
@@ -227,6 +241,8 @@ mod tests {
             remote_port: 5000,
             local_ip: [0, 0, w([0, 0, 0xff, 0xff]), w([127, 0, 0, 1])],
             remote_ip: [0, 0, w([0, 0, 0xff, 0xff]), w([10, 0, 0, 9])],
+            netns: 4096,
+            pad: 0,
         };
         let v4 = SockKey {
             family: AF_INET,
@@ -234,6 +250,8 @@ mod tests {
             remote_port: 5000,
             local_ip: [w([127, 0, 0, 1]), 0, 0, 0],
             remote_ip: [w([10, 0, 0, 9]), 0, 0, 0],
+            netns: 4096,
+            pad: 0,
         };
         assert_eq!(mapped.normalised(), v4);
         assert_eq!(v4.normalised(), v4);
@@ -260,6 +278,8 @@ mod tests {
             remote_port: 2,
             local_ip: [3, 0, 0, 0],
             remote_ip: [4, 0, 0, 0],
+            netns: 7,
+            pad: 0,
         };
         assert_eq!(k.reversed().reversed(), k);
         assert_eq!(k.reversed().local_port, 2);

@@ -1,9 +1,16 @@
 //! The FIN hold: `zc_fin_hold`, on tc ingress, keeps a FIN for a socket
 //! of the agent's pairs behind the bytes redirected before it.
+use core::mem::size_of;
+
 use aya_ebpf::{
-    bindings::BPF_F_INGRESS,
+    bindings::{BPF_F_INGRESS, bpf_sock_tuple},
     cty::c_void,
-    helpers::{bpf_probe_read_kernel, generated::bpf_ktime_get_ns},
+    helpers::{
+        bpf_probe_read_kernel,
+        generated::{
+            bpf_ktime_get_ns, bpf_sk_release, bpf_skb_load_bytes_relative, bpf_skc_lookup_tcp,
+        },
+    },
     macros::{classifier, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
@@ -22,14 +29,11 @@ static GUARDED: HashMap<SockKey, SockKey> = HashMap::with_max_entries(MAX_SOCKET
 
 /// Set by the agent from the kernel's BTF, so no layout is compiled in:
 /// [HOLD_USER_DATA] the offset of `sk_user_data` in `struct sock`,
-/// [HOLD_QLEN] of `ingress_skb.qlen` in `struct sk_psock`.
+/// [HOLD_QLEN] of `ingress_skb.qlen` in `struct sk_psock`, [HOLD_SKC_NET]
+/// of `skc_net` in `struct sock_common`, [HOLD_NET_COOKIE] of
+/// `net_cookie` in `struct net`.
 #[map]
-static HOLD_CONFIG: Array<u64> = Array::with_max_entries(2, 0);
-
-/// Interfaces the FIN hold is attached to: ifindex -> the length of their
-/// link-layer header.
-#[map]
-static HOLD_IFACES: HashMap<u32, u32> = HashMap::with_max_entries(1024, 0);
+static HOLD_CONFIG: Array<u64> = Array::with_max_entries(4, 0);
 
 /// [HOLD_HELD] FINs dropped to wait, [HOLD_STRIPPED] FINs taken off
 /// data segments, [HOLD_REQUEUED] copies of a held FIN sent round the
@@ -43,6 +47,8 @@ static HOLD_SINCE: LruHashMap<SockKey, u64> = LruHashMap::with_max_entries(MAX_S
 
 const HOLD_USER_DATA: u32 = 0;
 const HOLD_QLEN: u32 = 1;
+const HOLD_SKC_NET: u32 = 2;
+const HOLD_NET_COOKIE: u32 = 3;
 const HOLD_HELD: u32 = 0;
 const HOLD_STRIPPED: u32 = 1;
 const HOLD_REQUEUED: u32 = 2;
@@ -57,6 +63,13 @@ const REQUEUE_NS: u64 = 20_000_000;
 const REQUEUE_STALE_NS: u64 = 1_000_000_000;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
+/// include/uapi/linux/bpf.h: loads relative to the network header, and
+/// socket lookups in the namespace of the device the packet came in on.
+const BPF_HDR_START_NET: u32 = 1;
+const BPF_F_CURRENT_NETNS: u64 = u64::MAX;
+/// The link-layer header lengths of the devices the hold covers:
+/// Ethernet and loopback, and none (tun, WireGuard).
+const LINK_HEADERS: [usize; 2] = [14, 0];
 const IPPROTO_TCP: u8 = 6;
 const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
@@ -83,12 +96,19 @@ const TC_ACT_SHOT: i32 = 2;
 /// number, skips them.
 #[classifier]
 pub fn zc_fin_hold(ctx: TcContext) -> i32 {
-    let Some((key, flags, payload, flags_at)) = tcp_segment(&ctx) else {
+    let Some(mut seg) = tcp_segment(&ctx) else {
         return TC_ACT_UNSPEC;
     };
-    if flags & TCP_FIN == 0 || flags & TCP_RST != 0 {
+    if seg.flags & TCP_FIN == 0 || seg.flags & TCP_RST != 0 {
         return TC_ACT_UNSPEC;
     }
+    // Keys name the socket's network namespace: that of the socket this
+    // FIN is for, looked up where the packet came in.
+    let Some(netns) = netns_of_socket(&ctx, &seg) else {
+        return TC_ACT_UNSPEC;
+    };
+    seg.key.netns = netns;
+    let key = seg.key;
     // A copy made by `requeue`. Another agent's hold (each agent attaches
     // its own, with its own maps) passes it on untouched, mark included.
     // SAFETY: the context is valid for this run.
@@ -109,11 +129,14 @@ pub fn zc_fin_hold(ctx: TcContext) -> i32 {
     if ours {
         ctx.set_mark(0);
     }
-    if payload && !ours {
+    if seg.payload && !ours {
+        let Some(l2) = link_header_len(&ctx, &seg) else {
+            return TC_ACT_UNSPEC;
+        };
         // Before the FIN is taken off: the copy keeps it.
         requeue(&ctx, &key);
         // The word holding the flags starts one byte before them.
-        let off = flags_at - 1;
+        let off = l2 + seg.flags_at - 1;
         let Ok(old) = ctx.load::<u16>(off) else {
             return TC_ACT_UNSPEC;
         };
@@ -171,56 +194,185 @@ fn requeue(ctx: &TcContext, key: &SockKey) {
     ctx.set_mark(mark);
 }
 
-/// The socket key a TCP segment is addressed to, its flags, whether it
-/// carries bytes, and the offset of its flags byte from `skb->data`.
+/// A TCP segment as the hold reads it.
+struct Segment {
+    /// The key of the socket it is addressed to, but for `netns`.
+    key: SockKey,
+    flags: u8,
+    /// Whether it carries bytes.
+    payload: bool,
+    /// Where its flags byte is, from the network header.
+    flags_at: usize,
+    /// The first word of its IP header and the first of its source
+    /// address, at `saddr_at`: what finds the network header in the frame.
+    first_word: u32,
+    saddr_at: usize,
+}
+
+/// Reads a `T` at `off` bytes from the network header: no per-device
+/// link-layer length is needed, so interfaces of every namespace (whose
+/// indexes repeat from one namespace to the next) are read alike.
 #[inline(always)]
-fn tcp_segment(ctx: &TcContext) -> Option<(SockKey, u8, bool, usize)> {
-    // tc sees the frame from its link-layer header, whose length depends
-    // on the device; the agent tells it per interface.
-    // SAFETY: the context is valid for this run.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: copied out at once.
-    let l2 = *unsafe { HOLD_IFACES.get(&ifindex) }? as usize;
+fn load_net<T: Copy + Default>(ctx: &TcContext, off: usize) -> Option<T> {
+    let mut v = T::default();
+    // SAFETY: the helper writes at most size_of::<T>() bytes into `v`.
+    let r = unsafe {
+        bpf_skb_load_bytes_relative(
+            ctx.skb.skb as *const c_void,
+            off as u32,
+            &mut v as *mut T as *mut c_void,
+            size_of::<T>() as u32,
+            BPF_HDR_START_NET,
+        )
+    };
+    (r == 0).then_some(v)
+}
+
+/// The TCP segment in the packet, if it is one.
+#[inline(always)]
+fn tcp_segment(ctx: &TcContext) -> Option<Segment> {
     let proto = u16::from_be(ctx.skb.protocol() as u16);
     let mut key = SockKey::default();
-    let (tcp_at, ip_payload) = if proto == ETH_P_IP {
-        let vihl: u8 = ctx.load(l2).ok()?;
-        if ctx.load::<u8>(l2 + 9).ok()? != IPPROTO_TCP {
+    let first_word: u32 = load_net(ctx, 0)?;
+    let (tcp_at, ip_payload, saddr_at) = if proto == ETH_P_IP {
+        let vihl: u8 = load_net(ctx, 0)?;
+        if load_net::<u8>(ctx, 9)? != IPPROTO_TCP {
             return None;
         }
         let ihl = usize::from(vihl & 0xf) * 4;
-        let total = usize::from(u16::from_be(ctx.load::<u16>(l2 + 2).ok()?));
+        let total = usize::from(u16::from_be(load_net::<u16>(ctx, 2)?));
         key.family = AF_INET;
-        key.remote_ip[0] = ctx.load(l2 + 12).ok()?;
-        key.local_ip[0] = ctx.load(l2 + 16).ok()?;
+        key.remote_ip[0] = load_net(ctx, 12)?;
+        key.local_ip[0] = load_net(ctx, 16)?;
         // A GSO packet past 64 KiB says 0: count it as carrying bytes.
-        (
-            l2 + ihl,
-            if total == 0 {
-                usize::MAX
-            } else {
-                total.saturating_sub(ihl)
-            },
-        )
+        let payload = if total == 0 {
+            usize::MAX
+        } else {
+            total.saturating_sub(ihl)
+        };
+        (ihl, payload, 12)
     } else if proto == ETH_P_IPV6 {
-        if ctx.load::<u8>(l2 + 6).ok()? != IPPROTO_TCP {
+        if load_net::<u8>(ctx, 6)? != IPPROTO_TCP {
             return None;
         }
-        let plen = usize::from(u16::from_be(ctx.load::<u16>(l2 + 4).ok()?));
+        let plen = usize::from(u16::from_be(load_net::<u16>(ctx, 4)?));
         key.family = AF_INET6;
         for i in 0..4 {
-            key.remote_ip[i] = ctx.load(l2 + 8 + 4 * i).ok()?;
-            key.local_ip[i] = ctx.load(l2 + 24 + 4 * i).ok()?;
+            key.remote_ip[i] = load_net(ctx, 8 + 4 * i)?;
+            key.local_ip[i] = load_net(ctx, 24 + 4 * i)?;
         }
-        (l2 + 40, if plen == 0 { usize::MAX } else { plen })
+        (40, if plen == 0 { usize::MAX } else { plen }, 8)
     } else {
         return None;
     };
-    key.remote_port = u32::from(u16::from_be(ctx.load::<u16>(tcp_at).ok()?));
-    key.local_port = u32::from(u16::from_be(ctx.load::<u16>(tcp_at + 2).ok()?));
-    let doff = usize::from(ctx.load::<u8>(tcp_at + 12).ok()? >> 4) * 4;
-    let flags: u8 = ctx.load(tcp_at + 13).ok()?;
-    Some((key, flags, ip_payload > doff, tcp_at + 13))
+    key.remote_port = u32::from(u16::from_be(load_net::<u16>(ctx, tcp_at)?));
+    key.local_port = u32::from(u16::from_be(load_net::<u16>(ctx, tcp_at + 2)?));
+    let doff = usize::from(load_net::<u8>(ctx, tcp_at + 12)? >> 4) * 4;
+    let flags: u8 = load_net(ctx, tcp_at + 13)?;
+    Some(Segment {
+        key,
+        flags,
+        payload: ip_payload > doff,
+        flags_at: tcp_at + 13,
+        first_word,
+        saddr_at,
+    })
+}
+
+/// Where the network header starts in the frame (tc sees it from its
+/// link-layer header): the first of [`LINK_HEADERS`] at which the frame
+/// holds the header's first word and source address.
+#[inline(always)]
+fn link_header_len(ctx: &TcContext, seg: &Segment) -> Option<usize> {
+    let saddr = seg.key.remote_ip[0];
+    LINK_HEADERS.into_iter().find(|&l2| {
+        ctx.load::<u32>(l2).ok() == Some(seg.first_word)
+            && ctx.load::<u32>(l2 + seg.saddr_at).ok() == Some(saddr)
+    })
+}
+
+/// The network namespace cookie of the socket `seg` is addressed to, in
+/// the namespace of the device it came in on; `None` when no socket has
+/// its 4-tuple there.
+#[inline(always)]
+fn netns_of_socket(ctx: &TcContext, seg: &Segment) -> Option<u64> {
+    let cfg = |i| HOLD_CONFIG.get(i).copied().unwrap_or(0);
+    let (net_at, cookie_at) = (cfg(HOLD_SKC_NET), cfg(HOLD_NET_COOKIE));
+    if net_at == 0 || cookie_at == 0 {
+        return None;
+    }
+    let k = &seg.key;
+    // Ports and addresses in network order, source first (the remote end).
+    let (sport, dport) = (
+        (k.remote_port as u16).to_be(),
+        (k.local_port as u16).to_be(),
+    );
+    let skb = ctx.skb.skb as *mut c_void;
+    // SAFETY: each tuple lives on the stack for the call, with its size.
+    let sk = unsafe {
+        if k.family == AF_INET {
+            let mut t = Tuple4 {
+                saddr: k.remote_ip[0],
+                daddr: k.local_ip[0],
+                sport,
+                dport,
+            };
+            bpf_skc_lookup_tcp(
+                skb,
+                &mut t as *mut Tuple4 as *mut bpf_sock_tuple,
+                size_of::<Tuple4>() as u32,
+                BPF_F_CURRENT_NETNS,
+                0,
+            )
+        } else {
+            let mut t = Tuple6 {
+                saddr: k.remote_ip,
+                daddr: k.local_ip,
+                sport,
+                dport,
+            };
+            bpf_skc_lookup_tcp(
+                skb,
+                &mut t as *mut Tuple6 as *mut bpf_sock_tuple,
+                size_of::<Tuple6>() as u32,
+                BPF_F_CURRENT_NETNS,
+                0,
+            )
+        }
+    };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: the socket's address is copied out through a probe read
+    // (see `sock::sock_addr`) and the reference released at once; the
+    // namespace outlives the packet's run.
+    unsafe {
+        let slot = [sk as u64];
+        let addr = bpf_probe_read_kernel(slot.as_ptr()).unwrap_or(0);
+        bpf_sk_release(sk as *mut c_void);
+        if addr == 0 {
+            return None;
+        }
+        let net = bpf_probe_read_kernel((addr + net_at) as *const u64).ok()?;
+        bpf_probe_read_kernel((net + cookie_at) as *const u64).ok()
+    }
+}
+
+/// `struct bpf_sock_tuple`'s two shapes.
+#[repr(C)]
+struct Tuple4 {
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+}
+
+#[repr(C)]
+struct Tuple6 {
+    saddr: [u32; 4],
+    daddr: [u32; 4],
+    sport: u16,
+    dport: u16,
 }
 
 /// How many skbs wait in the psock queue of the socket named `key` for

@@ -2,7 +2,7 @@
 //! becomes established, so the agent can pair sockets by 4-tuple. It also
 //! enrols same-host connections in the short-circuit.
 use aya_ebpf::{
-    helpers::bpf_get_socket_cookie,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{map, sock_ops},
     maps::{HashMap, PerCpuArray},
     programs::SockOpsContext,
@@ -49,7 +49,9 @@ pub fn zc_sockops(ctx: SockOpsContext) -> u32 {
     // Read once for every branch: a copy per branch let the compiler
     // share the reads through an offset into the context, which the
     // verifier refuses ("dereference of modified ctx ptr").
-    let key = key_of!(ctx.ops);
+    // SAFETY: sock_ops programs may ask for their socket's namespace.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.ops as *mut _) };
+    let key = key_of!(ctx.ops, netns);
     if established {
         // SAFETY: sock_ops programs may ask for their socket's cookie.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut _) };

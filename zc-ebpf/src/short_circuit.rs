@@ -6,7 +6,7 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, BPF_NOEXIST, sk_action},
-    helpers::bpf_probe_read_kernel,
+    helpers::{bpf_get_netns_cookie, bpf_probe_read_kernel},
     macros::{map, sk_msg},
     maps::{Array, HashMap, PerCpuArray, SockHash},
     programs::{SkMsgContext, SockOpsContext},
@@ -80,20 +80,22 @@ pub(crate) fn same_host(k: &SockKey) -> bool {
 #[inline(always)]
 pub(crate) fn listening(key: &SockKey) {
     let _ = SC_LISTENERS.insert(
-        &listener_key(key.family, key.local_ip, key.local_port),
+        &listener_key(key.netns, key.family, key.local_ip, key.local_port),
         &1,
         0,
     );
 }
 
 #[inline(always)]
-fn listener_key(family: u32, ip: [u32; 4], port: u32) -> SockKey {
+fn listener_key(netns: u64, family: u32, ip: [u32; 4], port: u32) -> SockKey {
     SockKey {
+        netns,
         family,
         local_port: port,
         remote_port: 0,
         local_ip: ip,
         remote_ip: [0; 4],
+        pad: 0,
     }
 }
 
@@ -107,9 +109,10 @@ fn server_in_cgroup(client: &SockKey) -> bool {
         // SAFETY: only checked for presence.
         unsafe { SC_LISTENERS.get(&k) }.is_some()
     };
-    known(listener_key(client.family, client.remote_ip, port))
-        || known(listener_key(client.family, [0; 4], port))
-        || known(listener_key(AF_INET6, [0; 4], port))
+    let ns = client.netns;
+    known(listener_key(ns, client.family, client.remote_ip, port))
+        || known(listener_key(ns, client.family, [0; 4], port))
+        || known(listener_key(ns, AF_INET6, [0; 4], port))
 }
 
 /// Puts the established socket of `ctx` in `LOCAL` when both ends of its
@@ -217,7 +220,9 @@ fn caught_up(key: &SockKey, peer: &SockKey) -> bool {
 /// queue, skipping the loopback TCP path.
 #[sk_msg]
 pub fn zc_msg(ctx: SkMsgContext) -> u32 {
-    let key = key_of!(ctx.msg);
+    // SAFETY: sk_msg programs may ask for their socket's namespace.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.msg as *mut _) };
+    let key = key_of!(ctx.msg, netns);
     let Some(peer) = peer_of(&key, PEER_LOCAL) else {
         return sk_action::SK_PASS;
     };

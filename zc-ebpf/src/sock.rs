@@ -8,13 +8,14 @@ use aya_ebpf::{
 };
 use zc_common::SockKey;
 
-/// Builds a key from a socket context (`__sk_buff` or `sk_msg_md`, which
-/// name these fields alike). Every field is loaded on its own, volatile:
+/// Builds a key from a socket context (`sk_msg_md` or `bpf_sock_ops`,
+/// which name these fields alike) and the cookie of the socket's network
+/// namespace (`bpf_get_netns_cookie`). Every field is loaded on its own, volatile:
 /// the verifier rejects a load through a context pointer the compiler has
 /// offset ("dereference of modified ctx ptr"), which copying the IPv6
 /// arrays as a whole produces.
 macro_rules! key_of {
-    ($ctx:expr) => {{
+    ($ctx:expr, $netns:expr) => {{
         use ::core::ptr::read_volatile;
         use ::zc_common::{AF_INET, SockKey, remote_port_from_ctx};
         let c = $ctx;
@@ -22,11 +23,13 @@ macro_rules! key_of {
         unsafe {
             let family = read_volatile(&raw const (*c).family);
             let mut key = SockKey {
+                netns: $netns,
                 family,
                 local_port: read_volatile(&raw const (*c).local_port),
                 remote_port: remote_port_from_ctx(read_volatile(&raw const (*c).remote_port)),
                 local_ip: [0; 4],
                 remote_ip: [0; 4],
+                pad: 0,
             };
             if family == AF_INET {
                 key.local_ip[0] = read_volatile(&raw const (*c).local_ip4);

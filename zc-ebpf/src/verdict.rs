@@ -14,10 +14,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use zc_common::{EVENTS_BYTES, Flow, MAX_SOCKETS, PEER_RELAY, Peer, SockKey};
 
-use crate::{
-    maps::{NO_PREALLOC, PEERS, count},
-    sock::key_of,
-};
+use crate::maps::{NO_PREALLOC, PEERS, count};
 
 #[map]
 static TARGETS: SockHash<SockKey> = SockHash::with_max_entries(MAX_SOCKETS, 0);
@@ -31,11 +28,13 @@ static RELAY: SockHash<SockKey> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 #[map]
 static FLOW: HashMap<SockKey, Flow> = HashMap::with_max_entries(MAX_SOCKETS, NO_PREALLOC);
 
-/// Relay sockets by cookie, for the verdict runs that cannot tell their
-/// socket's key: when a socket's FIN arrives after it has sent its own,
-/// TCP closes it (time-wait) and clears its local port before handing the
+/// Every paired socket's key, by its cookie: the verdict's only way to
+/// its key. An sk_skb program cannot ask for its socket's network
+/// namespace, which the key holds, and the 4-tuple may not read right
+/// either: when a socket's FIN arrives after it has sent its own, TCP
+/// closes it (time-wait) and clears its local port before handing the
 /// last bytes to the verdict (tcp_data_queue: tcp_fin, then the data-ready
-/// hook). Looked up by that key they went unpaired to the socket's own
+/// hook); looked up by that tuple they went unpaired to the socket's own
 /// queue, uncounted, and the relay waited for them forever (seen in the
 /// bench's both-ways workload, 1 run in 15 across namespaces).
 #[map]
@@ -213,19 +212,16 @@ fn skip_handled(ctx: &SkBuffContext, flow: *mut Flow, len: u32) -> Option<u32> {
 
 #[inline(always)]
 fn verdict(ctx: &SkBuffContext, parsed: bool, offset: u32) -> u32 {
-    let mut key = key_of!(ctx.skb.skb);
+    // SAFETY: the helper only reads the skb's socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
+    // SAFETY: the key is copied out at once.
+    let Some(key) = (unsafe { BY_COOKIE.get(&cookie) }).copied() else {
+        debug!(ctx, "zc_verdict: unpaired socket {}, passing", cookie);
+        return sk_action::SK_PASS;
+    };
     // One lookup serves the whole run: the destination, the hold flag
     // and the limit all live in this entry.
-    let mut peer_ptr = PEERS.get_ptr_mut(&key);
-    if peer_ptr.is_none() {
-        // SAFETY: the helper only reads the skb's socket.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
-        // SAFETY: the key is copied out at once.
-        if let Some(k) = unsafe { BY_COOKIE.get(&cookie) } {
-            key = *k;
-            peer_ptr = PEERS.get_ptr_mut(&key);
-        }
-    }
+    let peer_ptr = PEERS.get_ptr_mut(&key);
     // SAFETY: the value is copied out at once.
     let Some(peer) = peer_ptr
         .map(|p| unsafe { *p })

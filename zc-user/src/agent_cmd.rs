@@ -428,7 +428,7 @@ fn cleanup(args: &AgentArgs) -> Result<()> {
 /// that they never stack two mounts (the pins of the first would vanish
 /// under the second).
 fn ensure_bpffs(dir: &std::path::Path) -> Result<()> {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    const BPF_FS_MAGIC: nix::sys::statfs::FsType = nix::sys::statfs::FsType(0xcafe_4a11);
     let root = std::path::Path::new("/sys/fs/bpf");
     if !dir.starts_with(root) {
         return Ok(());
@@ -437,10 +437,7 @@ fn ensure_bpffs(dir: &std::path::Path) -> Result<()> {
         &std::path::Path::new(lock::LOCK_DIR).join("bpffs.lock"),
         "mounting bpffs",
     )?;
-    let c = std::ffi::CString::new("/sys/fs/bpf")?;
-    // SAFETY: statfs writes into the zeroed struct we own.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+    if nix::sys::statfs::statfs(root).is_ok_and(|st| st.filesystem_type() == BPF_FS_MAGIC) {
         return Ok(());
     }
     zc_user::host::mount_fs("bpf", root).context("mounting bpffs on /sys/fs/bpf")?;

@@ -57,18 +57,6 @@ fn run_once(to: SocketAddr, bytes: u64, write_size: usize) -> Result<(Duration, 
     Ok((t.elapsed(), sent, Digest::from_bytes(reply)))
 }
 
-/// CPU seconds (user + system) a process has used, from /proc/PID/stat.
-fn cpu_secs(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the comm.
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok((ticks(11) + ticks(12)) / hz)
-}
-
 struct KillOnDrop(Child);
 
 impl Drop for KillOnDrop {
@@ -168,9 +156,9 @@ fn run_blocking(args: DemoArgs) -> Result<()> {
         sent == got,
         "-"
     );
-    let before = cpu_secs(relay.0.id())?;
+    let before = zc_user::host::process_cpu_secs(relay.0.id())?;
     let (t, sent, got) = run_once(listen, args.bytes, ws)?;
-    let cpu = cpu_secs(relay.0.id())? - before;
+    let cpu = zc_user::host::process_cpu_secs(relay.0.id())? - before;
     println!(
         "{:<26} {:>10.2} {:>10} {:>16.3}",
         "zc relay --mode bpf",

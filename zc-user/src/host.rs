@@ -50,3 +50,28 @@ pub fn mount_fs(fstype: &str, target: &Path) -> io::Result<()> {
     )
     .map_err(io::Error::from)
 }
+
+/// Clock ticks per second, the unit of /proc's CPU times.
+pub fn clock_ticks() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|&t| t > 0)
+        .unwrap_or(100) as f64
+}
+
+/// CPU seconds (user + system) a process has used, from /proc/PID/stat.
+pub fn process_cpu_secs(pid: u32) -> io::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may hold spaces and parentheses: fields are
+    // counted after its last ')'. utime and stime, fields 14 and 15, are
+    // then at 11 and 12.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        f.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .ok_or_else(|| io::Error::other(format!("/proc/{pid}/stat: no field {}", i + 3)))
+    };
+    Ok((ticks(11)? + ticks(12)?) / clock_ticks())
+}

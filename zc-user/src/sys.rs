@@ -217,20 +217,37 @@ pub fn reset_now(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// The socket's cookie (SO_COOKIE): a number that names it for its whole
 /// life, the same in every process and in eBPF programs.
 pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut cookie = 0u64;
+    getsockopt_u64(fd, libc::SO_COOKIE)
+}
+
+/// The cookie of the socket's network namespace (SO_NETNS_COOKIE), as
+/// `bpf_get_netns_cookie` gives it to the eBPF programs.
+pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    getsockopt_u64(fd, libc::SO_NETNS_COOKIE)
+}
+
+/// The cookie of the calling thread's network namespace.
+pub fn current_netns_cookie() -> io::Result<u64> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
+    netns_cookie(s.as_fd())
+}
+
+fn getsockopt_u64(fd: BorrowedFd<'_>, name: libc::c_int) -> io::Result<u64> {
+    let mut v = 0u64;
     let mut len = mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: the kernel writes at most `len` bytes into `cookie`.
+    // SAFETY: the kernel writes at most `len` bytes into `v`.
     let rc = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&raw mut cookie).cast(),
+            name,
+            (&raw mut v).cast(),
             &mut len,
         )
     };
     if rc == 0 {
-        Ok(cookie)
+        Ok(v)
     } else {
         Err(io::Error::last_os_error())
     }
@@ -264,21 +281,24 @@ pub fn sock_key(fd: impl AsFd) -> io::Result<SockKey> {
         .peer_addr()?
         .as_socket()
         .ok_or_else(|| io::Error::other("not an IP socket"))?;
-    Ok(key_from_addrs(&local, &peer))
+    let netns = netns_cookie(fd.as_fd())?;
+    Ok(key_from_addrs(netns, &local, &peer))
 }
 
-/// The map key of a connection from its addresses; an IPv4-mapped IPv6
-/// connection gets its IPv4 key, as in the eBPF programs
-/// ([`SockKey::normalised`]).
-pub fn key_from_addrs(local: &SocketAddr, remote: &SocketAddr) -> SockKey {
+/// The map key of a connection in the network namespace with cookie
+/// `netns`, from its addresses; an IPv4-mapped IPv6 connection gets its
+/// IPv4 key, as in the eBPF programs ([`SockKey::normalised`]).
+pub fn key_from_addrs(netns: u64, local: &SocketAddr, remote: &SocketAddr) -> SockKey {
     let (family, local_ip, local_port) = addr_words(local);
     let (_, remote_ip, remote_port) = addr_words(remote);
     SockKey {
+        netns,
         family,
         local_port,
         remote_port,
         local_ip,
         remote_ip,
+        pad: 0,
     }
     .normalised()
 }
@@ -305,23 +325,13 @@ pub fn addrs_of_key(k: &SockKey) -> (SocketAddr, SocketAddr) {
 
 /// The network interfaces of this namespace: (index, name).
 pub fn interfaces() -> Vec<(u32, String)> {
-    let mut out = Vec::new();
-    // SAFETY: if_nameindex returns an array ended by a zero entry, freed
-    // below; names are NUL-terminated.
-    unsafe {
-        let list = libc::if_nameindex();
-        if list.is_null() {
-            return out;
-        }
-        let mut p = list;
-        while (*p).if_index != 0 && !(*p).if_name.is_null() {
-            let name = std::ffi::CStr::from_ptr((*p).if_name);
-            out.push(((*p).if_index, name.to_string_lossy().into_owned()));
-            p = p.add(1);
-        }
-        libc::if_freenameindex(list);
-    }
-    out
+    nix::net::if_::if_nameindex()
+        .map(|list| {
+            list.iter()
+                .map(|i| (i.index(), i.name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Length of the link-layer header an interface's frames start with, for

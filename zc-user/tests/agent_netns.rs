@@ -11,7 +11,9 @@ use std::{
     process::Command,
 };
 
-use common::agent::{Agent, Proxy, exchange, read_n, read_to_eof, send_n, through_proxy};
+use common::agent::{
+    Agent, Proxy, exchange, read_n, read_to_eof, send_n, through_proxy, through_proxy_from,
+};
 
 /// A network namespace made for the test (`ip netns add`), with its
 /// loopback up; removed when dropped.
@@ -71,6 +73,58 @@ impl Netns {
                 Proxy::haproxy_on(listener, server.local_addr().expect("addr"), &agent.dir, 1);
             let (client, up, fds) = through_proxy(&proxy, &server);
             (proxy, client, up, fds)
+        })
+    }
+}
+
+impl Netns {
+    /// HAProxy in the namespace between a client and a server there, all
+    /// on `ports` (server, proxy, proxy's source, client's source) or, for
+    /// `None`, on ports the namespace's kernel picks (returned).
+    fn twin_proxy(
+        &self,
+        agent: &Agent,
+        ports: Option<[u16; 4]>,
+    ) -> (Proxy, TcpStream, TcpStream, [i32; 2], [u16; 4]) {
+        self.run(|| {
+            let port = |i: usize| ports.map_or(0, |p| p[i]);
+            let bind = |p: u16| {
+                TcpListener::bind(("127.0.0.1", p))
+                    .unwrap_or_else(|e| panic!("binding 127.0.0.1:{p}: {e}"))
+            };
+            let server = bind(port(0));
+            let listener = bind(port(1));
+            // Source ports: picked by binding and closing at once; nothing
+            // else runs in this namespace to take them meanwhile.
+            let free = |i: usize| match ports {
+                Some(p) => p[i],
+                None => bind(0).local_addr().expect("addr").port(),
+            };
+            let (source, client_port) = (free(2), free(3));
+            let picked = [
+                server.local_addr().expect("addr").port(),
+                listener.local_addr().expect("addr").port(),
+                source,
+                client_port,
+            ];
+            let proxy = Proxy::haproxy_with(
+                listener,
+                server.local_addr().expect("addr"),
+                &agent.dir,
+                1,
+                &[&format!("source 127.0.0.1:{source}")],
+            );
+            let client = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .expect("socket");
+            client.set_reuse_address(true).expect("SO_REUSEADDR");
+            let at =
+                |p: u16| socket2::SockAddr::from(std::net::SocketAddr::from(([127, 0, 0, 1], p)));
+            client.bind(&at(client_port)).expect("binding the client");
+            client
+                .connect(&at(picked[1]))
+                .expect("connecting to the proxy");
+            let (client, up, fds) = through_proxy_from(&proxy, &server, client.into());
+            (proxy, client, up, fds, picked)
         })
     }
 }
@@ -231,4 +285,104 @@ fn without_cap_sys_admin_a_pod_proxy_is_refused_not_paired_unguarded() {
         sent,
         "the proxy relays after the refusal"
     );
+}
+
+/// Two pods hold connections with the very same 4-tuples: proxy, server
+/// and client on the same ports of their own loopbacks, a sidecar's usual
+/// lot. Keys name the namespace, so both pairs live side by side, one
+/// paired by pid and fd and the other by tuple: the kernel carries each
+/// pod's bytes to its own server, and each FIN waits in its own pod.
+#[test]
+fn two_pods_with_the_same_four_tuples_are_paired_side_by_side() {
+    common::init();
+    let agent = Agent::start("netns-twins");
+    let pods = [Netns::new("twin-a"), Netns::new("twin-b")];
+    let (proxy_a, client_a, up_a, fds_a, ports) = pods[0].twin_proxy(&agent, None);
+    let (proxy_b, client_b, up_b, _, same) = pods[1].twin_proxy(&agent, Some(ports));
+    assert_eq!(ports, same);
+    let tuple = |s: &TcpStream| {
+        format!(
+            "{}-{}",
+            s.peer_addr().expect("peer"),
+            s.local_addr().expect("local")
+        )
+    };
+    assert_eq!(
+        (tuple(&client_a), tuple(&up_a)),
+        (tuple(&client_b), tuple(&up_b)),
+        "the pods' connections differ"
+    );
+    let (ok, _, err) = agent.pair(proxy_a.child.id(), fds_a);
+    assert!(ok, "pairing pod a's proxy by pid and fd failed: {err}");
+    let path_b = pods[1].path().display().to_string();
+    let (ok, _, err) = agent.zc(&["pair", "--netns", &path_b, &tuple(&client_b), &tuple(&up_b)]);
+    assert!(ok, "pairing pod b's proxy by the same tuples failed: {err}");
+
+    // Each pod's own bytes, told apart by their seeds, both ways and both
+    // pods at once; then each client ends while its server has read
+    // nothing, so its FIN meets bytes still queued in the kernel.
+    const N: u64 = 16 << 20;
+    const M: u64 = 32 << 20;
+    let run = |mut client: TcpStream, mut up: TcpStream, seed: u64| {
+        std::thread::spawn(move || {
+            let mut c = client.try_clone().expect("clone");
+            let mut u = up.try_clone().expect("clone");
+            let sent_up = std::thread::spawn(move || send_n(&mut c, N, seed));
+            let sent_down = std::thread::spawn(move || send_n(&mut u, N, seed + 1));
+            assert_eq!(
+                read_n(&mut up, N),
+                sent_up.join().expect("sender"),
+                "seed {seed}: up"
+            );
+            assert_eq!(
+                read_n(&mut client, N),
+                sent_down.join().expect("sender"),
+                "seed {seed}: down"
+            );
+            (client, up)
+        })
+    };
+    let (a, b) = (run(client_a, up_a, 10), run(client_b, up_b, 20));
+    let ends = [a.join().expect("pod a"), b.join().expect("pod b")];
+    let (ok, out, err) = agent.zc(&["stats", "--json"]);
+    assert!(ok, "zc stats failed: {err}");
+    let stats: serde_json::Value = serde_json::from_str(&out).expect("stats json");
+    for i in 0..2 {
+        assert_eq!(
+            stats["pairs"][i]["bytes"],
+            serde_json::json!([N, N]),
+            "the kernel did not carry pair {}'s bytes: {stats}",
+            i + 1
+        );
+    }
+    let held = || {
+        let (ok, out, err) = agent.zc(&["status", "--json"]);
+        assert!(ok, "zc status failed: {err}");
+        let st: serde_json::Value = serde_json::from_str(&out).expect("status json");
+        let count = |k: &str| st["agent"][k].as_u64().unwrap_or(0);
+        count("fins_held") + count("fins_stripped")
+    };
+    for (i, (client, mut up)) in ends.into_iter().enumerate() {
+        let before = held();
+        let mut c = client.try_clone().expect("clone");
+        let seed = 30 + i as u64;
+        let sent = std::thread::spawn(move || {
+            let d = send_n(&mut c, M, seed);
+            c.shutdown(Shutdown::Write).expect("client shutdown");
+            d
+        })
+        .join()
+        .expect("sender");
+        assert_eq!(
+            read_to_eof(&mut up),
+            sent,
+            "pod {i}: the last bytes before the FIN"
+        );
+        assert!(
+            held() > before,
+            "pod {i}: the FIN hold never acted on its FIN"
+        );
+        drop(client.shutdown(Shutdown::Both));
+    }
+    drop((proxy_a, proxy_b));
 }

@@ -43,7 +43,8 @@ async fn verdict_program_log_lines_reach_user_space() {
     let (s, _) = l.accept().expect("accept");
     let key = progs.insert_unpaired_relay(&s).expect("insert");
     c.write_all(b"x").expect("write");
-    let want = format!("zc_verdict: unpaired socket :{}, passing", key.local_port);
+    let cookie = zc_user::sys::socket_cookie(std::os::fd::AsFd::as_fd(&s)).expect("SO_COOKIE");
+    let want = format!("zc_verdict: unpaired socket {cookie}, passing");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if LINES

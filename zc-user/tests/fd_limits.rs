@@ -550,21 +550,9 @@ async fn splice_pool_closes_its_pipes_after_a_burst() {
 
 /// CPU time (user + system) the process has used so far.
 fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .unwrap_or_else(|e| panic!("reading /proc/{pid}/stat: {e}"));
-    // utime and stime are the 14th and 15th fields, the 12th and 13th
-    // after the command name (which may hold spaces) and its parenthesis.
-    let after_name = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let field = |i: usize| -> u64 {
-        after_name
-            .split_whitespace()
-            .nth(i)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("bad /proc/{pid}/stat: {stat}"))
-    };
-    // SAFETY: sysconf has no preconditions.
-    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
-    Duration::from_millis((field(11) + field(12)) * 1000 / hz.max(1))
+    let secs =
+        zc_user::host::process_cpu_secs(pid).unwrap_or_else(|e| panic!("CPU time of {pid}: {e}"));
+    Duration::from_secs_f64(secs)
 }
 
 /// The open-file limit is lowered under a running relay (as `prlimit

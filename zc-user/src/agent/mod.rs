@@ -504,30 +504,9 @@ impl Agent {
                 format!("sockets are not being recorded: {why}"),
             ));
         }
-        let mut cookies = [0u64; 2];
         let mut inodes = [0u64; 2];
         for (i, t) in tuples.iter().enumerate() {
             let (local, remote) = find::parse_tuple(t)?;
-            let key = crate::sys::key_from_addrs(&local, &remote);
-            let recorded = progs.recorded(&key).ok_or_else(|| {
-                let lost = progs.recording_lost();
-                let full = if lost > 0 {
-                    format!(
-                        ", or lost: {lost} sockets could not be recorded because the map of \
-                         recorded sockets was full"
-                    )
-                } else {
-                    String::new()
-                };
-                refuse(
-                    ErrorKind::NotFound,
-                    format!(
-                        "{t} was not recorded: not established in the agent's cgroup since it \
-                         started, or closed since{full}"
-                    ),
-                )
-            })?;
-            cookies[i] = recorded.cookie;
             let inode = match netns {
                 None => find::inode_of(local, remote),
                 Some(ns) => find::inode_in_netns(ns, local, remote)
@@ -560,9 +539,32 @@ impl Agent {
             let (pid, fd) = holders[i];
             let taken = access::take_fd(who, &from[i], fd)?;
             let s = take::established_tcp(taken, &format!("{t} (fd {fd} of pid {pid})"))?;
+            // Its key names its network namespace, which only the socket
+            // itself tells without entering that namespace.
+            let key = crate::sys::sock_key(&s)
+                .map_err(|e| refuse(ErrorKind::Invalid, format!("reading {t}'s addresses: {e}")))?;
+            let recorded = progs.recorded(&key).ok_or_else(|| {
+                let lost = progs.recording_lost();
+                let full = if lost > 0 {
+                    format!(
+                        ", or lost: {lost} sockets could not be recorded because the map of \
+                         recorded sockets was full"
+                    )
+                } else {
+                    String::new()
+                };
+                refuse(
+                    ErrorKind::NotFound,
+                    format!(
+                        "{t} was not recorded: not established in the agent's cgroup since it \
+                         started, or closed since{full}"
+                    ),
+                )
+            })?;
             // Also proves the fd was taken from the process the scan found
             // (a pid reused since would hold other sockets).
-            if crate::sys::socket_cookie(std::os::fd::AsFd::as_fd(&s)).ok() != Some(cookies[i]) {
+            if crate::sys::socket_cookie(std::os::fd::AsFd::as_fd(&s)).ok() != Some(recorded.cookie)
+            {
                 return Err(refuse(
                     ErrorKind::Invalid,
                     format!("{t} is no longer the socket that was recorded"),

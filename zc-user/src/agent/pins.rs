@@ -20,8 +20,10 @@ use crate::ebpf::{HOLD_LINK_PREFIX, PINNED};
 /// keys mean. 2: IPv4-mapped IPv6 sockets are keyed as IPv4
 /// (`SockKey::normalised`); 3: `BY_COOKIE`, and `Peer` carries the
 /// socket's cookie; 4: the socket-keyed hash maps are not preallocated
-/// (`BPF_F_NO_PREALLOC`); earlier pins carry no version.
-pub const LAYOUT_VERSION: u32 = 4;
+/// (`BPF_F_NO_PREALLOC`); 5: `SockKey` names the socket's network
+/// namespace, and the verdict finds every key through `BY_COOKIE`;
+/// earlier pins carry no version.
+pub const LAYOUT_VERSION: u32 = 5;
 
 const LAYOUT_PREFIX: &str = "layout-v";
 

@@ -347,15 +347,14 @@ fn describe(s: &TcpStream) -> String {
 /// worker, and meanwhile poll reports them; an owner let go then would
 /// read, find them gone, and get EAGAIN.
 pub async fn wait_unreadable(socks: &[TcpStream; 2], deadline: Instant) {
-    use std::os::fd::AsRawFd as _;
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd as _;
     loop {
-        let mut fds = socks.each_ref().map(|s| libc::pollfd {
-            fd: s.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        });
-        // SAFETY: two valid pollfds; zero timeout.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 0) };
+        let mut fds = socks
+            .each_ref()
+            .map(|s| PollFd::new(s.as_fd(), PollFlags::POLLIN));
+        // An error (EINTR, ENOMEM) counts as readable: try again.
+        let n = poll(&mut fds, PollTimeout::ZERO).unwrap_or(1);
         if n == 0 || Instant::now() > deadline {
             if n != 0 {
                 debug!("a paired socket still polls readable; letting the owner continue");

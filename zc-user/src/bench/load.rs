@@ -7,7 +7,7 @@
 use std::{
     io::{self, Read as _, Write as _},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
+    os::fd::AsFd as _,
     sync::{
         Arc, Barrier,
         atomic::{AtomicBool, Ordering},
@@ -68,15 +68,11 @@ impl Drop for Server {
 }
 
 fn accept_loop(listener: TcpListener, stop: &AtomicBool, board: &Arc<Board>) {
-    let mut pfd = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     while !stop.load(Ordering::Relaxed) {
-        // SAFETY: one valid pollfd; a short timeout lets the loop see `stop`.
-        let n = unsafe { libc::poll(&mut pfd, 1, 100) };
-        if n <= 0 {
+        // A short timeout lets the loop see `stop`.
+        let mut pfd = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        if !poll(&mut pfd, PollTimeout::from(100u8)).is_ok_and(|n| n > 0) {
             continue;
         }
         let Ok((s, _)) = listener.accept() else {

@@ -7,7 +7,7 @@
 use std::{
     io::{self, Read as _, Write as _},
     net::{Shutdown, SocketAddr, TcpStream},
-    os::fd::AsRawFd as _,
+    os::fd::AsFd as _,
     sync::{
         Condvar, Mutex, OnceLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -16,6 +16,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use xxhash_rust::xxh3::Xxh3;
 use zc_user::traffic::{Digest, Pattern};
 
@@ -353,29 +354,16 @@ fn drain(conns: &mut [TcpStream]) -> Result<Vec<Received>> {
         if open.is_empty() {
             return Ok(got);
         }
-        let mut fds: Vec<libc::pollfd> = open
+        let mut fds: Vec<PollFd<'_>> = open
             .iter()
-            .map(|&i| libc::pollfd {
-                fd: conns[i].as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
+            .map(|&i| PollFd::new(conns[i].as_fd(), PollFlags::POLLIN))
             .collect();
-        // SAFETY: `fds` is a valid array of pollfd for the call's length.
-        let ready = unsafe {
-            libc::poll(
-                fds.as_mut_ptr(),
-                fds.len() as libc::nfds_t,
-                DRAIN_IDLE.as_millis() as libc::c_int,
-            )
+        let timeout = PollTimeout::try_from(DRAIN_IDLE).unwrap_or(PollTimeout::MAX);
+        let ready = match poll(&mut fds, timeout) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e).context("polling the stalled connections"),
         };
-        if ready < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e).context("polling the stalled connections");
-        }
         if ready == 0 {
             let stuck: Vec<String> = open
                 .iter()
@@ -390,8 +378,13 @@ fn drain(conns: &mut [TcpStream]) -> Result<Vec<Received>> {
                 stuck.join(", ")
             );
         }
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
         for (k, &i) in open.iter().enumerate() {
-            if fds[k].revents == 0 {
+            if !ready[k] {
                 continue;
             }
             let r = &mut got[i];

@@ -304,16 +304,9 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
     Some(rest.split_whitespace().map(String::from).collect())
 }
 
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64
-}
-
 /// utime + stime of one process, seconds.
 fn proc_cpu(pid: u32) -> Option<f64> {
-    let f = stat_fields(pid)?;
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
-    Some((t(11)? + t(12)?) / clock_ticks())
+    zc_user::host::process_cpu_secs(pid).ok()
 }
 
 fn proc_rss_kib(pid: u32) -> Option<u64> {
@@ -338,7 +331,7 @@ pub fn machine_cpu_secs() -> Result<f64> {
     }
     // user nice system idle iowait irq softirq steal
     let busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7];
-    Ok(busy / clock_ticks())
+    Ok(busy / zc_user::host::clock_ticks())
 }
 
 /// Memory in use by the whole machine (MemTotal - MemAvailable), KiB.

@@ -1,9 +1,6 @@
 //! The FIN hold (`zc_fin_hold`, tc ingress): for the agent's pairs, a FIN
 //! waits until the peer has taken every byte redirected before it.
-use aya::{
-    maps::HashMap,
-    programs::{SchedClassifier, TcAttachType, links::FdLink},
-};
+use aya::programs::{SchedClassifier, TcAttachType, links::FdLink};
 use std::os::fd::BorrowedFd;
 
 use log::{debug, warn};
@@ -26,11 +23,16 @@ impl Programs {
             ("sock", "sk_user_data"),
             ("sk_psock", "ingress_skb"),
             ("sk_buff_head", "qlen"),
+            ("sock_common", "skc_net"),
+            ("net", "net_cookie"),
         ])
         .map_err(hold)?;
         let user_data = o.get("sock", "sk_user_data").map_err(hold)?;
         let qlen = o.get("sk_psock", "ingress_skb").map_err(hold)?
             + o.get("sk_buff_head", "qlen").map_err(hold)?;
+        // `skc_net` is a possible_net_t, whose only member is the pointer.
+        let skc_net = o.get("sock_common", "skc_net").map_err(hold)?;
+        let net_cookie = o.get("net", "net_cookie").map_err(hold)?;
         let mut ebpf = self.ebpf();
         {
             let mut config: aya::maps::Array<_, u64> = aya::maps::Array::try_from(
@@ -38,7 +40,7 @@ impl Programs {
                     .ok_or(LoadError::MissingMap("HOLD_CONFIG"))?,
             )
             .map_err(|e| LoadError::MapType("HOLD_CONFIG", e))?;
-            for (i, v) in [(0, user_data), (1, qlen)] {
+            for (i, v) in [(0, user_data), (1, qlen), (2, skc_net), (3, net_cookie)] {
                 config
                     .set(i, u64::from(v), 0)
                     .map_err(|e| LoadError::MapType("HOLD_CONFIG", e))?;
@@ -144,20 +146,18 @@ impl Programs {
             return;
         }
         let mut attached = self.hold_ifaces.lock().unwrap_or_else(|p| p.into_inner());
-        let mut fresh = Vec::new();
         for (index, name) in crate::sys::interfaces() {
             if attached.contains(&(netns, index)) {
                 continue;
             }
-            let Some(l2) = crate::sys::link_header_len(&name) else {
+            if crate::sys::link_header_len(&name).is_none() {
                 warn!("FIN hold: interface {name} has an unknown link type, not attached");
                 attached.insert((netns, index));
                 continue;
-            };
+            }
             match prog.attach(&name, TcAttachType::Ingress) {
                 Ok(id) => {
                     debug!("FIN hold attached to {name}");
-                    fresh.push((index, l2));
                     if let Some(dir) = &self.pin_dir {
                         // Interface numbers repeat across namespaces.
                         let path = dir.join(if own {
@@ -187,20 +187,6 @@ impl Programs {
                 Err(e) => warn!("FIN hold: attaching to {name} failed: {e}"),
             }
             attached.insert((netns, index));
-        }
-        if fresh.is_empty() {
-            return;
-        }
-        let Some(map) = ebpf.map_mut("HOLD_IFACES") else {
-            return;
-        };
-        let Ok(mut ifaces) = HashMap::<_, u32, u32>::try_from(map) else {
-            return;
-        };
-        for (index, l2) in fresh {
-            if let Err(e) = ifaces.insert(index, l2, 0) {
-                warn!("FIN hold: recording interface {index} failed: {e}");
-            }
         }
     }
 

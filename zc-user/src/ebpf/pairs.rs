@@ -102,6 +102,7 @@ impl Programs {
                 kind,
                 armed: u32::from(window > 0),
                 hold: 0,
+                pad: 0,
                 limit: window / 2,
                 msg_limit: u64::MAX,
                 cap: crate::engine::bpf::unacked_allowance(window),

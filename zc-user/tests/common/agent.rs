@@ -219,15 +219,7 @@ pub fn fd_of(pid: u32, inode: u64) -> Option<i32> {
 }
 
 pub fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let f: Vec<&str> = stat
-        .rsplit_once(')')
-        .expect("comm")
-        .1
-        .split_whitespace()
-        .collect();
-    let t = |i: usize| f[i].parse::<f64>().expect("ticks");
-    (t(11) + t(12)) / 100.0
+    zc_user::host::process_cpu_secs(pid).unwrap_or_else(|e| panic!("CPU time of {pid}: {e}"))
 }
 
 /// An unmodified proxy from Debian's packages relaying 127.0.0.1:port to
@@ -353,6 +345,15 @@ impl Drop for Proxy {
 /// socat's two fds).
 pub fn through_proxy(socat: &Proxy, server: &TcpListener) -> (TcpStream, TcpStream, [i32; 2]) {
     let client = TcpStream::connect(("127.0.0.1", socat.port)).expect("connect to socat");
+    through_proxy_from(socat, server, client)
+}
+
+/// [`through_proxy`] for a client connected already.
+pub fn through_proxy_from(
+    socat: &Proxy,
+    server: &TcpListener,
+    client: TcpStream,
+) -> (TcpStream, TcpStream, [i32; 2]) {
     let (up, _) = server.accept().expect("socat connects upstream");
     for s in [&client, &up] {
         s.set_read_timeout(Some(super::HANG)).expect("timeout");
@@ -385,12 +386,10 @@ pub fn through_proxy(socat: &Proxy, server: &TcpListener) -> (TcpStream, TcpStre
 /// CPU seconds of a process, or None once it has exited.
 pub fn cpu_secs_if_alive(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    if f.first() == Some(&"Z") {
+    if stat.rsplit_once(')')?.1.split_whitespace().next() == Some("Z") {
         return None;
     }
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
-    Some((t(11)? + t(12)?) / 100.0)
+    zc_user::host::process_cpu_secs(pid).ok()
 }
 
 /// A cgroup v2 directory made for one test under the hierarchy's root,
