@@ -67,6 +67,10 @@ fn socat_pair_by_pid_and_fd_moves_a_gigabyte_each_way_intact_without_socat() {
 /// Sockets recorded by sock_ops, named as `ss -tn` prints them.
 #[test]
 fn socat_paired_by_tuple_moves_bytes_intact_and_unknown_tuples_are_refused() {
+    // Established before the agent started: never recorded.
+    let early = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let early_client = TcpStream::connect(early.local_addr().expect("addr")).expect("connect");
+    let (_early_server, _) = early.accept().expect("accept");
     let agent = Agent::start("tuple");
     let server = TcpListener::bind("127.0.0.1:0").expect("bind");
     let socat = Proxy::start(server.local_addr().expect("addr"));
@@ -76,8 +80,17 @@ fn socat_paired_by_tuple_moves_bytes_intact_and_unknown_tuples_are_refused() {
     let (u_peer, u_local) = addr(&up);
     // socat's own sockets: accepted (local = its port) and upstream.
     let tuples = [format!("{c_peer}-{c_local}"), format!("{u_peer}-{u_local}")];
+    let (e_local, e_peer) = (
+        early_client.local_addr().expect("local"),
+        early_client.peer_addr().expect("peer"),
+    );
+    let unrecorded = format!("{e_local}-{e_peer}");
     for (bad, says) in [
-        ("127.0.0.1:1-127.0.0.1:2", "was not recorded"),
+        (unrecorded.as_str(), "was not recorded"),
+        (
+            "127.0.0.1:1-127.0.0.1:2",
+            "is not an established connection",
+        ),
         ("nonsense", "is not LOCAL-REMOTE"),
     ] {
         let (ok, _, err) = agent.zc(&["pair", bad, &tuples[1]]);

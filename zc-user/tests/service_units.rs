@@ -289,7 +289,7 @@ fn a_relay_missing_any_capability_of_its_unit_refuses_bpf_and_says_why() {
         // What the kernel refuses first without it.
         let refused = match cap.as_str() {
             "CAP_BPF" | "CAP_NET_ADMIN" => "failed to create map",
-            "CAP_PERFMON" => "Permission denied",
+            "CAP_PERFMON" => "cannot use helper bpf_probe_read",
             other => panic!("{RELAY} grants {other}: say here what fails without it"),
         };
         let out = as_the_relay_unit(Some(cap))
@@ -380,7 +380,7 @@ fn the_agent_missing_any_capability_of_its_unit_cannot_pair_and_says_why() {
     for cap in &caps {
         let says: &[&str] = match cap.as_str() {
             "CAP_BPF" | "CAP_NET_ADMIN" => &["needs BPF", "failed to create map", cap],
-            "CAP_PERFMON" => &["needs BPF", "Permission denied", cap],
+            "CAP_PERFMON" => &["needs BPF", "cannot use helper bpf_probe_read", cap],
             "CAP_SYS_PTRACE" => &["may not take fds from pid", "Operation not permitted", cap],
             other => panic!("{AGENT} grants {other}: say here what fails without it"),
         };
