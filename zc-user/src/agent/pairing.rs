@@ -124,7 +124,7 @@ impl Agent {
     /// Refuses, before anything is stopped, sockets that are paired
     /// already or short-circuited.
     fn pairable_now(&self, c: &Candidate) -> Result<(), Refusal> {
-        super::not_paired(&self.pairs(), &c.inodes)?;
+        super::requests::not_paired(&self.pairs(), &c.inodes)?;
         let Some(progs) = &self.progs else {
             return Ok(());
         };
@@ -210,7 +210,7 @@ impl Agent {
         let foreign = !owners.is_empty();
         let id = info.id;
         let mut pairs = self.pairs();
-        super::not_paired(&pairs, &inodes)?;
+        super::requests::not_paired(&pairs, &inodes)?;
         let keys = match (crate::sys::sock_key(&a), crate::sys::sock_key(&b)) {
             (Ok(ka), Ok(kb)) => [ka, kb],
             _ => {
