@@ -217,11 +217,12 @@ pub fn reset_now(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// The socket's cookie (SO_COOKIE): a number that names it for its whole
 /// life, the same in every process and in eBPF programs.
 pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    getsockopt_u64(fd, libc::SO_COOKIE)
+    rustix::net::sockopt::socket_cookie(fd).map_err(io::Error::from)
 }
 
-/// The cookie of the socket's network namespace (SO_NETNS_COOKIE), as
-/// `bpf_get_netns_cookie` gives it to the eBPF programs.
+/// The cookie of the socket's network namespace (SO_NETNS_COOKIE, which
+/// neither nix nor rustix wraps), as `bpf_get_netns_cookie` gives it to
+/// the eBPF programs.
 pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     getsockopt_u64(fd, libc::SO_NETNS_COOKIE)
 }

@@ -371,10 +371,14 @@ fn run_blocking(args: BenchArgs) -> Result<()> {
                         // What the relay said last often names the cause.
                         let tail = sys.log_tail();
                         let tail: Vec<&str> = tail.lines().rev().take(6).collect();
+                        let queued = topo.queued_sockets();
                         bar.suspend(|| {
                             warn!("{} {} {}: {e}", topo.name, w.label(), s.system);
                             for line in tail.iter().rev() {
                                 warn!("  {} said: {line}", s.system);
+                            }
+                            for line in &queued {
+                                warn!("  socket with bytes queued: {line}");
                             }
                         });
                     }

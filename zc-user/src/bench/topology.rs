@@ -148,6 +148,33 @@ impl Topology {
         SocketAddr::new(self.server_ip, port)
     }
 
+    /// The relay namespace's TCP sockets that hold bytes (`ss -tnim`: the
+    /// state line with both queues, then TCP's own figures), to show where
+    /// the bytes of a stream that stopped wait. Empty if `ss` is missing.
+    pub fn queued_sockets(&self) -> Vec<String> {
+        let mut argv = self.relay_prefix();
+        argv.extend(["ss", "-tnim"].map(String::from));
+        let Some((prog, args)) = argv.split_first() else {
+            return Vec::new();
+        };
+        let Ok(out) = Command::new(prog).args(args).output() else {
+            return Vec::new();
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut lines = text.lines().skip(1).peekable();
+        let mut queued = Vec::new();
+        while let Some(state) = lines.next() {
+            // The figures continue on an indented line.
+            let info = lines.next_if(|l| l.starts_with(char::is_whitespace));
+            let f: Vec<&str> = state.split_whitespace().collect();
+            let held = |i: usize| f.get(i).is_some_and(|q| *q != "0");
+            if held(1) || held(2) {
+                queued.push(format!("{} {}", state.trim(), info.unwrap_or("").trim()));
+            }
+        }
+        queued
+    }
+
     /// `ip netns exec NS` for processes that run in the relay's place.
     pub fn relay_prefix(&self) -> Vec<String> {
         match &self.relay {
