@@ -148,6 +148,26 @@ fn the_package_installs_runs_this_build_and_purges_without_a_trace() {
         status.contains("mode:   bpf"),
         "the installed zc cannot use BPF here: {status}"
     );
+    // The self-test's fault injection is for the test suite's build only:
+    // that one fails its self-test when asked, the packaged one ignores it.
+    let faulty = |zc: &str| {
+        let out = run(Command::new(zc)
+            .arg("status")
+            .env(zc_user::probe::FAULT_ENV, "corrupt"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let tests_build = faulty(env!("CARGO_BIN_EXE_zc"));
+    assert!(
+        !tests_build.contains("mode:   bpf"),
+        "the test suite's zc ignored {}: {tests_build}",
+        zc_user::probe::FAULT_ENV
+    );
+    let shipped = faulty("/usr/bin/zc");
+    assert!(
+        shipped.contains("mode:   bpf"),
+        "the packaged zc honoured the test-only {}: {shipped}",
+        zc_user::probe::FAULT_ENV
+    );
     // With the binary and its man pages in place, systemd-analyze can
     // check everything the units name, Documentation= included.
     let verify = run(Command::new("systemd-analyze").args([
