@@ -308,37 +308,26 @@ fn netns_of_socket(ctx: &TcContext, seg: &Segment) -> Option<u64> {
         (k.local_port as u16).to_be(),
     );
     let skb = ctx.skb.skb as *mut c_void;
-    // SAFETY: each tuple lives on the stack for the call, with its size.
-    let sk = unsafe {
-        if k.family == AF_INET {
-            let mut t = Tuple4 {
+    let sk = if k.family == AF_INET {
+        lookup_tcp(
+            skb,
+            &mut Tuple4 {
                 saddr: k.remote_ip[0],
                 daddr: k.local_ip[0],
                 sport,
                 dport,
-            };
-            bpf_skc_lookup_tcp(
-                skb,
-                &mut t as *mut Tuple4 as *mut bpf_sock_tuple,
-                size_of::<Tuple4>() as u32,
-                BPF_F_CURRENT_NETNS,
-                0,
-            )
-        } else {
-            let mut t = Tuple6 {
+            },
+        )
+    } else {
+        lookup_tcp(
+            skb,
+            &mut Tuple6 {
                 saddr: k.remote_ip,
                 daddr: k.local_ip,
                 sport,
                 dport,
-            };
-            bpf_skc_lookup_tcp(
-                skb,
-                &mut t as *mut Tuple6 as *mut bpf_sock_tuple,
-                size_of::<Tuple6>() as u32,
-                BPF_F_CURRENT_NETNS,
-                0,
-            )
-        }
+            },
+        )
     };
     if sk.is_null() {
         return None;
@@ -355,6 +344,23 @@ fn netns_of_socket(ctx: &TcContext, seg: &Segment) -> Option<u64> {
         }
         let net = bpf_probe_read_kernel((addr + net_at) as *const u64).ok()?;
         bpf_probe_read_kernel((net + cookie_at) as *const u64).ok()
+    }
+}
+
+/// `bpf_skc_lookup_tcp` with one of the tuple's shapes (its size a
+/// constant, as the verifier wants), in the namespace of the device the
+/// packet came in on.
+#[inline(always)]
+fn lookup_tcp<T>(skb: *mut c_void, tuple: &mut T) -> *mut aya_ebpf::bindings::bpf_sock {
+    // SAFETY: the tuple lives on the stack for the call, with its size.
+    unsafe {
+        bpf_skc_lookup_tcp(
+            skb,
+            tuple as *mut T as *mut bpf_sock_tuple,
+            size_of::<T>() as u32,
+            BPF_F_CURRENT_NETNS,
+            0,
+        )
     }
 }
 

@@ -224,17 +224,6 @@ pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
 /// neither nix nor rustix wraps), as `bpf_get_netns_cookie` gives it to
 /// the eBPF programs.
 pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    getsockopt_u64(fd, libc::SO_NETNS_COOKIE)
-}
-
-/// The cookie of the calling thread's network namespace.
-pub fn current_netns_cookie() -> io::Result<u64> {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0")
-        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
-    netns_cookie(s.as_fd())
-}
-
-fn getsockopt_u64(fd: BorrowedFd<'_>, name: libc::c_int) -> io::Result<u64> {
     let mut v = 0u64;
     let mut len = mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: the kernel writes at most `len` bytes into `v`.
@@ -242,7 +231,7 @@ fn getsockopt_u64(fd: BorrowedFd<'_>, name: libc::c_int) -> io::Result<u64> {
         libc::getsockopt(
             fd.as_raw_fd(),
             libc::SOL_SOCKET,
-            name,
+            libc::SO_NETNS_COOKIE,
             (&raw mut v).cast(),
             &mut len,
         )

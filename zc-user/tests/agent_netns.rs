@@ -139,6 +139,20 @@ impl Netns {
     }
 }
 
+/// Sends `n` bytes of pattern `seed` and shuts the write side (its FIN
+/// follows the last bytes), on a thread of its own so that the reader
+/// may start only after.
+fn send_then_fin(client: &TcpStream, n: u64, seed: u64) -> zc_user::traffic::Digest {
+    let mut c = client.try_clone().expect("clone");
+    std::thread::spawn(move || {
+        let d = send_n(&mut c, n, seed);
+        c.shutdown(Shutdown::Write).expect("client shutdown");
+        d
+    })
+    .join()
+    .expect("sender")
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip")
@@ -161,14 +175,7 @@ fn a_proxy_in_another_network_namespace_is_paired_and_its_fin_held() {
     // reaches the proxy, which passes the FIN on at once.
     const N: u64 = 64 << 20;
     const M: u64 = 8 << 20;
-    let mut c = client.try_clone().expect("clone");
-    let sent = std::thread::spawn(move || {
-        let d = send_n(&mut c, N, 7);
-        c.shutdown(Shutdown::Write).expect("client shutdown");
-        d
-    })
-    .join()
-    .expect("sender");
+    let sent = send_then_fin(&client, N, 7);
     assert_eq!(
         read_to_eof(&mut up),
         sent,
@@ -374,15 +381,7 @@ fn two_pods_with_the_same_four_tuples_are_paired_side_by_side() {
     };
     for (i, (client, mut up)) in ends.into_iter().enumerate() {
         let before = held();
-        let mut c = client.try_clone().expect("clone");
-        let seed = 30 + i as u64;
-        let sent = std::thread::spawn(move || {
-            let d = send_n(&mut c, M, seed);
-            c.shutdown(Shutdown::Write).expect("client shutdown");
-            d
-        })
-        .join()
-        .expect("sender");
+        let sent = send_then_fin(&client, M, 30 + i as u64);
         assert_eq!(
             read_to_eof(&mut up),
             sent,
