@@ -10,7 +10,7 @@ use std::{
     io::{Read as _, Write as _},
     net::{TcpListener, TcpStream},
     os::fd::{AsFd, AsRawFd as _, BorrowedFd},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -275,7 +275,7 @@ fn two_pair_requests_for_one_proxy_take_turns_and_lose_nothing() {
     let stuck_sent = std::thread::spawn(move || send_n(&mut c, STUCK, 5));
     wait_stuck(pid, stuck_fds[0], &stuck_client);
     let watch = StopWatch::start(pid);
-    let first = Answer::start(agent.pair_started(pid, stuck_fds));
+    let first = Answer::start(&agent.socket, pid, stuck_fds);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !any_stopped(pid) {
         assert!(
@@ -284,7 +284,7 @@ fn two_pair_requests_for_one_proxy_take_turns_and_lose_nothing() {
         );
         std::thread::yield_now();
     }
-    let second = Answer::start(agent.pair_started(pid, busy_fds));
+    let second = Answer::start(&agent.socket, pid, busy_fds);
     let (first, second) = (first.wait(), second.wait());
     let stops = watch.finish();
     eprintln!(
@@ -374,17 +374,24 @@ struct Answer {
 }
 
 impl Answer {
-    fn start(child: Child) -> std::thread::JoinHandle<Self> {
+    /// Asks the agent to pair `fds` of `pid` from a thread, and notes when
+    /// the answer arrived: read from the control socket itself, not when a
+    /// `zc pair` process got round to exiting (a loaded machine once let
+    /// the first client exit after the second pairing had finished).
+    fn start(socket: &std::path::Path, pid: u32, fds: [i32; 2]) -> std::thread::JoinHandle<Self> {
+        let socket = socket.to_path_buf();
         std::thread::spawn(move || {
-            let out = child.wait_with_output().expect("zc pair");
+            let req = zc_user::agent::proto::Request::PairPid {
+                pid: pid as i32,
+                fds,
+            };
+            let resp = zc_user::agent::control::call(&socket, &req);
+            let at = Instant::now();
+            let text = format!("{resp:?}");
             Self {
-                at: Instant::now(),
-                ok: out.status.success(),
-                text: format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&out.stdout).trim(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ),
+                at,
+                ok: matches!(resp, Ok(zc_user::agent::proto::Response::Paired { .. })),
+                text,
             }
         })
     }
