@@ -112,6 +112,12 @@ pub fn fin_arrived(info: &TcpInfo) -> bool {
     fin_received(info) || info.state == 7
 }
 
+/// Has this end sent its FIN (shut for writing or closed): FIN_WAIT1 4,
+/// FIN_WAIT2 5, TIME_WAIT 6, CLOSE 7, LAST_ACK 9, CLOSING 11?
+pub fn fin_sent(info: &TcpInfo) -> bool {
+    matches!(info.state, 4 | 5 | 6 | 7 | 9 | 11)
+}
+
 /// Data bytes that arrived on the socket in order, read or not. The
 /// kernel's `tcpi_bytes_received` also counts the FIN's sequence number.
 pub fn bytes_received(fd: BorrowedFd<'_>) -> io::Result<u64> {

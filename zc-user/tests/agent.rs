@@ -570,6 +570,43 @@ fn the_fin_hold_outlives_a_killed_agent() {
     half_close_through_socat("holdkill", false, true);
 }
 
+/// A proxy that does not pass a half-close on (socat with `shut-none`,
+/// staying 30 s after the client's EOF) still has it reach the server:
+/// the agent leaves a FIN to the owner for a moment, then passes it on
+/// itself, after every byte. (When the owner passes it, as socat does by
+/// default, the agent must not: see the test above.)
+#[test]
+fn a_half_close_the_proxy_does_not_pass_on_is_passed_by_the_agent() {
+    let agent = Agent::start("noshut");
+    let server = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let socat = Proxy::start_with(
+        server.local_addr().expect("addr"),
+        ",shut-none",
+        &["-t", "30"],
+    );
+    let (mut client, mut up, fds) = through_proxy(&socat, &server);
+    let (ok, _, err) = agent.pair(socat.child.id(), fds);
+    assert!(ok, "zc pair failed: {err}");
+
+    const N: u64 = 16 << 20;
+    let sent = send_n(&mut client, N, 8);
+    client
+        .shutdown(std::net::Shutdown::Write)
+        .expect("client shutdown");
+    // Without the agent's FIN the server would wait for socat's -t.
+    up.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("read timeout");
+    assert_eq!(
+        sent,
+        read_to_eof(&mut up),
+        "client -> server through a proxy that keeps the upstream open"
+    );
+    let back = send_n(&mut up, 1 << 20, 9);
+    up.shutdown(std::net::Shutdown::Write)
+        .expect("server shutdown");
+    assert_eq!(back, read_to_eof(&mut client), "server -> client after it");
+}
+
 /// Returns what the FIN hold did: (bare FINs held, FINs taken off data),
 /// as the agent counted them (zeros when `kill` killed it after pairing).
 fn half_close_through_socat(tag: &str, cork: bool, kill: bool) -> (u64, u64) {

@@ -238,10 +238,17 @@ pub fn free_port() -> u16 {
 
 impl Proxy {
     pub fn start(upstream: SocketAddr) -> Self {
+        Self::start_with(upstream, "", &[])
+    }
+
+    /// socat with `upstream_opts` appended to its upstream address (e.g.
+    /// ",shut-none") and `args` before both addresses (e.g. `-t 30`).
+    pub fn start_with(upstream: SocketAddr, upstream_opts: &str, args: &[&str]) -> Self {
         let port = free_port();
         let child = Command::new("socat")
+            .args(args)
             .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr"))
-            .arg(format!("TCP:{upstream}"))
+            .arg(format!("TCP:{upstream}{upstream_opts}"))
             .stdin(Stdio::null())
             .spawn()
             .expect("socat must be installed (cargo xtask test installs it)");
