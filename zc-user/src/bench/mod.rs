@@ -263,6 +263,23 @@ impl Plan {
 
 /// The window the zc relays run with: `--window` in --relay-args, or the
 /// relay's default.
+/// The relay namespace's TCP counters that grow over a second while a
+/// sample stands stalled ("TCPBacklogDrop +120, ..."): what keeps
+/// happening to the stuck stream's segments.
+fn counters_while_stalled(topo: &Topology) -> String {
+    let before = topo.tcp_counters();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let after = topo.tcp_counters();
+    let grew: Vec<String> = after
+        .iter()
+        .filter_map(|(k, v)| {
+            let d = v.checked_sub(*before.get(k)?)?;
+            (d > 0).then(|| format!("{k} +{d}"))
+        })
+        .collect();
+    grew.join(", ")
+}
+
 fn relay_window(relay_args: &str) -> Result<u64> {
     let mut args = relay_args.split_whitespace();
     let mut window = zc_user::engine::bpf::DEFAULT_WINDOW;
@@ -372,6 +389,7 @@ fn run_blocking(args: BenchArgs) -> Result<()> {
                         let tail = sys.log_tail();
                         let tail: Vec<&str> = tail.lines().rev().take(6).collect();
                         let queued = topo.queued_sockets();
+                        let grew = counters_while_stalled(&topo);
                         bar.suspend(|| {
                             warn!("{} {} {}: {e}", topo.name, w.label(), s.system);
                             for line in tail.iter().rev() {
@@ -379,6 +397,9 @@ fn run_blocking(args: BenchArgs) -> Result<()> {
                             }
                             for line in &queued {
                                 warn!("  socket with bytes queued: {line}");
+                            }
+                            if !grew.is_empty() {
+                                warn!("  relay namespace's TCP counters that grew in the next second: {grew}");
                             }
                         });
                     }

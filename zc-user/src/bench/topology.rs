@@ -2,6 +2,7 @@
 //! three network namespaces (client, relay, server) joined by veth pairs,
 //! which the bench creates and removes itself.
 use std::{
+    collections::BTreeMap,
     fs::File,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     os::fd::AsRawFd as _,
@@ -175,6 +176,21 @@ impl Topology {
         queued
     }
 
+    /// The relay namespace's TCP counters (`TcpExt` of /proc/net/netstat,
+    /// e.g. TCPBacklogDrop), to tell why a stalled stream's segments go
+    /// nowhere. Empty if they cannot be read.
+    pub fn tcp_counters(&self) -> BTreeMap<String, u64> {
+        let mut argv = self.relay_prefix();
+        argv.extend(["cat", "/proc/net/netstat"].map(String::from));
+        let Some((prog, args)) = argv.split_first() else {
+            return BTreeMap::new();
+        };
+        let Ok(out) = Command::new(prog).args(args).output() else {
+            return BTreeMap::new();
+        };
+        parse_netstat(&String::from_utf8_lossy(&out.stdout), "TcpExt:")
+    }
+
     /// `ip netns exec NS` for processes that run in the relay's place.
     pub fn relay_prefix(&self) -> Vec<String> {
         match &self.relay {
@@ -193,6 +209,21 @@ impl Drop for Topology {
             }
         }
     }
+}
+
+/// One section of /proc/net/netstat: a line of names, then one of values,
+/// both starting with `section`.
+fn parse_netstat(text: &str, section: &str) -> BTreeMap<String, u64> {
+    let mut lines = text.lines().filter(|l| l.starts_with(section));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return BTreeMap::new();
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .skip(1)
+        .filter_map(|(n, v)| Some((n.to_string(), v.parse().ok()?)))
+        .collect()
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -228,5 +259,21 @@ fn remove_stale() {
             debug!("removing stale bench netns {name}");
             let _ = ip(&["netns", "del", &name]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_netstat;
+
+    #[test]
+    fn netstat_sections_pair_names_with_values() {
+        let text = "TcpExt: SyncookiesSent TCPBacklogDrop\nTcpExt: 0 17\n\
+                    IpExt: InNoRoutes\nIpExt: 3\n";
+        let c = parse_netstat(text, "TcpExt:");
+        assert_eq!(c.len(), 2);
+        assert_eq!(c["TCPBacklogDrop"], 17);
+        assert_eq!(parse_netstat(text, "IpExt:")["InNoRoutes"], 3);
+        assert!(parse_netstat("TcpExt: A\n", "TcpExt:").is_empty());
     }
 }
