@@ -702,11 +702,8 @@ fn the_short_circuit_carries_same_host_connections_in_its_cgroup() {
         left -= buf.len() as u64;
     }
     drop(file);
-    let port = free_port();
-    let mut server = cgroup.spawn(&format!(
-        "socat TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr EXEC:cat"
-    ));
-    wait_listening(port, "the echo server");
+    let mut server = cgroup.spawn("socat TCP-LISTEN:0,bind=127.0.0.1,reuseaddr EXEC:cat");
+    let port = listening_port(server.id(), "the echo server");
     let mut client = cgroup.spawn(&format!(
         "socat -b 262144 OPEN:{}!!CREATE:{} TCP:127.0.0.1:{port}",
         input.display(),
@@ -756,12 +753,11 @@ fn the_short_circuit_carries_same_host_connections_in_its_cgroup() {
     // A proxy in the cgroup whose client connection is short-circuited:
     // pairing it would strand what the client sends, so it is refused.
     let upstream = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = free_port();
     let proxy = cgroup.spawn(&format!(
-        "socat TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr TCP:{}",
+        "socat TCP-LISTEN:0,bind=127.0.0.1,reuseaddr TCP:{}",
         upstream.local_addr().expect("addr")
     ));
-    wait_listening(port, "socat in the cgroup");
+    let port = listening_port(proxy.id(), "socat in the cgroup");
     let client = cgroup.spawn_piped(&format!("socat - TCP:127.0.0.1:{port}"));
     let (up, _) = upstream.accept().expect("socat connects upstream");
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -20,14 +20,14 @@ const SECONDS: u32 = 4;
 fn iperf3_through_socat_paired_by_pid_and_fd_while_running() {
     let agent = Agent::start("iperf3-socat");
     let server = Iperf3Server::start();
-    let port = free_port();
     let socat = Command::new("socat")
-        .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork"))
+        .arg("TCP-LISTEN:0,bind=127.0.0.1,reuseaddr,fork")
         .arg(format!("TCP:127.0.0.1:{}", server.port))
         .stdin(Stdio::null())
         .spawn()
         .expect("socat must be installed (cargo xtask test installs it)");
-    let socat = Proxy::listening(socat, port);
+    let port = listening_port(socat.id(), "socat");
+    let socat = Proxy { child: socat, port };
     through_proxy_while_running(&agent, port, server.port, |data, upstream| {
         // socat serves each connection in a child of its own.
         let hold = |local: SocketAddr, remote: SocketAddr| {

@@ -133,46 +133,14 @@ impl Prometheus {
             .expect(
                 "running prometheus (Debian's prometheus package; `cargo xtask test` installs it)",
             );
-        let api = Self::listening_port(child.id());
+        let api = SocketAddr::from((
+            [127, 0, 0, 1],
+            common::process::listening_port(child.id(), "prometheus"),
+        ));
         Self {
             child,
             api,
             _dir: dir,
-        }
-    }
-
-    /// The port process `pid` listens on: a LISTEN socket of its own in
-    /// /proc/PID/net/tcp (polled: the process says nothing when it is up).
-    fn listening_port(pid: u32) -> SocketAddr {
-        let deadline = std::time::Instant::now() + common::HANG;
-        loop {
-            let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-                .into_iter()
-                .flatten()
-                .flatten()
-                .filter_map(|e| {
-                    let l = std::fs::read_link(e.path()).ok()?;
-                    let l = l.to_string_lossy();
-                    Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
-                })
-                .collect();
-            let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
-            let port = table.lines().skip(1).find_map(|line| {
-                let f: Vec<&str> = line.split_whitespace().collect();
-                let listening =
-                    f.get(3) == Some(&"0A") && inodes.iter().any(|i| Some(&i.as_str()) == f.get(9));
-                listening
-                    .then(|| u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok())
-                    .flatten()
-            });
-            if let Some(port) = port {
-                return SocketAddr::from(([127, 0, 0, 1], port));
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "prometheus never listened"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
 

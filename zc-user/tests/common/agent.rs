@@ -10,6 +10,7 @@ use std::{
 
 use zc_user::traffic::Digest;
 
+pub use super::process::listening_port;
 use super::process::zc_command;
 
 pub struct Agent {
@@ -229,6 +230,9 @@ pub struct Proxy {
     pub port: u16,
 }
 
+/// A port free a moment ago, for iperf3 alone, which refuses port 0
+/// (`-p 0`, `--cport 0`); everything else listens on a port the kernel
+/// gives it (see [`listening_port`]).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -244,36 +248,20 @@ impl Proxy {
     /// socat with `upstream_opts` appended to its upstream address (e.g.
     /// ",shut-none") and `args` before both addresses (e.g. `-t 30`).
     pub fn start_with(upstream: SocketAddr, upstream_opts: &str, args: &[&str]) -> Self {
-        let port = free_port();
         let child = Command::new("socat")
             .args(args)
-            .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr"))
+            .arg("TCP-LISTEN:0,bind=127.0.0.1,reuseaddr")
             .arg(format!("TCP:{upstream}{upstream_opts}"))
             .stdin(Stdio::null())
             .spawn()
             .expect("socat must be installed (cargo xtask test installs it)");
-        Self::listening(child, port)
+        let port = listening_port(child.id(), "socat");
+        Self { child, port }
     }
 
     pub fn haproxy(upstream: SocketAddr, dir: &std::path::Path) -> Self {
-        let port = free_port();
-        let cfg = dir.join(format!("haproxy-{port}.cfg"));
-        std::fs::write(
-            &cfg,
-            format!(
-                "global\n  nbthread 1\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
-                 timeout client 120s\n  timeout server 120s\nlisten zc\n  \
-                 bind 127.0.0.1:{port}\n  server up {upstream}\n"
-            ),
-        )
-        .expect("haproxy config");
-        let child = Command::new("haproxy")
-            .args(["-db", "-f"])
-            .arg(&cfg)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("haproxy must be installed (cargo xtask test installs it)");
-        Self::listening(child, port)
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind HAProxy's listener");
+        Self::haproxy_on(listener, upstream, dir, 1)
     }
 
     /// HAProxy (mode tcp, `threads` threads) serving `listener`, which it
@@ -332,11 +320,6 @@ impl Proxy {
             .expect("haproxy must be installed (cargo xtask test installs it)");
         // HAProxy has the socket now; ours closes.
         drop(listener);
-        Self { child, port }
-    }
-
-    pub fn listening(child: Child, port: u16) -> Self {
-        wait_listening(port, "the proxy");
         Self { child, port }
     }
 }

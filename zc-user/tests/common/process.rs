@@ -204,3 +204,42 @@ pub fn accept_upstream(server: &TcpListener) -> TcpStream {
         }
     }
 }
+
+/// The TCP port process `pid` listens on, once it does. Started with port
+/// 0, it was given one by the kernel: no port is chosen in advance.
+pub fn listening_port(pid: u32, what: &str) -> u16 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(port) = listen_port_of(pid) {
+            return port;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} (pid {pid}) did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A listening TCP socket among `pid`'s fds (/proc/PID/net/tcp, matched by
+/// inode), and its port.
+fn listen_port_of(pid: u32) -> Option<u16> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_str()?;
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let tcp = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).ok()?;
+    tcp.lines().skip(1).find_map(|l| {
+        // sl local_address rem_address st ... uid timeout inode
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.get(3) != Some(&"0A") || !inodes.iter().any(|i| Some(&i.as_str()) == f.get(9)) {
+            return None;
+        }
+        u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()
+    })
+}
