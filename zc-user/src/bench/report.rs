@@ -256,6 +256,10 @@ impl<'a> Summary<'a> {
                 row("  machine CPU s/GiB".into(), &|s| {
                     per_gib(s, "machine_cpu_s")
                 }),
+                row("  peak relay socket memory MiB".into(), &|s| {
+                    cell(s, "relay_sock_peak_mib")
+                }),
+                row("  slab growth MiB".into(), &|s| cell(s, "slab_growth_mib")),
             ],
             Workload::PingPong { .. } => vec![
                 row(format!("{name}  p50 us"), &|s| cell(s, "p50_us")),

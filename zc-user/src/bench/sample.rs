@@ -82,20 +82,29 @@ pub fn measure(
                 }
             })
         }
-        Workload::Bidir { write_size } => pin::on_cpu(client_cpu, || {
-            load::bidir(topo, addr, write_size, plan.duration)
-        })
-        .map(|b| {
-            s.metrics.insert("up_gbps", b.up as f64 / b.secs / 1e9);
-            s.metrics.insert("down_gbps", b.down as f64 / b.secs / 1e9);
-            s.metrics
-                .insert("gib", (b.up + b.down) as f64 / (1u64 << 30) as f64);
-            s.metrics.insert("secs", b.secs);
-            if let Some(e) = b.problem {
-                s.intact = false;
-                s.error = Some(e);
-            }
-        }),
+        Workload::Bidir { write_size } => {
+            let sampler = kmem::Sampler::start(sys.relay_sockets(topo)?)?;
+            pin::on_cpu(client_cpu, || {
+                load::bidir(topo, addr, write_size, plan.duration)
+            })
+            .and_then(|b| Ok((b, sampler.finish()?)))
+            .map(|(b, peaks)| {
+                if let Some(bytes) = peaks.relay_sock_bytes {
+                    s.metrics.insert("relay_sock_peak_mib", mib(bytes));
+                }
+                s.metrics
+                    .insert("slab_growth_mib", mib(peaks.slab_growth_kib << 10));
+                s.metrics.insert("up_gbps", b.up as f64 / b.secs / 1e9);
+                s.metrics.insert("down_gbps", b.down as f64 / b.secs / 1e9);
+                s.metrics
+                    .insert("gib", (b.up + b.down) as f64 / (1u64 << 30) as f64);
+                s.metrics.insert("secs", b.secs);
+                if let Some(e) = b.problem {
+                    s.intact = false;
+                    s.error = Some(e);
+                }
+            })
+        }
         Workload::PingPong { size } => pin::on_cpu(client_cpu, || {
             load::ping_pong(topo, addr, size, plan.duration)
         })

@@ -148,6 +148,29 @@ impl Summary<'_> {
                 }),
             ));
         }
+        // Each direction may hold two windows plus 1 MiB (the bound a
+        // client that never reads is held to), whatever the other does.
+        let bound_mib = 2.0 * (2 * self.window + (1 << 20)) as f64 / f64::from(1 << 20);
+        for sys in ["auto", "bpf"] {
+            let peak = self.stat(topo, w, sys, "relay_sock_peak_mib");
+            out.push(Target::judged(
+                &format!(
+                    "{topo}, {}: {sys} relay socket memory <= 2 directions x (2 x window + 1 MiB)",
+                    w.label()
+                ),
+                peak.map(|v| {
+                    (
+                        format!(
+                            "{} MiB at the worst sample, median {} (bound {} MiB)",
+                            num(v.max),
+                            num(v.median),
+                            num(bound_mib)
+                        ),
+                        v.max <= bound_mib,
+                    )
+                }),
+            ));
+        }
         out
     }
 
