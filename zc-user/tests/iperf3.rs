@@ -151,16 +151,36 @@ struct Iperf3Server {
 }
 
 impl Iperf3Server {
+    /// iperf3 refuses port 0, so it gets a port that was free a moment
+    /// ago; if another process took it meanwhile, iperf3 exits and the
+    /// next attempt takes another. The port is read back from iperf3's
+    /// own listening socket, so another program's listener never counts.
     fn start() -> Self {
-        let port = free_port();
-        let child = Command::new("iperf3")
-            .args(["-s", "-1", "-B", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("iperf3 must be installed (cargo xtask test installs it)");
-        wait_listening(port, "iperf3 -s");
-        Self { child, port }
+        for _ in 0..5 {
+            let port = free_port();
+            let mut child = Command::new("iperf3")
+                .args(["-s", "-1", "-B", "127.0.0.1", "-p", &port.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("iperf3 must be installed (cargo xtask test installs it)");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Some(p) = common::process::listen_port_of(child.id()) {
+                    assert_eq!(p, port, "iperf3 -s listens on another port");
+                    return Self { child, port };
+                }
+                if child.try_wait().expect("iperf3 -s status").is_some() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "iperf3 -s did not listen on {port}"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        panic!("iperf3 -s could not listen on any of five free ports");
     }
 }
 

@@ -445,18 +445,6 @@ impl Drop for TestCgroup {
     }
 }
 
-/// Waits (up to 10 s) until something listens on TCP `port` (IPv4).
-pub fn wait_listening(port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string("/proc/net/tcp")
-        .map(|t| !t.contains(&format!(":{port:04X} 00000000:0000 0A")))
-        .unwrap_or(true)
-    {
-        assert!(Instant::now() < deadline, "{what} did not listen on {port}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// `n` bytes each way at once, fixed lengths (nobody half-closes), both
 /// checked by digest.
 pub fn exchange(client: &mut TcpStream, up: &mut TcpStream, n: u64) {

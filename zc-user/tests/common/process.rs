@@ -223,7 +223,7 @@ pub fn listening_port(pid: u32, what: &str) -> u16 {
 
 /// A listening TCP socket among `pid`'s fds (/proc/PID/net/tcp, matched by
 /// inode), and its port.
-fn listen_port_of(pid: u32) -> Option<u16> {
+pub fn listen_port_of(pid: u32) -> Option<u16> {
     let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .ok()?
         .flatten()
