@@ -107,6 +107,7 @@ fn short_bench_measures_every_system_and_topology_and_cleans_up() {
         "peak relay socket memory MiB",
         "slab growth MiB",
         "With --pin, loopback, 64 KiB: bpf >= 0.85x direct",
+        "both ways 64 KiB: auto relay socket memory <= 2 directions x (2 x window + 1 MiB)",
     ] {
         assert!(
             stdout.contains(needle),
@@ -158,6 +159,12 @@ fn short_bench_measures_every_system_and_topology_and_cleans_up() {
                     let v = m[dir].as_f64().expect(dir);
                     assert!(v > 0.001, "nothing moved {dir}: {s}");
                 }
+                // Both ways at once has a memory target of its own.
+                assert_eq!(
+                    m["relay_sock_peak_mib"].is_number(),
+                    s["system"] != "direct",
+                    "relay memory both ways: {s}"
+                );
             }
             k => panic!("unknown workload {k}"),
         }
