@@ -601,6 +601,11 @@ fn a_half_close_the_proxy_does_not_pass_on_is_passed_by_the_agent() {
         read_to_eof(&mut up),
         "client -> server through a proxy that keeps the upstream open"
     );
+    let carried = kernel_bytes(&agent);
+    assert!(
+        carried >= N,
+        "the kernel carried {carried} of the {N} bytes: the pair was not in the kernel"
+    );
     let back = send_n(&mut up, 1 << 20, 9);
     up.shutdown(std::net::Shutdown::Write)
         .expect("server shutdown");

@@ -261,8 +261,6 @@ impl Plan {
     }
 }
 
-/// The window the zc relays run with: `--window` in --relay-args, or the
-/// relay's default.
 /// The relay namespace's TCP counters that grow over a second while a
 /// sample stands stalled ("TCPBacklogDrop +120, ..."): what keeps
 /// happening to the stuck stream's segments.
@@ -280,6 +278,8 @@ fn counters_while_stalled(topo: &Topology) -> String {
     grew.join(", ")
 }
 
+/// The window the zc relays run with: `--window` in --relay-args, or the
+/// relay's default.
 fn relay_window(relay_args: &str) -> Result<u64> {
     let mut args = relay_args.split_whitespace();
     let mut window = zc_user::engine::bpf::DEFAULT_WINDOW;

@@ -67,11 +67,7 @@ pub fn measure(
                 s.metrics.insert("gbps", b.bytes as f64 / b.secs / 1e9);
                 s.metrics.insert("gib", gib);
                 s.metrics.insert("secs", b.secs);
-                if let Some(bytes) = peaks.relay_sock_bytes {
-                    s.metrics.insert("relay_sock_peak_mib", mib(bytes));
-                }
-                s.metrics
-                    .insert("slab_growth_mib", mib(peaks.slab_growth_kib << 10));
+                record_peaks(&mut s, &peaks);
                 s.intact = b.intact;
                 if !b.intact {
                     s.error = Some(if b.sent == b.bytes {
@@ -89,11 +85,7 @@ pub fn measure(
             })
             .and_then(|b| Ok((b, sampler.finish()?)))
             .map(|(b, peaks)| {
-                if let Some(bytes) = peaks.relay_sock_bytes {
-                    s.metrics.insert("relay_sock_peak_mib", mib(bytes));
-                }
-                s.metrics
-                    .insert("slab_growth_mib", mib(peaks.slab_growth_kib << 10));
+                record_peaks(&mut s, &peaks);
                 s.metrics.insert("up_gbps", b.up as f64 / b.secs / 1e9);
                 s.metrics.insert("down_gbps", b.down as f64 / b.secs / 1e9);
                 s.metrics
@@ -194,6 +186,15 @@ fn record_stall(s: &mut Sample, count: usize, st: &stall::Stall<kmem::Peaks>) {
         s.intact = false;
         s.error = Some(st.problems.join("; "));
     }
+}
+
+/// The kernel memory a bulk or both-ways sample saw at its peak.
+fn record_peaks(s: &mut Sample, peaks: &kmem::Peaks) {
+    if let Some(bytes) = peaks.relay_sock_bytes {
+        s.metrics.insert("relay_sock_peak_mib", mib(bytes));
+    }
+    s.metrics
+        .insert("slab_growth_mib", mib(peaks.slab_growth_kib << 10));
 }
 
 fn mib(bytes: u64) -> f64 {

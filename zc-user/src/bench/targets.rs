@@ -150,7 +150,7 @@ impl Summary<'_> {
         }
         // Each direction may hold two windows plus 1 MiB (the bound a
         // client that never reads is held to), whatever the other does.
-        let bound_mib = 2.0 * (2 * self.window + (1 << 20)) as f64 / f64::from(1 << 20);
+        let bound_mib = 2.0 * self.direction_bound_mib();
         for sys in ["auto", "bpf"] {
             let peak = self.stat(topo, w, sys, "relay_sock_peak_mib");
             out.push(Target::judged(
@@ -214,12 +214,17 @@ impl Summary<'_> {
         )
     }
 
+    /// What one direction may hold in kernel memory: two windows plus
+    /// 1 MiB, in MiB.
+    fn direction_bound_mib(&self) -> f64 {
+        (2 * self.window + (1 << 20)) as f64 / f64::from(1 << 20)
+    }
+
     /// A client that never reads may cost each zc relay with the BPF path
     /// two windows plus 1 MiB of kernel memory (only the server-to-client
     /// direction carries bytes), and N of them N times that.
     fn stall_targets(&self) -> Vec<Target> {
-        let bound = 2 * self.window + (1 << 20);
-        let bound_mib = bound as f64 / f64::from(1 << 20);
+        let bound_mib = self.direction_bound_mib();
         let mut out = Vec::new();
         let Some(w @ Workload::Stall { count }) = self
             .workloads

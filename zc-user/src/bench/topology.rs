@@ -153,15 +153,7 @@ impl Topology {
     /// state line with both queues, then TCP's own figures), to show where
     /// the bytes of a stream that stopped wait. Empty if `ss` is missing.
     pub fn queued_sockets(&self) -> Vec<String> {
-        let mut argv = self.relay_prefix();
-        argv.extend(["ss", "-tnim"].map(String::from));
-        let Some((prog, args)) = argv.split_first() else {
-            return Vec::new();
-        };
-        let Ok(out) = Command::new(prog).args(args).output() else {
-            return Vec::new();
-        };
-        let text = String::from_utf8_lossy(&out.stdout);
+        let text = self.relay_output(&["ss", "-tnim"]);
         let mut lines = text.lines().skip(1).peekable();
         let mut queued = Vec::new();
         while let Some(state) = lines.next() {
@@ -180,15 +172,22 @@ impl Topology {
     /// e.g. TCPBacklogDrop), to tell why a stalled stream's segments go
     /// nowhere. Empty if they cannot be read.
     pub fn tcp_counters(&self) -> BTreeMap<String, u64> {
+        parse_netstat(&self.relay_output(&["cat", "/proc/net/netstat"]), "TcpExt:")
+    }
+
+    /// What `command` prints run where the relay runs; empty if it cannot
+    /// run (a diagnostic, never worth failing a bench for).
+    fn relay_output(&self, command: &[&str]) -> String {
         let mut argv = self.relay_prefix();
-        argv.extend(["cat", "/proc/net/netstat"].map(String::from));
+        argv.extend(command.iter().map(|a| a.to_string()));
         let Some((prog, args)) = argv.split_first() else {
-            return BTreeMap::new();
+            return String::new();
         };
-        let Ok(out) = Command::new(prog).args(args).output() else {
-            return BTreeMap::new();
-        };
-        parse_netstat(&String::from_utf8_lossy(&out.stdout), "TcpExt:")
+        Command::new(prog)
+            .args(args)
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+            .unwrap_or_default()
     }
 
     /// `ip netns exec NS` for processes that run in the relay's place.

@@ -632,10 +632,6 @@ fn broken(f: zc_common::Flow) -> Result<(), Abort> {
     Ok(())
 }
 
-/// Has this socket been reset, or otherwise failed for good? A reset
-/// leaves its errno in SO_ERROR. The TCP state alone cannot tell: a socket
-/// that closed gracefully in both directions also ends in TCP_CLOSE (the
-/// kernel hands TIME_WAIT to a separate timewait socket).
 /// How long the owner of a foreign pair has to pass a FIN on itself
 /// before zc does it.
 const OWNER_FIN_GRACE: Duration = Duration::from_millis(200);
@@ -663,6 +659,10 @@ async fn owner_passed_fin(dst: &TcpStream) -> bool {
     false
 }
 
+/// Has this socket been reset, or otherwise failed for good? A reset
+/// leaves its errno in SO_ERROR. The TCP state alone cannot tell: a socket
+/// that closed gracefully in both directions also ends in TCP_CLOSE (the
+/// kernel hands TIME_WAIT to a separate timewait socket).
 fn failed(s: &TcpStream) -> bool {
     match SockRef::from(s).take_error() {
         Ok(Some(e)) => {
