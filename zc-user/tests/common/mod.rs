@@ -30,7 +30,14 @@ pub const HANG: Duration = Duration::from_secs(60);
 pub fn init() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        let _ = env_logger::builder().is_test(true).try_init();
+        // Warnings, and each relayed connection's access line (which says
+        // how it ended), so that a failed test shows what the relay saw;
+        // the harness prints them only for a test that fails.
+        let _ = env_logger::Builder::from_env(
+            env_logger::Env::default().default_filter_or("warn,zc_user::relay=info"),
+        )
+        .is_test(true)
+        .try_init();
         use nix::sys::resource::{Resource, getrlimit, setrlimit};
         if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
             let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
