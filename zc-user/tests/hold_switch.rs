@@ -43,12 +43,15 @@ async fn holds_and_releases_at_random_moments_lose_nothing() {
 struct Switched {
     holds: u64,
     small: u64,
+    /// Bytes of the `total` the kernel redirected.
+    carried: u64,
 }
 
 /// Relays one connection through `engine` with random traffic both ways
 /// (`total` bytes one way, a quarter back) and readers that stop at
 /// random, and checks that each stream arrived intact, that nothing was
-/// reset, and that the kernel carried at least 1/`kernel_share` of it.
+/// reset, and that the kernel carried at least 1/`kernel_share` of it
+/// (0: no floor, the caller checks).
 async fn switch_at_random(
     progs: &zc_user::ebpf::Programs,
     engine: BpfEngine,
@@ -145,12 +148,13 @@ async fn switch_at_random(
     );
     assert!(!summary.reset, "the relay reset an intact stream");
     assert!(
-        carried >= total / kernel_share,
+        carried >= total.checked_div(kernel_share).unwrap_or(0),
         "the kernel redirected only {carried} bytes: the stream ran in user space"
     );
     Switched {
         holds: summary.holds,
         small: summary.small,
+        carried,
     }
 }
 
@@ -173,7 +177,7 @@ async fn send_in_bursts(
     let mut buf = vec![0u8; 1 << 20];
     let mut left = total;
     while left > 0 {
-        let mut burst = rng.random_range(1..=(16 * window)).min(left);
+        let mut burst = rng.random_range(1..=window).min(left);
         left -= burst;
         while burst > 0 {
             let bits = rng.random_range(0..=20u32);
@@ -319,7 +323,7 @@ async fn read_with_pauses(
         // sender, then hands the direction back to the kernel once the
         // reader has caught up. The pause is the randomness, not a wait
         // for anything.
-        if rng.random_ratio(1, 8) {
+        if rng.random_ratio(1, 4) {
             tokio::time::sleep(Duration::from_micros(rng.random_range(2000..8000))).await;
         }
     }
@@ -444,16 +448,27 @@ async fn thousands_of_switches_under_random_traffic_lose_nothing() {
             let (progs, engine) = (progs.clone(), engine.clone());
             tokio::spawn(async move {
                 // A reader that stops often keeps a 1 MiB window in user
-                // space most of the time; the kernel still carries some.
-                switch_at_random(&progs, engine, DRILL_WINDOW, EACH, 100 + 10 * i, 1024).await
+                // space most of the time, and random write sizes can keep
+                // one connection's skbs small for all of its 2 GiB (1.8 MB
+                // carried seen), so the kernel's share is checked over
+                // all connections.
+                switch_at_random(&progs, engine, DRILL_WINDOW, EACH, 100 + 10 * i, 0).await
             })
         })
         .collect();
-    let mut switches = 0;
+    let (mut switches, mut carried) = (0, 0);
     for r in runs {
         let r = r.await.expect("join");
         switches += r.holds + r.small;
+        carried += r.carried;
     }
-    eprintln!("{switches} switches to user space in {CONNS} connections");
+    eprintln!(
+        "{switches} switches to user space in {CONNS} connections; the kernel redirected \
+         {carried} bytes"
+    );
     assert!(switches >= 1000, "only {switches} switches");
+    assert!(
+        carried >= CONNS * EACH / 1024,
+        "the kernel redirected only {carried} bytes: the drill ran in user space"
+    );
 }

@@ -8,12 +8,9 @@
 //! Its own test binary, so no other test's sockets move the slab figure.
 mod common;
 
-use std::{
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
-    time::Duration,
-};
+use std::{os::fd::AsFd, time::Duration};
 
-use common::*;
+use common::{sockmem::meminfo, *};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tokio::{
     io::AsyncWriteExt,
@@ -166,33 +163,6 @@ async fn a_reader_that_never_reads_costs_at_most_two_windows() {
 
 fn mib(b: u64) -> f64 {
     b as f64 / f64::from(1 << 20)
-}
-
-/// A socket's memory as the kernel accounts it (SO_MEMINFO).
-struct SockMem {
-    rmem_alloc: u64,
-    wmem_queued: u64,
-}
-
-fn meminfo(fd: BorrowedFd<'_>) -> SockMem {
-    let mut v = [0u32; 9];
-    let mut len = std::mem::size_of_val(&v) as libc::socklen_t;
-    // SAFETY: the buffer and its length match.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_MEMINFO,
-            v.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(rc, 0, "SO_MEMINFO: {}", std::io::Error::last_os_error());
-    // SK_MEMINFO_RMEM_ALLOC = 0, SK_MEMINFO_WMEM_QUEUED = 5.
-    SockMem {
-        rmem_alloc: u64::from(v[0]),
-        wmem_queued: u64::from(v[5]),
-    }
 }
 
 fn meminfo_kib(field: &str) -> u64 {

@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod process;
 pub mod scrape;
+pub mod sockmem;
 
 use std::{net::SocketAddr, os::fd::AsFd, sync::Once, time::Duration};
 
