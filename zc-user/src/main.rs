@@ -261,11 +261,15 @@ struct RelayArgs {
     /// what skbs cost beyond their bytes);
     /// beyond, it passes arriving bytes to the socket's own receive queue
     /// (2 MiB), where TCP flow control stops the sender, and zc forwards
-    /// them once the reader caught up; then the kernel path takes over
-    /// again. A reader that never reads costs at most two windows per
-    /// direction. Smaller windows hold bulk streams more often (each hold
-    /// moves bytes through user space). 0: no bound (the kernel's own
-    /// behaviour: the backlog grows without limit).
+    /// them once the reader caught up, keeping within the same bound; then
+    /// the kernel path takes over again. A reader that never reads, or
+    /// reads slowly, costs at most two windows per direction. The bound is
+    /// per connection: bytes waiting in the kernel's redirect queues escape
+    /// TCP's host-wide limit (net.ipv4.tcp_mem), so where many slow clients
+    /// are expected, size the window for all of them. Smaller windows hold
+    /// bulk streams more often (each hold moves bytes through user space).
+    /// 0: no bound (the kernel's own behaviour: the backlog grows without
+    /// limit).
     #[arg(long, value_name = "BYTES", default_value = "8m", value_parser = zc_user::cli::parse_size)]
     window: u64,
     /// auto mode on the BPF path: a direction whose segments average fewer
