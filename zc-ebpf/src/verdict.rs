@@ -49,6 +49,15 @@ static FORWARDED: HashMap<SockKey, u64> = HashMap::with_max_entries(MAX_SOCKETS,
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
+/// Taken off every pair's cap while the host's TCP memory is under
+/// pressure (user space sets it, zc-user `pressure.rs`): a byte waiting in
+/// a redirect queue is charged to no socket, so TCP's host-wide limit
+/// (tcp_mem) cannot see it. With the caps shrunk, every direction is held:
+/// TCP stops its sender, and what zc forwards is charged where that limit
+/// applies.
+#[map]
+static CAP_SHRINK: Array<u64> = Array::with_max_entries(1, 0);
+
 /// Offsets from the start of an skb, set by user space from BTF (0 leaves
 /// the member unread): [SKB_STRP_OFFSET] of `strp_msg.offset` and
 /// [SKB_TCP_SEQ] of `tcp_skb_cb.seq`, both inside its control buffer.
@@ -270,7 +279,9 @@ fn verdict(ctx: &SkBuffContext, parsed: bool, offset: u32) -> u32 {
         // pass too, so the bytes count against this socket's receive
         // buffer and TCP flow control stops the sender, and tell user
         // space, which forwards them once the reader caught up.
-        let capped = peer.cap != 0 && (*flow).sent + u64::from(len) > peer.cap;
+        let shrink = CAP_SHRINK.get(0).copied().unwrap_or(0);
+        let capped =
+            peer.cap != 0 && (*flow).sent + u64::from(len) > peer.cap.saturating_sub(shrink);
         if peer.hold != 0 || (*flow).passed != forwarded || capped {
             (*flow).passed += u64::from(len);
             (*flow).passed_msgs += 1;

@@ -7,6 +7,7 @@ pub mod engine;
 pub mod host;
 pub mod idle;
 pub mod metrics;
+pub mod pressure;
 pub mod probe;
 pub mod relay;
 pub mod sys;

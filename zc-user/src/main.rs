@@ -264,9 +264,9 @@ struct RelayArgs {
     /// them once the reader caught up, keeping within the same bound; then
     /// the kernel path takes over again. A reader that never reads, or
     /// reads slowly, costs at most two windows per direction. The bound is
-    /// per connection: bytes waiting in the kernel's redirect queues escape
-    /// TCP's host-wide limit (net.ipv4.tcp_mem), so where many slow clients
-    /// are expected, size the window for all of them. Smaller windows hold
+    /// per connection; for the host, while TCP's memory is under pressure
+    /// (net.ipv4.tcp_mem) every direction is held and forwarded in user
+    /// space, where that limit applies. Smaller windows hold
     /// bulk streams more often (each hold moves bytes through user space).
     /// 0: no bound (the kernel's own behaviour: the backlog grows without
     /// limit).
@@ -360,6 +360,11 @@ async fn relay(args: RelayArgs) -> Result<()> {
                     .context("BPF mode is unavailable")?,
             };
             let watcher = Watcher::start().context("starting the socket watcher")?;
+            if args.window > 0 {
+                // The window bounds each connection; TCP's memory pressure
+                // holds them all when their sum runs the host short.
+                zc_user::pressure::watch(progs.clone()).context("starting the TCP memory watch")?;
+            }
             Engine::Bpf(
                 BpfEngine::new(progs, watcher)
                     .with_sndbuf(args.sndbuf)

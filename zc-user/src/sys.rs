@@ -193,6 +193,17 @@ pub fn set_sndbuf(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
         .or_else(|_| setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, val))
 }
 
+/// Moves the calling thread into the network namespace `f` refers to.
+pub fn setns_net(f: &std::fs::File) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: setns only reads the descriptor, which `f` keeps open.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Arms an abortive close: the next close() sends RST instead of FIN.
 pub fn set_reset_on_close(fd: BorrowedFd<'_>) -> io::Result<()> {
     SockRef::from(&fd).set_linger(Some(std::time::Duration::ZERO))

@@ -5,7 +5,6 @@ use std::{
     collections::BTreeMap,
     fs::File,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    os::fd::AsRawFd as _,
     process::Command,
 };
 
@@ -23,19 +22,11 @@ impl Netns {
     /// the namespace they were created in, so creating them here is enough.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
         let home = File::open("/proc/thread-self/ns/net").context("opening this thread's netns")?;
-        setns(&self.file).with_context(|| format!("entering netns {}", self.name))?;
+        zc_user::sys::setns_net(&self.file)
+            .with_context(|| format!("entering netns {}", self.name))?;
         let out = f();
-        setns(&home).context("returning to the original netns")?;
+        zc_user::sys::setns_net(&home).context("returning to the original netns")?;
         Ok(out)
-    }
-}
-
-fn setns(f: &File) -> std::io::Result<()> {
-    // SAFETY: setns only reads the descriptor, which `f` keeps open.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }
 

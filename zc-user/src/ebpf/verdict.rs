@@ -146,6 +146,18 @@ impl Programs {
         Ok(RelayPairing { keys, in_relay })
     }
 
+    /// Takes `bytes` off every pair's cap (0: none; `u64::MAX` holds every
+    /// direction that has a window), for the host's TCP memory pressure
+    /// (`crate::pressure`).
+    pub fn set_cap_shrink(&self, bytes: u64) -> anyhow::Result<()> {
+        let mut ebpf = self.ebpf();
+        let map = ebpf
+            .map_mut("CAP_SHRINK")
+            .ok_or_else(|| anyhow::anyhow!("no CAP_SHRINK map"))?;
+        aya::maps::Array::<_, u64>::try_from(map)?.set(0, bytes, 0)?;
+        Ok(())
+    }
+
     /// What the verdict program did with `key`'s bytes so far.
     pub fn flow(&self, key: &SockKey) -> Option<Flow> {
         self.maps().flow.get(key, 0).ok()

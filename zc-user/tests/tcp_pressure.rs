@@ -1,0 +1,74 @@
+//! While TCP's memory is under pressure the kernel path queues nothing:
+//! with every pair's cap shrunk (what `pressure::watch` does at tcp_mem's
+//! pressure mark), each direction is held and zc forwards it in user
+//! space, where TCP's host-wide limit applies. Every byte still arrives,
+//! and once the pressure is gone the kernel carries the stream again.
+//!
+//! Its own test binary: the shrink applies to every pair of the programs.
+mod common;
+
+use std::os::fd::AsFd;
+
+use common::*;
+use tokio::net::{TcpListener, TcpStream};
+use zc_user::{engine::bpf::BpfEngine, sys};
+
+const WINDOW: u64 = 4 << 20;
+const TOTAL: u64 = 64 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_tcp_memory_pressure_the_kernel_path_queues_nothing() {
+    let progs = programs();
+    progs.set_cap_shrink(u64::MAX).expect("shrinking the caps");
+    let (carried, holds) = relay_one(&progs, 41).await;
+    eprintln!("under pressure: the kernel redirected {carried} of {TOTAL} bytes, {holds} holds");
+    assert_eq!(
+        carried, 0,
+        "the kernel redirected {carried} bytes while every cap was shrunk"
+    );
+    assert!(holds > 0, "the direction was never held");
+
+    progs.set_cap_shrink(0).expect("restoring the caps");
+    let (carried, holds) = relay_one(&progs, 42).await;
+    eprintln!("no pressure: the kernel redirected {carried} of {TOTAL} bytes, {holds} holds");
+    assert!(
+        carried >= TOTAL / 2,
+        "with the caps restored the kernel redirected only {carried} of {TOTAL} bytes"
+    );
+    assert_maps_empty(&progs).await;
+}
+
+/// Relays `TOTAL` random bytes one way through a fresh pair; returns what
+/// the kernel redirected and how often the direction was held.
+async fn relay_one(progs: &zc_user::ebpf::Programs, seed: u64) -> (u64, u64) {
+    let watcher = zc_user::watch::Watcher::start().expect("watcher");
+    let engine = BpfEngine::new(progs.clone(), watcher).with_window(WINDOW);
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let mut client = TcpStream::connect(addr).await.expect("connect");
+    let (near, _) = l.accept().await.expect("accept");
+    let far = TcpStream::connect(addr).await.expect("connect");
+    let (mut server, _) = l.accept().await.expect("accept");
+    let (near, far) = (near.into_std().expect("std"), far.into_std().expect("std"));
+    let near_key = sys::sock_key(near.as_fd()).expect("key");
+    let relay = tokio::spawn(async move { engine.relay(near, far).await.expect("relay") });
+    let reader = tokio::spawn(async move { (recv_all(&mut server).await, server) });
+    let sent = send_random(&mut client, TOTAL, 1 << 20, seed)
+        .await
+        .expect("send");
+    drop(client);
+    let (got, server) = tokio::time::timeout(HANG, reader)
+        .await
+        .expect("the stream stalled")
+        .expect("join");
+    assert_eq!(got.expect("recv"), sent, "the stream arrived damaged");
+    // The pair lives on until the server's side ends too.
+    let carried = progs.counters(&near_key).expect("counters").bytes;
+    drop(server);
+    let summary = tokio::time::timeout(HANG, relay)
+        .await
+        .expect("relay hung")
+        .expect("join");
+    assert!(!summary.reset, "the relay reset an intact stream");
+    (carried, summary.holds)
+}
