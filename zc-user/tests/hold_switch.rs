@@ -60,13 +60,8 @@ async fn switch_at_random(
     seed: u64,
     kernel_share: u64,
 ) -> Switched {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let client = TcpStream::connect(addr).await.expect("connect");
-    let (near, _) = l.accept().await.expect("accept");
-    let far = TcpStream::connect(addr).await.expect("connect");
-    let (server, _) = l.accept().await.expect("accept");
-    let (near, far) = (near.into_std().expect("std"), far.into_std().expect("std"));
+    let (client, near, far, server) = relay_sockets().await;
+    let addr = server.local_addr().expect("addr");
     let near_key = zc_user::sys::sock_key(near.as_fd()).expect("key");
     let far_key = zc_user::sys::sock_key(far.as_fd()).expect("key");
     let dups = [

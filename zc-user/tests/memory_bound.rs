@@ -12,10 +12,7 @@ use std::{os::fd::AsFd, time::Duration};
 
 use common::{sockmem::meminfo, *};
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use tokio::{
-    io::AsyncWriteExt,
-    net::{TcpListener, TcpStream},
-};
+use tokio::io::AsyncWriteExt;
 use zc_user::{engine::bpf::BpfEngine, sys};
 
 const WINDOW: u64 = 4 << 20;
@@ -30,13 +27,7 @@ async fn a_reader_that_never_reads_costs_at_most_two_windows() {
     let progs = programs();
     let watcher = zc_user::watch::Watcher::start().expect("watcher");
     let engine = BpfEngine::new(progs.clone(), watcher).with_window(WINDOW);
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let mut client = TcpStream::connect(addr).await.expect("connect");
-    let (near, _) = l.accept().await.expect("accept");
-    let far = TcpStream::connect(addr).await.expect("connect");
-    let (mut server, _) = l.accept().await.expect("accept");
-    let (near, far) = (near.into_std().expect("std"), far.into_std().expect("std"));
+    let (mut client, near, far, mut server) = relay_sockets().await;
     // Kept to read the relay sockets' memory while the engine owns them.
     let (near_view, far_view) = (
         near.try_clone().expect("dup"),

@@ -21,10 +21,7 @@ use std::{
 };
 
 use common::{sockmem::meminfo, *};
-use tokio::{
-    io::AsyncReadExt,
-    net::{TcpListener, TcpStream},
-};
+use tokio::io::AsyncReadExt;
 use zc_user::{engine::bpf::BpfEngine, sys};
 
 const WINDOW: u64 = 4 << 20;
@@ -38,13 +35,7 @@ async fn a_slow_reader_costs_at_most_two_windows_while_zc_forwards() {
     let progs = programs();
     let watcher = zc_user::watch::Watcher::start().expect("watcher");
     let engine = BpfEngine::new(progs.clone(), watcher).with_window(WINDOW);
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let mut client = TcpStream::connect(addr).await.expect("connect");
-    let (near, _) = l.accept().await.expect("accept");
-    let far = TcpStream::connect(addr).await.expect("connect");
-    let (mut server, _) = l.accept().await.expect("accept");
-    let (near, far) = (near.into_std().expect("std"), far.into_std().expect("std"));
+    let (mut client, near, far, mut server) = relay_sockets().await;
     // Kept to read the relay sockets' memory while the engine owns them.
     let views = [
         near.try_clone().expect("dup"),

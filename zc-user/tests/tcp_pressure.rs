@@ -10,7 +10,6 @@ mod common;
 use std::os::fd::AsFd;
 
 use common::*;
-use tokio::net::{TcpListener, TcpStream};
 use zc_user::{engine::bpf::BpfEngine, sys};
 
 const WINDOW: u64 = 4 << 20;
@@ -43,13 +42,7 @@ async fn under_tcp_memory_pressure_the_kernel_path_queues_nothing() {
 async fn relay_one(progs: &zc_user::ebpf::Programs, seed: u64) -> (u64, u64) {
     let watcher = zc_user::watch::Watcher::start().expect("watcher");
     let engine = BpfEngine::new(progs.clone(), watcher).with_window(WINDOW);
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let mut client = TcpStream::connect(addr).await.expect("connect");
-    let (near, _) = l.accept().await.expect("accept");
-    let far = TcpStream::connect(addr).await.expect("connect");
-    let (mut server, _) = l.accept().await.expect("accept");
-    let (near, far) = (near.into_std().expect("std"), far.into_std().expect("std"));
+    let (mut client, near, far, mut server) = relay_sockets().await;
     let near_key = sys::sock_key(near.as_fd()).expect("key");
     let relay = tokio::spawn(async move { engine.relay(near, far).await.expect("relay") });
     let reader = tokio::spawn(async move { (recv_all(&mut server).await, server) });

@@ -231,6 +231,29 @@ pub async fn exchange_server_gated(
     (local, rx)
 }
 
+/// Two loopback connections for an engine to relay, in-process: the
+/// client's end, the relay's two sockets (near the client, far towards
+/// the server, as std sockets an engine takes), and the server's end.
+pub async fn relay_sockets() -> (
+    TcpStream,
+    std::net::TcpStream,
+    std::net::TcpStream,
+    TcpStream,
+) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let client = TcpStream::connect(addr).await.expect("connect");
+    let (near, _) = l.accept().await.expect("accept");
+    let far = TcpStream::connect(addr).await.expect("connect");
+    let (server, _) = l.accept().await.expect("accept");
+    (
+        client,
+        near.into_std().expect("std"),
+        far.into_std().expect("std"),
+        server,
+    )
+}
+
 /// Waits until every map of the programs is empty.
 pub async fn assert_maps_empty(progs: &Programs) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
