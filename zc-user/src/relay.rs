@@ -687,10 +687,11 @@ fn access_line(
         Engine::Splice(_) => "splice".to_string(),
         Engine::Copy(_) => "copy".to_string(),
     };
-    let end = match (s.reset, idle) {
-        (true, _) => "reset",
-        (false, true) => "idle timeout",
-        (false, false) => "closed",
+    let end = match (s.reset, s.cause, idle) {
+        (true, Some(cause), _) => format!("reset ({cause})"),
+        (true, None, _) => "reset".to_string(),
+        (false, _, true) => "idle timeout".to_string(),
+        (false, _, false) => "closed".to_string(),
     };
     format!(
         "{peer} -> {upstream}: {} bytes up, {} down, {:.3} s, {path}, {end}",

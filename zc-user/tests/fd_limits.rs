@@ -250,18 +250,8 @@ async fn gated_server(
     watch::Receiver<usize>,
     mpsc::UnboundedReceiver<io::Result<(Digest, Digest)>>,
 ) {
-    // The relay connects hundreds at once when the gate opens: a shallow
-    // backlog overflows into SYN cookies, and a failed cookie resets the
-    // connection before zc sees it.
-    let l = {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-            .expect("server socket");
-        let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
-        s.bind(&any.into()).expect("binding the server");
-        s.listen(4096).expect("listen");
-        s.set_nonblocking(true).expect("nonblocking");
-        TcpListener::from_std(s.into()).expect("server listener")
-    };
+    // The relay connects hundreds at once when the gate opens.
+    let l = listen_deep("127.0.0.1:0".parse().expect("address"));
     let addr = l.local_addr().expect("server address");
     let counts = Arc::new(Counts::default());
     let (open_tx, open_rx) = watch::channel(0usize);

@@ -30,8 +30,13 @@ async fn under_tcp_memory_pressure_the_kernel_path_queues_nothing() {
     progs.set_cap_shrink(0).expect("restoring the caps");
     let (carried, holds) = relay_one(&progs, 42).await;
     eprintln!("no pressure: the kernel redirected {carried} of {TOTAL} bytes, {holds} holds");
+    // Still shrunk, or a fallback to user space, the kernel carries
+    // nothing. A reader slower than its sender keeps a held direction in
+    // user space until the sender pauses (345dbd3), so the share varies
+    // with the host's load: 65.7 MB alone, 28.4 MB in one CI run. Four
+    // windows is more than the cap lets through before the first hold.
     assert!(
-        carried >= TOTAL / 2,
+        carried >= 4 * WINDOW,
         "with the caps restored the kernel redirected only {carried} of {TOTAL} bytes"
     );
     assert_maps_empty(&progs).await;

@@ -57,7 +57,7 @@ impl CopyEngine {
             pump(&a, &b, self.buffer, &counts[0]),
             pump(&b, &a, self.buffer, &counts[1]),
         );
-        Ok(finish(&a, &b, result.is_err(), &counts))
+        Ok(finish(&a, &b, result.err().map(|e| e.kind()), &counts))
     }
 }
 
@@ -71,9 +71,15 @@ pub fn arm_reset(a: &TcpStream, b: &TcpStream) {
     }
 }
 
-/// Leaves both closes abortive if the relay failed (see [`arm_reset`]),
-/// graceful otherwise, and sums up.
-pub fn finish(a: &TcpStream, b: &TcpStream, failed: bool, counts: &[AtomicU64; 2]) -> Summary {
+/// Leaves both closes abortive if the relay failed (with `cause`; see
+/// [`arm_reset`]), graceful otherwise, and sums up.
+pub fn finish(
+    a: &TcpStream,
+    b: &TcpStream,
+    cause: Option<io::ErrorKind>,
+    counts: &[AtomicU64; 2],
+) -> Summary {
+    let failed = cause.is_some();
     for s in [a, b] {
         let _ = if failed {
             sys::set_reset_on_close(s.as_fd())
@@ -85,6 +91,7 @@ pub fn finish(a: &TcpStream, b: &TcpStream, failed: bool, counts: &[AtomicU64; 2
         a_to_b: counts[0].load(Ordering::Relaxed),
         b_to_a: counts[1].load(Ordering::Relaxed),
         reset: failed,
+        cause,
         holds: 0,
         small: 0,
     }

@@ -278,7 +278,7 @@ impl SpliceEngine {
             Some(Err(e)) => {
                 // Nothing moved yet; neither end may take the close for a
                 // complete (empty) stream.
-                finish(&a, &b, true, &counts);
+                finish(&a, &b, Some(e.kind()), &counts);
                 return Err(e).context("opening the recording files");
             }
             None => [None, None],
@@ -287,12 +287,12 @@ impl SpliceEngine {
             direction(&a, &b, &leases[0].pipe, rec0.as_ref(), &counts[0]),
             direction(&b, &a, &leases[1].pipe, rec1.as_ref(), &counts[1])
         );
-        let failed = result.is_err();
+        let cause = result.err().map(|e| e.kind());
         for l in &mut leases {
-            l.reusable = !failed;
+            l.reusable = cause.is_none();
         }
         drop(leases);
-        Ok(finish(&a, &b, failed, &counts))
+        Ok(finish(&a, &b, cause, &counts))
     }
 }
 

@@ -201,6 +201,25 @@ pub async fn exchange_server(
     exchange_server_gated(addr, total, max_write, go).await
 }
 
+/// A listener whose backlog takes a thousand connections at once, as
+/// `zc relay`'s does (4,096). tokio's is std's 128: when a relay connected
+/// upstream hundreds of times at once, the queue overflowed into SYN
+/// cookies, some failed (TcpExtSyncookiesFailed), and the server reset
+/// connections the relay had already relayed bytes into (the relay then
+/// reset the client: `copy::thousand_concurrent...` failed CI that way).
+pub fn listen_deep(addr: SocketAddr) -> TcpListener {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .expect("socket");
+    s.set_nonblocking(true).expect("nonblocking");
+    s.bind(&addr.into()).expect("binding the server");
+    s.listen(4096).expect("listen");
+    TcpListener::from_std(s.into()).expect("registering the listener")
+}
+
 /// Like [`exchange_server`], but each connection waits until `go` turns
 /// true before sending anything.
 pub async fn exchange_server_gated(
@@ -212,7 +231,7 @@ pub async fn exchange_server_gated(
     SocketAddr,
     tokio::sync::mpsc::UnboundedReceiver<(Digest, Digest)>,
 ) {
-    let l = TcpListener::bind(addr).await.expect("binding the server");
+    let l = listen_deep(addr.parse().expect("an address"));
     let local = l.local_addr().expect("server address");
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {

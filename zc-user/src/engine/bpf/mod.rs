@@ -418,6 +418,7 @@ impl BpfEngine {
             a_to_b: moved[0],
             b_to_a: moved[1],
             reset: reset_happened,
+            cause: None,
             holds: pair.holds,
             small: pair.small,
         })
