@@ -467,20 +467,11 @@ fn errno_in(e: &io::Error, set: &[Errno]) -> bool {
         .is_some_and(|code| set.iter().any(|&errno| errno as i32 == code))
 }
 
-/// A listening socket with a deep accept queue: a burst of clients must
-/// wait for accept(), not be dropped by the kernel.
+/// [`sys::listen_deep`], registered with the runtime.
 fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), None)?;
-    s.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        // [::] accepts IPv4 too unless told otherwise; keep the kernel's
-        // default but make it explicit that v4-mapped peers are fine.
-        s.set_only_v6(false)?;
-    }
-    s.bind(&addr.into())?;
-    s.listen(4096)?;
-    TcpListener::from_std(s.into())
+    let l = sys::listen_deep(addr)?;
+    l.set_nonblocking(true)?;
+    TcpListener::from_std(l)
 }
 
 /// An unconnected socket of the upstream's address family.

@@ -138,6 +138,26 @@ pub fn bytes_written(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(acked + outq(fd)?)
 }
 
+/// A listening socket with a deep queue (4,096): a burst of clients must
+/// wait for accept(), not be dropped by the kernel. std's and tokio's
+/// listeners take 128; past that the kernel answers with SYN cookies, and
+/// a connection whose cookie fails is reset though its client already
+/// sent bytes (seen when a relay connected 1,000 times at once to a
+/// server behind it).
+pub fn listen_deep(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // [::] accepts IPv4 too unless told otherwise; keep the kernel's
+        // default but make it explicit that v4-mapped peers are fine.
+        s.set_only_v6(false)?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    Ok(s.into())
+}
+
 /// Reads an int socket option.
 pub fn getsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
     let mut val: libc::c_int = 0;

@@ -202,22 +202,15 @@ pub async fn exchange_server(
 }
 
 /// A listener whose backlog takes a thousand connections at once, as
-/// `zc relay`'s does (4,096). tokio's is std's 128: when a relay connected
-/// upstream hundreds of times at once, the queue overflowed into SYN
-/// cookies, some failed (TcpExtSyncookiesFailed), and the server reset
-/// connections the relay had already relayed bytes into (the relay then
-/// reset the client: `copy::thousand_concurrent...` failed CI that way).
+/// `zc relay`'s does (`sys::listen_deep`). tokio's takes 128: when a relay
+/// connected upstream hundreds of times at once, the queue overflowed
+/// into SYN cookies, some failed (TcpExtSyncookiesFailed), and the server
+/// reset connections the relay had already relayed bytes into (CI failed
+/// `copy::thousand_concurrent...` that way).
 pub fn listen_deep(addr: SocketAddr) -> TcpListener {
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )
-    .expect("socket");
-    s.set_nonblocking(true).expect("nonblocking");
-    s.bind(&addr.into()).expect("binding the server");
-    s.listen(4096).expect("listen");
-    TcpListener::from_std(s.into()).expect("registering the listener")
+    let l = zc_user::sys::listen_deep(addr).expect("binding the server");
+    l.set_nonblocking(true).expect("nonblocking");
+    TcpListener::from_std(l).expect("registering the listener")
 }
 
 /// Like [`exchange_server`], but each connection waits until `go` turns
