@@ -307,6 +307,16 @@ struct RelayArgs {
     /// seconds before resetting them.
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     shutdown_grace: f64,
+    /// Cap the retransmission timeout of the relay's own sockets (1s to
+    /// 120s; 0 keeps the kernel's 120 s). When the host runs out of TCP
+    /// memory (net.ipv4.tcp_mem), receivers drop segments, and a sender
+    /// backs off exponentially: a client that then resumes reading may
+    /// wait for the backed-off timer (52 s was seen with 1,000 stalled
+    /// clients) before a byte moves. Capped, it waits at most this long.
+    /// Raise it for paths whose round trip nears a second. Needs Linux
+    /// 6.15 (TCP_RTO_MAX_MS); older kernels say so and ignore it.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = zc_user::cli::parse_duration)]
+    rto_max: Duration,
 }
 
 /// Stops a background task when the command it serves returns.
@@ -397,6 +407,7 @@ async fn relay(args: RelayArgs) -> Result<()> {
         max_conns: args.max_conns.max(1),
         shutdown_grace: secs(args.shutdown_grace, "shutdown-grace")?,
         idle_timeout: args.idle_timeout.filter(|d| !d.is_zero()),
+        rto_max: Some(args.rto_max).filter(|d| !d.is_zero()),
     };
     let stop = stop_signal();
     // Raises the open-file limit and sizes the relay to it.

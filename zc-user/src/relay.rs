@@ -47,6 +47,9 @@ pub struct Config {
     /// nothing in flight, is ended with a FIN to both ends (see
     /// [`crate::idle`]). None: never.
     pub idle_timeout: Option<Duration>,
+    /// Longest retransmission timeout of the relay's own sockets
+    /// (TCP_RTO_MAX_MS, Linux 6.15+); None keeps the kernel's 120 s.
+    pub rto_max: Option<Duration>,
 }
 
 /// Totals over the relay's life.
@@ -273,6 +276,13 @@ impl Relay {
                 .map(|(soft, _)| soft)
                 .context("reading RLIMIT_NOFILE")
         })?;
+        let mut config = config;
+        if let Some(max) = config.rto_max
+            && let Err(e) = sys::probe_rto_max(max)
+        {
+            warn!("--rto-max {max:?} is ignored: {e}");
+            config.rto_max = None;
+        }
         let listener =
             listen(config.listen).with_context(|| format!("listening on {}", config.listen))?;
         // Counted after the listener, so it is in the reserve.
@@ -551,6 +561,13 @@ async fn serve_one(
         }
     };
     debug!("{peer}: connected upstream");
+    if let Some(max) = cfg.rto_max {
+        for s in [&client, &upstream] {
+            if let Err(e) = sys::set_rto_max(std::os::fd::AsFd::as_fd(s), max) {
+                debug!("{peer}: setting TCP_RTO_MAX_MS: {e}");
+            }
+        }
+    }
     let fds = [client.as_raw_fd(), upstream.as_raw_fd()];
     let counts = crate::engine::Counts::default();
     let (paired, keys) = tokio::sync::oneshot::channel();

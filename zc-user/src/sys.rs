@@ -158,6 +158,30 @@ pub fn listen_deep(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(s.into())
 }
 
+/// TCP_RTO_MAX_MS (include/uapi/linux/tcp.h, Linux 6.15); libc lacks it.
+const TCP_RTO_MAX_MS: i32 = 44;
+
+/// Caps a socket's retransmission timeout, and with it the exponential
+/// backoff of retransmissions and zero-window probes (the kernel takes
+/// 1 s to 120 s).
+pub fn set_rto_max(fd: BorrowedFd<'_>, max: std::time::Duration) -> io::Result<()> {
+    let ms = i32::try_from(max.as_millis()).unwrap_or(i32::MAX);
+    setsockopt_int(fd, libc::IPPROTO_TCP, TCP_RTO_MAX_MS, ms)
+}
+
+/// Whether this kernel takes [`set_rto_max`] with `max`, tried on a
+/// socket of its own.
+pub fn probe_rto_max(max: std::time::Duration) -> io::Result<()> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    set_rto_max(s.as_fd(), max).map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOPROTOOPT) => {
+            io::Error::other("this kernel has no TCP_RTO_MAX_MS (it came in Linux 6.15)")
+        }
+        Some(libc::EINVAL) => io::Error::other("the kernel takes 1 s to 120 s"),
+        _ => e,
+    })
+}
+
 /// Reads an int socket option.
 pub fn getsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
     let mut val: libc::c_int = 0;

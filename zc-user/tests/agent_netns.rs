@@ -7,60 +7,12 @@ mod common;
 use std::{
     io::Read,
     net::{Shutdown, TcpListener, TcpStream},
-    path::PathBuf,
-    process::Command,
 };
 
 use common::agent::{
     Agent, Proxy, exchange, read_n, read_to_eof, send_n, through_proxy, through_proxy_from,
 };
-
-/// A network namespace made for the test (`ip netns add`), with its
-/// loopback up; removed when dropped.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(tag: &str) -> Self {
-        let name = format!("zc-{tag}-{}", std::process::id());
-        for args in [
-            vec!["netns", "add", &name],
-            vec!["-n", &name, "link", "set", "lo", "up"],
-        ] {
-            let out = Command::new("ip")
-                .args(&args)
-                .output()
-                .expect("ip (iproute2)");
-            assert!(
-                out.status.success(),
-                "ip {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Self { name }
-    }
-
-    fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.name)
-    }
-
-    /// Runs `f` on a thread that entered the namespace: sockets it makes
-    /// and processes it starts live there.
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let ns = std::fs::File::open(self.path()).expect("opening the namespace");
-        std::thread::scope(|s| {
-            s.spawn(move || {
-                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .expect("entering the namespace");
-                f()
-            })
-            .join()
-            .expect("the namespace thread panicked")
-        })
-    }
-}
+use common::netns::Netns;
 
 impl Netns {
     /// HAProxy in the namespace, relaying a client there to a server
@@ -151,14 +103,6 @@ fn send_then_fin(client: &TcpStream, n: u64, seed: u64) -> zc_user::traffic::Dig
     })
     .join()
     .expect("sender")
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
 }
 
 #[test]

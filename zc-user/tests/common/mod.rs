@@ -3,6 +3,7 @@
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
 pub mod agent;
+pub mod netns;
 pub mod process;
 pub mod scrape;
 pub mod sockmem;
@@ -87,6 +88,8 @@ impl TestRelay {
             max_conns: 10_000,
             shutdown_grace: Duration::from_secs(5),
             idle_timeout: None,
+            // `zc relay`'s default.
+            rto_max: Some(Duration::from_secs(1)),
         };
         let relay = Relay::bind(config, engine)
             .await
