@@ -308,14 +308,16 @@ struct RelayArgs {
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     shutdown_grace: f64,
     /// Cap the retransmission timeout of the relay's own sockets (1s to
-    /// 120s; 0 keeps the kernel's 120 s). When the host runs out of TCP
-    /// memory (net.ipv4.tcp_mem), receivers drop segments, and a sender
-    /// backs off exponentially: a client that then resumes reading may
-    /// wait for the backed-off timer (52 s was seen with 1,000 stalled
-    /// clients) before a byte moves. Capped, it waits at most this long.
-    /// Raise it for paths whose round trip nears a second. Needs Linux
-    /// 6.15 (TCP_RTO_MAX_MS); older kernels say so and ignore it.
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = zc_user::cli::parse_duration)]
+    /// 120s; default 0: the kernel's 120 s). When a path drops segments
+    /// (or the host runs out of TCP memory, net.ipv4.tcp_mem, and its
+    /// receivers drop them), TCP backs off exponentially, and a peer that
+    /// recovers may wait for the backed-off timer (52 s was seen with
+    /// 1,000 stalled clients) before a byte moves; capped, at most this
+    /// long. The cost: TCP gives up on a peer that acknowledges nothing
+    /// much sooner (tcp_retries2 timeouts: about 15 min uncapped, 14 s at
+    /// 1s, 61 s at 5s, 112 s at 10s), and the peer is not told. Needs
+    /// Linux 6.15 (TCP_RTO_MAX_MS); older kernels say so and ignore it.
+    #[arg(long, value_name = "DURATION", default_value = "0", value_parser = zc_user::cli::parse_duration)]
     rto_max: Duration,
 }
 

@@ -277,11 +277,18 @@ impl Relay {
                 .context("reading RLIMIT_NOFILE")
         })?;
         let mut config = config;
-        if let Some(max) = config.rto_max
-            && let Err(e) = sys::probe_rto_max(max)
-        {
-            warn!("--rto-max {max:?} is ignored: {e}");
-            config.rto_max = None;
+        if let Some(max) = config.rto_max {
+            match sys::probe_rto_max(max) {
+                Ok(()) => info!(
+                    "zc relay: retransmission timeout capped at {max:?}; TCP gives up on a \
+                     peer that acknowledges nothing for about {:?}",
+                    sys::give_up_after(max)
+                ),
+                Err(e) => {
+                    warn!("--rto-max {max:?} is ignored: {e}");
+                    config.rto_max = None;
+                }
+            }
         }
         let listener =
             listen(config.listen).with_context(|| format!("listening on {}", config.listen))?;

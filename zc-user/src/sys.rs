@@ -182,6 +182,20 @@ pub fn probe_rto_max(max: std::time::Duration) -> io::Result<()> {
     })
 }
 
+/// How long TCP retransmits to a silent peer before giving up, with the
+/// retransmission timeout capped at `max`: net.ipv4.tcp_retries2 (15)
+/// timeouts that double from 200 ms until they reach the cap
+/// (`tcp_model_timeout`, net/ipv4/tcp_timer.c).
+pub fn give_up_after(max: std::time::Duration) -> std::time::Duration {
+    const RETRIES: u32 = 15;
+    let base = std::time::Duration::from_millis(200);
+    let doubling = (max.as_millis() / base.as_millis()).max(1).ilog2();
+    if RETRIES <= doubling {
+        return base * ((2 << RETRIES) - 1);
+    }
+    base * ((2 << doubling) - 1) + max * (RETRIES - doubling)
+}
+
 /// Reads an int socket option.
 pub fn getsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
     let mut val: libc::c_int = 0;
@@ -439,6 +453,14 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
 
     use super::*;
+
+    #[test]
+    fn giving_up_takes_the_kernels_924_s_uncapped_and_14_s_at_1_s() {
+        let ms = |s: u64| give_up_after(std::time::Duration::from_secs(s)).as_millis();
+        assert_eq!(ms(120), 924_600);
+        assert_eq!(ms(10), 112_600);
+        assert_eq!(ms(1), 14_400);
+    }
 
     #[test]
     fn keys_of_both_ends_mirror_each_other() {

@@ -88,8 +88,7 @@ impl TestRelay {
             max_conns: 10_000,
             shutdown_grace: Duration::from_secs(5),
             idle_timeout: None,
-            // `zc relay`'s default.
-            rto_max: Some(Duration::from_secs(1)),
+            rto_max: None,
         };
         let relay = Relay::bind(config, engine)
             .await
