@@ -139,13 +139,14 @@ struct Pair<'a> {
     handed_back: Option<HandedBack>,
 }
 
-/// The pair must be reset.
-struct Abort;
+/// The pair must be reset; what failed, when a socket call said so (the
+/// access log names it).
+struct Abort(Option<std::io::ErrorKind>);
 
 impl From<std::io::Error> for Abort {
     fn from(e: std::io::Error) -> Self {
         debug!("relay aborted: {e}");
-        Abort
+        Abort(Some(e.kind()))
     }
 }
 
@@ -166,7 +167,7 @@ fn full_notice_due() -> bool {
 impl From<PairError> for Abort {
     fn from(e: PairError) -> Self {
         debug!("relay aborted: {e}");
-        Abort
+        Abort(None)
     }
 }
 
@@ -396,6 +397,7 @@ impl BpfEngine {
             handed_back: None,
         };
         let outcome = pair.run(&mut events, &mut limits, &mut hand_back).await;
+        let cause = outcome.as_ref().err().and_then(|a| a.0);
         let reset_happened =
             outcome.is_err() || matches!(pair.handed_back, Some(HandedBack::Reset(_)));
         if reset_happened {
@@ -418,7 +420,7 @@ impl BpfEngine {
             a_to_b: moved[0],
             b_to_a: moved[1],
             reset: reset_happened,
-            cause: None,
+            cause,
             holds: pair.holds,
             small: pair.small,
         })
@@ -447,11 +449,11 @@ impl<'a> Pair<'a> {
                 ev = events.next() => {
                     let Some(ev) = ev else {
                         debug!("socket watcher stopped");
-                        return Err(Abort);
+                        return Err(Abort(None));
                     };
                     if failed(self.socks[ev.side]) {
                         debug!("side {} failed; resetting the other", ev.side);
-                        return Err(Abort);
+                        return Err(Abort(None));
                     }
                     let src = ev.side;
                     // A forwarder sees the EOF itself.
@@ -488,7 +490,7 @@ impl<'a> Pair<'a> {
     }
 
     fn flow(&self, src: usize) -> Result<zc_common::Flow, Abort> {
-        self.engine.progs.flow(&self.keys[src]).ok_or(Abort)
+        self.engine.progs.flow(&self.keys[src]).ok_or(Abort(None))
     }
 
     /// The source's remote end sent FIN: once every byte it sent before
@@ -543,7 +545,7 @@ impl<'a> Pair<'a> {
             && c.failed > 0
         {
             debug!("the kernel dropped {} redirects from side {src}", c.failed);
-            return Err(Abort);
+            return Err(Abort(None));
         }
         wait_caught_up(
             &self.engine.progs,
@@ -615,7 +617,7 @@ fn duplicated(received: u64, f: zc_common::Flow) -> Result<(), Abort> {
             "the verdict handled {} bytes more than TCP received; resetting the connection",
             seen - received
         );
-        return Err(Abort);
+        return Err(Abort(None));
     }
     Ok(())
 }
@@ -628,7 +630,7 @@ fn broken(f: zc_common::Flow) -> Result<(), Abort> {
             "the kernel could not cut {} retransmitted bytes; resetting the connection",
             f.uncut
         );
-        return Err(Abort);
+        return Err(Abort(None));
     }
     Ok(())
 }

@@ -270,7 +270,7 @@ pub(super) async fn wait_caught_up(
 ) -> Result<(), Abort> {
     let mut wait = Backoff::new();
     loop {
-        let sent = progs.flow(&src).ok_or(Abort)?.sent;
+        let sent = progs.flow(&src).ok_or(Abort(None))?.sent;
         let expected = sent + by_user.load(Ordering::Relaxed);
         let w = written(dst, dbase)?;
         if w >= expected {
@@ -278,7 +278,7 @@ pub(super) async fn wait_caught_up(
         }
         if failed(dst) {
             debug!("destination failed while taking redirected bytes");
-            return Err(Abort);
+            return Err(Abort(None));
         }
         wait.sleep(|| debug!("destination has taken {w} of {expected} bytes"))
             .await;
@@ -295,7 +295,7 @@ fn waiting(
     dbase: Base,
     by_user: &AtomicU64,
 ) -> Result<u64, Abort> {
-    let moved = progs.flow(&src).ok_or(Abort)?.sent + by_user.load(Ordering::Relaxed);
+    let moved = progs.flow(&src).ok_or(Abort(None))?.sent + by_user.load(Ordering::Relaxed);
     Ok(moved.saturating_sub(acked(dst, dbase)?))
 }
 
@@ -318,7 +318,7 @@ async fn wait_drained(
         }
         if failed(dst) {
             debug!("destination failed while its reader lagged");
-            return Err(Abort);
+            return Err(Abort(None));
         }
         wait.sleep(|| debug!("{waiting} bytes wait for a slow reader"))
             .await;
@@ -368,7 +368,7 @@ impl Forwarder<'_> {
         if small_below.is_none() {
             progs.release(&key, cap(dst, dbase, by_user, window)?)?;
         }
-        let mut sample = progs.flow(&key).ok_or(Abort)?;
+        let mut sample = progs.flow(&key).ok_or(Abort(None))?;
         let mut buf = vec![0u8; copy::DEFAULT_BUFFER];
         let mut eof_wait: Option<Backoff> = None;
         let mut last = (0, zc_common::Flow::default());
@@ -396,7 +396,7 @@ impl Forwarder<'_> {
                     let received = sys::tcp_info(src_std.as_fd())?
                         .bytes_received
                         .saturating_sub(1 + sbase.read);
-                    let f = progs.flow(&key).ok_or(Abort)?;
+                    let f = progs.flow(&key).ok_or(Abort(None))?;
                     duplicated(received, f)?;
                     if all_accounted(received, f, by_user.load(Ordering::Relaxed)) {
                         return Ok(Forwarded::Eof);
@@ -421,7 +421,7 @@ impl Forwarder<'_> {
                     dst_io.write_all(&buf[..n], by_user).await?;
                     progs.set_forwarded(&key, by_user.load(Ordering::Relaxed))?;
                     if let Some(below) = small_below {
-                        let f = progs.flow(&key).ok_or(Abort)?;
+                        let f = progs.flow(&key).ok_or(Abort(None))?;
                         let (bytes, msgs) =
                             (f.passed - sample.passed, f.passed_msgs - sample.passed_msgs);
                         if bytes >= ADAPT_SAMPLE {
@@ -447,9 +447,9 @@ impl Forwarder<'_> {
                     // runs under the socket's lock, so taking the lock once
                     // waits it out, and a second look tells.
                     let done = |f: zc_common::Flow| f.passed == by_user.load(Ordering::Relaxed);
-                    if done(progs.flow(&key).ok_or(Abort)?) {
+                    if done(progs.flow(&key).ok_or(Abort(None))?) {
                         sys::kick_data_ready(src_std.as_fd())?;
-                        if done(progs.flow(&key).ok_or(Abort)?) {
+                        if done(progs.flow(&key).ok_or(Abort(None))?) {
                             return Ok(Forwarded::BackToKernel);
                         }
                     }
