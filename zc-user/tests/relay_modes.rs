@@ -267,6 +267,12 @@ async fn reset_reaches_the_other_side(subject: Subject, client_resets: bool) {
     );
     let summary = task.await.expect("relay task");
     assert!(summary.reset);
+    // The access line names it.
+    assert_eq!(
+        summary.cause,
+        Some(std::io::ErrorKind::ConnectionReset),
+        "the relay's summary of a reset"
+    );
     subject.finish(4 /* "ping" */).await;
 }
 

@@ -18,8 +18,10 @@ pub struct Summary {
     pub b_to_a: u64,
     /// One side was reset or failed, and the other was reset in turn.
     pub reset: bool,
-    /// What failed, when a user-space engine saw the error itself (the
-    /// access log names it: a reset with no reason helps no one).
+    /// What failed, when the engine saw a socket's error itself (the
+    /// access log names it: a reset with no reason helps no one). None
+    /// for the BPF engine's own reasons (a map lookup, a count that does
+    /// not add up), which it logs at debug level.
     pub cause: Option<std::io::ErrorKind>,
     /// BPF engine: times a direction was held back because its reader lagged
     /// by more than the window, and forwarded in user space until it caught up.

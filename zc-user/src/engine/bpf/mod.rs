@@ -451,9 +451,9 @@ impl<'a> Pair<'a> {
                         debug!("socket watcher stopped");
                         return Err(Abort(None));
                     };
-                    if failed(self.socks[ev.side]) {
+                    if let Some(abort) = failure(self.socks[ev.side]) {
                         debug!("side {} failed; resetting the other", ev.side);
-                        return Err(Abort(None));
+                        return Err(abort);
                     }
                     let src = ev.side;
                     // A forwarder sees the EOF itself.
@@ -662,18 +662,18 @@ async fn owner_passed_fin(dst: &TcpStream) -> bool {
     false
 }
 
-/// Has this socket been reset, or otherwise failed for good? A reset
-/// leaves its errno in SO_ERROR. The TCP state alone cannot tell: a socket
-/// that closed gracefully in both directions also ends in TCP_CLOSE (the
-/// kernel hands TIME_WAIT to a separate timewait socket).
-fn failed(s: &TcpStream) -> bool {
+/// Has this socket been reset, or otherwise failed for good, and with
+/// what? A reset leaves its errno in SO_ERROR. The TCP state alone cannot
+/// tell: a socket that closed gracefully in both directions also ends in
+/// TCP_CLOSE (the kernel hands TIME_WAIT to a separate timewait socket).
+fn failure(s: &TcpStream) -> Option<Abort> {
     match SockRef::from(s).take_error() {
         Ok(Some(e)) => {
             debug!("socket error: {e}");
-            true
+            Some(Abort(Some(e.kind())))
         }
-        Ok(None) => false,
-        Err(_) => true,
+        Ok(None) => None,
+        Err(e) => Some(e.into()),
     }
 }
 

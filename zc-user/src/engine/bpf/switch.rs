@@ -33,7 +33,7 @@ use std::{
 use log::debug;
 use zc_common::SockKey;
 
-use super::{Abort, Base, BpfEngine, Pair, Task, all_accounted, broken, duplicated, failed};
+use super::{Abort, Base, BpfEngine, Pair, Task, all_accounted, broken, duplicated, failure};
 use crate::{ebpf::Programs, engine::copy, sys};
 
 /// Default window: per direction, a reader that never reads costs at most
@@ -276,9 +276,9 @@ pub(super) async fn wait_caught_up(
         if w >= expected {
             return Ok(());
         }
-        if failed(dst) {
+        if let Some(abort) = failure(dst) {
             debug!("destination failed while taking redirected bytes");
-            return Err(Abort(None));
+            return Err(abort);
         }
         wait.sleep(|| debug!("destination has taken {w} of {expected} bytes"))
             .await;
@@ -316,9 +316,9 @@ async fn wait_drained(
         if waiting < below {
             return Ok(());
         }
-        if failed(dst) {
+        if let Some(abort) = failure(dst) {
             debug!("destination failed while its reader lagged");
-            return Err(Abort(None));
+            return Err(abort);
         }
         wait.sleep(|| debug!("{waiting} bytes wait for a slow reader"))
             .await;
