@@ -28,7 +28,7 @@ async fn holds_and_releases_at_random_moments_lose_nothing() {
     // The kernel's share depends on how the pauses fall against the
     // holds: 57-120 MB of the 256 MiB seen (16-36 MB with a sender that
     // paused less often). A fallback to user space would leave it at 0.
-    let run = switch_at_random(&progs, engine, WINDOW, TOTAL, 11, 32).await;
+    let run = switch_at_random(&progs, engine, WINDOW, TOTAL, 11, 32, Sender::Pausing).await;
     // Timing decides how many (13 to 86 seen); a handful already crosses
     // every switch point both ways, and each hold after the first means
     // the direction had gone back to the kernel.
@@ -36,6 +36,52 @@ async fn holds_and_releases_at_random_moments_lose_nothing() {
         run.holds >= 8,
         "only {} holds: the test did not exercise the switch",
         run.holds
+    );
+}
+
+/// Senders that never pause, several connections at once, readers that
+/// stop now and then: a hold then ends while bytes keep arriving, so the
+/// verdict moves between redirecting and passing under a forwarder that
+/// is still running (the bench's bulk streams; the drill above pauses its
+/// senders). Each stream must arrive in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn senders_that_never_pause_keep_their_order() {
+    const CONNS: u64 = 4;
+    const EACH: u64 = 1 << 30;
+    let progs = programs();
+    let engine = BpfEngine::new(progs.clone(), watcher()).with_window(WINDOW);
+    let runs: Vec<_> = (0..CONNS)
+        .map(|i| {
+            let (progs, engine) = (progs.clone(), engine.clone());
+            tokio::spawn(async move {
+                switch_at_random(
+                    &progs,
+                    engine,
+                    WINDOW,
+                    EACH,
+                    500 + 10 * i,
+                    0,
+                    Sender::NonStop,
+                )
+                .await
+            })
+        })
+        .collect();
+    let (mut holds, mut carried) = (0, 0);
+    for r in runs {
+        let r = r.await.expect("join");
+        holds += r.holds;
+        carried += r.carried;
+    }
+    eprintln!("{holds} holds in {CONNS} connections; the kernel redirected {carried} bytes");
+    // 571-614 holds and 1.55-1.70 GB of the 4 GiB redirected, seen alone.
+    assert!(
+        holds >= 20,
+        "only {holds} holds: the test did not exercise the switch"
+    );
+    assert!(
+        carried >= CONNS * EACH / 16,
+        "the kernel redirected only {carried} bytes: the streams ran in user space"
     );
 }
 
@@ -59,6 +105,7 @@ async fn switch_at_random(
     total: u64,
     seed: u64,
     kernel_share: u64,
+    sender: Sender,
 ) -> Switched {
     let (client, near, far, server) = relay_sockets().await;
     let addr = server.local_addr().expect("addr");
@@ -95,7 +142,12 @@ async fn switch_at_random(
     let (mut sr, mut sw) = server.into_split();
     // Both ways at once, random write sizes; each write half is kept, not
     // dropped, until the counters are read (dropping it sends FIN).
-    let up = tokio::spawn(async move { (send_in_bursts(&mut cw, total, window, seed).await, cw) });
+    let up = tokio::spawn(async move {
+        (
+            send_in_bursts(&mut cw, total, window, seed, sender).await,
+            cw,
+        )
+    });
     let down = tokio::spawn(async move {
         (
             send_random(&mut sw, total / 4, 256 << 10, seed + 1).await,
@@ -157,14 +209,27 @@ fn watcher() -> zc_user::watch::Watcher {
     zc_user::watch::Watcher::start().expect("watcher")
 }
 
+/// How the client writes.
+#[derive(Clone, Copy)]
+enum Sender {
+    /// Pauses at random between bursts of up to a window: a held direction
+    /// goes back to the kernel once the sender pauses and zc has forwarded
+    /// what it passed.
+    Pausing,
+    /// Never pauses: a held direction goes back to the kernel while bytes
+    /// keep coming, and the verdict moves between redirecting and passing
+    /// under a forwarder that is still running.
+    NonStop,
+}
+
 /// Writes `total` random bytes in bursts of random length and write
-/// sizes, pausing at random between bursts: a held direction goes back to
-/// the kernel once the sender pauses and zc has forwarded what it passed.
+/// sizes, pausing between bursts if `sender` says so.
 async fn send_in_bursts(
     w: &mut tokio::net::tcp::OwnedWriteHalf,
     total: u64,
     window: u64,
     seed: u64,
+    sender: Sender,
 ) -> std::io::Result<Digest> {
     use tokio::io::AsyncWriteExt;
     let mut rng = StdRng::seed_from_u64(seed);
@@ -182,7 +247,9 @@ async fn send_in_bursts(
             h.update(&buf[..n]);
             burst -= n as u64;
         }
-        tokio::time::sleep(Duration::from_micros(rng.random_range(0..2000))).await;
+        if let Sender::Pausing = sender {
+            tokio::time::sleep(Duration::from_micros(rng.random_range(0..2000))).await;
+        }
     }
     Ok(Digest {
         bytes: total,
@@ -447,7 +514,16 @@ async fn thousands_of_switches_under_random_traffic_lose_nothing() {
                 // one connection's skbs small for all of its 2 GiB (1.8 MB
                 // carried seen), so the kernel's share is checked over
                 // all connections.
-                switch_at_random(&progs, engine, DRILL_WINDOW, EACH, 100 + 10 * i, 0).await
+                switch_at_random(
+                    &progs,
+                    engine,
+                    DRILL_WINDOW,
+                    EACH,
+                    100 + 10 * i,
+                    0,
+                    Sender::Pausing,
+                )
+                .await
             })
         })
         .collect();

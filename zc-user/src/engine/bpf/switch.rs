@@ -171,6 +171,16 @@ impl<'a> Pair<'a> {
             cap,
             !busy,
         )?;
+        log::trace!(
+            "{}/{} side {src}: rearm limit {} cap {cap} armed {} (sent {} passed {} by_user {})",
+            self.keys[src].local_port,
+            self.keys[src].remote_port,
+            f.sent + window / 2,
+            !busy,
+            f.sent,
+            f.passed,
+            self.by_user[src].load(Ordering::Relaxed)
+        );
         if busy {
             return Ok(None);
         }
@@ -259,22 +269,23 @@ pub(super) fn written(s: &TcpStream, base: Base) -> Result<u64, Abort> {
 }
 
 /// Waits until `dst` has taken every byte of the direction from `src`:
-/// what the verdict redirected plus what user space wrote. The kernel
-/// signals nothing when its redirect backlog empties, so this polls.
+/// what the verdict redirected plus what user space wrote. Returns the
+/// redirected total it saw taken. The kernel signals nothing when its
+/// redirect backlog empties, so this polls.
 pub(super) async fn wait_caught_up(
     progs: &Programs,
     src: SockKey,
     dst: &TcpStream,
     dbase: Base,
     by_user: &AtomicU64,
-) -> Result<(), Abort> {
+) -> Result<u64, Abort> {
     let mut wait = Backoff::new();
     loop {
         let sent = progs.flow(&src).ok_or(Abort(None))?.sent;
         let expected = sent + by_user.load(Ordering::Relaxed);
         let w = written(dst, dbase)?;
         if w >= expected {
-            return Ok(());
+            return Ok(sent);
         }
         if let Some(abort) = failure(dst) {
             debug!("destination failed while taking redirected bytes");
@@ -364,11 +375,21 @@ impl Forwarder<'_> {
         if small_below.is_none() {
             wait_drained(&progs, key, dst, dbase, by_user, window / 2).await?;
         }
-        wait_caught_up(&progs, key, dst, dbase, by_user).await?;
+        // Held, the verdict redirects nothing, so this stays true until
+        // the release below.
+        let mut caught_up = wait_caught_up(&progs, key, dst, dbase, by_user).await?;
         if small_below.is_none() {
             progs.release(&key, cap(dst, dbase, by_user, window)?)?;
         }
         let mut sample = progs.flow(&key).ok_or(Abort(None))?;
+        log::trace!(
+            "{}/{}: forwarder released: sent {} passed {} by_user {}",
+            key.local_port,
+            key.remote_port,
+            sample.sent,
+            sample.passed,
+            by_user.load(Ordering::Relaxed)
+        );
         let mut buf = vec![0u8; copy::DEFAULT_BUFFER];
         let mut eof_wait: Option<Backoff> = None;
         let mut last = (0, zc_common::Flow::default());
@@ -417,6 +438,18 @@ impl Forwarder<'_> {
                         > unacked_allowance(window)
                     {
                         wait_drained(&progs, key, dst, dbase, by_user, window / 2).await?;
+                    }
+                    // Released, the verdict redirects again whenever
+                    // everything passed has been forwarded, and passes again
+                    // at its cap: these bytes may follow redirected ones that
+                    // still wait in the kernel's queue for `dst`. Those go
+                    // first. (Forwarded at once, they overtook them: seen as
+                    // a stream of the right length with a block of bytes
+                    // 12 MB early.) No redirect can come between the read
+                    // and the write: the verdict passes while bytes it
+                    // passed are not yet forwarded.
+                    if progs.flow(&key).ok_or(Abort(None))?.sent != caught_up {
+                        caught_up = wait_caught_up(&progs, key, dst, dbase, by_user).await?;
                     }
                     dst_io.write_all(&buf[..n], by_user).await?;
                     progs.set_forwarded(&key, by_user.load(Ordering::Relaxed))?;
