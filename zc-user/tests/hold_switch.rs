@@ -56,29 +56,8 @@ async fn senders_that_never_pause_keep_their_order() {
     let _turn = FLAT_OUT.lock().await;
     let progs = programs();
     let engine = BpfEngine::new(progs.clone(), watcher()).with_window(WINDOW);
-    let runs: Vec<_> = (0..CONNS)
-        .map(|i| {
-            let (progs, engine) = (progs.clone(), engine.clone());
-            tokio::spawn(async move {
-                switch_at_random(
-                    &progs,
-                    engine,
-                    WINDOW,
-                    EACH,
-                    500 + 10 * i,
-                    0,
-                    Sender::NonStop,
-                )
-                .await
-            })
-        })
-        .collect();
-    let (mut holds, mut carried) = (0, 0);
-    for r in runs {
-        let r = r.await.expect("join");
-        holds += r.holds;
-        carried += r.carried;
-    }
+    let run = switch_many(&progs, engine, WINDOW, CONNS, EACH, 500, Sender::NonStop).await;
+    let (holds, carried) = (run.holds, run.carried);
     eprintln!("{holds} holds in {CONNS} connections; the kernel redirected {carried} bytes");
     // 571-614 holds and 1.55-1.70 GB of the 4 GiB redirected, seen alone.
     assert!(
@@ -97,6 +76,39 @@ struct Switched {
     small: u64,
     /// Bytes of the `total` the kernel redirected.
     carried: u64,
+}
+
+/// [`switch_at_random`] on `conns` connections at once (seeds from
+/// `seed`), summed.
+async fn switch_many(
+    progs: &zc_user::ebpf::Programs,
+    engine: BpfEngine,
+    window: u64,
+    conns: u64,
+    each: u64,
+    seed: u64,
+    sender: Sender,
+) -> Switched {
+    let runs: Vec<_> = (0..conns)
+        .map(|i| {
+            let (progs, engine) = (progs.clone(), engine.clone());
+            tokio::spawn(async move {
+                switch_at_random(&progs, engine, window, each, seed + 10 * i, 0, sender).await
+            })
+        })
+        .collect();
+    let mut sum = Switched {
+        holds: 0,
+        small: 0,
+        carried: 0,
+    };
+    for r in runs {
+        let r = r.await.expect("join");
+        sum.holds += r.holds;
+        sum.small += r.small;
+        sum.carried += r.carried;
+    }
+    sum
 }
 
 /// Relays one connection through `engine` with random traffic both ways
@@ -512,34 +524,21 @@ async fn thousands_of_switches_under_random_traffic_lose_nothing() {
     let engine = BpfEngine::new(progs.clone(), watcher())
         .with_window(DRILL_WINDOW)
         .with_adaptive(zc_user::engine::bpf::DEFAULT_SMALL_SKB);
-    let runs: Vec<_> = (0..CONNS)
-        .map(|i| {
-            let (progs, engine) = (progs.clone(), engine.clone());
-            tokio::spawn(async move {
-                // A reader that stops often keeps a 1 MiB window in user
-                // space most of the time, and random write sizes can keep
-                // one connection's skbs small for all of its 2 GiB (1.8 MB
-                // carried seen), so the kernel's share is checked over
-                // all connections.
-                switch_at_random(
-                    &progs,
-                    engine,
-                    DRILL_WINDOW,
-                    EACH,
-                    100 + 10 * i,
-                    0,
-                    Sender::Pausing,
-                )
-                .await
-            })
-        })
-        .collect();
-    let (mut switches, mut carried) = (0, 0);
-    for r in runs {
-        let r = r.await.expect("join");
-        switches += r.holds + r.small;
-        carried += r.carried;
-    }
+    // A reader that stops often keeps a 1 MiB window in user space most
+    // of the time, and random write sizes can keep one connection's skbs
+    // small for all of its 2 GiB (1.8 MB carried seen), so the kernel's
+    // share is checked over all connections.
+    let run = switch_many(
+        &progs,
+        engine,
+        DRILL_WINDOW,
+        CONNS,
+        EACH,
+        100,
+        Sender::Pausing,
+    )
+    .await;
+    let (switches, carried) = (run.holds + run.small, run.carried);
     eprintln!(
         "{switches} switches to user space in {CONNS} connections; the kernel redirected \
          {carried} bytes"
