@@ -296,17 +296,11 @@ pub(super) async fn wait_caught_up(
     }
 }
 
-/// Bytes of the direction from `src` that wait in the kernel for `dst`'s
-/// reader: redirected or forwarded, and not yet acknowledged by `dst`'s
-/// remote end.
-fn waiting(
-    progs: &Programs,
-    src: SockKey,
-    dst: &TcpStream,
-    dbase: Base,
-    by_user: &AtomicU64,
-) -> Result<u64, Abort> {
-    let moved = progs.flow(&src).ok_or(Abort(None))?.sent + by_user.load(Ordering::Relaxed);
+/// Bytes of a direction that wait in the kernel for `dst`'s reader:
+/// redirected (`sent`, the verdict's total) or forwarded, and not yet
+/// acknowledged by `dst`'s remote end.
+fn waiting(sent: u64, dst: &TcpStream, dbase: Base, by_user: &AtomicU64) -> Result<u64, Abort> {
+    let moved = sent + by_user.load(Ordering::Relaxed);
     Ok(moved.saturating_sub(acked(dst, dbase)?))
 }
 
@@ -323,7 +317,8 @@ async fn wait_drained(
 ) -> Result<(), Abort> {
     let mut wait = Backoff::new();
     loop {
-        let waiting = waiting(progs, src, dst, dbase, by_user)?;
+        let sent = progs.flow(&src).ok_or(Abort(None))?.sent;
+        let waiting = waiting(sent, dst, dbase, by_user)?;
         if waiting < below {
             return Ok(());
         }
@@ -383,7 +378,7 @@ impl Forwarder<'_> {
         }
         let mut sample = progs.flow(&key).ok_or(Abort(None))?;
         log::trace!(
-            "{}/{}: forwarder released: sent {} passed {} by_user {}",
+            "{}/{}: forwarder starts: sent {} passed {} by_user {}",
             key.local_port,
             key.remote_port,
             sample.sent,
@@ -434,9 +429,11 @@ impl Forwarder<'_> {
                     // tests/slow_reader_bound.rs, whose bound is 9). At the
                     // cap it waits for half a window of room: one wait per
                     // half window, not one per read.
-                    if waiting(&progs, key, dst, dbase, by_user)? + n as u64
-                        > unacked_allowance(window)
-                    {
+                    // The redirected total stays put from the read to the
+                    // write: the verdict passes while bytes it passed are
+                    // not yet forwarded.
+                    let sent = progs.flow(&key).ok_or(Abort(None))?.sent;
+                    if waiting(sent, dst, dbase, by_user)? + n as u64 > unacked_allowance(window) {
                         wait_drained(&progs, key, dst, dbase, by_user, window / 2).await?;
                     }
                     // Released, the verdict redirects again whenever
@@ -445,10 +442,8 @@ impl Forwarder<'_> {
                     // still wait in the kernel's queue for `dst`. Those go
                     // first. (Forwarded at once, they overtook them: seen as
                     // a stream of the right length with a block of bytes
-                    // 12 MB early.) No redirect can come between the read
-                    // and the write: the verdict passes while bytes it
-                    // passed are not yet forwarded.
-                    if progs.flow(&key).ok_or(Abort(None))?.sent != caught_up {
+                    // 12 MB early.)
+                    if sent != caught_up {
                         caught_up = wait_caught_up(&progs, key, dst, dbase, by_user).await?;
                     }
                     dst_io.write_all(&buf[..n], by_user).await?;
