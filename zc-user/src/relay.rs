@@ -60,6 +60,9 @@ pub struct Stats {
     pub reset: AtomicU64,
     pub failed: AtomicU64,
     pub bytes: AtomicU64,
+    /// Of `bytes`, those the relay moved itself: all of them in splice and
+    /// copy mode, a held direction's in BPF mode.
+    pub user_bytes: AtomicU64,
     /// BPF engine: times a direction was held back, and moved to user
     /// space for its small segments (see [`Summary`]).
     pub holds: AtomicU64,
@@ -582,7 +585,7 @@ async fn serve_one(
     let mut relay = ResetIfDropped {
         fds,
         done: false,
-        relay: Box::pin(engine.relay_observed(client, upstream, counts, paired)),
+        relay: Box::pin(engine.relay_observed(client, upstream, counts.clone(), paired)),
     };
     let (summary, idle) = match cfg.idle_timeout {
         None => ((&mut relay).await?, false),
@@ -605,6 +608,8 @@ async fn serve_one(
     stats
         .bytes
         .fetch_add(summary.a_to_b + summary.b_to_a, Ordering::Relaxed);
+    let by_user: u64 = counts.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+    stats.user_bytes.fetch_add(by_user, Ordering::Relaxed);
     if summary.reset {
         stats.reset.fetch_add(1, Ordering::Relaxed);
     }
@@ -619,6 +624,7 @@ async fn serve_one(
             cfg.upstream,
             engine,
             &summary,
+            by_user,
             idle,
             started.elapsed()
         )
@@ -667,6 +673,13 @@ fn render_metrics(s: &Stats, engine: &Engine, mode: &str, max_conns: usize) -> S
     .sample(&[], get(&s.bytes));
     Family::new(
         &mut out,
+        "zc_relay_user_space_bytes_total",
+        "counter",
+        "Of zc_relay_bytes_total, the bytes the relay moved itself: all of them in splice and copy mode; in bpf mode those of directions held for a slow reader or moved for small segments.",
+    )
+    .sample(&[], get(&s.user_bytes));
+    Family::new(
+        &mut out,
         "zc_kernel_redirected_bytes_total",
         "counter",
         "Bytes the BPF programs redirected in the kernel, live (0 without the BPF path).",
@@ -684,18 +697,20 @@ fn render_metrics(s: &Stats, engine: &Engine, mode: &str, max_conns: usize) -> S
 }
 
 /// The access log's line for one connection: who, where to, bytes each
-/// way, how long, which data path, how it ended.
+/// way, how long, which data path (for BPF, how much of the connection
+/// went through user space, `by_user` bytes), how it ended.
 fn access_line(
     peer: SocketAddr,
     upstream: SocketAddr,
     engine: &Engine,
     s: &Summary,
+    by_user: u64,
     idle: bool,
     took: Duration,
 ) -> String {
     let path = match engine {
-        Engine::Bpf(_) if s.holds + s.small > 0 => format!(
-            "bpf ({} holds, {} moves for small segments in user space)",
+        Engine::Bpf(_) if s.holds + s.small > 0 || by_user > 0 => format!(
+            "bpf ({} holds, {} moves for small segments; {by_user} bytes through user space)",
             s.holds, s.small
         ),
         Engine::Bpf(_) => "bpf".to_string(),

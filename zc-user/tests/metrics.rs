@@ -17,50 +17,14 @@ const BYTES: usize = 8 << 20;
 
 #[test]
 fn a_bpf_relay_serves_metrics_promtool_accepts_with_the_bytes_it_moved() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test runs `zc relay --mode bpf` and needs root; run `cargo xtask test` as root"
-    );
-    let server = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let mut relay = RelayProcess::start(
-        server.local_addr().expect("addr"),
-        &["--mode", "bpf", "--metrics", "127.0.0.1:0"],
-        &[],
-        false,
-    );
-    let line = relay.wait_for_log("metrics on http://");
-    let addr: SocketAddr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|r| r.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in `{line}`"));
-
+    let (mut relay, server, addr) = relay_with_metrics("bpf");
     let (head, body) = get(addr, "/healthz");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(body, "ok\n");
     let (head, _) = get(addr, "/nothing");
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
 
-    let mut client = relay.connect();
-    let mut s = accept_upstream(&server);
-    let data = vec![7u8; BYTES];
-    let writer = std::thread::spawn(move || {
-        client.write_all(&data).expect("write");
-        client.shutdown(Shutdown::Write).expect("shutdown");
-        client
-    });
-    let mut got = Vec::new();
-    s.read_to_end(&mut got).expect("read");
-    assert_eq!(got.len(), BYTES);
-    drop(s);
-    let mut client = writer.join().expect("writer");
-    let mut rest = Vec::new();
-    client.read_to_end(&mut rest).expect("the relay's EOF");
-    drop(client);
-    // The access line comes when the relay has counted the connection.
-    relay.wait_for_log(" bytes up, ");
-
+    let line = move_bytes(&mut relay, &server);
     let (head, text) = get(addr, "/metrics");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
@@ -77,6 +41,18 @@ fn a_bpf_relay_serves_metrics_promtool_accepts_with_the_bytes_it_moved() {
         kernel >= BYTES as f64,
         "the kernel carried the transfer: {kernel} of {BYTES} bytes"
     );
+    // What user space moved (a held direction's bytes) is what the
+    // connection's access line says; none if it was never held.
+    let by_user = line
+        .split("; ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .map_or(0.0, |n| n.parse::<f64>().unwrap_or(f64::NAN));
+    assert_eq!(
+        value(&text, "zc_relay_user_space_bytes_total"),
+        by_user,
+        "against the access line `{line}`"
+    );
     // And a real Prometheus server scrapes it and stores what it says.
     let scraped = Prometheus::scraping(addr).query("zc_relay_bytes_total");
     assert_eq!(
@@ -85,6 +61,72 @@ fn a_bpf_relay_serves_metrics_promtool_accepts_with_the_bytes_it_moved() {
     );
     let (ok, log) = relay.stop();
     assert!(ok, "zc relay did not exit cleanly: {log}");
+}
+
+/// In copy mode every byte goes through the relay: the user-space count
+/// is the whole transfer and the kernel's is nothing.
+#[test]
+fn a_copy_relay_counts_every_byte_as_moved_in_user_space() {
+    let (mut relay, server, addr) = relay_with_metrics("copy");
+    move_bytes(&mut relay, &server);
+    let (_, text) = get(addr, "/metrics");
+    promtool_accepts(&text);
+    assert_eq!(value(&text, "zc_relay_info{mode=\"copy\"}"), 1.0);
+    assert_eq!(value(&text, "zc_relay_bytes_total"), BYTES as f64);
+    assert_eq!(
+        value(&text, "zc_relay_user_space_bytes_total"),
+        BYTES as f64
+    );
+    assert_eq!(value(&text, "zc_kernel_redirected_bytes_total"), 0.0);
+    let (ok, log) = relay.stop();
+    assert!(ok, "zc relay did not exit cleanly: {log}");
+}
+
+/// `zc relay --mode MODE --metrics` in front of a listener; its metrics
+/// address.
+fn relay_with_metrics(mode: &str) -> (RelayProcess, TcpListener, SocketAddr) {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test runs `zc relay --mode {mode}` and needs root; run `cargo xtask test` as root"
+    );
+    let server = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let mut relay = RelayProcess::start(
+        server.local_addr().expect("addr"),
+        &["--mode", mode, "--metrics", "127.0.0.1:0"],
+        &[],
+        false,
+    );
+    let line = relay.wait_for_log("metrics on http://");
+    let addr: SocketAddr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in `{line}`"));
+    (relay, server, addr)
+}
+
+/// Sends BYTES through the relay to `server`, checks they all arrived and
+/// both ends closed, and returns the connection's access line.
+fn move_bytes(relay: &mut RelayProcess, server: &TcpListener) -> String {
+    let mut client = relay.connect();
+    let mut s = accept_upstream(server);
+    let data = vec![7u8; BYTES];
+    let writer = std::thread::spawn(move || {
+        client.write_all(&data).expect("write");
+        client.shutdown(Shutdown::Write).expect("shutdown");
+        client
+    });
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).expect("read");
+    assert_eq!(got.len(), BYTES);
+    drop(s);
+    let mut client = writer.join().expect("writer");
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).expect("the relay's EOF");
+    drop(client);
+    // The access line comes when the relay has counted the connection.
+    relay.wait_for_log(" bytes up, ")
 }
 
 /// A Prometheus server (Debian's package) scraping one target every
