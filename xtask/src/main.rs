@@ -1,6 +1,7 @@
 //! Build, test and bench tooling for zc: `cargo xtask --help`.
 mod bootstrap;
 mod dist;
+mod kmsg;
 
 use std::{
     path::PathBuf,
@@ -196,6 +197,8 @@ fn run(cli: Cli) -> Result<()> {
             // packaged before the tests' build replaces target/release/zc.
             println!("packaged {}", dist::package(&zc)?.display());
             let whole_suite = args.is_empty();
+            // The whole suite also answers for the kernel it ran on.
+            let watch = whole_suite.then(kmsg::Watch::start).transpose()?;
             let mut cmd = cargo(&tools);
             // The default members: zc-ebpf is built by zc-user's build.rs.
             cmd.args(["test", "--release"]).args(args);
@@ -207,7 +210,27 @@ fn run(cli: Cli) -> Result<()> {
             // The tests' build has the `test-faults` feature and leaves its
             // zc in target/release; put the shipping build back.
             build(&tools)?;
+            let alarms = watch
+                .map(kmsg::Watch::alarms)
+                .transpose()?
+                .unwrap_or_default();
+            let (known, alarms): (Vec<_>, Vec<_>) =
+                alarms.into_iter().partition(|a| kmsg::known(a).is_some());
+            for a in &known {
+                let why = kmsg::known(a).unwrap_or_default();
+                eprintln!("known kernel warning while the tests ran (let through: {why}): {a}");
+            }
+            for a in &alarms {
+                eprintln!("kernel warning while the tests ran: {a}");
+            }
             tested?;
+            if !alarms.is_empty() {
+                bail!(
+                    "every test passed, but the kernel logged {} warning(s) while they ran \
+                     (above; `dmesg` has the traces)",
+                    alarms.len()
+                );
+            }
             if whole_suite {
                 lint(&tools)?;
             }
