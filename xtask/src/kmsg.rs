@@ -33,12 +33,12 @@ const KNOWN: [(&str, &str); 1] = [(
     "inet_sock_destruct",
     "a socket freed from sk_psock_destroy with memory still charged to it \
      (af_inet.c, WARN_ON_ONCE: once per boot), seen in 2 of 2 whole-suite \
-     runs on 6.18.44, around tests/bench.rs; its trace matches a sockmap \
-     bug reported upstream in May 2025 (\"bpf, sockmap: Fix concurrency \
-     issues between memory charge and uncharge\": the psock worker charges \
-     what it queues to a socket without the socket's lock while a reader \
-     uncharges under it), which the relay's held directions can meet when \
-     a pass waits behind redirected bytes; not yet reproduced alone",
+     runs on 6.18.44: sockmap's worker charges a held byte that waited \
+     behind redirected ones without the socket's lock, so updates are lost \
+     (reproduced: idle relay sockets keep 779-3,317 bytes of forward \
+     allocation after both directions were held; README, \"Not yet \
+     bounded: both directions in bulk at once\"; reported upstream in \
+     May 2025)",
 )];
 
 /// Why a warning is let through, if it is a [`KNOWN`] one.
