@@ -40,10 +40,19 @@ impl HostMem {
     }
 }
 
+/// Above this many sockets a dump is cheaper than a lookup each.
+const LOOKUPS_MAX: usize = 64;
+
 /// The sockets of a relay process and its descendants.
 pub struct RelaySockets {
     diag: SockDiag,
     pid: u32,
+    /// The relay's TCP sockets as last read, each identifying itself for
+    /// the next lookup.
+    known: Vec<SockMem>,
+    /// Its other sockets (netlink, unix) at the last dump, which no TCP
+    /// lookup finds.
+    others: HashSet<u32>,
 }
 
 impl RelaySockets {
@@ -51,19 +60,42 @@ impl RelaySockets {
         Ok(Self {
             diag: SockDiag::open(topo.relay.as_ref())?,
             pid,
+            known: Vec::new(),
+            others: HashSet::new(),
         })
     }
 
     /// The relay's TCP sockets now. The process tree is read each time:
-    /// a peer such as `socat fork` starts a process per connection.
+    /// a peer such as `socat fork` starts a process per connection. The
+    /// namespace is dumped only when the relay holds a socket not seen
+    /// before (or many); the ones already known are looked up.
     pub fn read(&mut self) -> Result<Vec<SockMem>> {
         let inodes = socket_inodes(&systems::tree(self.pid));
         if inodes.is_empty() {
             bail!("relay process {} holds no sockets (gone?)", self.pid);
         }
-        let mut all = self.diag.tcp_sockets()?;
-        all.retain(|s| inodes.contains(&s.inode));
-        Ok(all)
+        let seen = |i: &u32| self.others.contains(i) || self.known.iter().any(|s| s.inode == *i);
+        let mut now = if inodes.len() <= LOOKUPS_MAX && inodes.iter().all(seen) {
+            let ours: Vec<SockMem> = self
+                .known
+                .iter()
+                .filter(|s| inodes.contains(&s.inode))
+                .copied()
+                .collect();
+            self.diag.again(&ours)?
+        } else {
+            let mut all = self.diag.tcp_sockets()?;
+            all.retain(|s| inodes.contains(&s.inode));
+            self.others = inodes
+                .iter()
+                .filter(|i| !all.iter().any(|s| s.inode == **i))
+                .copied()
+                .collect();
+            all
+        };
+        now.retain(|s| inodes.contains(&s.inode));
+        self.known.clone_from(&now);
+        Ok(now)
     }
 }
 
