@@ -32,8 +32,9 @@ const ALARMS: [&str; 7] = [
 const KNOWN: [(&str, &str); 1] = [(
     "inet_sock_destruct",
     "a socket freed from sk_psock_destroy with memory still charged to it \
-     (af_inet.c, WARN_ON_ONCE: once per boot), seen in 2 of 2 whole-suite \
-     runs on 6.18.44: sockmap's worker charges a held byte that waited \
+     (af_inet.c, WARN_ON_ONCE: once per boot), seen in the first \
+     whole-suite run on each of two boots of 6.18.44: sockmap's worker \
+     charges a held byte that waited \
      behind redirected ones without the socket's lock, so updates are lost \
      (reproduced: idle relay sockets keep 779-3,317 bytes of forward \
      allocation after both directions were held; README, \"Not yet \
