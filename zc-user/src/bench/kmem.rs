@@ -74,8 +74,12 @@ impl RelaySockets {
         if inodes.is_empty() {
             bail!("relay process {} holds no sockets (gone?)", self.pid);
         }
-        let seen = |i: &u32| self.others.contains(i) || self.known.iter().any(|s| s.inode == *i);
-        let mut now = if inodes.len() <= LOOKUPS_MAX && inodes.iter().all(seen) {
+        let known: HashSet<u32> = self.known.iter().map(|s| s.inode).collect();
+        let now = if inodes.len() <= LOOKUPS_MAX
+            && inodes
+                .iter()
+                .all(|i| known.contains(i) || self.others.contains(i))
+        {
             let ours: Vec<SockMem> = self
                 .known
                 .iter()
@@ -86,14 +90,10 @@ impl RelaySockets {
         } else {
             let mut all = self.diag.tcp_sockets()?;
             all.retain(|s| inodes.contains(&s.inode));
-            self.others = inodes
-                .iter()
-                .filter(|i| !all.iter().any(|s| s.inode == **i))
-                .copied()
-                .collect();
+            let tcp: HashSet<u32> = all.iter().map(|s| s.inode).collect();
+            self.others = inodes.difference(&tcp).copied().collect();
             all
         };
-        now.retain(|s| inodes.contains(&s.inode));
         self.known.clone_from(&now);
         Ok(now)
     }

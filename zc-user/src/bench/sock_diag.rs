@@ -82,7 +82,7 @@ impl SockDiag {
         let mut out = Vec::new();
         for family in [libc::AF_INET, libc::AF_INET6] {
             let req = self.request(family as u8, libc::NLM_F_DUMP as u16, &[0; SOCKID_LEN]);
-            self.exchange(&req, &mut out)
+            self.exchange(&req, true, &mut out)
                 .with_context(|| format!("sock_diag dump of family {family}"))?;
         }
         Ok(out)
@@ -94,7 +94,7 @@ impl SockDiag {
         let mut out = Vec::with_capacity(known.len());
         for k in known {
             let req = self.request(k.family, 0, &k.id);
-            match self.exchange(&req, &mut out) {
+            match self.exchange(&req, false, &mut out) {
                 Ok(()) => {}
                 // Gone, or its identity now names another socket.
                 Err(e)
@@ -130,8 +130,7 @@ impl SockDiag {
 
     /// Sends `req` and collects its answer: a dump's messages up to its
     /// end, or a lookup's one message.
-    fn exchange(&mut self, req: &[u8], out: &mut Vec<SockMem>) -> Result<()> {
-        let dump = u16::from_ne_bytes([req[6], req[7]]) & libc::NLM_F_DUMP as u16 != 0;
+    fn exchange(&mut self, req: &[u8], dump: bool, out: &mut Vec<SockMem>) -> Result<()> {
         send(self.fd.as_raw_fd(), req, MsgFlags::empty()).context("sending the request")?;
         loop {
             let n = recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty())
