@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod pressure;
 pub mod probe;
 pub mod relay;
+pub mod sock_diag;
 pub mod sys;
 pub mod traffic;
 pub mod watch;

@@ -693,6 +693,19 @@ fn render_metrics(s: &Stats, engine: &Engine, mode: &str, max_conns: usize) -> S
     )
     .sample(&[("reason", "window")], get(&s.holds))
     .sample(&[("reason", "small_segments")], get(&s.small_moves));
+    match crate::sock_diag::own_socket_memory() {
+        Ok(bytes) => {
+            Family::new(
+                &mut out,
+                "zc_relay_socket_memory_bytes",
+                "gauge",
+                "Kernel memory the relay's own TCP sockets hold now: bytes received and not yet taken, and bytes queued to send, with skb overhead (what `ss -tm` shows as r and w). Bytes waiting in the kernel's redirect queues are not in it.",
+            )
+            .sample(&[], bytes as f64);
+        }
+        // Left out rather than shown as 0.
+        Err(e) => debug!("reading the relay's socket memory for the metrics: {e:#}"),
+    }
     out
 }
 

@@ -82,6 +82,55 @@ fn a_copy_relay_counts_every_byte_as_moved_in_user_space() {
     assert!(ok, "zc relay did not exit cleanly: {log}");
 }
 
+/// A client that does not read leaves bytes in the relay's sockets: the
+/// socket memory gauge shows them, and falls back once the client has
+/// read them and the connection has ended.
+#[test]
+fn the_socket_memory_gauge_shows_what_waits_for_a_client_that_does_not_read() {
+    let (mut relay, server, addr) = relay_with_metrics("copy");
+    let mut client = relay.connect();
+    let mut up = accept_upstream(&server);
+    let writer = std::thread::spawn(move || {
+        up.write_all(&vec![9u8; BYTES]).expect("write");
+        up.shutdown(Shutdown::Write).expect("shutdown");
+        up
+    });
+    // The relay reads what the server sends and cannot pass it on.
+    let held = gauge_until(addr, |b| b >= (1 << 20) as f64);
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).expect("read");
+    assert_eq!(got.len(), BYTES, "bytes lost");
+    drop((client, writer.join().expect("writer")));
+    relay.wait_for_log(" bytes up, ");
+    let after = gauge_until(addr, |b| b < (64 << 10) as f64);
+    eprintln!(
+        "socket memory: {:.1} MiB while the client did not read, {after} bytes once it ended",
+        held / f64::from(1 << 20)
+    );
+    let (ok, log) = relay.stop();
+    assert!(ok, "zc relay did not exit cleanly: {log}");
+}
+
+/// Scrapes `zc_relay_socket_memory_bytes` until `done` holds for it (the
+/// relay's sockets change as the kernel moves bytes; nothing signals it),
+/// at most 10 s; returns the value.
+fn gauge_until(addr: SocketAddr, done: impl Fn(f64) -> bool) -> f64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, text) = get(addr, "/metrics");
+        let v = value(&text, "zc_relay_socket_memory_bytes");
+        if done(v) {
+            promtool_accepts(&text);
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "zc_relay_socket_memory_bytes stayed at {v}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// `zc relay --mode MODE --metrics` in front of a listener; its metrics
 /// address.
 fn relay_with_metrics(mode: &str) -> (RelayProcess, TcpListener, SocketAddr) {

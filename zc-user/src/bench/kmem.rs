@@ -6,10 +6,11 @@ use std::{collections::HashSet, sync::mpsc, thread::JoinHandle, time::Duration};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
+use zc_user::sock_diag::{SockDiag, SockMem, socket_inodes};
+
 use super::{
-    sock_diag::{SockDiag, SockMem},
     systems,
-    topology::Topology,
+    topology::{Topology, within},
 };
 
 const INTERVAL: Duration = Duration::from_millis(50);
@@ -58,7 +59,7 @@ pub struct RelaySockets {
 impl RelaySockets {
     pub fn open(topo: &Topology, pid: u32) -> Result<Self> {
         Ok(Self {
-            diag: SockDiag::open(topo.relay.as_ref())?,
+            diag: within(topo.relay.as_ref(), SockDiag::open)??,
             pid,
             known: Vec::new(),
             others: HashSet::new(),
@@ -70,7 +71,8 @@ impl RelaySockets {
     /// namespace is dumped only when the relay holds a socket not seen
     /// before (or many); the ones already known are looked up.
     pub fn read(&mut self) -> Result<Vec<SockMem>> {
-        let inodes = socket_inodes(&systems::tree(self.pid));
+        let pids: Vec<String> = systems::tree(self.pid).iter().map(u32::to_string).collect();
+        let inodes = socket_inodes(&pids);
         if inodes.is_empty() {
             bail!("relay process {} holds no sockets (gone?)", self.pid);
         }
@@ -97,28 +99,6 @@ impl RelaySockets {
         self.known.clone_from(&now);
         Ok(now)
     }
-}
-
-/// Inodes of the sockets the processes hold open (`socket:[N]` links).
-fn socket_inodes(pids: &[u32]) -> HashSet<u32> {
-    let mut out = HashSet::new();
-    for pid in pids {
-        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-            continue;
-        };
-        for e in dir.flatten() {
-            if let Some(ino) = std::fs::read_link(e.path()).ok().and_then(|t| {
-                t.to_str()?
-                    .strip_prefix("socket:[")?
-                    .strip_suffix(']')?
-                    .parse()
-                    .ok()
-            }) {
-                out.insert(ino);
-            }
-        }
-    }
-    out
 }
 
 /// The largest values seen from the sampler's start to its end.

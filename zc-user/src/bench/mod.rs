@@ -6,7 +6,6 @@ mod load;
 mod pin;
 mod report;
 mod sample;
-mod sock_diag;
 mod stall;
 mod svg;
 mod systems;

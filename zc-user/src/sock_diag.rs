@@ -4,16 +4,15 @@
 //! socket's own identity reads one again. A dump walks the host's whole
 //! TCP hash table, which took about 5% of this 2-CPU machine when the
 //! bench dumped every 50 ms; a lookup reads one bucket. Hand-written
-//! because the bench needs a few fields; no crate in the tree speaks
-//! sock_diag.
+//! because zc needs a few fields; no crate in the tree speaks sock_diag.
+//! The bench samples relays with it; `zc relay --metrics` sums its own
+//! sockets.
 use std::os::fd::{AsRawFd as _, OwnedFd};
 
 use anyhow::{Context as _, Result, bail};
 use nix::sys::socket::{
     AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, recv, send, socket,
 };
-
-use super::topology::{Netns, within};
 
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
@@ -58,17 +57,15 @@ pub struct SockDiag {
 }
 
 impl SockDiag {
-    /// A sock_diag socket in `ns` (here if None): it sees that
+    /// A sock_diag socket in the caller's network namespace: it sees that
     /// namespace's sockets, whichever namespace the caller is in later.
-    pub fn open(ns: Option<&Netns>) -> Result<Self> {
-        let fd = within(ns, || {
-            socket(
-                AddressFamily::Netlink,
-                SockType::Datagram,
-                SockFlag::SOCK_CLOEXEC,
-                SockProtocol::NetlinkSockDiag,
-            )
-        })?
+    pub fn open() -> Result<Self> {
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkSockDiag,
+        )
         .context("opening a sock_diag netlink socket")?;
         Ok(Self {
             fd,
@@ -166,6 +163,43 @@ impl SockDiag {
     }
 }
 
+/// Kernel memory of this process's own TCP sockets (received and queued
+/// to send, with skb overhead): its socket inodes, matched against a
+/// dump of its network namespace.
+pub fn own_socket_memory() -> Result<u64> {
+    let inodes = socket_inodes(&["self"]);
+    let all = SockDiag::open()?.tcp_sockets()?;
+    Ok(all
+        .iter()
+        .filter(|s| inodes.contains(&s.inode))
+        .map(SockMem::bytes)
+        .sum())
+}
+
+/// Inodes of the sockets the processes (`/proc/PID`, or "self") hold
+/// open, from their `socket:[N]` fd links. A process that is gone, or an
+/// fd closed meanwhile, adds nothing.
+pub fn socket_inodes(pids: &[impl AsRef<str>]) -> std::collections::HashSet<u32> {
+    let mut out = std::collections::HashSet::new();
+    for pid in pids {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{}/fd", pid.as_ref())) else {
+            continue;
+        };
+        for e in dir.flatten() {
+            if let Some(ino) = std::fs::read_link(e.path()).ok().and_then(|t| {
+                t.to_str()?
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .parse()
+                    .ok()
+            }) {
+                out.insert(ino);
+            }
+        }
+    }
+    out
+}
+
 fn parse(body: &[u8]) -> Option<SockMem> {
     if body.len() < DIAG_MSG_LEN {
         return None;
@@ -228,7 +262,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let mut client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let (server, _) = listener.accept().expect("accept");
-        let mut diag = SockDiag::open(None).expect("sock_diag");
+        let mut diag = SockDiag::open().expect("sock_diag");
         let ino = inode(&server);
         let found: Vec<SockMem> = diag
             .tcp_sockets()
