@@ -292,7 +292,8 @@ struct RelayArgs {
     connect_timeout: f64,
     /// Serve Prometheus metrics on http://ADDR/metrics (and /healthz):
     /// connections open and ended by how, bytes, bytes the kernel
-    /// redirected, switches to user space. `:9100` for every IPv4 address.
+    /// redirected, switches to user space, and the kernel memory the
+    /// relay's sockets hold. `:9100` for every IPv4 address.
     #[arg(long, value_name = "ADDR", value_parser = zc_user::cli::parse_listen)]
     metrics: Option<SocketAddr>,
     /// End a connection that has moved no byte either way for this long
