@@ -176,13 +176,13 @@ pub fn own_socket_memory() -> Result<u64> {
         .sum())
 }
 
-/// Inodes of the sockets the processes (`/proc/PID`, or "self") hold
-/// open, from their `socket:[N]` fd links. A process that is gone, or an
-/// fd closed meanwhile, adds nothing.
-pub fn socket_inodes(pids: &[impl AsRef<str>]) -> std::collections::HashSet<u32> {
+/// Inodes of the sockets the processes (pids, or "self") hold open, from
+/// their `socket:[N]` fd links. A process that is gone, or an fd closed
+/// meanwhile, adds nothing.
+pub fn socket_inodes(pids: &[impl std::fmt::Display]) -> std::collections::HashSet<u32> {
     let mut out = std::collections::HashSet::new();
     for pid in pids {
-        let Ok(dir) = std::fs::read_dir(format!("/proc/{}/fd", pid.as_ref())) else {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
             continue;
         };
         for e in dir.flatten() {

@@ -71,8 +71,7 @@ impl RelaySockets {
     /// namespace is dumped only when the relay holds a socket not seen
     /// before (or many); the ones already known are looked up.
     pub fn read(&mut self) -> Result<Vec<SockMem>> {
-        let pids: Vec<String> = systems::tree(self.pid).iter().map(u32::to_string).collect();
-        let inodes = socket_inodes(&pids);
+        let inodes = socket_inodes(&systems::tree(self.pid));
         if inodes.is_empty() {
             bail!("relay process {} holds no sockets (gone?)", self.pid);
         }
