@@ -251,7 +251,9 @@ struct RelayArgs {
     buffer: usize,
     /// bpf mode: send buffer for both sockets of each pair (0 keeps the
     /// kernel's autotuning). Large buffers keep the in-kernel redirect
-    /// from stalling on a momentarily full destination.
+    /// from stalling on a momentarily full destination. What waits for a
+    /// reader is also kept under half of this (the kernel doubles it), so a
+    /// buffer small next to --window makes holds come sooner.
     #[arg(long, value_name = "BYTES", default_value = "16m", value_parser = zc_user::cli::parse_size_usize)]
     sndbuf: usize,
     /// bpf mode: bounds what one direction may have waiting in the kernel

@@ -209,6 +209,13 @@ pub fn getsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i
     Ok(val)
 }
 
+/// The socket's send buffer as the kernel keeps it (SO_SNDBUF: twice
+/// what was asked for, or the autotuned size).
+pub fn sndbuf(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let val = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF)?;
+    Ok(u64::try_from(val).unwrap_or(0))
+}
+
 /// Sets an int socket option.
 pub fn setsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32, val: i32) -> io::Result<()> {
     // SAFETY: passes a valid int of the stated size.

@@ -54,13 +54,15 @@ impl PairError {
 impl Programs {
     /// Checks the keys and writes the `COUNTERS` and `PEERS` entries;
     /// returns the locked maps for the socket inserts.
-    /// `cookies` (SO_COOKIE, or 0 for none) go into `BY_COOKIE`.
+    /// `cookies` (SO_COOKIE, or 0 for none) go into `BY_COOKIE`; `caps`
+    /// are the verdict's first caps, each key's (see `Peer::cap`).
     pub(super) fn prepare(
         &self,
         kind: u32,
         [ka, kb]: [SockKey; 2],
         cookies: [u64; 2],
         window: u64,
+        caps: [u64; 2],
     ) -> Result<MutexGuard<'_, Maps>, PairError> {
         if ka == kb {
             return Err(PairError::SameSocket);
@@ -97,7 +99,7 @@ impl Programs {
                         .map_err(|e| PairError::map("BY_COOKIE", e))?;
                 }
             }
-            let peer = |key, cookie| Peer {
+            let peer = |key, cookie, cap| Peer {
                 key,
                 kind,
                 armed: u32::from(window > 0),
@@ -105,14 +107,14 @@ impl Programs {
                 pad: 0,
                 limit: window / 2,
                 msg_limit: u64::MAX,
-                cap: crate::engine::bpf::unacked_allowance(window),
+                cap,
                 cookie,
             };
             m.peers
-                .insert(ka, peer(kb, cookies[0]), 0)
+                .insert(ka, peer(kb, cookies[0], caps[0]), 0)
                 .map_err(|e| PairError::map("PEERS", e))?;
             m.peers
-                .insert(kb, peer(ka, cookies[1]), 0)
+                .insert(kb, peer(ka, cookies[1], caps[1]), 0)
                 .map_err(|e| PairError::map("PEERS", e))
         })();
         if let Err(e) = result {

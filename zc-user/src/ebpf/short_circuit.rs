@@ -54,7 +54,7 @@ impl Programs {
             crate::sys::sock_key(a).map_err(PairError::Socket)?,
             crate::sys::sock_key(b).map_err(PairError::Socket)?,
         ];
-        let mut m = self.prepare(PEER_LOCAL, keys, [0; 2], 0)?;
+        let mut m = self.prepare(PEER_LOCAL, keys, [0; 2], 0, [0; 2])?;
         for (k, fd) in keys.iter().zip([a, b]) {
             if let Err(e) = m.local.insert(k, fd.as_raw_fd(), 0) {
                 remove_locked(&mut m, &keys);

@@ -96,7 +96,10 @@ impl Programs {
             crate::sys::socket_cookie(a).map_err(PairError::Socket)?,
             crate::sys::socket_cookie(b).map_err(PairError::Socket)?,
         ];
-        let mut m = self.prepare(PEER_RELAY, keys, cookies, window)?;
+        // Each direction's cap keeps within its destination's send buffer.
+        let cap = |dst| crate::engine::bpf::allowance(window, dst).map_err(PairError::Socket);
+        let caps = [cap(b)?, cap(a)?];
+        let mut m = self.prepare(PEER_RELAY, keys, cookies, window, caps)?;
         for i in 0..2 {
             if let Err(e) = m.targets.insert(keys[i], fds[i].as_raw_fd(), 0) {
                 remove_locked(&mut m, &keys);

@@ -31,7 +31,7 @@ use zc_common::SockKey;
 use self::switch::{ADAPT_MSGS, Backoff, Forwarded, wait_caught_up};
 pub use self::{
     hand_back::{HandBack, HandedBack},
-    switch::{DEFAULT_SMALL_SKB, DEFAULT_WINDOW, HELD_RCVBUF, unacked_allowance},
+    switch::{DEFAULT_SMALL_SKB, DEFAULT_WINDOW, HELD_RCVBUF, allowance},
 };
 use super::{
     Summary,
@@ -365,14 +365,15 @@ impl BpfEngine {
             limits = pairing.keys.map(|k| self.progs.limit_events(k));
         }
         if self.window > 0 && self.small_skb > 0 {
-            for k in &pairing.keys {
-                if let Err(e) = self.progs.rearm(
-                    k,
-                    self.window / 2,
-                    ADAPT_MSGS,
-                    switch::unacked_allowance(self.window),
-                    true,
-                ) {
+            for (i, k) in pairing.keys.iter().enumerate() {
+                let armed = switch::allowance(self.window, socks[1 - i].as_fd())
+                    .map_err(anyhow::Error::from)
+                    .and_then(|cap| {
+                        Ok(self
+                            .progs
+                            .rearm(k, self.window / 2, ADAPT_MSGS, cap, true)?)
+                    });
+                if let Err(e) = armed {
                     reset(&socks);
                     return Err(e).context("arming the adaptive path");
                 }

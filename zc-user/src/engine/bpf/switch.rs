@@ -25,7 +25,7 @@
 //! takes many skbs, and back once the skbs it passes are bulk again.
 use std::{
     net::TcpStream,
-    os::fd::AsFd,
+    os::fd::{AsFd, BorrowedFd},
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
@@ -80,6 +80,25 @@ pub fn unacked_allowance(window: u64) -> u64 {
     (2 * window)
         .saturating_sub(held + skb_overhead(window))
         .max(window)
+}
+
+/// How many bytes of the direction into `dst` may wait for its reader:
+/// the window's [`unacked_allowance`], but no more than half of `dst`'s
+/// send buffer as it is now (autotuned buffers grow).
+///
+/// A redirected skb the kernel's worker cannot send (the destination's
+/// send buffer is full) blocks the destination's psock queue, and the
+/// other direction's passes, which use the same queue, then wait behind
+/// it uncharged, so TCP keeps the sender's window open: two ends that
+/// both write and never read pushed 2.16 GB each through `--sndbuf 1m`
+/// (`tests/both_ends_stalled.rs`). Kept under the send buffer, what waits
+/// for the reader always fits, and the queue never stalls on it.
+pub fn allowance(window: u64, dst: BorrowedFd<'_>) -> std::io::Result<u64> {
+    if window == 0 {
+        return Ok(0);
+    }
+    let room = sys::sndbuf(dst)? / 2;
+    Ok(unacked_allowance(window).min(room).max(1))
 }
 
 /// Default size below which a direction's average skb counts as small and
@@ -251,7 +270,7 @@ fn acked(s: &TcpStream, base: Base) -> Result<u64, Abort> {
 }
 
 /// The verdict's cap for the direction into `dst` (see `Peer::cap`): the
-/// redirected total at which [`unacked_allowance`] bytes wait for `dst`'s
+/// redirected total at which [`allowance`] bytes wait for `dst`'s
 /// remote end to acknowledge them, counting what user space wrote into
 /// `dst` too. Reports come every half window, and the cap moves with
 /// each, so a reader that keeps within a window never meets it.
@@ -260,7 +279,7 @@ fn cap(dst: &TcpStream, dbase: Base, by_user: &AtomicU64, window: u64) -> Result
         return Ok(0);
     }
     let taken = acked(dst, dbase)?.saturating_sub(by_user.load(Ordering::Relaxed));
-    Ok(taken + unacked_allowance(window))
+    Ok(taken + allowance(window, dst.as_fd())?)
 }
 
 /// Bytes written into `s` since pairing.
@@ -368,7 +387,8 @@ impl Forwarder<'_> {
             mut small_below,
         } = self;
         if small_below.is_none() {
-            wait_drained(&progs, key, dst, dbase, by_user, window / 2).await?;
+            let below = allowance(window, dst.as_fd())?.min(window) / 2;
+            wait_drained(&progs, key, dst, dbase, by_user, below).await?;
         }
         // Held, the verdict redirects nothing, so this stays true until
         // the release below.
@@ -433,8 +453,10 @@ impl Forwarder<'_> {
                     // write: the verdict passes while bytes it passed are
                     // not yet forwarded.
                     let sent = progs.flow(&key).ok_or(Abort(None))?.sent;
-                    if waiting(sent, dst, dbase, by_user)? + n as u64 > unacked_allowance(window) {
-                        wait_drained(&progs, key, dst, dbase, by_user, window / 2).await?;
+                    let allowed = allowance(window, dst.as_fd())?;
+                    if waiting(sent, dst, dbase, by_user)? + n as u64 > allowed {
+                        let below = allowed.min(window) / 2;
+                        wait_drained(&progs, key, dst, dbase, by_user, below).await?;
                     }
                     // Released, the verdict redirects again whenever
                     // everything passed has been forwarded, and passes again
