@@ -242,8 +242,6 @@ pub fn kick_data_ready(fd: BorrowedFd<'_>) -> io::Result<()> {
     setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)
 }
 
-/// Sets the send buffer, above `net.core.wmem_max` when privileged
-/// (SO_SNDBUFFORCE needs CAP_NET_ADMIN), else as far as allowed.
 /// Sets SO_RCVBUF (the kernel doubles it), forcing past `rmem_max` when
 /// privileged.
 pub fn set_rcvbuf(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
@@ -252,10 +250,51 @@ pub fn set_rcvbuf(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
         .or_else(|_| setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, val))
 }
 
+/// Sets the send buffer, above `net.core.wmem_max` when privileged
+/// (SO_SNDBUFFORCE needs CAP_NET_ADMIN), else as far as allowed.
 pub fn set_sndbuf(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
     let val = i32::try_from(bytes).unwrap_or(i32::MAX);
     setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, val)
         .or_else(|_| setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, val))
+}
+
+/// Two figures of a socket's SO_MEMINFO, in bytes with skb overhead.
+#[derive(Debug, Clone, Copy)]
+pub struct MemInfo {
+    /// Received and not yet read (SK_MEMINFO_RMEM_ALLOC).
+    pub rmem_alloc: u64,
+    /// Queued to send, until acknowledged (SK_MEMINFO_WMEM_QUEUED).
+    pub wmem_queued: u64,
+}
+
+/// SO_MEMINFO of `fd`.
+pub fn meminfo(fd: BorrowedFd<'_>) -> io::Result<MemInfo> {
+    let mut v = [0u32; 9];
+    let mut len = mem::size_of_val(&v) as libc::socklen_t;
+    // SAFETY: the buffer and its length match.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            v.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(MemInfo {
+        rmem_alloc: u64::from(v[0]),
+        wmem_queued: u64::from(v[5]),
+    })
+}
+
+/// The socket's receive buffer as the kernel keeps it (SO_RCVBUF: twice
+/// what was asked for, or the autotuned size).
+pub fn rcvbuf(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let val = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF)?;
+    Ok(u64::try_from(val).unwrap_or(0))
 }
 
 /// Moves the calling thread into the network namespace `f` refers to.

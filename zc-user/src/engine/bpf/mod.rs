@@ -10,6 +10,7 @@
 //!
 //! Backpressure and the adaptive path, both of which move a direction
 //! between the kernel and user space, live in `switch`.
+mod brake;
 mod hand_back;
 mod io;
 mod switch;

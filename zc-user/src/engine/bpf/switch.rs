@@ -33,7 +33,9 @@ use std::{
 use log::debug;
 use zc_common::SockKey;
 
-use super::{Abort, Base, BpfEngine, Pair, Task, all_accounted, broken, duplicated, failure};
+use super::{
+    Abort, Base, BpfEngine, Pair, Task, all_accounted, brake::Brake, broken, duplicated, failure,
+};
 use crate::{ebpf::Programs, engine::copy, sys};
 
 /// Default window: per direction, a reader that never reads costs at most
@@ -241,6 +243,7 @@ impl<'a> Pair<'a> {
             dst: (self.socks[dst], self.base[dst]),
             dst_io: self.io(dst)?,
             by_user: &self.by_user[src],
+            back: (self.keys[dst], &self.by_user[dst]),
             window,
             small_below: small.map(|_| back_to_kernel_at(self.engine.small_skb)),
         };
@@ -325,7 +328,9 @@ fn waiting(sent: u64, dst: &TcpStream, dbase: Base, by_user: &AtomicU64) -> Resu
 
 /// Waits until fewer than `below` bytes of the direction from `src` wait
 /// in the kernel for `dst`'s reader: redirected or forwarded, and not yet
-/// acknowledged by `dst`'s remote end.
+/// acknowledged by `dst`'s remote end. Meanwhile the verdict may pass
+/// more, so the `brake` keeps looking (what the caller holds counts as
+/// unread here).
 async fn wait_drained(
     progs: &Programs,
     src: SockKey,
@@ -333,10 +338,13 @@ async fn wait_drained(
     dbase: Base,
     by_user: &AtomicU64,
     below: u64,
+    brake: &mut Brake<'_>,
 ) -> Result<(), Abort> {
     let mut wait = Backoff::new();
     loop {
-        let sent = progs.flow(&src).ok_or(Abort(None))?.sent;
+        let f = progs.flow(&src).ok_or(Abort(None))?;
+        brake.update(f.passed.saturating_sub(by_user.load(Ordering::Relaxed)))?;
+        let sent = f.sent;
         let waiting = waiting(sent, dst, dbase, by_user)?;
         if waiting < below {
             return Ok(());
@@ -363,6 +371,8 @@ struct Forwarder<'a> {
     dst: (&'a TcpStream, Base),
     dst_io: &'a super::io::SockIo,
     by_user: &'a AtomicU64,
+    /// The other direction (see [`Brake`]).
+    back: (SockKey, &'a AtomicU64),
     /// The hold lasts until fewer than half this many bytes wait for the
     /// destination's reader, so a reader that keeps up only just does not
     /// flip the direction back and forth.
@@ -383,12 +393,14 @@ impl Forwarder<'_> {
             dst: (dst, dbase),
             dst_io,
             by_user,
+            back,
             window,
             mut small_below,
         } = self;
+        let mut brake = Brake::new((src_std, sbase), &progs, back);
         if small_below.is_none() {
             let below = allowance(window, dst.as_fd())?.min(window) / 2;
-            wait_drained(&progs, key, dst, dbase, by_user, below).await?;
+            wait_drained(&progs, key, dst, dbase, by_user, below, &mut brake).await?;
         }
         // Held, the verdict redirects nothing, so this stays true until
         // the release below.
@@ -408,8 +420,18 @@ impl Forwarder<'_> {
         let mut buf = vec![0u8; copy::DEFAULT_BUFFER];
         let mut eof_wait: Option<Backoff> = None;
         let mut last = (0, zc_common::Flow::default());
+        // The last read found nothing while passed bytes were missing.
+        let mut unreadable = false;
         loop {
             match &mut eof_wait {
+                // Passed bytes that are not readable wait in the psock
+                // queue, uncounted: look again soon, for the brake.
+                None if unreadable => {
+                    tokio::select! {
+                        r = src.readable() => r?,
+                        () = tokio::time::sleep(BRAKE_LOOK) => {}
+                    }
+                }
                 None => src.readable().await?,
                 Some(w) => {
                     let (received, f) = last;
@@ -441,6 +463,7 @@ impl Forwarder<'_> {
                     eof_wait.get_or_insert_with(Backoff::new);
                 }
                 Ok(n) => {
+                    unreadable = false;
                     // What user space forwards waits for the reader too, so
                     // it keeps within the verdict's cap. Unbounded, a held
                     // direction whose reader lagged filled the destination's
@@ -452,11 +475,14 @@ impl Forwarder<'_> {
                     // The redirected total stays put from the read to the
                     // write: the verdict passes while bytes it passed are
                     // not yet forwarded.
-                    let sent = progs.flow(&key).ok_or(Abort(None))?.sent;
+                    let f = progs.flow(&key).ok_or(Abort(None))?;
+                    let sent = f.sent;
+                    let forwarded = by_user.load(Ordering::Relaxed);
+                    brake.update(f.passed.saturating_sub(forwarded + n as u64))?;
                     let allowed = allowance(window, dst.as_fd())?;
                     if waiting(sent, dst, dbase, by_user)? + n as u64 > allowed {
                         let below = allowed.min(window) / 2;
-                        wait_drained(&progs, key, dst, dbase, by_user, below).await?;
+                        wait_drained(&progs, key, dst, dbase, by_user, below, &mut brake).await?;
                     }
                     // Released, the verdict redirects again whenever
                     // everything passed has been forwarded, and passes again
@@ -489,15 +515,21 @@ impl Forwarder<'_> {
                         }
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && small_below.is_some() => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let f = progs.flow(&key).ok_or(Abort(None))?;
+                    let unread = f.passed.saturating_sub(by_user.load(Ordering::Relaxed));
+                    brake.update(unread)?;
+                    unreadable = unread > 0;
+                    if small_below.is_some() {
+                        continue;
+                    }
                     // Everything passed is forwarded: every later verdict
                     // run redirects. One already under way may have read
                     // the old forwarded count and still pass its skb; it
                     // runs under the socket's lock, so taking the lock once
                     // waits it out, and a second look tells.
                     let done = |f: zc_common::Flow| f.passed == by_user.load(Ordering::Relaxed);
-                    if done(progs.flow(&key).ok_or(Abort(None))?) {
+                    if done(f) {
                         sys::kick_data_ready(src_std.as_fd())?;
                         if done(progs.flow(&key).ok_or(Abort(None))?) {
                             return Ok(Forwarded::BackToKernel);
@@ -509,6 +541,9 @@ impl Forwarder<'_> {
         }
     }
 }
+
+/// How often a forwarder looks at passed bytes it cannot read yet.
+const BRAKE_LOOK: Duration = Duration::from_millis(2);
 
 /// Redirected skbs between looks at a direction's average skb size.
 pub(super) const ADAPT_MSGS: u64 = 512;

@@ -1,0 +1,132 @@
+//! The brake: stops a held direction's sender while the bytes the verdict
+//! passed pile up where no receive buffer counts them.
+//!
+//! A pass goes straight to the socket's message queue, charged to its
+//! receive buffer, only while the socket's psock queue is empty. That
+//! queue also carries the other direction's redirected skbs, so with both
+//! directions busy a pass often waits there for the kernel's worker,
+//! charged to nothing, and TCP keeps the sender's window open for as long
+//! as the worker lags (84-618 MB seen on one relay socket across
+//! namespaces; BENCHMARKS.md, "Both ways at once"). No program or socket
+//! option makes such a pass count, but the window can be shut: with the
+//! receive buffer at its minimum, TCP offers nothing beyond what it
+//! already promised, and the sender stops there. (TCP_WINDOW_CLAMP shuts
+//! it too, but lowering it also lowers the threshold TCP grows its window
+//! from, and raising it back does not restore that: the window stayed shut
+//! after the release until the sender's zero-window probe, some 0.8 s
+//! per brake on loopback.)
+use std::{
+    net::TcpStream,
+    os::fd::AsFd,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Instant,
+};
+
+use log::debug;
+use zc_common::SockKey;
+
+use super::{Base, HELD_RCVBUF, switch::written};
+use crate::{ebpf::Programs, sys};
+
+/// Passed bytes beyond what the socket's receive memory holds past which
+/// the sender is stopped.
+const ON: u64 = 256 << 10;
+
+/// Passed bytes not yet read under which the sender may go on. Above the
+/// forwarder's read size, so that a read follows the release: TCP sends
+/// the window update on a read, not on the buffer's change.
+const OFF: u64 = HELD_RCVBUF as u64;
+
+/// The brake of a held direction's source socket.
+pub(super) struct Brake<'a> {
+    pub(super) src: (&'a TcpStream, Base),
+    pub(super) progs: &'a Programs,
+    /// The other direction, whose skbs share the source's psock queue:
+    /// its source's key and what user space forwarded of it.
+    pub(super) back: (SockKey, &'a AtomicU64),
+    /// The receive buffer to restore (as SO_RCVBUF reports it, doubled)
+    /// and when the brake engaged, while engaged.
+    saved: Option<(u64, Instant)>,
+}
+
+impl<'a> Brake<'a> {
+    pub(super) fn new(
+        src: (&'a TcpStream, Base),
+        progs: &'a Programs,
+        back: (SockKey, &'a AtomicU64),
+    ) -> Self {
+        Brake {
+            src,
+            progs,
+            back,
+            saved: None,
+        }
+    }
+
+    /// Engages or releases for `unread` bytes passed and not yet read.
+    pub(super) fn update(&mut self, unread: u64) -> std::io::Result<()> {
+        let sock = self.src.0;
+        match self.saved {
+            // The looks at the socket cost calls: only past ON. Passes
+            // made while the other direction's skbs wait in the queue all
+            // wait behind them, so those stop the sender at OFF already
+            // (not below: a release needs a read after it).
+            None if unread > ON
+                && ((unread > OFF && self.queued_ahead()? > 0) || self.uncounted(unread)?) =>
+            {
+                let fd = sock.as_fd();
+                self.saved = Some((sys::rcvbuf(fd)?, Instant::now()));
+                sys::set_rcvbuf(fd, 0)?;
+                debug!("{unread} passed bytes wait, not all counted: stopping the sender");
+            }
+            Some((rcvbuf, since)) if unread < OFF => {
+                self.saved = None;
+                restore(sock, rcvbuf)?;
+                debug!(
+                    "passed bytes down to {unread} after {:?}: the sender may go on",
+                    since.elapsed()
+                );
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Bytes of the other direction not yet written into the source
+    /// socket: redirected skbs in its psock queue (or forwarded bytes
+    /// about to be written).
+    fn queued_ahead(&self) -> std::io::Result<u64> {
+        let (key, by_user) = self.back;
+        let Some(f) = self.progs.flow(&key) else {
+            return Ok(0);
+        };
+        let moved = f.sent + by_user.load(Ordering::Relaxed);
+        let taken =
+            written(self.src.0, self.src.1).map_err(|_| std::io::Error::other("tcp_info"))?;
+        Ok(moved.saturating_sub(taken))
+    }
+
+    /// More passed bytes wait than the socket's receive memory accounts
+    /// for.
+    fn uncounted(&self, unread: u64) -> std::io::Result<bool> {
+        Ok(unread > sys::meminfo(self.src.0.as_fd())?.rmem_alloc + ON)
+    }
+}
+
+impl Drop for Brake<'_> {
+    fn drop(&mut self) {
+        if let Some((rcvbuf, _)) = self.saved.take()
+            && let Err(e) = restore(self.src.0, rcvbuf)
+        {
+            debug!("restoring the receive buffer: {e}");
+        }
+    }
+}
+
+/// Sets the receive buffer back to `doubled`, as SO_RCVBUF reported it.
+fn restore(sock: &TcpStream, doubled: u64) -> std::io::Result<()> {
+    sys::set_rcvbuf(
+        sock.as_fd(),
+        usize::try_from(doubled / 2).unwrap_or(usize::MAX),
+    )
+}
