@@ -29,8 +29,13 @@ use super::{Base, HELD_RCVBUF, switch::written};
 use crate::{ebpf::Programs, sys};
 
 /// Passed bytes beyond what the socket's receive memory holds past which
-/// the sender is stopped.
+/// the sender is stopped (looked at only past [`RESERVE`]).
 const ON: u64 = 256 << 10;
+
+/// Passed bytes the window's bound sets aside for a held socket (its
+/// receive buffer, doubled by the kernel): under this many the brake does
+/// not look at the socket's memory, so a one-way hold costs no extra call.
+const RESERVE: u64 = 2 * HELD_RCVBUF as u64;
 
 /// Passed bytes not yet read under which the sender may go on. Above the
 /// forwarder's read size, so that a read follows the release: TCP sends
@@ -47,6 +52,8 @@ pub(super) struct Brake<'a> {
     /// The receive buffer to restore (as SO_RCVBUF reports it, doubled)
     /// and when the brake engaged, while engaged.
     saved: Option<(u64, Instant)>,
+    /// Bytes written into the source at the last look (they only grow).
+    taken: u64,
 }
 
 impl<'a> Brake<'a> {
@@ -60,6 +67,7 @@ impl<'a> Brake<'a> {
             progs,
             back,
             saved: None,
+            taken: 0,
         }
     }
 
@@ -67,17 +75,19 @@ impl<'a> Brake<'a> {
     pub(super) fn update(&mut self, unread: u64) -> std::io::Result<()> {
         let sock = self.src.0;
         match self.saved {
-            // The looks at the socket cost calls: only past ON. Passes
-            // made while the other direction's skbs wait in the queue all
-            // wait behind them, so those stop the sender at OFF already
-            // (not below: a release needs a read after it).
-            None if unread > ON
-                && ((unread > OFF && self.queued_ahead()? > 0) || self.uncounted(unread)?) =>
-            {
-                let fd = sock.as_fd();
-                self.saved = Some((sys::rcvbuf(fd)?, Instant::now()));
-                sys::set_rcvbuf(fd, 0)?;
-                debug!("{unread} passed bytes wait, not all counted: stopping the sender");
+            None => {
+                // Passes made while the other direction's skbs wait in the
+                // queue all wait behind them, so those stop the sender at
+                // OFF already (not below: a release needs a read after it).
+                let stop = unread > OFF
+                    && (self.queued_ahead()? > 0
+                        || (unread > RESERVE && self.uncounted(unread)?));
+                if stop {
+                    let fd = sock.as_fd();
+                    self.saved = Some((sys::rcvbuf(fd)?, Instant::now()));
+                    sys::set_rcvbuf(fd, 0)?;
+                    debug!("{unread} passed bytes wait, not all counted: stopping the sender");
+                }
             }
             Some((rcvbuf, since)) if unread < OFF => {
                 self.saved = None;
@@ -87,7 +97,7 @@ impl<'a> Brake<'a> {
                     since.elapsed()
                 );
             }
-            _ => {}
+            Some(_) => {}
         }
         Ok(())
     }
@@ -95,15 +105,17 @@ impl<'a> Brake<'a> {
     /// Bytes of the other direction not yet written into the source
     /// socket: redirected skbs in its psock queue (or forwarded bytes
     /// about to be written).
-    fn queued_ahead(&self) -> std::io::Result<u64> {
+    fn queued_ahead(&mut self) -> std::io::Result<u64> {
         let (key, by_user) = self.back;
         let Some(f) = self.progs.flow(&key) else {
             return Ok(0);
         };
         let moved = f.sent + by_user.load(Ordering::Relaxed);
-        let taken =
-            written(self.src.0, self.src.1).map_err(|_| std::io::Error::other("tcp_info"))?;
-        Ok(moved.saturating_sub(taken))
+        if moved > self.taken {
+            self.taken = written(self.src.0, self.src.1)
+                .map_err(|_| std::io::Error::other("reading the source's TCP_INFO"))?;
+        }
+        Ok(moved.saturating_sub(self.taken))
     }
 
     /// More passed bytes wait than the socket's receive memory accounts
