@@ -44,11 +44,11 @@ const OFF: u64 = HELD_RCVBUF as u64;
 
 /// The brake of a held direction's source socket.
 pub(super) struct Brake<'a> {
-    pub(super) src: (&'a TcpStream, Base),
-    pub(super) progs: &'a Programs,
+    src: (&'a TcpStream, Base),
+    progs: &'a Programs,
     /// The other direction, whose skbs share the source's psock queue:
     /// its source's key and what user space forwarded of it.
-    pub(super) back: (SockKey, &'a AtomicU64),
+    back: (SockKey, &'a AtomicU64),
     /// The receive buffer to restore (as SO_RCVBUF reports it, doubled)
     /// and when the brake engaged, while engaged.
     saved: Option<(u64, Instant)>,

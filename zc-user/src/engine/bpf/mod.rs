@@ -367,13 +367,12 @@ impl BpfEngine {
         }
         if self.window > 0 && self.small_skb > 0 {
             for (i, k) in pairing.keys.iter().enumerate() {
-                let armed = switch::allowance(self.window, socks[1 - i].as_fd())
-                    .map_err(anyhow::Error::from)
-                    .and_then(|cap| {
-                        Ok(self
-                            .progs
-                            .rearm(k, self.window / 2, ADAPT_MSGS, cap, true)?)
-                    });
+                let armed = (|| -> Result<()> {
+                    let cap = switch::allowance(self.window, socks[1 - i].as_fd())?;
+                    Ok(self
+                        .progs
+                        .rearm(k, self.window / 2, ADAPT_MSGS, cap, true)?)
+                })();
                 if let Err(e) = armed {
                     reset(&socks);
                     return Err(e).context("arming the adaptive path");

@@ -77,7 +77,7 @@ fn skb_overhead(window: u64) -> u64 {
 /// what a held sender may keep in its own queue and what the skbs cost
 /// beyond their bytes, so that all of it stays within two windows; a
 /// window at least.
-pub fn unacked_allowance(window: u64) -> u64 {
+fn unacked_allowance(window: u64) -> u64 {
     let held = 2 * HELD_RCVBUF as u64;
     (2 * window)
         .saturating_sub(held + skb_overhead(window))
