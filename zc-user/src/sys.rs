@@ -270,24 +270,42 @@ pub struct MemInfo {
 /// SO_MEMINFO of `fd`.
 pub fn meminfo(fd: BorrowedFd<'_>) -> io::Result<MemInfo> {
     let mut v = [0u32; 9];
-    let mut len = mem::size_of_val(&v) as libc::socklen_t;
-    // SAFETY: the buffer and its length match.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_MEMINFO,
-            v.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    getsockopt_u32s(fd, libc::SOL_SOCKET, libc::SO_MEMINFO, &mut v)?;
     Ok(MemInfo {
         rmem_alloc: u64::from(v[0]),
         wmem_queued: u64::from(v[5]),
     })
+}
+
+/// Reads a socket option made of u32s into `buf`; returns how many the
+/// option holds. More than `buf.len()` means the kernel refused for lack
+/// of room (ERANGE) and said how much it needs.
+pub fn getsockopt_u32s(
+    fd: BorrowedFd<'_>,
+    level: i32,
+    name: i32,
+    buf: &mut [u32],
+) -> io::Result<usize> {
+    let room = mem::size_of_val(buf);
+    let mut len = room as libc::socklen_t;
+    // SAFETY: the buffer holds `len` bytes, and the kernel writes at most
+    // that many.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ERANGE) || len as usize <= room {
+            return Err(e);
+        }
+    }
+    Ok(len as usize / mem::size_of::<u32>())
 }
 
 /// The socket's receive buffer as the kernel keeps it (SO_RCVBUF: twice

@@ -152,30 +152,14 @@ pub async fn accept(listener: &AsyncFd<OwnedFd>) -> io::Result<(AsyncFd<OwnedFd>
 fn peer_groups(fd: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
     let mut groups = vec![0u32; 32];
     loop {
-        let room = groups.len() * size_of::<u32>();
-        let mut len = room as libc::socklen_t;
-        // SAFETY: the buffer holds `len` bytes, and the kernel writes at
-        // most that many.
-        let r = unsafe {
-            libc::getsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_PEERGROUPS,
-                groups.as_mut_ptr().cast(),
-                &mut len,
-            )
-        };
-        let needed = len as usize / size_of::<u32>();
-        if r == 0 {
-            groups.truncate(needed);
+        let held =
+            crate::sys::getsockopt_u32s(fd, libc::SOL_SOCKET, libc::SO_PEERGROUPS, &mut groups)?;
+        // More than there is room for: the kernel said how much it takes.
+        let fits = held <= groups.len();
+        groups.resize(held, 0);
+        if fits {
             return Ok(groups);
         }
-        let e = io::Error::last_os_error();
-        // ERANGE: `len` now says how much room it takes.
-        if e.raw_os_error() != Some(libc::ERANGE) || len as usize <= room {
-            return Err(e);
-        }
-        groups.resize(needed, 0);
     }
 }
 
