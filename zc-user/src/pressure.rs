@@ -7,11 +7,27 @@
 //! tcp_mem. So while TCP's memory is under pressure, [`watch`] shrinks
 //! every pair's cap to nothing: each direction is held, its sender stopped
 //! by TCP, and what zc forwards meanwhile is charged like any socket's.
-use std::{io, thread, time::Duration};
+//! A held socket still takes, past TCP's hard limit, whatever its window
+//! promised, so held sockets also take a smaller receive buffer then.
+use std::{
+    io,
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::Duration,
+};
 
 use log::{info, warn};
 
 use crate::ebpf::Programs;
+
+/// Whether [`watch`] last found TCP's memory under pressure.
+static UNDER: AtomicBool = AtomicBool::new(false);
+
+/// Whether TCP's memory is under pressure, as [`watch`] last saw it (false
+/// where nothing watches).
+pub fn under() -> bool {
+    UNDER.load(Ordering::Relaxed)
+}
 
 /// How often the host's TCP memory is read.
 const PERIOD: Duration = Duration::from_millis(100);
@@ -100,11 +116,11 @@ pub fn watch(progs: Programs) -> io::Result<thread::JoinHandle<()>> {
                 };
                 let now = mem.under_pressure(under);
                 if now != under {
-                    let shrink = if now { u64::MAX } else { 0 };
-                    match progs.set_cap_shrink(shrink) {
+                    match step_back(&progs, now) {
                         Ok(()) if now => warn!(
                             "TCP memory under pressure ({} of {} pages): every direction is \
-                             held and forwarded in user space until it falls below {}",
+                             held, with a smaller receive buffer, and forwarded in user space \
+                             until it falls below {}",
                             mem.pages, mem.pressure, mem.low
                         ),
                         Ok(()) => info!(
@@ -118,6 +134,15 @@ pub fn watch(progs: Programs) -> io::Result<thread::JoinHandle<()>> {
                 thread::sleep(PERIOD);
             }
         })
+}
+
+/// What zc does when TCP's memory goes under pressure (`under`) or leaves
+/// it: every pair's cap shrinks to nothing, so every direction is held,
+/// and held sockets take the smaller receive buffer
+/// (`engine::bpf::switch::held_rcvbuf`); or both are undone.
+pub fn step_back(progs: &Programs, under: bool) -> anyhow::Result<()> {
+    UNDER.store(under, Ordering::Relaxed);
+    progs.set_cap_shrink(if under { u64::MAX } else { 0 })
 }
 
 #[cfg(test)]

@@ -4,21 +4,32 @@
 //! space, where TCP's host-wide limit applies. Every byte still arrives,
 //! and once the pressure is gone the kernel carries the stream again.
 //!
-//! Its own test binary: the shrink applies to every pair of the programs.
+//! Its own test binary: the shrink applies to every pair of the programs,
+//! and the pressure to every held socket of the process.
 mod common;
 
-use std::os::fd::AsFd;
+use std::{os::fd::AsFd, time::Duration};
 
-use common::*;
-use zc_user::{engine::bpf::BpfEngine, sys};
+use common::{sockmem::meminfo, *};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use tokio::io::AsyncWriteExt;
+use xxhash_rust::xxh3::Xxh3;
+use zc_user::{
+    engine::bpf::{BpfEngine, HELD_RCVBUF, PRESSED_RCVBUF},
+    pressure, sys,
+};
 
 const WINDOW: u64 = 4 << 20;
 const TOTAL: u64 = 64 << 20;
 
+/// The tests take turns: the pressure is the whole process's.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_tcp_memory_pressure_the_kernel_path_queues_nothing() {
+    let _turn = TURN.lock().await;
     let progs = programs();
-    progs.set_cap_shrink(u64::MAX).expect("shrinking the caps");
+    pressure::step_back(&progs, true).expect("stepping back");
     let (carried, holds) = relay_one(&progs, 41).await;
     eprintln!("under pressure: the kernel redirected {carried} of {TOTAL} bytes, {holds} holds");
     assert_eq!(
@@ -27,7 +38,7 @@ async fn under_tcp_memory_pressure_the_kernel_path_queues_nothing() {
     );
     assert!(holds > 0, "the direction was never held");
 
-    progs.set_cap_shrink(0).expect("restoring the caps");
+    pressure::step_back(&progs, false).expect("stepping forward");
     let (carried, holds) = relay_one(&progs, 42).await;
     eprintln!("no pressure: the kernel redirected {carried} of {TOTAL} bytes, {holds} holds");
     // Still shrunk, or a fallback to user space, the kernel carries
@@ -69,4 +80,95 @@ async fn relay_one(progs: &zc_user::ebpf::Programs, seed: u64) -> (u64, u64) {
         .expect("join");
     assert!(!summary.reset, "the relay reset an intact stream");
     (carried, summary.holds)
+}
+
+/// A held socket takes whatever its window promised, even past tcp_mem's
+/// hard limit (TCP charges a segment anyway when the receive queue is
+/// empty, and a sockmap socket's always is), so under pressure a held
+/// socket promises less: a client that pushes while nobody reads leaves
+/// about the smaller buffer in the relay's socket, not the 2 MiB a held
+/// socket has otherwise (1,000 such clients kept the host past the limit
+/// and their drains stalled; BENCHMARKS.md, session 24). Once the
+/// pressure is gone, every byte arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_tcp_memory_pressure_a_held_socket_promises_less() {
+    let _turn = TURN.lock().await;
+    let progs = programs();
+    pressure::step_back(&progs, true).expect("stepping back");
+    let watcher = zc_user::watch::Watcher::start().expect("watcher");
+    let engine = BpfEngine::new(progs.clone(), watcher).with_window(WINDOW);
+    let (mut client, near, far, mut server) = relay_sockets().await;
+    let probe = near.as_fd().try_clone_to_owned().expect("dup");
+    let relay = tokio::spawn(async move { engine.relay(near, far).await.expect("relay") });
+
+    // Push until a write makes no progress for a second: nobody reads.
+    let mut rng = StdRng::seed_from_u64(43);
+    let mut hash = Xxh3::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut pushed = 0u64;
+    loop {
+        assert!(pushed < 1 << 30, "pushed 1 GiB while nobody read");
+        rng.fill(&mut buf[..]);
+        let mut off = 0;
+        while off < buf.len() {
+            match tokio::time::timeout(Duration::from_secs(1), client.write(&buf[off..])).await {
+                Ok(r) => {
+                    let n = r.expect("write");
+                    hash.update(&buf[off..off + n]);
+                    off += n;
+                    pushed += n as u64;
+                }
+                Err(_) => break,
+            }
+        }
+        if off < buf.len() {
+            break;
+        }
+    }
+    let rcvbuf = sys::rcvbuf(probe.as_fd()).expect("SO_RCVBUF");
+    let rmem = meminfo(probe.as_fd()).rmem_alloc;
+    eprintln!(
+        "under pressure: {pushed} bytes pushed, the relay's socket holds {rmem} (buffer {rcvbuf})"
+    );
+    assert_eq!(
+        rcvbuf,
+        2 * PRESSED_RCVBUF as u64,
+        "the held socket's receive buffer is not the one for pressure"
+    );
+    // Its window promised at most the buffer; HELD_RCVBUF (doubled)
+    // would be four times as much.
+    assert!(
+        rmem <= 2 * PRESSED_RCVBUF as u64 + (256 << 10),
+        "the relay's socket holds {rmem} bytes under pressure (buffer {rcvbuf})"
+    );
+    assert!(rmem > 0, "nothing was held: the direction never waited");
+
+    pressure::step_back(&progs, false).expect("stepping forward");
+    let reader = tokio::spawn(async move { (recv_all(&mut server).await, server) });
+    client.shutdown().await.expect("shutdown");
+    let (got, server) = tokio::time::timeout(HANG, reader)
+        .await
+        .expect("the stream stalled after the pressure")
+        .expect("join");
+    let got = got.expect("recv");
+    assert_eq!(
+        (got.bytes, got.hash),
+        (pushed, hash.digest()),
+        "the stream arrived damaged"
+    );
+    let held = sys::rcvbuf(probe.as_fd()).expect("SO_RCVBUF");
+    assert_eq!(
+        held,
+        2 * HELD_RCVBUF as u64,
+        "the held socket kept the pressure's buffer after the pressure"
+    );
+    drop(server);
+    drop(client);
+    let summary = tokio::time::timeout(HANG, relay)
+        .await
+        .expect("relay hung")
+        .expect("join");
+    assert!(!summary.reset, "the relay reset an intact stream");
+    assert!(summary.holds > 0, "the direction was never held");
+    assert_maps_empty(&progs).await;
 }

@@ -25,7 +25,10 @@ use std::{
 use log::debug;
 use zc_common::SockKey;
 
-use super::{Base, HELD_RCVBUF, switch::written};
+use super::{
+    Base, HELD_RCVBUF,
+    switch::{held_rcvbuf, written},
+};
 use crate::{ebpf::Programs, sys};
 
 /// Passed bytes beyond what the socket's receive memory holds past which
@@ -54,6 +57,9 @@ pub(super) struct Brake<'a> {
     saved: Option<(u64, Instant)>,
     /// Bytes written into the source at the last look (they only grow).
     taken: u64,
+    /// The held receive buffer last set ([`held_rcvbuf`]), while released;
+    /// 0 until the first look sets it.
+    held: usize,
 }
 
 impl<'a> Brake<'a> {
@@ -68,6 +74,7 @@ impl<'a> Brake<'a> {
             back,
             saved: None,
             taken: 0,
+            held: 0,
         }
     }
 
@@ -76,6 +83,13 @@ impl<'a> Brake<'a> {
         let sock = self.src.0;
         match self.saved {
             None => {
+                // TCP's memory pressure came or went: what the socket may
+                // promise follows it.
+                let held = held_rcvbuf();
+                if held != self.held {
+                    sys::set_rcvbuf(sock.as_fd(), held)?;
+                    self.held = held;
+                }
                 // Passes made while the other direction's skbs wait in the
                 // queue all wait behind them, so those stop the sender at
                 // OFF already (not below: a release needs a read after it).
@@ -91,7 +105,7 @@ impl<'a> Brake<'a> {
             }
             Some((rcvbuf, since)) if unread < OFF => {
                 self.saved = None;
-                restore(sock, rcvbuf)?;
+                restore(sock, rcvbuf.min(2 * held_rcvbuf() as u64))?;
                 debug!(
                     "passed bytes down to {unread} after {:?}: the sender may go on",
                     since.elapsed()
@@ -128,7 +142,7 @@ impl<'a> Brake<'a> {
 impl Drop for Brake<'_> {
     fn drop(&mut self) {
         if let Some((rcvbuf, _)) = self.saved.take()
-            && let Err(e) = restore(self.src.0, rcvbuf)
+            && let Err(e) = restore(self.src.0, rcvbuf.min(2 * held_rcvbuf() as u64))
         {
             debug!("restoring the receive buffer: {e}");
         }

@@ -61,6 +61,25 @@ pub const DEFAULT_WINDOW: u64 = 8 << 20;
 /// 0 of 20 at 1 MiB).
 pub const HELD_RCVBUF: usize = 1 << 20;
 
+/// SO_RCVBUF of a held socket while TCP's memory is under pressure (see
+/// [`held_rcvbuf`]).
+pub const PRESSED_RCVBUF: usize = 256 << 10;
+
+/// The receive buffer a held socket should have now: [`HELD_RCVBUF`], or
+/// [`PRESSED_RCVBUF`] while TCP's memory is under pressure. A held
+/// socket takes every segment its window promised even past tcp_mem's
+/// hard limit (TCP charges a segment anyway when the receive queue is
+/// empty, and a sockmap socket's always is: its bytes wait in the psock),
+/// so 1,000 held sockets of 2 MiB kept the host past the limit, where
+/// every other socket drops; a smaller buffer promises less.
+pub fn held_rcvbuf() -> usize {
+    if crate::pressure::under() {
+        PRESSED_RCVBUF
+    } else {
+        HELD_RCVBUF
+    }
+}
+
 /// What the kernel spends on skbs beyond their bytes, allowed for in the
 /// bound, as a share of the window (a quarter: 2 MiB at the default):
 /// each skb carries its sk_buff, shared info and page rounding. With the
@@ -228,7 +247,7 @@ impl<'a> Pair<'a> {
         // to tcp_rmem's maximum (32 MiB here). Fixed only from the first
         // hold: a fixed buffer on every relay socket made the kernel path
         // stall now and then (2 of 25 runs of tests/relay_modes.rs).
-        sys::set_rcvbuf(self.socks[src].as_fd(), HELD_RCVBUF)?;
+        sys::set_rcvbuf(self.socks[src].as_fd(), held_rcvbuf())?;
         self.engine.progs.hold(&self.keys[src])?;
         // A verdict run that read the old entry may still be redirecting.
         // It runs under the socket's lock, so taking that lock once (any
