@@ -245,6 +245,7 @@ fn clients_that_never_read_are_measured_then_get_every_byte() {
         "stall 20 conns  kernel MiB/conn",
         "relay sockets MiB/conn",
         "MemAvailable drop MiB total",
+        "TCP mem peak, % of hard limit",
         "auto: 20 stalled clients: the host stays up",
         "bound 5.00 MiB, window 2 MiB",
     ] {
@@ -264,6 +265,10 @@ fn clients_that_never_read_are_measured_then_get_every_byte() {
             "{s}"
         );
         assert!(m["available_drop_mib_total"].is_number(), "{s}");
+        // 20 clients take a few MiB of TCP memory: a share of the limit
+        // above nothing and far below it.
+        let tcp = m["tcp_mem_peak_pct_of_limit"].as_f64();
+        assert!(tcp.is_some_and(|p| p > 0.0 && p < 50.0), "{s}");
         let relay = m["relay_sock_mib_per_conn"].as_f64();
         match s["system"].as_str().expect("system") {
             "direct" => assert!(relay.is_none(), "direct has no relay: {s}"),

@@ -1,7 +1,8 @@
 //! What the kernel holds while a system runs: the memory of the relay's
 //! own sockets (sock_diag, in the relay's namespace, matched by the
-//! inodes its processes' descriptors point at) and the host's Slab and
-//! MemAvailable. A thread samples them every 50 ms and keeps the peaks.
+//! inodes its processes' descriptors point at), the host's Slab and
+//! MemAvailable, and TCP's memory against its hard limit (tcp_mem). A
+//! thread samples them every 50 ms and keeps the peaks.
 use std::{collections::HashSet, sync::mpsc, thread::JoinHandle, time::Duration};
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -30,6 +31,8 @@ pub fn meminfo_kib(field: &str) -> Result<u64> {
 struct HostMem {
     slab_kib: u64,
     available_kib: u64,
+    /// TCP's memory in pages (`/proc/net/sockstat`), where readable.
+    tcp_pages: Option<u64>,
 }
 
 impl HostMem {
@@ -37,8 +40,18 @@ impl HostMem {
         Ok(Self {
             slab_kib: meminfo_kib("Slab")?,
             available_kib: meminfo_kib("MemAvailable")?,
+            tcp_pages: std::fs::read_to_string("/proc/net/sockstat")
+                .ok()
+                .as_deref()
+                .and_then(zc_user::pressure::parse_sockstat),
         })
     }
+}
+
+/// tcp_mem's hard limit in pages, where readable (the host's namespace).
+pub fn tcp_mem_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_mem").ok()?;
+    Some(zc_user::pressure::parse_tcp_mem(&text)?[2])
 }
 
 /// Above this many sockets a dump is cheaper than a lookup each.
@@ -109,6 +122,10 @@ pub struct Peaks {
     pub slab_growth_kib: u64,
     /// MemAvailable below its value at the start.
     pub available_drop_kib: u64,
+    /// The most TCP memory seen, in pages (None: not readable). Past
+    /// tcp_mem's hard limit every TCP socket of the host drops what it
+    /// receives unless its receive queue is empty.
+    pub tcp_pages: Option<u64>,
     pub samples: usize,
 }
 
@@ -167,6 +184,9 @@ fn sample(base: &HostMem, relay: Option<&mut RelaySockets>, peaks: &mut Peaks) -
     peaks.available_drop_kib = peaks
         .available_drop_kib
         .max(base.available_kib.saturating_sub(host.available_kib));
+    if let Some(pages) = host.tcp_pages {
+        peaks.tcp_pages = Some(peaks.tcp_pages.unwrap_or(0).max(pages));
+    }
     if let Some(r) = relay {
         let bytes: u64 = r.read()?.iter().map(SockMem::bytes).sum();
         peaks.relay_sock_bytes = Some(peaks.relay_sock_bytes.unwrap_or(0).max(bytes));

@@ -301,6 +301,11 @@ impl<'a> Summary<'a> {
                 row("  pushed MiB/conn".into(), &|s| {
                     cell(s, "pushed_mib_per_conn")
                 }),
+                // Past 100 every TCP socket of the host drops what it
+                // receives (unless its receive queue is empty).
+                row("  TCP mem peak, % of hard limit".into(), &|s| {
+                    cell(s, "tcp_mem_peak_pct_of_limit")
+                }),
             ],
         }
     }

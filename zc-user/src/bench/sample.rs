@@ -181,6 +181,12 @@ fn record_stall(s: &mut Sample, count: usize, st: &stall::Stall<kmem::Peaks>) {
         );
         put("kernel_mib_per_conn", "kernel_mib_total", mib(bytes) + slab);
     }
+    if let (Some(pages), Some(limit)) = (p.tcp_pages, kmem::tcp_mem_limit()) {
+        s.metrics.insert(
+            "tcp_mem_peak_pct_of_limit",
+            100.0 * pages as f64 / limit as f64,
+        );
+    }
     s.metrics.insert("mismatched_conns", st.mismatched as f64);
     if !st.problems.is_empty() {
         s.intact = false;
