@@ -111,6 +111,10 @@ pub fn watch(progs: Programs) -> io::Result<thread::JoinHandle<()>> {
                     Ok(m) => m,
                     Err(e) => {
                         warn!("reading TCP's memory use: {e}; no longer following it");
+                        // Not left stepped back for good.
+                        if under && let Err(e) = step_back(&progs, false) {
+                            warn!("undoing the step-back: {e:#}");
+                        }
                         return;
                     }
                 };
@@ -127,9 +131,10 @@ pub fn watch(progs: Programs) -> io::Result<thread::JoinHandle<()>> {
                             "TCP memory below {} pages again ({}): the kernel path resumes",
                             mem.low, mem.pages
                         ),
+                        // Tried again at the next look.
                         Err(e) => warn!("following TCP memory pressure: {e:#}"),
                     }
-                    under = now;
+                    under = self::under();
                 }
                 thread::sleep(PERIOD);
             }
@@ -140,9 +145,13 @@ pub fn watch(progs: Programs) -> io::Result<thread::JoinHandle<()>> {
 /// it: every pair's cap shrinks to nothing, so every direction is held,
 /// and held sockets take the smaller receive buffer
 /// (`engine::bpf::switch::held_rcvbuf`); or both are undone.
+///
+/// The flag is the process's (one relay, one set of programs); it changes
+/// only once the caps have.
 pub fn step_back(progs: &Programs, under: bool) -> anyhow::Result<()> {
+    progs.set_cap_shrink(if under { u64::MAX } else { 0 })?;
     UNDER.store(under, Ordering::Relaxed);
-    progs.set_cap_shrink(if under { u64::MAX } else { 0 })
+    Ok(())
 }
 
 #[cfg(test)]

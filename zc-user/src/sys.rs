@@ -270,7 +270,9 @@ pub struct MemInfo {
 /// SO_MEMINFO of `fd`.
 pub fn meminfo(fd: BorrowedFd<'_>) -> io::Result<MemInfo> {
     let mut v = [0u32; 9];
-    getsockopt_u32s(fd, libc::SOL_SOCKET, libc::SO_MEMINFO, &mut v)?;
+    if getsockopt_u32s(fd, libc::SOL_SOCKET, libc::SO_MEMINFO, &mut v)? < 6 {
+        return Err(io::Error::other("SO_MEMINFO came back short"));
+    }
     Ok(MemInfo {
         rmem_alloc: u64::from(v[0]),
         wmem_queued: u64::from(v[5]),
@@ -305,7 +307,7 @@ pub fn getsockopt_u32s(
             return Err(e);
         }
     }
-    Ok(len as usize / mem::size_of::<u32>())
+    Ok((len as usize).div_ceil(mem::size_of::<u32>()))
 }
 
 /// The socket's receive buffer as the kernel keeps it (SO_RCVBUF: twice

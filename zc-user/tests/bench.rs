@@ -266,9 +266,9 @@ fn clients_that_never_read_are_measured_then_get_every_byte() {
         );
         assert!(m["available_drop_mib_total"].is_number(), "{s}");
         // 20 clients take a few MiB of TCP memory: a share of the limit
-        // above nothing and far below it.
+        // above nothing and below all of it.
         let tcp = m["tcp_mem_peak_pct_of_limit"].as_f64();
-        assert!(tcp.is_some_and(|p| p > 0.0 && p < 50.0), "{s}");
+        assert!(tcp.is_some_and(|p| p > 0.0 && p < 100.0), "{s}");
         let relay = m["relay_sock_mib_per_conn"].as_f64();
         match s["system"].as_str().expect("system") {
             "direct" => assert!(relay.is_none(), "direct has no relay: {s}"),

@@ -101,30 +101,7 @@ async fn under_tcp_memory_pressure_a_held_socket_promises_less() {
     let probe = near.as_fd().try_clone_to_owned().expect("dup");
     let relay = tokio::spawn(async move { engine.relay(near, far).await.expect("relay") });
 
-    // Push until a write makes no progress for a second: nobody reads.
-    let mut rng = StdRng::seed_from_u64(43);
-    let mut hash = Xxh3::new();
-    let mut buf = vec![0u8; 256 << 10];
-    let mut pushed = 0u64;
-    loop {
-        assert!(pushed < 1 << 30, "pushed 1 GiB while nobody read");
-        rng.fill(&mut buf[..]);
-        let mut off = 0;
-        while off < buf.len() {
-            match tokio::time::timeout(Duration::from_secs(1), client.write(&buf[off..])).await {
-                Ok(r) => {
-                    let n = r.expect("write");
-                    hash.update(&buf[off..off + n]);
-                    off += n;
-                    pushed += n as u64;
-                }
-                Err(_) => break,
-            }
-        }
-        if off < buf.len() {
-            break;
-        }
-    }
+    let (pushed, hash) = push_until_blocked(&mut client, 43).await;
     let rcvbuf = sys::rcvbuf(probe.as_fd()).expect("SO_RCVBUF");
     let rmem = meminfo(probe.as_fd()).rmem_alloc;
     eprintln!(
@@ -153,7 +130,7 @@ async fn under_tcp_memory_pressure_a_held_socket_promises_less() {
     let got = got.expect("recv");
     assert_eq!(
         (got.bytes, got.hash),
-        (pushed, hash.digest()),
+        (pushed, hash),
         "the stream arrived damaged"
     );
     let held = sys::rcvbuf(probe.as_fd()).expect("SO_RCVBUF");
@@ -171,4 +148,91 @@ async fn under_tcp_memory_pressure_a_held_socket_promises_less() {
     assert!(!summary.reset, "the relay reset an intact stream");
     assert!(summary.holds > 0, "the direction was never held");
     assert_maps_empty(&progs).await;
+}
+
+/// Pressure that comes while a socket is held reaches it: the forwarder
+/// waiting for the reader gives the socket the smaller buffer, and the
+/// full one back once the pressure is gone; every byte arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pressure_that_comes_during_a_hold_shrinks_the_held_buffer() {
+    let _turn = TURN.lock().await;
+    let progs = programs();
+    pressure::step_back(&progs, false).expect("no pressure");
+    let watcher = zc_user::watch::Watcher::start().expect("watcher");
+    let engine = BpfEngine::new(progs.clone(), watcher).with_window(WINDOW);
+    let (mut client, near, far, mut server) = relay_sockets().await;
+    let probe = near.as_fd().try_clone_to_owned().expect("dup");
+    let relay = tokio::spawn(async move { engine.relay(near, far).await.expect("relay") });
+    let (pushed, hash) = push_until_blocked(&mut client, 44).await;
+    let rcvbuf = || sys::rcvbuf(probe.as_fd()).expect("SO_RCVBUF");
+    assert_eq!(
+        rcvbuf(),
+        2 * HELD_RCVBUF as u64,
+        "not held with the full buffer"
+    );
+
+    pressure::step_back(&progs, true).expect("stepping back");
+    let pressed = until(|| rcvbuf() == 2 * PRESSED_RCVBUF as u64).await;
+    assert!(pressed, "the held socket kept {} under pressure", rcvbuf());
+    pressure::step_back(&progs, false).expect("stepping forward");
+    let full = until(|| rcvbuf() == 2 * HELD_RCVBUF as u64).await;
+    assert!(full, "the held socket kept {} after the pressure", rcvbuf());
+
+    let reader = tokio::spawn(async move { (recv_all(&mut server).await, server) });
+    client.shutdown().await.expect("shutdown");
+    let (got, server) = tokio::time::timeout(HANG, reader)
+        .await
+        .expect("the stream stalled")
+        .expect("join");
+    let got = got.expect("recv");
+    assert_eq!(
+        (got.bytes, got.hash),
+        (pushed, hash),
+        "the stream arrived damaged"
+    );
+    drop(server);
+    drop(client);
+    let summary = tokio::time::timeout(HANG, relay)
+        .await
+        .expect("relay hung")
+        .expect("join");
+    assert!(!summary.reset, "the relay reset an intact stream");
+    assert_maps_empty(&progs).await;
+}
+
+/// Polls `ok` every 10 ms for up to 5 s (the forwarder looks every 2 ms
+/// while it waits for a reader); whether it came true.
+async fn until(ok: impl Fn() -> bool) -> bool {
+    for _ in 0..500 {
+        if ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    ok()
+}
+
+/// Writes random bytes until a write makes no progress for a second
+/// (nobody reads); returns how many and their digest.
+async fn push_until_blocked(client: &mut tokio::net::TcpStream, seed: u64) -> (u64, u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut hash = Xxh3::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut pushed = 0u64;
+    loop {
+        assert!(pushed < 1 << 30, "pushed 1 GiB while nobody read");
+        rng.fill(&mut buf[..]);
+        let mut off = 0;
+        while off < buf.len() {
+            match tokio::time::timeout(Duration::from_secs(1), client.write(&buf[off..])).await {
+                Ok(r) => {
+                    let n = r.expect("write");
+                    hash.update(&buf[off..off + n]);
+                    off += n;
+                    pushed += n as u64;
+                }
+                Err(_) => return (pushed, hash.digest()),
+            }
+        }
+    }
 }

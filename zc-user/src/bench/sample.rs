@@ -181,7 +181,7 @@ fn record_stall(s: &mut Sample, count: usize, st: &stall::Stall<kmem::Peaks>) {
         );
         put("kernel_mib_per_conn", "kernel_mib_total", mib(bytes) + slab);
     }
-    if let (Some(pages), Some(limit)) = (p.tcp_pages, kmem::tcp_mem_limit()) {
+    if let (Some(pages), Some(limit)) = (p.tcp_pages, kmem::tcp_mem_limit().filter(|&l| l > 0)) {
         s.metrics.insert(
             "tcp_mem_peak_pct_of_limit",
             100.0 * pages as f64 / limit as f64,

@@ -62,7 +62,11 @@ pub const DEFAULT_WINDOW: u64 = 8 << 20;
 pub const HELD_RCVBUF: usize = 1 << 20;
 
 /// SO_RCVBUF of a held socket while TCP's memory is under pressure (see
-/// [`held_rcvbuf`]).
+/// [`held_rcvbuf`]). The size at which a held socket's recv once failed
+/// with EFAULT ([`HELD_RCVBUF`]), so it applies only under pressure, where
+/// the host past tcp_mem's hard limit is the worse harm: 1,000 stalled
+/// clients and a 64 MiB stream held the whole way at it were carried
+/// whole in every run so far (BENCHMARKS.md, session 24).
 pub const PRESSED_RCVBUF: usize = 256 << 10;
 
 /// The receive buffer a held socket should have now: [`HELD_RCVBUF`], or
