@@ -32,9 +32,7 @@ use zc_common::SockKey;
 use self::switch::{ADAPT_MSGS, Backoff, Forwarded, wait_caught_up};
 pub use self::{
     hand_back::{HandBack, HandedBack},
-    switch::{
-        DEFAULT_SMALL_SKB, DEFAULT_WINDOW, HELD_RCVBUF, PRESSED_RCVBUF, allowance, held_rcvbuf,
-    },
+    switch::{DEFAULT_SMALL_SKB, DEFAULT_WINDOW, HELD_RCVBUF, PRESSED_RCVBUF, allowance},
 };
 use super::{
     Summary,
