@@ -275,11 +275,13 @@ struct RelayArgs {
     #[arg(long, value_name = "BYTES", default_value = "8m", value_parser = zc_user::cli::parse_size)]
     window: u64,
     /// auto mode on the BPF path: a direction whose segments average fewer
-    /// bytes than this is forwarded in user space, where one read takes
-    /// many of them, and goes back to the kernel once they average twice
-    /// this (at most 60 KiB; checked every 512 segments). 0 keeps every
-    /// direction in the kernel, as `--mode bpf` does.
-    #[arg(long, value_name = "BYTES", default_value = "32k", value_parser = zc_user::cli::parse_size)]
+    /// bytes than this in two checks in a row (one every 512 segments) is
+    /// forwarded in user space, where one read takes many of them, and
+    /// goes back to the kernel once they average twice this (at most
+    /// 60 KiB). Bulk writes average about half a full segment (32 KiB on
+    /// loopback), 16 KiB writes 20-25 KiB. 0 keeps every direction in the
+    /// kernel, as `--mode bpf` does.
+    #[arg(long, value_name = "BYTES", default_value = "28k", value_parser = zc_user::cli::parse_size)]
     small_skb: u64,
     /// Most connections relayed at once; further clients wait in the
     /// listen backlog until connections end. The relay takes fewer if its

@@ -136,6 +136,9 @@ struct Pair<'a> {
     /// Each direction's redirected bytes and skbs at its last report, to
     /// tell the average skb size since.
     sampled: [(u64, u64); 2],
+    /// Whether each direction's last sample averaged small skbs: a
+    /// direction moves only after two in a row (see `small_segments`).
+    small_before: [bool; 2],
     /// Set once the sockets went back to their owner (foreign pairs).
     handed_back: Option<HandedBack>,
 }
@@ -395,6 +398,7 @@ impl BpfEngine {
             holds: 0,
             small: 0,
             sampled: Default::default(),
+            small_before: [false; 2],
             handed_back: None,
         };
         let outcome = pair.run(&mut events, &mut limits, &mut hand_back).await;

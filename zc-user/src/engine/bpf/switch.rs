@@ -131,8 +131,15 @@ pub fn allowance(window: u64, dst: BorrowedFd<'_>) -> std::io::Result<u64> {
 /// kernel redirects costs a verdict run, a queue operation and a share of
 /// a worker wake-up, and leaves as a segment of its own; user space reads
 /// many small skbs at once and writes them as one. Measured in
-/// BENCHMARKS.md ("adaptive path").
-pub const DEFAULT_SMALL_SKB: u64 = 32 << 10;
+/// BENCHMARKS.md ("adaptive path", tuning logs 16 and 21).
+///
+/// Not 32 KiB: writes larger than a segment arrive as full skbs
+/// alternating with each write's remainder, so a bulk stream of 64 KiB
+/// writes averages half a full skb, 32,514-32,768 bytes on loopback and
+/// across namespaces, and at 32 KiB moved to user space and back many
+/// times a second. 16 KiB writes average 19.8-24.6 KB (medians), 1 KiB
+/// writes 1-17 KB.
+pub const DEFAULT_SMALL_SKB: u64 = 28 << 10;
 
 /// The average passed-skb size at which a direction moved to user space
 /// for its small skbs goes back to the kernel: twice the threshold, but no
@@ -175,6 +182,9 @@ impl<'a> Pair<'a> {
         how: Forwarded,
     ) -> Result<Task<'a, Forwarded>, Abort> {
         self.forwarding[src] = false;
+        // What the kernel redirects right after a hold is no sign of the
+        // traffic (see `small_segments`).
+        self.small_before[src] = false;
         debug!(
             "side {src}: forwarder ended ({}), {} bytes forwarded",
             matches!(how, Forwarded::Eof)
@@ -274,7 +284,14 @@ impl<'a> Pair<'a> {
     }
 
     /// The average size of the skbs the verdict redirected from `src`
-    /// since its last report, when adaptive and below the threshold.
+    /// since its last report, when adaptive and below the threshold in
+    /// this sample and the one before.
+    ///
+    /// One sample is not enough: the first after a hold, or after the
+    /// start of a stream, can average a few KB for bulk traffic (3.3-4.5
+    /// KB seen for 64 KiB writes both ways on a busy host), and moved
+    /// such streams to user space and back. Small writes stay small for
+    /// sample after sample.
     fn small_segments(&mut self, src: usize) -> Option<u64> {
         if self.engine.small_skb == 0 || self.engine.window == 0 {
             return None;
@@ -284,7 +301,9 @@ impl<'a> Pair<'a> {
         let last = std::mem::replace(&mut self.sampled[src], now);
         let (bytes, msgs) = (now.0 - last.0, now.1 - last.1);
         let avg = bytes.checked_div(msgs)?;
-        (avg < self.engine.small_skb).then_some(avg)
+        let small = avg < self.engine.small_skb;
+        let before = std::mem::replace(&mut self.small_before[src], small);
+        (small && before).then_some(avg)
     }
 }
 
