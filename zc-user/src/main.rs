@@ -278,7 +278,8 @@ struct RelayArgs {
     /// bytes than this in two checks in a row (one every 512 segments) is
     /// forwarded in user space, where one read takes many of them, and
     /// goes back to the kernel once they average twice this (at most
-    /// 60 KiB). Bulk writes average about half a full segment (32 KiB on
+    /// 60 KiB; a direction that keeps coming back stays longer each
+    /// time, up to 256 MiB of forwarding). Bulk writes average about half a full segment (32 KiB on
     /// loopback), 16 KiB writes 20-25 KiB. 0 keeps every direction in the
     /// kernel, as `--mode bpf` does.
     #[arg(long, value_name = "BYTES", default_value = "28k", value_parser = zc_user::cli::parse_size)]

@@ -139,6 +139,9 @@ struct Pair<'a> {
     /// Whether each direction's last sample averaged small skbs: a
     /// direction moves only after two in a row (see `small_segments`).
     small_before: [bool; 2],
+    /// Per direction, while forwarded for its small skbs, or how it last
+    /// came back from that (see [`switch::Dwell`]).
+    dwell: [switch::Dwell; 2],
     /// Set once the sockets went back to their owner (foreign pairs).
     handed_back: Option<HandedBack>,
 }
@@ -399,6 +402,7 @@ impl BpfEngine {
             small: 0,
             sampled: Default::default(),
             small_before: [false; 2],
+            dwell: Default::default(),
             handed_back: None,
         };
         let outcome = pair.run(&mut events, &mut limits, &mut hand_back).await;

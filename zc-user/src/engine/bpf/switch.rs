@@ -151,6 +151,63 @@ fn back_to_kernel_at(small_skb: u64) -> u64 {
     (2 * small_skb).min(60 << 10).max(small_skb)
 }
 
+/// How long a direction moved for its small skbs stays in user space,
+/// in bytes forwarded, before the size of what the verdict passes may
+/// send it back. Passed skbs coalesce while the reader lags (TCP merges
+/// what waits for a busy socket), so 16 KiB writes looked like bulk in
+/// user space (60-260 KB) and like small segments in the kernel (24.5
+/// KB): 29 moves out and back in one second. So the stay doubles each
+/// time a direction comes back for small skbs soon after it left, up to
+/// [`MAX_DWELL`], and starts again at one sample once it stayed away.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Dwell {
+    /// Bytes to forward before a look at the passed skbs counts.
+    bytes: u64,
+    /// The direction's redirected total when it last came back from
+    /// user space, if it did.
+    back_at: Option<u64>,
+    /// Whether the running forwarder came for small skbs.
+    small: bool,
+}
+
+impl Default for Dwell {
+    fn default() -> Self {
+        Self {
+            bytes: ADAPT_SAMPLE,
+            back_at: None,
+            small: false,
+        }
+    }
+}
+
+impl Dwell {
+    /// The direction moves to user space for its small skbs, having
+    /// redirected `sent` in all: returns how much it forwards first.
+    fn leave(&mut self, sent: u64) -> u64 {
+        self.small = true;
+        self.bytes = match self.back_at {
+            Some(at) if sent.saturating_sub(at) < FLAP => (2 * self.bytes).min(MAX_DWELL),
+            _ => ADAPT_SAMPLE,
+        };
+        self.bytes
+    }
+
+    /// A forwarder ended, with the direction's redirected total at `sent`.
+    fn ended(&mut self, sent: u64) {
+        if std::mem::take(&mut self.small) {
+            self.back_at = Some(sent);
+        }
+    }
+}
+
+/// Redirected bytes within which a direction that came back from user
+/// space and leaves again for small skbs counts as flapping.
+const FLAP: u64 = 64 << 20;
+
+/// The longest stay in user space, in bytes forwarded, before a bulk
+/// stream that had flapped may go back to the kernel.
+const MAX_DWELL: u64 = 256 << 20;
+
 impl BpfEngine {
     /// The redirected-skb total at which the verdict should next report a
     /// socket that has sent `f` so far: soon when adaptive, so a direction
@@ -185,6 +242,7 @@ impl<'a> Pair<'a> {
         // What the kernel redirects right after a hold is no sign of the
         // traffic (see `small_segments`).
         self.small_before[src] = false;
+        self.dwell[src].ended(self.flow(src)?.sent);
         debug!(
             "side {src}: forwarder ended ({}), {} bytes forwarded",
             matches!(how, Forwarded::Eof)
@@ -268,6 +326,11 @@ impl<'a> Pair<'a> {
         // setsockopt does) waits it out; every later run sees the hold.
         sys::kick_data_ready(self.socks[src].as_fd())?;
         self.forwarding[src] = true;
+        let stay = if small.is_some() {
+            self.dwell[src].leave(f.sent)
+        } else {
+            0
+        };
         let fwd = Forwarder {
             progs: self.engine.progs.clone(),
             key: self.keys[src],
@@ -278,7 +341,7 @@ impl<'a> Pair<'a> {
             by_user: &self.by_user[src],
             back: (self.keys[dst], &self.by_user[dst]),
             window,
-            small_below: small.map(|_| back_to_kernel_at(self.engine.small_skb)),
+            small_below: small.map(|_| (back_to_kernel_at(self.engine.small_skb), stay)),
         };
         Ok(Some(Box::pin(fwd.run())))
     }
@@ -421,8 +484,9 @@ struct Forwarder<'a> {
     window: u64,
     /// Set when the direction came for its small skbs: it stays in user
     /// space (held) while the skbs the verdict passes average less than
-    /// this, however idle it gets.
-    small_below: Option<u64>,
+    /// the first, however idle it gets, and until it has forwarded the
+    /// second ([`Dwell`]).
+    small_below: Option<(u64, u64)>,
 }
 
 impl Forwarder<'_> {
@@ -451,6 +515,7 @@ impl Forwarder<'_> {
             progs.release(&key, cap(dst, dbase, by_user, window)?)?;
         }
         let mut sample = progs.flow(&key).ok_or(Abort(None))?;
+        let started_at = by_user.load(Ordering::Relaxed);
         log::trace!(
             "{}/{}: forwarder starts: sent {} passed {} by_user {}",
             key.local_port,
@@ -538,11 +603,12 @@ impl Forwarder<'_> {
                     }
                     dst_io.write_all(&buf[..n], by_user).await?;
                     progs.set_forwarded(&key, by_user.load(Ordering::Relaxed))?;
-                    if let Some(below) = small_below {
+                    if let Some((below, stay)) = small_below {
                         let f = progs.flow(&key).ok_or(Abort(None))?;
                         let (bytes, msgs) =
                             (f.passed - sample.passed, f.passed_msgs - sample.passed_msgs);
-                        if bytes >= ADAPT_SAMPLE {
+                        let stayed = by_user.load(Ordering::Relaxed) - started_at >= stay;
+                        if bytes >= ADAPT_SAMPLE && stayed {
                             sample = f;
                             if bytes / msgs.max(1) >= below {
                                 // Bulk again: release, and hand the
