@@ -12,10 +12,7 @@ use std::{os::fd::AsFd, time::Duration};
 
 use common::*;
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use tokio::{
-    io::AsyncReadExt,
-    net::{TcpListener, TcpStream},
-};
+use tokio::io::AsyncReadExt;
 use zc_user::engine::bpf::BpfEngine;
 
 const WINDOW: u64 = 4 << 20;
@@ -432,16 +429,10 @@ async fn small_writes_move_to_user_space_and_bulk_returns_to_the_kernel() {
     let progs = programs();
     let engine = BpfEngine::new(progs.clone(), watcher())
         .with_adaptive(zc_user::engine::bpf::DEFAULT_SMALL_SKB);
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let client = TcpStream::connect(addr).await.expect("connect");
+    let (client, near, far, server) = relay_sockets().await;
     // Small segments, as an interactive client sends them: Nagle would
     // merge the writes whenever an ACK is late.
     client.set_nodelay(true).expect("nodelay");
-    let (near, _) = l.accept().await.expect("accept");
-    let far = TcpStream::connect(addr).await.expect("connect");
-    let (server, _) = l.accept().await.expect("accept");
-    let (near, far) = (near.into_std().expect("std"), far.into_std().expect("std"));
     let relay = tokio::spawn(async move { engine.relay(near, far).await.expect("relay") });
     // The small phase keeps at most IN_FLIGHT bytes ahead of the reader:
     // a writer far ahead of the relay lets TCP merge its writes into large
@@ -525,61 +516,17 @@ async fn small_writes_move_to_user_space_and_bulk_returns_to_the_kernel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_both_ways_stays_in_the_kernel() {
     const EACH: u64 = 512 << 20;
-    const WRITE: usize = 64 << 10;
     let _turn = FLAT_OUT.lock().await;
     let progs = programs();
     let engine = BpfEngine::new(progs.clone(), watcher())
         .with_adaptive(zc_user::engine::bpf::DEFAULT_SMALL_SKB);
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let client = TcpStream::connect(addr).await.expect("connect");
-    let (near, _) = l.accept().await.expect("accept");
-    let far = TcpStream::connect(addr).await.expect("connect");
-    let (server, _) = l.accept().await.expect("accept");
-    let (near, far) = (near.into_std().expect("std"), far.into_std().expect("std"));
+    let (client, near, far, server) = relay_sockets().await;
     let relay = tokio::spawn(async move { engine.relay(near, far).await.expect("relay") });
     // Each end writes 64 KiB at a time and reads what the other sends.
-    let end = |s: TcpStream, seed: u64| {
-        tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt;
-            let (mut rd, mut wr) = s.into_split();
-            let writer = tokio::spawn(async move {
-                let mut h = xxhash_rust::xxh3::Xxh3::new();
-                let mut pattern = zc_user::traffic::Pattern::new(seed);
-                let mut done = 0;
-                while done < EACH {
-                    let buf = pattern.next(WRITE);
-                    wr.write_all(buf).await.expect("write");
-                    h.update(buf);
-                    done += buf.len() as u64;
-                }
-                wr.shutdown().await.expect("shutdown");
-                (h.digest(), wr)
-            });
-            let mut h = xxhash_rust::xxh3::Xxh3::new();
-            let mut buf = vec![0u8; 256 << 10];
-            let mut bytes = 0u64;
-            loop {
-                let n = rd.read(&mut buf).await.expect("read");
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
-                bytes += n as u64;
-            }
-            let (sent, wr) = writer.await.expect("writer");
-            (sent, bytes, h.digest(), rd.reunite(wr).expect("reunite"))
-        })
-    };
-    let (up, down) = (end(client, 31), end(server, 32));
-    let (up, down) = tokio::time::timeout(HANG, async { (up.await, down.await) })
-        .await
-        .expect("stalled");
-    let (up, down) = (up.expect("client"), down.expect("server"));
-    assert_eq!((down.1, up.1), (EACH, EACH), "bytes lost or added");
-    assert_eq!(down.2, up.0, "client -> server arrived damaged");
-    assert_eq!(up.2, down.0, "server -> client arrived damaged");
-    drop((up.3, down.3));
+    let each_end = |s, seed| exchange_sized(s, EACH, Writes::Exactly(64 << 10), seed);
+    let ((up, got_back), (down, got_up)) = tokio::join!(each_end(client, 31), each_end(server, 32));
+    assert_eq!(got_up, up, "client -> server arrived damaged");
+    assert_eq!(got_back, down, "server -> client arrived damaged");
     let summary = tokio::time::timeout(HANG, relay)
         .await
         .expect("relay hung")
@@ -614,56 +561,30 @@ async fn bulk_both_ways_stays_in_the_kernel() {
 /// stays in user space longer each time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_kib_writes_do_not_flap() {
-    use tokio::io::AsyncWriteExt;
     const TOTAL: u64 = 2 << 30;
-    const WRITE: usize = 16 << 10;
     let _turn = FLAT_OUT.lock().await;
     let progs = programs();
     let engine = BpfEngine::new(progs.clone(), watcher())
         .with_adaptive(zc_user::engine::bpf::DEFAULT_SMALL_SKB);
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let client = TcpStream::connect(addr).await.expect("connect");
-    let (near, _) = l.accept().await.expect("accept");
-    let far = TcpStream::connect(addr).await.expect("connect");
-    let (server, _) = l.accept().await.expect("accept");
-    let (near, far) = (near.into_std().expect("std"), far.into_std().expect("std"));
+    let (client, near, far, server) = relay_sockets().await;
     let relay = tokio::spawn(async move { engine.relay(near, far).await.expect("relay") });
+    // Client and server unsplit, the client writing flat out: through
+    // `exchange` (both ends split, the server shutting down at once) the
+    // stream did not flap even without the fix.
     let writer = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
         let mut client = client;
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        let mut pattern = zc_user::traffic::Pattern::new(41);
-        let mut done = 0;
-        while done < TOTAL {
-            let buf = pattern.next(WRITE);
-            client.write_all(buf).await.expect("write");
-            h.update(buf);
-            done += buf.len() as u64;
-        }
+        let sent = send_sized(&mut client, TOTAL, Writes::Exactly(16 << 10), 41).await;
         client.shutdown().await.expect("shutdown");
-        (h.digest(), client)
+        (sent.expect("write"), client)
     });
-    let reader = async move {
-        let mut server = server;
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        let mut buf = vec![0u8; 256 << 10];
-        let mut bytes = 0u64;
-        loop {
-            let n = server.read(&mut buf).await?;
-            if n == 0 {
-                return std::io::Result::Ok((bytes, h.digest(), server));
-            }
-            h.update(&buf[..n]);
-            bytes += n as u64;
-        }
-    };
-    let (got, got_hash, server) = tokio::time::timeout(HANG, reader)
+    let mut server = server;
+    let got = tokio::time::timeout(HANG, recv_all(&mut server))
         .await
         .expect("stalled")
         .expect("recv");
-    let (hash, client) = writer.await.expect("writer");
-    assert_eq!(got, TOTAL, "bytes lost or added");
-    assert_eq!(got_hash, hash, "the stream arrived damaged");
+    let (sent, client) = writer.await.expect("writer");
+    assert_eq!(got, sent, "the stream arrived damaged");
     drop((client, server));
     let summary = tokio::time::timeout(HANG, relay)
         .await

@@ -127,25 +127,55 @@ pub struct Digest {
     pub hash: u64,
 }
 
+/// The sizes a sender writes in.
+#[derive(Clone, Copy, Debug)]
+pub enum Writes {
+    /// Random sizes from 1 byte to this (log-uniform, so both tiny and
+    /// huge writes occur).
+    UpTo(usize),
+    /// Always this many bytes (the last write may be shorter).
+    Exactly(usize),
+}
+
 /// Random bytes from `seed`, written in random sizes from 1 byte to
-/// `max_write` (log-uniform, so both tiny and huge writes occur).
+/// `max_write` (see [`Writes::UpTo`]).
 pub async fn send_random<W: AsyncWriteExt + Unpin>(
     w: &mut W,
     total: u64,
     max_write: usize,
     seed: u64,
 ) -> std::io::Result<Digest> {
+    send_sized(w, total, Writes::UpTo(max_write), seed).await
+}
+
+/// Bytes from `seed`, written in `writes`. Random sizes get random bytes;
+/// fixed sizes come from [`zc_user::traffic::Pattern`], cheap enough that
+/// the sender outruns the relay (filling 16 KiB from the RNG per write
+/// slowed the sender until its reader never lagged).
+pub async fn send_sized<W: AsyncWriteExt + Unpin>(
+    w: &mut W,
+    total: u64,
+    writes: Writes,
+    seed: u64,
+) -> std::io::Result<Digest> {
     let mut rng = StdRng::seed_from_u64(seed);
+    let mut pattern = zc_user::traffic::Pattern::new(seed);
     let mut h = Xxh3::new();
-    let mut buf = vec![0u8; max_write];
+    let mut buf = vec![0u8; if let Writes::UpTo(n) = writes { n } else { 0 }];
     let mut left = total;
     while left > 0 {
-        let bits = rng.random_range(0..=max_write.ilog2());
-        let n = (rng.random_range(1..=(1usize << bits)) as u64).min(left) as usize;
-        rng.fill(&mut buf[..n]);
-        w.write_all(&buf[..n]).await?;
-        h.update(&buf[..n]);
-        left -= n as u64;
+        let chunk = match writes {
+            Writes::UpTo(max) => {
+                let bits = rng.random_range(0..=max.ilog2());
+                let n = (rng.random_range(1..=(1usize << bits)) as u64).min(left) as usize;
+                rng.fill(&mut buf[..n]);
+                &buf[..n]
+            }
+            Writes::Exactly(n) => pattern.next((n as u64).min(left) as usize),
+        };
+        w.write_all(chunk).await?;
+        h.update(chunk);
+        left -= chunk.len() as u64;
     }
     Ok(Digest {
         bytes: total,
@@ -174,9 +204,19 @@ pub async fn recv_all<R: AsyncReadExt + Unpin>(r: &mut R) -> std::io::Result<Dig
 /// Sends `total` random bytes and shuts down the write side while
 /// reading everything the other side sends; returns (sent, received).
 pub async fn exchange(s: TcpStream, total: u64, max_write: usize, seed: u64) -> (Digest, Digest) {
+    exchange_sized(s, total, Writes::UpTo(max_write), seed).await
+}
+
+/// [`exchange`] with the write sizes given.
+pub async fn exchange_sized(
+    s: TcpStream,
+    total: u64,
+    writes: Writes,
+    seed: u64,
+) -> (Digest, Digest) {
     let (mut r, mut w) = s.into_split();
     let send = async move {
-        let d = send_random(&mut w, total, max_write, seed)
+        let d = send_sized(&mut w, total, writes, seed)
             .await
             .expect("sending");
         w.shutdown().await.expect("shutting down the write side");
