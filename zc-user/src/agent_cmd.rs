@@ -163,7 +163,16 @@ pub struct StatsArgs {
 
 pub async fn agent(args: AgentArgs) -> Result<()> {
     crate::raise_fd_limit();
-    // Before anything is touched: one agent per pin directory and socket.
+    if args.short_circuit && !args.cleanup {
+        // Before anything is touched, lock files included: a refusal
+        // changes nothing.
+        let cgroup = args
+            .cgroup
+            .as_deref()
+            .context("--short-circuit needs --cgroup")?;
+        check_short_circuit_cgroup(cgroup)?;
+    }
+    // One agent per pin directory and socket.
     let _locks = take_locks(&args)?;
     if args.cleanup {
         return cleanup(&args);
@@ -180,14 +189,6 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
     } else {
         "not asked for (--short-circuit)".to_string()
     });
-    if args.short_circuit {
-        // Before anything is loaded or attached: a refusal changes nothing.
-        let cgroup = args
-            .cgroup
-            .as_deref()
-            .context("--short-circuit needs --cgroup")?;
-        check_short_circuit_cgroup(cgroup)?;
-    }
     let mut pin_dir = None;
     let path = match args.data_path {
         DataPathArg::Splice => DataPath::Splice(zc_user::agent::metrics::FORCED_SPLICE.into()),

@@ -363,6 +363,12 @@ fn refused(tag: &str, wrap_in: Option<&TestCgroup>, args: &[&str]) -> (Option<i3
     );
     assert!(!Path::new(&pin).exists(), "a refused agent pinned {pin}");
     assert!(!sock.exists(), "a refused agent served {}", sock.display());
+    let lock = zc_user::agent::lock::socket_lock(&sock);
+    assert!(
+        !lock.exists(),
+        "a refused agent left its lock file {}",
+        lock.display()
+    );
     (out.status.code(), err)
 }
 
