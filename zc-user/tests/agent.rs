@@ -652,18 +652,7 @@ fn half_close_through_socat(tag: &str, cork: bool, kill: bool) -> (u64, u64) {
     const N: u64 = 256 << 20;
     const M: u64 = 32 << 20;
     if cork {
-        let on: libc::c_int = 1;
-        // SAFETY: a valid socket and a c_int option of the right size.
-        let rc = unsafe {
-            libc::setsockopt(
-                client.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_CORK,
-                (&raw const on).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "TCP_CORK: {}", std::io::Error::last_os_error());
+        common::set_cork(&client, true);
     }
     let mut c2 = client.try_clone().expect("clone");
     let sent_up = std::thread::spawn(move || {
@@ -707,30 +696,11 @@ fn half_close_through_socat(tag: &str, cork: bool, kill: bool) -> (u64, u64) {
 #[test]
 fn the_short_circuit_carries_same_host_connections_in_its_cgroup() {
     let cgroup = TestCgroup::new("sc");
-    let agent = Agent::start_with(
-        "shortcircuit",
-        &[
-            "--short-circuit",
-            "--cgroup",
-            cgroup.path.to_str().expect("utf-8 path"),
-        ],
-    );
-    let (ok, out, err) = agent.zc(&["status", "--json"]);
-    assert!(ok, "zc status failed: {err}");
-    assert!(out.contains(r#""short_circuit":null"#), "{out}");
-
+    let agent = Agent::start_short_circuit("shortcircuit", &cgroup);
     const SIZE: u64 = 64 << 20;
     let input = agent.dir.join("in");
     let echoed = agent.dir.join("echoed");
-    let mut pattern = traffic::Pattern::new(7);
-    let mut file = std::fs::File::create(&input).expect("input file");
-    let mut left = SIZE;
-    while left > 0 {
-        let buf = pattern.next((1 << 20).min(left as usize));
-        file.write_all(buf).expect("write input");
-        left -= buf.len() as u64;
-    }
-    drop(file);
+    pattern_file(&input, SIZE, 7);
     let mut server = cgroup.spawn("socat TCP-LISTEN:0,bind=127.0.0.1,reuseaddr EXEC:cat");
     let port = listening_port(server.id(), "the echo server");
     let mut client = cgroup.spawn(&format!(

@@ -14,7 +14,6 @@ mod common;
 use std::{
     io::Read as _,
     net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
     time::{Duration, Instant},
 };
 
@@ -196,18 +195,7 @@ fn an_adopted_pair_that_ends_leaves_the_list_and_the_fin_hold() {
     // (TCP_CORK), must reach HAProxy untouched.
     let before = hold_counts(&agent);
     let (mut client, mut up, _) = connect_from(port, &proxy, &server);
-    let on: libc::c_int = 1;
-    // SAFETY: a valid socket and a c_int option of the right size.
-    let rc = unsafe {
-        libc::setsockopt(
-            client.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_CORK,
-            (&raw const on).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "TCP_CORK: {}", std::io::Error::last_os_error());
+    common::set_cork(&client, true);
     let sent = send_n(&mut client, 1000, 23);
     client
         .shutdown(std::net::Shutdown::Write)

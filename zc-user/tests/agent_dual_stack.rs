@@ -8,7 +8,6 @@ mod common;
 
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
     time::{Duration, Instant},
 };
 
@@ -75,18 +74,7 @@ fn kernel_bytes(agent: &Agent) -> u64 {
 /// Sends `n` bytes with its FIN on the last of them (TCP_CORK), then
 /// waits for every byte back from `up` to EOF.
 fn half_close(client: &mut TcpStream, up: &mut TcpStream, n: u64, seed: u64) -> (Digest, Digest) {
-    let on: libc::c_int = 1;
-    // SAFETY: a valid socket and a c_int option of the right size.
-    let rc = unsafe {
-        libc::setsockopt(
-            client.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_CORK,
-            (&raw const on).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "TCP_CORK: {}", std::io::Error::last_os_error());
+    common::set_cork(client, true);
     // The verdict takes everything the client sends (the redirect queue
     // has no bound), so the send ends, and the FIN leaves, while most
     // bytes still wait in the kernel for the server, which reads only

@@ -55,10 +55,10 @@ fn the_answer_riding_on_the_fin_after_ours_arrives_through_the_kernel() {
         assert_eq!(got.len(), REQUEST, "round {round}: the request");
 
         // Corked, the answer and the FIN leave in one segment.
-        set_cork(&server, true);
+        common::set_cork(&server, true);
         server.write_all(ANSWER).expect("answer");
         server.shutdown(Shutdown::Write).expect("server FIN");
-        set_cork(&server, false);
+        common::set_cork(&server, false);
 
         client.set_read_timeout(Some(HANG)).expect("timeout");
         let mut answer = Vec::new();
@@ -87,9 +87,4 @@ fn the_answer_riding_on_the_fin_after_ours_arrives_through_the_kernel() {
             "round {round}: the kernel redirected the request and the answer (BPF counters)"
         );
     }
-}
-
-fn set_cork(s: &TcpStream, on: bool) {
-    zc_user::sys::setsockopt_int(s.as_fd(), libc::IPPROTO_TCP, libc::TCP_CORK, on.into())
-        .expect("TCP_CORK");
 }

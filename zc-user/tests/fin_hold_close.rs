@@ -10,7 +10,6 @@ mod common;
 
 use std::{
     io::{Read as _, Write as _},
-    os::fd::AsRawFd as _,
     time::{Duration, Instant},
 };
 
@@ -29,18 +28,7 @@ fn close_once(agent: Option<&Agent>, cork: bool) -> Duration {
     }
     let [client, server] = &mut socat.ends;
     if cork {
-        let on: libc::c_int = 1;
-        // SAFETY: a valid socket and a c_int option of the right size.
-        let rc = unsafe {
-            libc::setsockopt(
-                client.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_CORK,
-                (&raw const on).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "TCP_CORK: {}", std::io::Error::last_os_error());
+        common::set_cork(client, true);
     }
     let msg = [0x5au8; 4096];
     let start = Instant::now();

@@ -16,7 +16,7 @@ use std::{
 };
 
 use common::{agent::*, process::*};
-use zc_user::traffic::{self, Digest};
+use zc_user::traffic::Digest;
 
 /// Set in a re-run of this test binary to make [`helper`] a process of
 /// the test cgroup: `echo` (serve echoes on 127.0.0.1:0, print the port)
@@ -239,30 +239,11 @@ fn stats(agent: &Agent) -> serde_json::Value {
 #[test]
 fn the_short_circuit_in_its_cgroup_leaves_every_other_program_intact() {
     let cgroup = TestCgroup::new("scsafe");
-    let agent = Agent::start_with(
-        "scsafe",
-        &[
-            "--short-circuit",
-            "--cgroup",
-            cgroup.path.to_str().expect("utf-8 path"),
-        ],
-    );
-    let (ok, out, err) = agent.zc(&["status", "--json"]);
-    assert!(ok, "zc status failed: {err}");
-    assert!(out.contains(r#""short_circuit":null"#), "{out}");
-
+    let agent = Agent::start_short_circuit("scsafe", &cgroup);
     const SIZE: u64 = 64 << 20;
     let input = agent.dir.join("in");
     let echoed = agent.dir.join("echoed");
-    let mut pattern = traffic::Pattern::new(7);
-    let mut file = std::fs::File::create(&input).expect("input file");
-    let mut left = SIZE;
-    while left > 0 {
-        let buf = pattern.next((1 << 20).min(left as usize));
-        file.write_all(buf).expect("write input");
-        left -= buf.len() as u64;
-    }
-    drop(file);
+    pattern_file(&input, SIZE, 7);
     let mut echo = spawn_helper(&cgroup, "echo");
     let port = line_from(&mut echo, "port ");
     let mut client = cgroup.spawn(&format!(

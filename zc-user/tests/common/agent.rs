@@ -29,6 +29,17 @@ impl Agent {
         Self::start_with(tag, &[])
     }
 
+    /// `zc agent --short-circuit --cgroup CGROUP`, checked to say that
+    /// the short-circuit is on.
+    pub fn start_short_circuit(tag: &str, cgroup: &TestCgroup) -> Self {
+        let cg = cgroup.path.to_str().expect("utf-8 path");
+        let agent = Self::start_with(tag, &["--short-circuit", "--cgroup", cg]);
+        let (ok, out, err) = agent.zc(&["status", "--json"]);
+        assert!(ok, "zc status failed: {err}");
+        assert!(out.contains(r#""short_circuit":null"#), "{out}");
+        agent
+    }
+
     pub fn start_with(tag: &str, extra: &[&str]) -> Self {
         Self::start_wrapped(tag, &[], extra)
     }
@@ -813,5 +824,18 @@ pub fn become_member() {
             libc::syscall(libc::SYS_setresuid, nobody, nobody, nobody),
             0
         );
+    }
+}
+
+/// Writes `size` bytes of the traffic pattern from `seed` to `path`.
+pub fn pattern_file(path: &std::path::Path, size: u64, seed: u64) {
+    use std::io::Write as _;
+    let mut pattern = zc_user::traffic::Pattern::new(seed);
+    let mut file = std::fs::File::create(path).expect("input file");
+    let mut left = size;
+    while left > 0 {
+        let buf = pattern.next((1 << 20).min(left as usize));
+        file.write_all(buf).expect("write input");
+        left -= buf.len() as u64;
     }
 }

@@ -328,3 +328,10 @@ pub async fn assert_maps_empty(progs: &Programs) {
 pub fn set_linger_zero(s: &impl AsFd) {
     zc_user::sys::set_reset_on_close(s.as_fd()).expect("SO_LINGER");
 }
+
+/// Turns TCP_CORK on or off: with it on, the last bytes and the FIN of a
+/// shutdown leave in one segment.
+pub fn set_cork(s: &impl AsFd, on: bool) {
+    zc_user::sys::setsockopt_int(s.as_fd(), libc::IPPROTO_TCP, libc::TCP_CORK, on.into())
+        .expect("TCP_CORK");
+}
