@@ -411,13 +411,7 @@ mod tests {
     async fn a_stopped_owner_is_traced_still_and_runs_again_once_released() {
         root();
         let (mut child, p) = sleeper();
-        let s = stop(
-            std::slice::from_ref(&p),
-            Duration::from_secs(1),
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("stop");
+        let s = hold(&p).await;
         assert_eq!(states(child.id()), vec!['t'], "a tracing stop");
         s.release().await;
         assert!(
@@ -427,6 +421,17 @@ mod tests {
         );
         child.kill().expect("kill");
         child.wait().expect("wait");
+    }
+
+    /// Stops `p` within a second, for at most 10 s.
+    async fn hold(p: &Arc<Process>) -> Stopped {
+        stop(
+            std::slice::from_ref(p),
+            Duration::from_secs(1),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("stop")
     }
 
     /// Waits (up to 10 s) until every thread of `pid` is in `state`.
@@ -448,13 +453,7 @@ mod tests {
     async fn a_signal_sent_during_the_stop_is_delivered_after_it() {
         root();
         let (mut child, p) = sleeper();
-        let s = stop(
-            std::slice::from_ref(&p),
-            Duration::from_secs(1),
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("stop");
+        let s = hold(&p).await;
         p.signal(rustix::process::Signal::USR1).expect("SIGUSR1");
         assert_eq!(states(child.id()), vec!['t'], "still held");
         s.release().await;
@@ -469,13 +468,7 @@ mod tests {
         let (mut child, p) = sleeper();
         p.signal(rustix::process::Signal::STOP).expect("SIGSTOP");
         wait_for(child.id(), 'T');
-        let s = stop(
-            std::slice::from_ref(&p),
-            Duration::from_secs(1),
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("stop");
+        let s = hold(&p).await;
         // SIGCONT does not wake a thread in a ptrace stop.
         p.signal(rustix::process::Signal::CONT).expect("SIGCONT");
         assert_eq!(states(child.id()), vec!['t']);
@@ -483,13 +476,7 @@ mod tests {
         wait_for(child.id(), 'S');
         p.signal(rustix::process::Signal::STOP).expect("SIGSTOP");
         wait_for(child.id(), 'T');
-        let s = stop(
-            std::slice::from_ref(&p),
-            Duration::from_secs(1),
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("stop");
+        let s = hold(&p).await;
         s.release().await;
         // Detached, it takes up the group stop again (kernel/ptrace.c,
         // __ptrace_unlink), passing through a moment of running.
@@ -520,13 +507,7 @@ mod tests {
         }
         let mut most = 0;
         for _ in 0..20 {
-            let s = stop(
-                std::slice::from_ref(&p),
-                Duration::from_secs(1),
-                Duration::from_secs(10),
-            )
-            .await
-            .expect("stop");
+            let s = hold(&p).await;
             let now = states(child.id());
             assert!(now.iter().all(|&c| c == 't'), "{now:?}");
             most = most.max(now.len());
