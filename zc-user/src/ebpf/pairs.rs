@@ -171,14 +171,7 @@ impl Programs {
     /// arrives), until it closes: taking it out would drop what the
     /// kernel still queues for it.
     pub fn forget(&self, keys: &[SockKey]) {
-        let carried: u64 = keys
-            .iter()
-            .filter_map(|k| self.counters(k))
-            .map(|c| c.bytes)
-            .sum();
-        self.retired
-            .fetch_add(carried, std::sync::atomic::Ordering::Relaxed);
-        let failed = self.failed_of(keys);
+        let failed = self.retire_carried(keys);
         let mut m = self.maps();
         for k in keys {
             let _ = m.peers.remove(k);
@@ -208,14 +201,7 @@ impl Programs {
     /// program maps before `TARGETS`, so no redirect targets a socket that
     /// is half removed.
     pub fn unpair(&self, keys: &[SockKey]) {
-        let carried: u64 = keys
-            .iter()
-            .filter_map(|k| self.counters(k))
-            .map(|c| c.bytes)
-            .sum();
-        self.retired
-            .fetch_add(carried, std::sync::atomic::Ordering::Relaxed);
-        let failed = self.failed_of(keys);
+        let failed = self.retire_carried(keys);
         remove_locked(&mut self.maps(), keys);
         self.retire_failed(failed);
         let mut l = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
@@ -226,11 +212,16 @@ impl Programs {
 }
 
 impl Programs {
-    fn failed_of(&self, keys: &[SockKey]) -> u64 {
-        keys.iter()
+    /// Adds what the sockets of `keys` carried to the retired total, and
+    /// returns their failed redirects for [`Self::retire_failed`].
+    fn retire_carried(&self, keys: &[SockKey]) -> u64 {
+        let (carried, failed) = keys
+            .iter()
             .filter_map(|k| self.counters(k))
-            .map(|c| c.failed)
-            .sum()
+            .fold((0, 0), |(b, f), c| (b + c.bytes, f + c.failed));
+        self.retired
+            .fetch_add(carried, std::sync::atomic::Ordering::Relaxed);
+        failed
     }
 
     /// Added once the counters are gone, so that a scrape in between
