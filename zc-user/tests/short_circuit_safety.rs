@@ -153,7 +153,10 @@ fn local_listener() -> (TcpListener, SocketAddr) {
 /// returns the relay's log.
 fn through_relay(mode: &str, n: u64) -> String {
     let (server, upstream) = local_listener();
-    let mut relay = RelayProcess::start(upstream, &["--mode", mode], &[], false);
+    // A stall of the adaptive path was seen here once (CI, read timeout
+    // with 16 MiB each way): its debug log says where a direction stood.
+    let debug = [("RUST_LOG", "info,zc_user::engine=debug")];
+    let mut relay = RelayProcess::start(upstream, &["--mode", mode], &debug, false);
     let mut c = relay.connect();
     let mut up = accept_upstream(&server);
     exchange(&mut c, &mut up, n);

@@ -174,10 +174,18 @@ impl RelayProcess {
 
 impl Drop for RelayProcess {
     /// A test that fails midway must not leave a relay (and its loaded
-    /// programs) behind for the next test.
+    /// programs) behind for the next test, and shows what the relay said.
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            let mut log = std::mem::take(&mut self.seen);
+            while let Ok(line) = self.log.recv_timeout(Duration::from_secs(1)) {
+                log.push_str(&line);
+                log.push('\n');
+            }
+            eprintln!("the relay's log, up to the failure:\n{log}");
+        }
     }
 }
 
