@@ -194,10 +194,7 @@ async fn switch_at_random(
     let (sent_back, sw) = down.await.expect("join");
     let carried = progs.counters(&near_key).expect("counters").bytes;
     drop((cw, sw));
-    let summary = tokio::time::timeout(HANG, relay)
-        .await
-        .expect("relay hung")
-        .expect("join");
+    let summary = ended(relay).await;
     eprintln!(
         "{} holds, {} moves for small skbs; client->server: the kernel redirected {carried} of \
          {total} bytes",
@@ -427,13 +424,10 @@ async fn small_writes_move_to_user_space_and_bulk_returns_to_the_kernel() {
     // 256 MiB once in CI, against 230-259 MB alone.
     let _turn = FLAT_OUT.lock().await;
     let progs = programs();
-    let engine = BpfEngine::new(progs.clone(), watcher())
-        .with_adaptive(zc_user::engine::bpf::DEFAULT_SMALL_SKB);
-    let (client, near, far, server) = relay_sockets().await;
+    let (client, server, relay) = adaptive_relay(&progs).await;
     // Small segments, as an interactive client sends them: Nagle would
     // merge the writes whenever an ACK is late.
     client.set_nodelay(true).expect("nodelay");
-    let relay = tokio::spawn(async move { engine.relay(near, far).await.expect("relay") });
     // The small phase keeps at most IN_FLIGHT bytes ahead of the reader:
     // a writer far ahead of the relay lets TCP merge its writes into large
     // skbs in the relay's receive queue, and then they are not small.
@@ -486,10 +480,7 @@ async fn small_writes_move_to_user_space_and_bulk_returns_to_the_kernel() {
     assert_eq!(got_bytes, SMALL + BULK);
     assert_eq!(got_hash, hash, "the stream arrived damaged");
     drop((client, server));
-    let summary = tokio::time::timeout(HANG, relay)
-        .await
-        .expect("relay hung")
-        .expect("join");
+    let summary = ended(relay).await;
     let carried = progs.kernel_bytes();
     eprintln!(
         "{} moves to user space for small skbs; the kernel carried {carried} of {} bytes",
@@ -506,6 +497,32 @@ async fn small_writes_move_to_user_space_and_bulk_returns_to_the_kernel() {
     );
 }
 
+/// A relay through the adaptive path at the default threshold: the
+/// client's end, the server's end and the relay's task.
+async fn adaptive_relay(
+    progs: &zc_user::ebpf::Programs,
+) -> (
+    tokio::net::TcpStream,
+    tokio::net::TcpStream,
+    tokio::task::JoinHandle<zc_user::engine::Summary>,
+) {
+    let engine = BpfEngine::new(progs.clone(), watcher())
+        .with_adaptive(zc_user::engine::bpf::DEFAULT_SMALL_SKB);
+    let (client, near, far, server) = relay_sockets().await;
+    let relay = tokio::spawn(async move { engine.relay(near, far).await.expect("relay") });
+    (client, server, relay)
+}
+
+/// What the relay says once both its directions ended (within `HANG`).
+async fn ended(
+    relay: tokio::task::JoinHandle<zc_user::engine::Summary>,
+) -> zc_user::engine::Summary {
+    tokio::time::timeout(HANG, relay)
+        .await
+        .expect("relay hung")
+        .expect("join")
+}
+
 /// Bulk both ways at once through the adaptive path stays in the kernel.
 /// Writes larger than a segment reach the relay as full skbs alternating
 /// with each write's remainder (65,483 and 53 bytes on loopback), so the
@@ -518,19 +535,13 @@ async fn bulk_both_ways_stays_in_the_kernel() {
     const EACH: u64 = 512 << 20;
     let _turn = FLAT_OUT.lock().await;
     let progs = programs();
-    let engine = BpfEngine::new(progs.clone(), watcher())
-        .with_adaptive(zc_user::engine::bpf::DEFAULT_SMALL_SKB);
-    let (client, near, far, server) = relay_sockets().await;
-    let relay = tokio::spawn(async move { engine.relay(near, far).await.expect("relay") });
+    let (client, server, relay) = adaptive_relay(&progs).await;
     // Each end writes 64 KiB at a time and reads what the other sends.
     let each_end = |s, seed| exchange_sized(s, EACH, Writes::Exactly(64 << 10), seed);
     let ((up, got_back), (down, got_up)) = tokio::join!(each_end(client, 31), each_end(server, 32));
     assert_eq!(got_up, up, "client -> server arrived damaged");
     assert_eq!(got_back, down, "server -> client arrived damaged");
-    let summary = tokio::time::timeout(HANG, relay)
-        .await
-        .expect("relay hung")
-        .expect("join");
+    let summary = ended(relay).await;
     let carried = progs.kernel_bytes();
     eprintln!(
         "{} moves to user space for small skbs, {} holds; the kernel carried {carried} of {} bytes",
@@ -564,10 +575,7 @@ async fn sixteen_kib_writes_do_not_flap() {
     const TOTAL: u64 = 2 << 30;
     let _turn = FLAT_OUT.lock().await;
     let progs = programs();
-    let engine = BpfEngine::new(progs.clone(), watcher())
-        .with_adaptive(zc_user::engine::bpf::DEFAULT_SMALL_SKB);
-    let (client, near, far, server) = relay_sockets().await;
-    let relay = tokio::spawn(async move { engine.relay(near, far).await.expect("relay") });
+    let (client, server, relay) = adaptive_relay(&progs).await;
     // Client and server unsplit, the client writing flat out: through
     // `exchange` (both ends split, the server shutting down at once) the
     // stream did not flap even without the fix.
@@ -586,10 +594,7 @@ async fn sixteen_kib_writes_do_not_flap() {
     let (sent, client) = writer.await.expect("writer");
     assert_eq!(got, sent, "the stream arrived damaged");
     drop((client, server));
-    let summary = tokio::time::timeout(HANG, relay)
-        .await
-        .expect("relay hung")
-        .expect("join");
+    let summary = ended(relay).await;
     let carried = progs.kernel_bytes();
     eprintln!(
         "{} moves to user space for small skbs, {} holds, in {TOTAL} bytes of 16 KiB writes; \
