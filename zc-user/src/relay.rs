@@ -723,8 +723,9 @@ fn access_line(
 ) -> String {
     let path = match engine {
         Engine::Bpf(_) if s.holds + s.small > 0 || by_user > 0 => format!(
-            "bpf ({} holds, {} moves for small segments; {by_user} bytes through user space)",
-            s.holds, s.small
+            "bpf ({} holds, {} moves for small segments; {by_user} bytes through user space, \
+             {} of them for small segments)",
+            s.holds, s.small, s.small_bytes
         ),
         Engine::Bpf(_) => "bpf".to_string(),
         Engine::Splice(_) => "splice".to_string(),

@@ -420,8 +420,7 @@ async fn small_writes_move_to_user_space_and_bulk_returns_to_the_kernel() {
     const SMALL: u64 = 4 << 20;
     const BULK: u64 = 256 << 20;
     // Beside a flat-out test the reader lags and window holds move much
-    // of the bulk through user space: the kernel carried 133 MB of the
-    // 256 MiB once in CI, against 230-259 MB alone.
+    // of the bulk through user space (see the assertions at the end).
     let _turn = FLAT_OUT.lock().await;
     let progs = programs();
     let (client, server, relay) = adaptive_relay(&progs).await;
@@ -483,17 +482,31 @@ async fn small_writes_move_to_user_space_and_bulk_returns_to_the_kernel() {
     let summary = ended(relay).await;
     let carried = progs.kernel_bytes();
     eprintln!(
-        "{} moves to user space for small skbs; the kernel carried {carried} of {} bytes",
+        "{} moves to user space for small skbs ({} bytes forwarded there), {} holds; \
+         the kernel carried {carried} of {} bytes",
         summary.small,
+        summary.small_bytes,
+        summary.holds,
         SMALL + BULK
     );
     assert!(
         summary.small >= 1,
         "64-byte writes never left the kernel path"
     );
+    // The stay for small skbs ends within a sample or two of the bulk
+    // (4.7-6.2 MB forwarded for the 4 MiB of small writes, alone and
+    // beside two busy loops); without the way back it is the whole stream.
     assert!(
-        carried >= BULK / 2,
-        "the bulk phase stayed in user space: the kernel carried only {carried} bytes"
+        summary.small_bytes <= SMALL + (4 << 20),
+        "the bulk phase stayed in user space for small skbs: {} bytes forwarded there",
+        summary.small_bytes
+    );
+    // Then the kernel carries the bulk, all but what window holds move
+    // (the reader lags beside other work: 129 MB of the 256 MiB with two
+    // busy loops, 89 MB once in CI).
+    assert!(
+        carried >= BULK / 8,
+        "the bulk phase never ran in the kernel: it carried only {carried} bytes"
     );
 }
 

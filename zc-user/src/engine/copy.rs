@@ -94,6 +94,7 @@ pub fn finish(
         cause,
         holds: 0,
         small: 0,
+        small_bytes: 0,
     }
 }
 

@@ -29,6 +29,10 @@ pub struct Summary {
     /// BPF engine with the adaptive path: times a direction of small skbs
     /// was moved to user space.
     pub small: u64,
+    /// BPF engine with the adaptive path: of the bytes user space moved,
+    /// those it forwarded while a direction was there for its small skbs
+    /// (the rest went through user space for a slow reader).
+    pub small_bytes: u64,
 }
 
 /// Which data path moves the bytes.

@@ -129,6 +129,9 @@ struct Pair<'a> {
     /// Bytes of each direction moved by user space: copied (not in relay)
     /// or forwarded (passed by the verdict while held).
     by_user: &'a [AtomicU64; 2],
+    /// Of `by_user`, the bytes forwarded while a direction was in user
+    /// space for its small skbs.
+    small_bytes: &'a [AtomicU64; 2],
     /// Times a direction was held back (moved to user space).
     holds: u64,
     /// Times a direction of small skbs was moved to user space.
@@ -386,6 +389,7 @@ impl BpfEngine {
             }
         }
         let by_user: &[AtomicU64; 2] = &by_user;
+        let small_bytes: [AtomicU64; 2] = Default::default();
         // Dropped (deregistered) before `a` and `b`, which close last.
         let io = io::Registrations::default();
         let mut pair = Pair {
@@ -398,6 +402,7 @@ impl BpfEngine {
             forwarding: [false; 2],
             done: [false; 2],
             by_user,
+            small_bytes: &small_bytes,
             holds: 0,
             small: 0,
             sampled: Default::default(),
@@ -432,6 +437,7 @@ impl BpfEngine {
             cause,
             holds: pair.holds,
             small: pair.small,
+            small_bytes: small_bytes.iter().map(|b| b.load(Ordering::Relaxed)).sum(),
         })
     }
 }

@@ -339,6 +339,7 @@ impl<'a> Pair<'a> {
             dst: (self.socks[dst], self.base[dst]),
             dst_io: self.io(dst)?,
             by_user: &self.by_user[src],
+            small_bytes: &self.small_bytes[src],
             back: (self.keys[dst], &self.by_user[dst]),
             window,
             small_below: small.map(|_| (back_to_kernel_at(self.engine.small_skb), stay)),
@@ -476,6 +477,8 @@ struct Forwarder<'a> {
     dst: (&'a TcpStream, Base),
     dst_io: &'a super::io::SockIo,
     by_user: &'a AtomicU64,
+    /// Of `by_user`, what was forwarded while `small_below` was set.
+    small_bytes: &'a AtomicU64,
     /// The other direction (see [`Brake`]).
     back: (SockKey, &'a AtomicU64),
     /// The hold lasts until fewer than half this many bytes wait for the
@@ -499,6 +502,7 @@ impl Forwarder<'_> {
             dst: (dst, dbase),
             dst_io,
             by_user,
+            small_bytes,
             back,
             window,
             mut small_below,
@@ -604,6 +608,7 @@ impl Forwarder<'_> {
                     dst_io.write_all(&buf[..n], by_user).await?;
                     progs.set_forwarded(&key, by_user.load(Ordering::Relaxed))?;
                     if let Some((below, stay)) = small_below {
+                        small_bytes.fetch_add(n as u64, Ordering::Relaxed);
                         let f = progs.flow(&key).ok_or(Abort(None))?;
                         let (bytes, msgs) =
                             (f.passed - sample.passed, f.passed_msgs - sample.passed_msgs);
