@@ -12,7 +12,7 @@ use std::{
     os::fd::AsRawFd as _,
     path::Path,
     process::{Child, Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use common::{agent::*, process::*};
@@ -162,13 +162,20 @@ fn through_relay(mode: &str, n: u64) -> String {
     exchange(&mut c, &mut up, n);
     drop((c, up));
     let (_, log) = relay.stop();
-    eprintln!("zc relay --mode {mode}: {n} bytes each way intact");
+    // Its access line says how long the connection took and, in bpf
+    // mode, what went through user space.
+    let access = log.lines().find(|l| l.contains(" bytes up, "));
+    eprintln!(
+        "zc relay --mode {mode}: {n} bytes each way intact; {}",
+        access.unwrap_or("no access line")
+    );
     log
 }
 
 /// HAProxy forced to splice both ways: one long stream and many short
 /// connections, every byte checked.
 fn through_haproxy_splice(dir: &Path, n: u64, short: u32) {
+    let started = Instant::now();
     let (server, upstream) = local_listener();
     let (front, addr) = local_listener();
     let _proxy = Proxy::haproxy_with(
@@ -193,7 +200,10 @@ fn through_haproxy_splice(dir: &Path, n: u64, short: u32) {
         let mut up = accept_upstream(&server);
         exchange(&mut c, &mut up, 64 << 10);
     }
-    eprintln!("HAProxy splicing: {n} bytes each way and {short} short connections intact");
+    eprintln!(
+        "HAProxy splicing: {n} bytes each way and {short} short connections intact in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
 }
 
 /// A FIONREAD client of ours reading `n` bytes from a server of ours.

@@ -310,7 +310,15 @@ impl<'a> Pair<'a> {
                 self.small += 1;
             }
             None => {
-                debug!("holding side {src}: a window of bytes waits in the kernel for side {dst}");
+                // How much waits now, against the cap the verdict met:
+                // far less means the reader had caught up by now, and the
+                // cap the verdict met was an old one.
+                let now = waiting(f.sent, self.socks[dst], self.base[dst], &self.by_user[src])?;
+                debug!(
+                    "holding side {src}: the verdict met its cap; {now} bytes wait in the \
+                     kernel for side {dst} now (allowance {})",
+                    allowance(window, self.socks[dst].as_fd())?
+                );
                 self.holds += 1;
             }
         }
