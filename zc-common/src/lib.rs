@@ -132,7 +132,16 @@ pub struct Peer {
     /// `BY_COOKIE`, else 0: the verdict finds a socket by its cookie once
     /// its key no longer reads right (see `zc_verdict`).
     pub cookie: u64,
+    /// The destination's `bytes_acked` (TCP_INFO) when user space set
+    /// `cap`, or [`ACKED_UNKNOWN`]. At the cap the verdict reads the
+    /// destination's count now and moves the cap by what was acknowledged
+    /// since, so a cap user space has not moved yet holds nothing back
+    /// from a reader that has caught up.
+    pub acked_at: u64,
 }
+
+/// [`Peer::acked_at`] when the cap was not set from an acknowledged count.
+pub const ACKED_UNKNOWN: u64 = u64::MAX;
 
 /// What the verdict program did with a relay socket's bytes. Written only
 /// by the program.
@@ -217,7 +226,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<SockKey>(), 8 + 4 * 3 + 16 * 2 + 4);
         assert_eq!(
             core::mem::size_of::<Peer>(),
-            core::mem::size_of::<SockKey>() + 4 * 4 + 8 * 4
+            core::mem::size_of::<SockKey>() + 4 * 4 + 8 * 5
         );
         assert_eq!(core::mem::offset_of!(Peer, limit) % 8, 0);
         assert_eq!(core::mem::size_of::<Counters>(), 24);

@@ -152,15 +152,18 @@ pub(crate) fn enrol(ctx: &SockOpsContext, mut key: SockKey, server: bool) {
     if !server {
         return;
     }
-    let peer = |k| Peer {
-        key: k,
+    // One value on the stack, its key swapped between the two inserts:
+    // sockops has little stack to spare.
+    let mut peer = Peer {
+        key: client,
         kind: PEER_LOCAL,
         ..Peer::default()
     };
-    for (k, p) in [(&key, client), (&client, key)] {
-        let _ = COUNTERS.insert(k, &Counters::default(), 0);
-        let _ = PEERS.insert(k, &peer(p), 0);
-    }
+    let _ = COUNTERS.insert(&key, &Counters::default(), 0);
+    let _ = PEERS.insert(&key, &peer, 0);
+    peer.key = key;
+    let _ = COUNTERS.insert(&client, &Counters::default(), 0);
+    let _ = PEERS.insert(&client, &peer, 0);
     sc_add(SC_CONNECTIONS, 1);
 }
 

@@ -12,9 +12,12 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use aya_log_ebpf::debug;
-use zc_common::{EVENTS_BYTES, Flow, MAX_SOCKETS, PEER_RELAY, Peer, SockKey};
+use zc_common::{ACKED_UNKNOWN, EVENTS_BYTES, Flow, MAX_SOCKETS, PEER_RELAY, Peer, SockKey};
 
-use crate::maps::{NO_PREALLOC, PEERS, count};
+use crate::{
+    maps::{NO_PREALLOC, PEERS, count},
+    sock::sock_addr,
+};
 
 #[map]
 static TARGETS: SockHash<SockKey> = SockHash::with_max_entries(MAX_SOCKETS, 0);
@@ -65,6 +68,51 @@ static CAP_SHRINK: Array<u64> = Array::with_max_entries(1, 0);
 static SKB_CONFIG: Array<u64> = Array::with_max_entries(2, 0);
 const SKB_STRP_OFFSET: u32 = 0;
 const SKB_TCP_SEQ: u32 = 1;
+
+/// The offset of `tcp_sock.bytes_acked`, set by user space from BTF (0:
+/// unknown, and the cap stays where user space last put it).
+#[map]
+static BYTES_ACKED_AT: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Whether redirecting `len` more bytes would take the direction past its
+/// cap. User space moves the cap each half window, but it may run late
+/// (a busy host leaves its thread waiting for a CPU for milliseconds,
+/// while a bulk stream moves megabytes): a reader that had caught up was
+/// then held, and a hold lasts until the sender pauses. So past the cap
+/// the verdict reads what the destination's reader has acknowledged
+/// since and moves the cap by that, as user space would. Under memory
+/// pressure the shrunk cap applies as it is.
+#[inline(always)]
+fn over_cap(peer: &Peer, sent: u64, len: u32) -> bool {
+    if peer.cap == 0 {
+        return false;
+    }
+    let shrink = CAP_SHRINK.get(0).copied().unwrap_or(0);
+    let want = sent + u64::from(len);
+    let cap = peer.cap.saturating_sub(shrink);
+    if want <= cap {
+        return false;
+    }
+    if shrink != 0 || peer.acked_at == ACKED_UNKNOWN {
+        return true;
+    }
+    match dst_bytes_acked(&peer.key) {
+        Some(now) if now >= peer.acked_at => want > cap + (now - peer.acked_at),
+        _ => true,
+    }
+}
+
+/// The destination's `tcp_sock.bytes_acked`, read through BTF's offset.
+#[inline(always)]
+fn dst_bytes_acked(dst: &SockKey) -> Option<u64> {
+    let at = BYTES_ACKED_AT.get(0).copied().unwrap_or(0);
+    if at == 0 {
+        return None;
+    }
+    let addr = sock_addr(&raw const TARGETS as *mut c_void, dst)?;
+    // SAFETY: a probe read of kernel memory; a bad address is an error.
+    unsafe { bpf_probe_read_kernel((addr + at) as *const u64).ok() }
+}
 
 /// Tells user space once when the socket's redirected total passes the
 /// armed limit, so it can compare with what the destination has taken:
@@ -279,10 +327,7 @@ fn verdict(ctx: &SkBuffContext, parsed: bool, offset: u32) -> u32 {
         // pass too, so the bytes count against this socket's receive
         // buffer and TCP flow control stops the sender, and tell user
         // space, which forwards them once the reader caught up.
-        let shrink = CAP_SHRINK.get(0).copied().unwrap_or(0);
-        let capped =
-            peer.cap != 0 && (*flow).sent + u64::from(len) > peer.cap.saturating_sub(shrink);
-        if peer.hold != 0 || (*flow).passed != forwarded || capped {
+        if peer.hold != 0 || (*flow).passed != forwarded || over_cap(&peer, (*flow).sent, len) {
             (*flow).passed += u64::from(len);
             (*flow).passed_msgs += 1;
             // Not held: user space may not know that passed bytes wait

@@ -23,7 +23,7 @@ use crate::ebpf::{HOLD_LINK_PREFIX, PINNED};
 /// (`BPF_F_NO_PREALLOC`); 5: `SockKey` names the socket's network
 /// namespace, and the verdict finds every key through `BY_COOKIE`;
 /// earlier pins carry no version.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 const LAYOUT_PREFIX: &str = "layout-v";
 

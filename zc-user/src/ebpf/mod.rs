@@ -31,8 +31,10 @@ use aya::{
 use zc_common::{Counters, Flow, Peer, Recorded, SockKey};
 
 pub use self::{
-    fin_hold::HOLD_LINK_PREFIX, pairs::PairError, short_circuit::ShortCircuitTotals,
-    verdict::RelayPairing,
+    fin_hold::HOLD_LINK_PREFIX,
+    pairs::PairError,
+    short_circuit::ShortCircuitTotals,
+    verdict::{Cap, RelayPairing},
 };
 
 /// The object built from `zc-ebpf` by build.rs.

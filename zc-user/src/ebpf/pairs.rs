@@ -109,6 +109,8 @@ impl Programs {
                 msg_limit: u64::MAX,
                 cap,
                 cookie,
+                // No count yet: the first report sets one (half a window in).
+                acked_at: zc_common::ACKED_UNKNOWN,
             };
             m.peers
                 .insert(ka, peer(kb, cookies[0], caps[0]), 0)

@@ -36,6 +36,25 @@ pub struct RelayPairing {
     pub in_relay: [bool; 2],
 }
 
+/// A direction's cap ([`Peer::cap`]) and the destination's acknowledged
+/// count it was reckoned from ([`Peer::acked_at`]), which lets the verdict
+/// move it on by itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cap {
+    pub total: u64,
+    pub acked_at: u64,
+}
+
+impl Cap {
+    /// A cap the verdict keeps where it is.
+    pub fn fixed(total: u64) -> Self {
+        Self {
+            total,
+            acked_at: zc_common::ACKED_UNKNOWN,
+        }
+    }
+}
+
 impl Programs {
     /// Joins two connected TCP sockets so that what arrives on one leaves
     /// through the other, in the kernel.
@@ -195,13 +214,13 @@ impl Programs {
         key: &SockKey,
         limit: u64,
         msg_limit: u64,
-        cap: u64,
+        cap: Cap,
         arm: bool,
     ) -> Result<(), PairError> {
         self.update_peer(key, |p| {
             p.limit = limit;
             p.msg_limit = msg_limit;
-            p.cap = cap;
+            (p.cap, p.acked_at) = (cap.total, cap.acked_at);
             p.armed = u32::from(arm);
         })
     }
@@ -214,10 +233,10 @@ impl Programs {
 
     /// Lets the verdict redirect again (once every passed byte has been
     /// forwarded), up to a new cap.
-    pub fn release(&self, key: &SockKey, cap: u64) -> Result<(), PairError> {
+    pub fn release(&self, key: &SockKey, cap: Cap) -> Result<(), PairError> {
         self.update_peer(key, |p| {
             p.hold = 0;
-            p.cap = cap;
+            (p.cap, p.acked_at) = (cap.total, cap.acked_at);
         })
     }
 
@@ -289,12 +308,13 @@ fn attach_skb(
     Ok(())
 }
 
-/// Tells the programs where the stream parser keeps a message's offset in
-/// an skb (from BTF). Without it they assume offset 0, which holds for
-/// sockets paired with nothing read from a partly consumed skb.
-/// Tells the verdict where two members sit in an skb (`SKB_CONFIG`):
-/// the stream parser's offset into a partly read skb, and the TCP
-/// sequence number it uses to skip retransmitted bytes it already handled.
+/// Tells the verdict where kernel structs keep what it reads (from BTF):
+/// in an skb (`SKB_CONFIG`), the stream parser's offset into a partly
+/// read skb (without it, offset 0, which holds for sockets paired with
+/// nothing read from a partly consumed skb) and the TCP sequence number
+/// it uses to skip retransmitted bytes it already handled; in a TCP
+/// socket, `bytes_acked` (`BYTES_ACKED_AT`), to move a cap user space has
+/// not moved yet.
 fn configure_skb_offsets(ebpf: &mut Ebpf) {
     let offsets = crate::btf::Offsets::of_running_kernel(&[
         ("sk_buff", "cb"),
@@ -302,6 +322,7 @@ fn configure_skb_offsets(ebpf: &mut Ebpf) {
         ("_strp_msg", "strp"),
         ("strp_msg", "offset"),
         ("tcp_skb_cb", "seq"),
+        ("tcp_sock", "bytes_acked"),
     ]);
     let strp = offsets
         .as_ref()
@@ -316,17 +337,27 @@ fn configure_skb_offsets(ebpf: &mut Ebpf) {
         .as_ref()
         .map_err(|e| anyhow::anyhow!("{e:#}"))
         .and_then(|o| Ok(o.get("sk_buff", "cb")? + o.get("tcp_skb_cb", "seq")?));
-    let mut set = |slot: u32, at: u32| -> anyhow::Result<()> {
+    let acked = offsets
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e:#}"))
+        .and_then(|o| o.get("tcp_sock", "bytes_acked"));
+    let mut set = |name: &str, slot: u32, at: u32| -> anyhow::Result<()> {
         let map = ebpf
-            .map_mut("SKB_CONFIG")
-            .ok_or_else(|| anyhow::anyhow!("no SKB_CONFIG map"))?;
+            .map_mut(name)
+            .ok_or_else(|| anyhow::anyhow!("no {name} map"))?;
         aya::maps::Array::<_, u64>::try_from(map)?.set(slot, u64::from(at), 0)?;
         Ok(())
     };
-    if let Err(e) = strp.and_then(|at| set(0, at)) {
+    if let Err(e) = acked.and_then(|at| set("BYTES_ACKED_AT", 0, at)) {
+        warn!(
+            "where a TCP socket counts acknowledged bytes is unknown ({e:#}); a relay whose \
+             thread runs late holds directions whose reader has caught up"
+        );
+    }
+    if let Err(e) = strp.and_then(|at| set("SKB_CONFIG", 0, at)) {
         warn!("the stream parser's offset is unknown ({e:#}); pair only idle sockets");
     }
-    if let Err(e) = seq.and_then(|at| set(1, at)) {
+    if let Err(e) = seq.and_then(|at| set("SKB_CONFIG", 1, at)) {
         warn!(
             "the TCP sequence number of an skb is unknown ({e:#}); a retransmission that \
              overlaps bytes already relayed would deliver them twice"

@@ -39,7 +39,7 @@ use super::{
     copy::{self, CopyEngine},
 };
 use crate::{
-    ebpf::{PairError, Programs},
+    ebpf::{Cap, PairError, Programs},
     sys,
     watch::Watcher,
 };
@@ -380,7 +380,7 @@ impl BpfEngine {
                     let cap = switch::allowance(self.window, socks[1 - i].as_fd())?;
                     Ok(self
                         .progs
-                        .rearm(k, self.window / 2, ADAPT_MSGS, cap, true)?)
+                        .rearm(k, self.window / 2, ADAPT_MSGS, Cap::fixed(cap), true)?)
                 })();
                 if let Err(e) = armed {
                     reset(&socks);

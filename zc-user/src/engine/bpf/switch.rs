@@ -9,7 +9,10 @@
 //! the bytes to the source's own receive queue, where they count against
 //! its receive buffer, so TCP flow control stops the sender, and it tells
 //! user space. User space moves the cap with every report (each half
-//! window of redirected bytes) and, once the verdict has passed bytes,
+//! window of redirected bytes); at the cap the verdict first moves it on
+//! by what the reader acknowledged since, so a cap user space was late
+//! to move holds back no reader that has caught up (on a busy host most
+//! holds began that way). Once the verdict has passed bytes, user space
 //! *holds* the source: once the destination has caught up, it forwards
 //! what was passed, and the verdict redirects again as soon as nothing
 //! passed is left, so every byte keeps its place. The bound holds however
@@ -36,7 +39,11 @@ use zc_common::SockKey;
 use super::{
     Abort, Base, BpfEngine, Pair, Task, all_accounted, brake::Brake, broken, duplicated, failure,
 };
-use crate::{ebpf::Programs, engine::copy, sys};
+use crate::{
+    ebpf::{Cap, Programs},
+    engine::copy,
+    sys,
+};
 
 /// Default window: per direction, a reader that never reads costs at most
 /// two windows of kernel memory: redirected bytes waiting for the reader
@@ -284,10 +291,11 @@ impl<'a> Pair<'a> {
             !busy,
         )?;
         log::trace!(
-            "{}/{} side {src}: rearm limit {} cap {cap} armed {} (sent {} passed {} by_user {})",
+            "{}/{} side {src}: rearm limit {} cap {} armed {} (sent {} passed {} by_user {})",
             self.keys[src].local_port,
             self.keys[src].remote_port,
             f.sent + window / 2,
+            cap.total,
             !busy,
             f.sent,
             f.passed,
@@ -391,12 +399,21 @@ fn acked(s: &TcpStream, base: Base) -> Result<u64, Abort> {
 /// remote end to acknowledge them, counting what user space wrote into
 /// `dst` too. Reports come every half window, and the cap moves with
 /// each, so a reader that keeps within a window never meets it.
-fn cap(dst: &TcpStream, dbase: Base, by_user: &AtomicU64, window: u64) -> Result<u64, Abort> {
+///
+/// With it goes the destination's acknowledged count it was reckoned
+/// from, so the verdict can move it on while user space runs late.
+fn cap(dst: &TcpStream, dbase: Base, by_user: &AtomicU64, window: u64) -> Result<Cap, Abort> {
     if window == 0 {
-        return Ok(0);
+        return Ok(Cap::fixed(0));
     }
-    let taken = acked(dst, dbase)?.saturating_sub(by_user.load(Ordering::Relaxed));
-    Ok(taken + allowance(window, dst.as_fd())?)
+    let acked_at = sys::tcp_info(dst.as_fd())?.bytes_acked;
+    let taken = acked_at
+        .saturating_sub(dbase.written)
+        .saturating_sub(by_user.load(Ordering::Relaxed));
+    Ok(Cap {
+        total: taken + allowance(window, dst.as_fd())?,
+        acked_at,
+    })
 }
 
 /// Bytes written into `s` since pairing.
