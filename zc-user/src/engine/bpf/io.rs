@@ -12,7 +12,7 @@ use std::{
     net::TcpStream,
     os::fd::{AsRawFd, RawFd},
     sync::{
-        OnceLock,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -24,29 +24,44 @@ use tokio::io::{Interest, unix::AsyncFd};
 /// descriptor number.
 pub(super) struct SockIo(AsyncFd<RawFd>);
 
-/// A pair's two registrations, made when a direction first needs them.
-/// Whoever holds them must drop them before the sockets close.
-pub(super) type Registrations = [OnceLock<SockIo>; 2];
+/// A pair's two registrations, made when a direction first needs them
+/// and dropped when no direction does ([`unregister`]). Whoever holds
+/// them must drop them before the sockets close.
+pub(super) type Registrations = [Mutex<Option<Arc<SockIo>>>; 2];
 
 /// The registration of `s` in `slot`, made now if it is not yet.
 ///
 /// # Safety
-/// `slot` must be dropped before `s` is closed.
-pub(super) unsafe fn registered<'a>(
-    slot: &'a OnceLock<SockIo>,
+/// `slot`, and every clone it hands out, must be dropped before `s` is
+/// closed.
+pub(super) unsafe fn registered(
+    slot: &Mutex<Option<Arc<SockIo>>>,
     s: &TcpStream,
-) -> io::Result<&'a SockIo> {
-    if let Some(io) = slot.get() {
-        return Ok(io);
+) -> io::Result<Arc<SockIo>> {
+    let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(io) = &*slot {
+        return Ok(io.clone());
     }
-    // SAFETY: the caller keeps `s` open for as long as `slot` lives.
+    // SAFETY: the caller keeps `s` open for as long as the registration
+    // lives.
     let io = unsafe {
         AsyncFd::register_with_interest(s.as_raw_fd(), Interest::READABLE | Interest::WRITABLE)
     }
     .map_err(|e| e.into_parts().1)?;
-    // One pair is driven by one task, so nothing else can fill the slot
-    // between the look above and this.
-    Ok(slot.get_or_init(|| SockIo(io)))
+    Ok(slot.insert(Arc::new(SockIo(io))).clone())
+}
+
+/// Drops the pair's registrations (each leaves the poller once no task
+/// holds it). A registered socket whose bytes the kernel carries wakes
+/// the poller for every arriving skb (the psock calls the socket's own
+/// data-ready hook after the verdict took it) and for send space: kept
+/// from the first hold to the end, they woke the relay 12,000 times a
+/// second in a bulk stream (iperf3, 64 KiB writes: 52,375 epoll_wait in
+/// 4 s, against 2,215 with this).
+pub(super) fn unregister(regs: &Registrations) {
+    for slot in regs {
+        drop(slot.lock().unwrap_or_else(|p| p.into_inner()).take());
+    }
 }
 
 // MSG_DONTWAIT rather than O_NONBLOCK: the flag belongs to the open file,

@@ -604,11 +604,11 @@ impl<'a> Pair<'a> {
     }
 
     /// Socket `i`'s registration with the runtime, made on first use.
-    fn io(&self, i: usize) -> Result<&'a io::SockIo, Abort> {
-        let io: &'a io::Registrations = self.io;
+    fn io(&self, i: usize) -> Result<std::sync::Arc<io::SockIo>, Abort> {
         // SAFETY: the registrations are a local of `relay_inner`, which
-        // owns both sockets, so they are dropped before either closes.
-        Ok(unsafe { io::registered(&io[i], self.socks[i]) }?)
+        // owns both sockets, and so are the tasks that hold clones of
+        // them, so all are dropped before either socket closes.
+        Ok(unsafe { io::registered(&self.io[i], self.socks[i]) }?)
     }
 }
 

@@ -246,6 +246,11 @@ impl<'a> Pair<'a> {
         how: Forwarded,
     ) -> Result<Task<'a, Forwarded>, Abort> {
         self.forwarding[src] = false;
+        // Neither direction needs the poller now (a direction the kernel
+        // refused keeps its copy task's own registrations).
+        if !self.forwarding[1 - src] {
+            super::io::unregister(self.io);
+        }
         // What the kernel redirects right after a hold is no sign of the
         // traffic (see `small_segments`).
         self.small_before[src] = false;
@@ -498,9 +503,9 @@ struct Forwarder<'a> {
     progs: Programs,
     key: SockKey,
     src: (&'a TcpStream, Base),
-    src_io: &'a super::io::SockIo,
+    src_io: std::sync::Arc<super::io::SockIo>,
     dst: (&'a TcpStream, Base),
-    dst_io: &'a super::io::SockIo,
+    dst_io: std::sync::Arc<super::io::SockIo>,
     by_user: &'a AtomicU64,
     /// Of `by_user`, what was forwarded while `small_below` was set.
     small_bytes: &'a AtomicU64,
