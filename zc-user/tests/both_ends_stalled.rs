@@ -109,15 +109,7 @@ async fn ends_that_never_read_stay_within_the_window_with_notsent_lowat() {
         sysctl.success(),
         "setting tcp_notsent_lowat in the test's namespace failed"
     );
-    let [client, near, far, server] = ns.run(|| {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let client = std::net::TcpStream::connect(addr).expect("connect");
-        let (near, _) = l.accept().expect("accept");
-        let far = std::net::TcpStream::connect(addr).expect("connect");
-        let (server, _) = l.accept().expect("accept");
-        [client, near, far, server]
-    });
+    let [client, near, far, server] = ns.run(relay_sockets_blocking);
     let tokio = |s: std::net::TcpStream| {
         s.set_nonblocking(true).expect("nonblocking");
         TcpStream::from_std(s).expect("tokio")

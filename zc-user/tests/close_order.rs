@@ -11,7 +11,7 @@ mod common;
 
 use std::{
     io::{Read, Write},
-    net::{Shutdown, TcpListener, TcpStream},
+    net::Shutdown,
     os::fd::AsFd,
 };
 
@@ -32,12 +32,7 @@ fn the_answer_riding_on_the_fin_after_ours_arrives_through_the_kernel() {
     let _in_runtime = rt.enter();
     for round in 0..5 {
         // client -> near (the relay's end) ... far -> server
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let mut client = TcpStream::connect(addr).expect("connect");
-        let (near, _) = l.accept().expect("accept");
-        let far = TcpStream::connect(addr).expect("connect");
-        let (mut server, _) = l.accept().expect("accept");
+        let [mut client, near, far, mut server] = relay_sockets_blocking();
         let far_key = zc_user::sys::sock_key(far.as_fd()).expect("key");
         let engine = BpfEngine::new(progs.clone(), watcher());
         let carried_before = progs.kernel_bytes();

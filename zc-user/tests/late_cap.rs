@@ -12,7 +12,6 @@ mod common;
 
 use std::{
     io::{Read, Write},
-    net::{TcpListener, TcpStream},
     os::fd::AsFd,
     sync::{Arc, Condvar, Mutex},
     time::Instant,
@@ -28,12 +27,7 @@ const TOTAL: u64 = 64 << 20;
 fn a_cap_user_space_never_moves_holds_back_no_reader_that_keeps_up() {
     let progs = programs();
     // client -> near (the relay's end) ... far -> server
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let mut client = TcpStream::connect(addr).expect("connect");
-    let (near, _) = l.accept().expect("accept");
-    let far = TcpStream::connect(addr).expect("connect");
-    let (mut server, _) = l.accept().expect("accept");
+    let [mut client, near, far, mut server] = relay_sockets_blocking();
     server.set_read_timeout(Some(HANG)).expect("timeout");
     let pairing = progs
         .pair_relay(near.as_fd(), far.as_fd(), CAP)

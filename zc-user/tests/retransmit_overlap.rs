@@ -13,7 +13,7 @@ mod common;
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddrV4, TcpListener, TcpStream},
+    net::{SocketAddrV4, TcpStream},
     os::fd::{AsFd, AsRawFd},
     process::Command,
 };
@@ -36,12 +36,7 @@ fn a_retransmission_of_relayed_bytes_with_fin_delivers_nothing_twice() {
 
 fn check(progs: Programs, with_fin: bool) {
     // client -> near (the relay's end) ... far -> server
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let mut client = TcpStream::connect(addr).expect("connect");
-    let (near, _) = l.accept().expect("accept");
-    let far = TcpStream::connect(addr).expect("connect");
-    let (mut server, _) = l.accept().expect("accept");
+    let [mut client, near, far, mut server] = relay_sockets_blocking();
     let pairing = progs
         .pair_relay(near.as_fd(), far.as_fd(), 0)
         .expect("pairing");

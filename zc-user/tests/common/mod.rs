@@ -308,6 +308,18 @@ pub async fn relay_sockets() -> (
     )
 }
 
+/// [`relay_sockets`] as blocking std sockets, for tests without a
+/// runtime: client, near (the relay's end), far, server.
+pub fn relay_sockets_blocking() -> [std::net::TcpStream; 4] {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let client = std::net::TcpStream::connect(addr).expect("connect");
+    let (near, _) = l.accept().expect("accept");
+    let far = std::net::TcpStream::connect(addr).expect("connect");
+    let (server, _) = l.accept().expect("accept");
+    [client, near, far, server]
+}
+
 /// Waits until every map of the programs is empty.
 pub async fn assert_maps_empty(progs: &Programs) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
