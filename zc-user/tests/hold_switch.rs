@@ -27,11 +27,15 @@ static FLAT_OUT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn holds_and_releases_at_random_moments_lose_nothing() {
     let progs = programs();
-    let engine = BpfEngine::new(progs.clone(), watcher()).with_window(WINDOW);
+    // 512 KiB, not `WINDOW`: since the verdict moves a late cap itself,
+    // only a real lag holds: at 4 MiB a CI run made 6 holds, at 1 MiB
+    // 10-16, here 41-48.
+    const SMALL_WINDOW: u64 = 512 << 10;
+    let engine = BpfEngine::new(progs.clone(), watcher()).with_window(SMALL_WINDOW);
     // The kernel's share depends on how the pauses fall against the
     // holds: 57-120 MB of the 256 MiB seen (16-36 MB with a sender that
     // paused less often). A fallback to user space would leave it at 0.
-    let run = switch_at_random(&progs, engine, WINDOW, TOTAL, 11, 32, Sender::Pausing).await;
+    let run = switch_at_random(&progs, engine, SMALL_WINDOW, TOTAL, 11, 32, Sender::Pausing).await;
     // Timing decides how many (13 to 86 seen); a handful already crosses
     // every switch point both ways, and each hold after the first means
     // the direction had gone back to the kernel.
