@@ -15,7 +15,7 @@ use std::{
 };
 
 use common::{
-    agent::{fd_of, inode_of, read_n, send_n, wait_idle},
+    agent::{fd_of, inode_of, read_n, send_n, switches_but, wait_idle},
     process::{RelayProcess, accept_upstream},
 };
 
@@ -27,6 +27,9 @@ const HELD: u64 = 48 << 20;
 const WRITES: usize = 300;
 const WRITE: usize = 4096;
 const EPOLLIN: u32 = 0x1;
+/// The relay's thread that samples TCP's memory every 100 ms: a tick of
+/// its own, however long the writes take on a loaded host.
+const SAMPLER: &str = "zc-tcp-mem";
 
 #[test]
 fn a_direction_back_in_the_kernel_does_not_wake_the_relay() {
@@ -77,7 +80,7 @@ fn a_direction_back_in_the_kernel_does_not_wake_the_relay() {
     // Each write waits for the one before to arrive: forwarded in user
     // space, every one would need the relay awake.
     wait_idle(pid);
-    let before = switches(pid);
+    let before = switches_but(pid, &[SAMPLER]);
     let mut buf = [0u8; WRITE];
     for i in 0..WRITES {
         let fill = (i % 251) as u8;
@@ -85,7 +88,7 @@ fn a_direction_back_in_the_kernel_does_not_wake_the_relay() {
         up.read_exact(&mut buf).expect("the server's read");
         assert!(buf.iter().all(|&b| b == fill), "write {i} arrived damaged");
     }
-    let woke = switches(pid) - before;
+    let woke = switches_but(pid, &[SAMPLER]) - before;
 
     drop(client);
     let mut rest = Vec::new();
@@ -161,27 +164,4 @@ fn descriptors(pid: u32) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// Context switches of `pid`'s threads so far, but for the thread that
-/// samples TCP's memory every 100 ms (a tick of its own, however long the
-/// writes take on a loaded host).
-fn switches(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .flatten()
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() != "zc-tcp-mem")
-        })
-        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
-        .flat_map(|status| {
-            status
-                .lines()
-                .filter(|l| l.contains("ctxt_switches:"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .collect::<Vec<_>>()
-        })
-        .sum()
 }

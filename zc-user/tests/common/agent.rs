@@ -680,11 +680,19 @@ impl Drop for Holder {
 /// Context switches of every thread of `pid` so far (/proc/PID/task/*/
 /// status).
 pub fn switches(pid: u32) -> u64 {
+    switches_but(pid, &[])
+}
+
+/// [`switches`] without the threads named in `skip` (their `comm`).
+pub fn switches_but(pid: u32, skip: &[&str]) -> u64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0;
     };
     tasks
         .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| !skip.contains(&c.trim()))
+        })
         .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
         .flat_map(|status| {
             status
