@@ -794,7 +794,8 @@ fn the_short_circuit_carries_same_host_connections_in_its_cgroup() {
     }
 }
 
-/// The example proxy from zc-user/examples, built by `cargo test`.
+/// The example proxy from zc-user/examples, built by `cargo test`, on a
+/// port the kernel picks: it names its address in its first line.
 fn handoff_proxy(agent: &Agent, upstream: SocketAddr) -> (Child, u16) {
     let exe = std::env::current_exe().expect("test exe");
     let example = exe
@@ -802,22 +803,34 @@ fn handoff_proxy(agent: &Agent, upstream: SocketAddr) -> (Child, u16) {
         .and_then(|deps| deps.parent())
         .expect("target dir")
         .join("examples/handoff_proxy");
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
-    let child = Command::new(&example)
-        .arg(format!("127.0.0.1:{port}"))
+    let mut child = Command::new(&example)
+        .arg("127.0.0.1:0")
         .arg(upstream.to_string())
         .arg(&agent.socket)
         .stdin(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("starting {}: {e}", example.display()));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "handoff_proxy did not listen");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+        .unwrap_or_else(|e| {
+            panic!(
+                "starting {} (`cargo xtask test` builds it): {e}",
+                example.display()
+            )
+        });
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(
+        child.stderr.take().expect("stderr"),
+    ));
+    let first = lines
+        .next()
+        .and_then(Result::ok)
+        .unwrap_or_else(|| panic!("handoff_proxy said nothing"));
+    let port = first
+        .strip_prefix("handoff_proxy: ")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+        .unwrap_or_else(|| panic!("no address in handoff_proxy's `{first}`"))
+        .port();
+    // Keep reading, so that its later lines never block it (and show).
+    std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| eprintln!("{l}")));
     (child, port)
 }
 
@@ -826,9 +839,6 @@ fn handoff_proxy(agent: &Agent, upstream: SocketAddr) -> (Child, u16) {
 fn handoff_round_trip(agent: &Agent) {
     let server = TcpListener::bind("127.0.0.1:0").expect("bind");
     let (mut proxy, port) = handoff_proxy(agent, server.local_addr().expect("addr"));
-    // The readiness probe above made one connection; let it finish.
-    let (probe, _) = server.accept().expect("probe connection");
-    drop(probe);
     let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     let (mut up, _) = server.accept().expect("upstream");
     for s in [&client, &up] {

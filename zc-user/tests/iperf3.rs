@@ -74,32 +74,29 @@ fn through_proxy_while_running(
     // One iperf3 at a time: two would share this machine's CPUs.
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let cport = free_port();
     let client = Command::new("iperf3")
         .args(["-c", "127.0.0.1", "-p", &port.to_string()])
-        .args([
-            "--cport",
-            &cport.to_string(),
-            "-t",
-            &SECONDS.to_string(),
-            "-J",
-        ])
+        .args(["-t", &SECONDS.to_string(), "-J"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
         .expect("iperf3 must be installed (cargo xtask test installs it)");
     let lo = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
-    // The proxy's socket facing iperf3's data stream (iperf3 binds it to
-    // --cport), and, once bytes flow, the proxy's busiest upstream socket.
-    let data = (lo(port), lo(cport));
+    // The proxy's socket facing iperf3's data stream: of the two iperf3
+    // connects (control, then data), the one whose bytes flow.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while inode_of(data.0, data.1).is_none() {
+    let data = loop {
+        if let Some((received, client)) = busiest("sport", port, "bytes_received:", 3)
+            && received > 1 << 20
+        {
+            break (lo(port), client);
+        }
         assert!(
             Instant::now() < deadline,
             "iperf3's data connection never appeared"
         );
         std::thread::sleep(Duration::from_millis(10));
-    }
+    };
     std::thread::sleep(Duration::from_secs(1));
     let upstream = (busiest_to(server_port), lo(server_port));
     let (out, proxy_pid) = pair(data, upstream);
@@ -195,33 +192,41 @@ impl Drop for Iperf3Server {
 /// has sent the most (from `ss -ti`): the proxy's upstream for the data
 /// stream, not for iperf3's control connection.
 fn busiest_to(port: u16) -> SocketAddr {
+    busiest("dport", port, "bytes_acked:", 2)
+        .map(|(_, local)| local)
+        .unwrap_or_else(|| panic!("no established socket to port {port}"))
+}
+
+/// Of the established sockets whose `side` ("sport" or "dport") is
+/// `port`, the one whose `counter` (an `ss -i` field) is highest: that
+/// count and its address in `column` (2 local, 3 remote).
+fn busiest(side: &str, port: u16, counter: &str, column: usize) -> Option<(u64, SocketAddr)> {
     let out = Command::new("ss")
         .args(["-tinH", "state", "established"])
-        .arg(format!("( dport = :{port} )"))
+        .arg(format!("( {side} = :{port} )"))
         .output()
         .expect("ss (iproute2)");
     let text = String::from_utf8_lossy(&out.stdout);
     let mut best: Option<(u64, SocketAddr)> = None;
-    let mut local = None;
+    let mut addr = None;
     for line in text.lines() {
         if !line.starts_with(char::is_whitespace) {
-            local = line
+            addr = line
                 .split_whitespace()
-                .nth(2)
+                .nth(column)
                 .and_then(|a| a.parse::<SocketAddr>().ok());
             continue;
         }
-        let acked = line
+        let count = line
             .split_whitespace()
-            .find_map(|w| w.strip_prefix("bytes_acked:"))
+            .find_map(|w| w.strip_prefix(counter))
             .and_then(|n| n.parse::<u64>().ok())
             .unwrap_or(0);
-        if let Some(l) = local.take()
-            && best.is_none_or(|(b, _)| acked > b)
+        if let Some(a) = addr.take()
+            && best.is_none_or(|(b, _)| count > b)
         {
-            best = Some((acked, l));
+            best = Some((count, a));
         }
     }
-    best.map(|(_, l)| l)
-        .unwrap_or_else(|| panic!("no established socket to port {port}: {text}"))
+    best
 }
