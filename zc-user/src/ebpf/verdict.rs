@@ -287,7 +287,7 @@ pub(super) fn attach(
     attach_skb(ebpf, "zc_verdict", relay)?;
     attach_skb(ebpf, "zc_verdict_parsed", foreign)?;
     attach_skb(ebpf, "zc_parser", foreign)?;
-    configure_skb_offsets(ebpf);
+    configure_offsets(ebpf);
     Ok(())
 }
 
@@ -315,7 +315,7 @@ fn attach_skb(
 /// it uses to skip retransmitted bytes it already handled; in a TCP
 /// socket, `bytes_acked` (`BYTES_ACKED_AT`), to move a cap user space has
 /// not moved yet.
-fn configure_skb_offsets(ebpf: &mut Ebpf) {
+fn configure_offsets(ebpf: &mut Ebpf) {
     let offsets = crate::btf::Offsets::of_running_kernel(&[
         ("sk_buff", "cb"),
         ("sk_skb_cb", "strp"),
