@@ -15,7 +15,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{agent::*, process::UNPRIVILEGED};
+use common::{
+    agent::*,
+    process::{UNPRIVILEGED, example},
+};
 use zc_user::traffic::{self, Digest};
 
 /// On a host with cgroup v1 only (here: a mount namespace where the
@@ -797,12 +800,7 @@ fn the_short_circuit_carries_same_host_connections_in_its_cgroup() {
 /// The example proxy from zc-user/examples, built by `cargo test`, on a
 /// port the kernel picks: it names its address in its first line.
 fn handoff_proxy(agent: &Agent, upstream: SocketAddr) -> (Child, u16) {
-    let exe = std::env::current_exe().expect("test exe");
-    let example = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target dir")
-        .join("examples/handoff_proxy");
+    let example = example("handoff_proxy");
     let mut child = Command::new(&example)
         .arg("127.0.0.1:0")
         .arg(upstream.to_string())

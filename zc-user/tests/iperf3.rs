@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::agent::*;
+use common::{agent::*, netns::Veth};
 
 /// Seconds iperf3 sends for; the pairing happens about one second in.
 const SECONDS: u32 = 4;
@@ -22,13 +22,13 @@ fn iperf3_through_socat_paired_by_pid_and_fd_while_running() {
     let server = Iperf3Server::start();
     let socat = Command::new("socat")
         .arg("TCP-LISTEN:0,bind=127.0.0.1,reuseaddr,fork")
-        .arg(format!("TCP:127.0.0.1:{}", server.port))
+        .arg(format!("TCP:{}", server.addr))
         .stdin(Stdio::null())
         .spawn()
         .expect("socat must be installed (cargo xtask test installs it)");
     let port = listening_port(socat.id(), "socat");
     let socat = Proxy { child: socat, port };
-    through_proxy_while_running(&agent, port, server.port, |data, upstream| {
+    through_proxy_while_running(&agent, port, server.addr, |data, upstream| {
         // socat serves each connection in a child of its own.
         let hold = |local: SocketAddr, remote: SocketAddr| {
             let inode = inode_of(local, remote).expect("socket in /proc/net/tcp");
@@ -52,8 +52,8 @@ fn iperf3_through_socat_paired_by_pid_and_fd_while_running() {
 fn iperf3_through_haproxy_paired_by_tuple_while_running() {
     let agent = Agent::start("iperf3-haproxy");
     let server = Iperf3Server::start();
-    let haproxy = Proxy::haproxy(SocketAddr::from(([127, 0, 0, 1], server.port)), &agent.dir);
-    through_proxy_while_running(&agent, haproxy.port, server.port, |data, upstream| {
+    let haproxy = Proxy::haproxy(server.addr, &agent.dir);
+    through_proxy_while_running(&agent, haproxy.port, server.addr, |data, upstream| {
         let tuple = |(l, r): (SocketAddr, SocketAddr)| format!("{l}-{r}");
         let (ok, out, err) = agent.zc(&["pair", &tuple(data), &tuple(upstream)]);
         assert!(ok, "zc pair by tuple failed: {err}");
@@ -68,7 +68,7 @@ fn iperf3_through_haproxy_paired_by_tuple_while_running() {
 fn through_proxy_while_running(
     agent: &Agent,
     port: u16,
-    server_port: u16,
+    server: SocketAddr,
     pair: impl FnOnce((SocketAddr, SocketAddr), (SocketAddr, SocketAddr)) -> (String, u32),
 ) {
     // One iperf3 at a time: two would share this machine's CPUs.
@@ -86,7 +86,7 @@ fn through_proxy_while_running(
     // connects (control, then data), the one whose bytes flow.
     let deadline = Instant::now() + Duration::from_secs(10);
     let data = loop {
-        if let Some((received, client)) = busiest("sport", port, "bytes_received:", 3)
+        if let Some((received, client)) = busiest(&format!("sport = :{port}"), "bytes_received:", 3)
             && received > 1 << 20
         {
             break (lo(port), client);
@@ -98,7 +98,7 @@ fn through_proxy_while_running(
         std::thread::sleep(Duration::from_millis(10));
     };
     std::thread::sleep(Duration::from_secs(1));
-    let upstream = (busiest_to(server_port), lo(server_port));
+    let upstream = (busiest_to(server), server);
     let (out, proxy_pid) = pair(data, upstream);
     eprintln!("{}", out.trim());
     let cpu_paired = cpu_secs(proxy_pid);
@@ -141,43 +141,44 @@ fn through_proxy_while_running(
     );
 }
 
-/// `iperf3 -s` for one test on a free port of 127.0.0.1.
+/// `iperf3 -s` for one test, alone in a network namespace behind a veth
+/// pair: iperf3 refuses port 0, and there its default port cannot be
+/// anyone else's.
 struct Iperf3Server {
     child: Child,
-    port: u16,
+    addr: SocketAddr,
+    _veth: Veth,
 }
 
 impl Iperf3Server {
-    /// iperf3 refuses port 0, so it gets a port that was free a moment
-    /// ago; if another process took it meanwhile, iperf3 exits and the
-    /// next attempt takes another. The port is read back from iperf3's
-    /// own listening socket, so another program's listener never counts.
     fn start() -> Self {
-        for _ in 0..5 {
-            let port = free_port();
-            let mut child = Command::new("iperf3")
-                .args(["-s", "-1", "-B", "127.0.0.1", "-p", &port.to_string()])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("iperf3 must be installed (cargo xtask test installs it)");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Some(p) = common::process::listen_port_of(child.id()) {
-                    assert_eq!(p, port, "iperf3 -s listens on another port");
-                    return Self { child, port };
-                }
-                if child.try_wait().expect("iperf3 -s status").is_some() {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "iperf3 -s did not listen on {port}"
-                );
-                std::thread::sleep(Duration::from_millis(10));
+        let veth = Veth::new("iperf");
+        let addr = SocketAddr::from((veth.ns_ip, 5201));
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &veth.ns.name])
+            .args(["iperf3", "-s", "-1", "-B", &veth.ns_ip.to_string()])
+            .args(["-p", &addr.port().to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("iperf3 must be installed (cargo xtask test installs it)");
+        // `ip netns exec` execs iperf3 in its own process.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while common::process::listen_port_of(child.id()) != Some(addr.port()) {
+            if let Some(status) = child.try_wait().expect("iperf3 -s status") {
+                panic!("iperf3 -s exited ({status}) before listening on {addr}");
             }
+            assert!(
+                Instant::now() < deadline,
+                "iperf3 -s did not listen on {addr}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
         }
-        panic!("iperf3 -s could not listen on any of five free ports");
+        Self {
+            child,
+            addr,
+            _veth: veth,
+        }
     }
 }
 
@@ -188,22 +189,22 @@ impl Drop for Iperf3Server {
     }
 }
 
-/// The local address of the established socket to 127.0.0.1:`port` that
-/// has sent the most (from `ss -ti`): the proxy's upstream for the data
-/// stream, not for iperf3's control connection.
-fn busiest_to(port: u16) -> SocketAddr {
-    busiest("dport", port, "bytes_acked:", 2)
+/// The local address of the established socket to `server` that has sent
+/// the most (from `ss -ti`): the proxy's upstream for the data stream,
+/// not for iperf3's control connection.
+fn busiest_to(server: SocketAddr) -> SocketAddr {
+    busiest(&format!("dst {server}"), "bytes_acked:", 2)
         .map(|(_, local)| local)
-        .unwrap_or_else(|| panic!("no established socket to port {port}"))
+        .unwrap_or_else(|| panic!("no established socket to {server}"))
 }
 
-/// Of the established sockets whose `side` ("sport" or "dport") is
-/// `port`, the one whose `counter` (an `ss -i` field) is highest: that
-/// count and its address in `column` (2 local, 3 remote).
-fn busiest(side: &str, port: u16, counter: &str, column: usize) -> Option<(u64, SocketAddr)> {
+/// Of the established sockets `ss` selects with `filter`, the one whose
+/// `counter` (an `ss -i` field) is highest: that count and its address in
+/// `column` (2 local, 3 remote).
+fn busiest(filter: &str, counter: &str, column: usize) -> Option<(u64, SocketAddr)> {
     let out = Command::new("ss")
         .args(["-tinH", "state", "established"])
-        .arg(format!("( {side} = :{port} )"))
+        .arg(filter)
         .output()
         .expect("ss (iproute2)");
     let text = String::from_utf8_lossy(&out.stdout);

@@ -13,14 +13,14 @@
 mod common;
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream},
     os::fd::AsFd,
     time::{Duration, Instant},
 };
 
 use common::{
     agent::{fd_of, inode_in, read_n, read_to_eof, send_n, take_fd},
-    netns::{Netns, ip},
+    netns::{Veth, ip},
     process::RelayProcess,
 };
 
@@ -32,28 +32,8 @@ const BACKOFFS: u8 = 4;
 
 #[test]
 fn the_relays_retransmissions_back_off_no_further_than_rto_max() {
-    let ns = Netns::new("rto");
-    let id = std::process::id();
-    let (host_if, ns_if) = (format!("zcr{id}h"), format!("zcr{id}n"));
-    // A /30 of its own, named after the pid so parallel runs differ.
-    let net = [10, 213, (id % 251) as u8, (id / 251 % 64) as u8 * 4];
-    let host_ip = Ipv4Addr::new(net[0], net[1], net[2], net[3] + 1);
-    let ns_ip = Ipv4Addr::new(net[0], net[1], net[2], net[3] + 2);
-    ip(&[
-        "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if, "netns", &ns.name,
-    ]);
-    ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_if]);
-    ip(&["link", "set", &host_if, "up"]);
-    ip(&[
-        "-n",
-        &ns.name,
-        "addr",
-        "add",
-        &format!("{ns_ip}/30"),
-        "dev",
-        &ns_if,
-    ]);
-    ip(&["-n", &ns.name, "link", "set", &ns_if, "up"]);
+    let veth = Veth::new("rto");
+    let (ns, ns_if, host_ip) = (&veth.ns, &veth.ns_if, veth.host_ip);
 
     let server = TcpListener::bind("127.0.0.1:0").expect("bind");
     let upstream = server.local_addr().expect("addr").to_string();
@@ -76,7 +56,7 @@ fn the_relays_retransmissions_back_off_no_further_than_rto_max() {
         let got_first = read_n(&mut client, FIRST);
 
         // Cut the client off, then let the server send the rest.
-        ip(&["-n", &ns.name, "link", "set", &ns_if, "down"]);
+        ip(&["-n", &ns.name, "link", "set", ns_if, "down"]);
         go_tx.send(()).expect("sender gone");
         let toward_client = relay_socket(
             relay.child.id(),
@@ -120,7 +100,7 @@ fn the_relays_retransmissions_back_off_no_further_than_rto_max() {
             );
         }
 
-        ip(&["-n", &ns.name, "link", "set", &ns_if, "up"]);
+        ip(&["-n", &ns.name, "link", "set", ns_if, "up"]);
         let got_second = read_to_eof(&mut client);
         let (sent_first, sent_second) = sender.join().expect("sender");
         assert_eq!(got_first, sent_first, "the first part");
@@ -129,7 +109,6 @@ fn the_relays_retransmissions_back_off_no_further_than_rto_max() {
             "the part sent while the client was cut off"
         );
     }
-    ip(&["link", "del", &host_if]);
 }
 
 /// The relay process's socket from `local` to `remote`, taken with

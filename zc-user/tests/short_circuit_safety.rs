@@ -7,64 +7,25 @@
 mod common;
 
 use std::{
-    io::{BufRead as _, Read as _, Write as _},
+    io::BufRead as _,
     net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use common::{agent::*, process::*};
-use zc_user::traffic::Digest;
 
-/// Set in a re-run of this test binary to make [`helper`] a process of
-/// the test cgroup: `echo` (serve echoes on 127.0.0.1:0, print the port)
-/// or `fionread ADDR LEN` (read LEN bytes the FIONREAD way, print the
-/// digest).
-const HELPER: &str = "ZC_SC_HELPER";
-
-/// Not a test on its own: the body of a helper process (see [`HELPER`]).
-#[test]
-fn helper() {
-    let Ok(what) = std::env::var(HELPER) else {
-        return;
-    };
-    let args: Vec<&str> = what.split_whitespace().collect();
-    match args[..] {
-        ["echo"] => {
-            let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-            println!("port {}", l.local_addr().expect("addr").port());
-            std::io::stdout().flush().expect("stdout");
-            for s in l.incoming() {
-                let mut s = s.expect("accept");
-                std::thread::spawn(move || {
-                    let mut w = s.try_clone().expect("clone");
-                    let _ = std::io::copy(&mut s, &mut w);
-                    let _ = w.shutdown(std::net::Shutdown::Write);
-                });
-            }
-        }
-        ["fionread", addr, len] => {
-            let mut s = TcpStream::connect(addr).expect("connect");
-            let d = read_by_fionread(&mut s, len.parse().expect("length"));
-            println!("digest {} {:x}", d.bytes, d.hash);
-        }
-        _ => panic!("unknown helper {what}"),
-    }
-}
-
-/// Runs this test binary's [`helper`] in `cgroup` as `what`, stdout piped.
-fn spawn_helper(cgroup: &TestCgroup, what: &str) -> Child {
-    let exe = std::env::current_exe().expect("test binary");
+/// `examples/fionread_peer` as `what` (see there), in `cgroup` or, with
+/// `None`, outside it; stdout piped.
+fn spawn_peer(cgroup: Option<&TestCgroup>, what: &str) -> Child {
+    let exe = example("fionread_peer");
+    let enter = cgroup
+        .map(|c| format!("echo $$ > {}/cgroup.procs && ", c.path.display()))
+        .unwrap_or_default();
     Command::new("sh")
         .arg("-c")
-        .arg(format!(
-            "echo $$ > {}/cgroup.procs && exec {} helper --exact --nocapture --test-threads=1",
-            cgroup.path.display(),
-            exe.display()
-        ))
-        .env(HELPER, what)
+        .arg(format!("{enter}exec {} {what}", exe.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
@@ -78,68 +39,11 @@ fn line_from(child: &mut Child, prefix: &str) -> String {
     let mut line = String::new();
     loop {
         line.clear();
-        let n = r.read_line(&mut line).expect("helper stdout");
-        assert!(n > 0, "the helper ended before printing `{prefix}`");
-        // The test harness prints `test helper ... ` before the helper's
-        // own output, on the same line.
-        if let Some(i) = line.find(prefix) {
-            return line[i + prefix.len()..].trim_end().to_string();
+        let n = r.read_line(&mut line).expect("fionread_peer's stdout");
+        assert!(n > 0, "fionread_peer ended before printing `{prefix}`");
+        if let Some(rest) = line.strip_prefix(prefix) {
+            return rest.trim_end().to_string();
         }
-    }
-}
-
-/// Reads `n` bytes as FIONREAD-based clients do (nginx, Java, .NET): wait
-/// for readability, ask how much is queued, read that much. A socket in a
-/// sockhash answers 0 with bytes queued (kernel notes), which such a client
-/// takes for "nothing yet" and stalls on; here that is a failure.
-fn read_by_fionread(s: &mut TcpStream, n: u64) -> Digest {
-    let fd = s.as_raw_fd();
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    let mut got = 0u64;
-    let mut buf = vec![0u8; 1 << 20];
-    while got < n {
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let r = unsafe { libc::poll(&mut pfd, 1, 30_000) };
-        assert!(
-            r > 0,
-            "nothing readable within 30 s after {got} of {n} bytes"
-        );
-        let mut avail: libc::c_int = 0;
-        // SAFETY: FIONREAD writes one int.
-        let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut avail) };
-        assert_eq!(r, 0, "FIONREAD: {}", std::io::Error::last_os_error());
-        if avail == 0 {
-            let mut one = [0u8; 1];
-            // SAFETY: peeks into a buffer we own.
-            let k = unsafe {
-                libc::recv(
-                    fd,
-                    one.as_mut_ptr().cast(),
-                    1,
-                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
-                )
-            };
-            assert!(
-                k <= 0,
-                "FIONREAD said 0 while bytes were readable (after {got} of {n} bytes)"
-            );
-            assert!(k != 0, "EOF after {got} of {n} bytes");
-            continue;
-        }
-        let want = (avail as usize).min(buf.len());
-        s.read_exact(&mut buf[..want])
-            .expect("read what FIONREAD announced");
-        h.update(&buf[..want]);
-        got += want as u64;
-    }
-    Digest {
-        bytes: got,
-        hash: h.digest(),
     }
 }
 
@@ -206,39 +110,38 @@ fn through_haproxy_splice(dir: &Path, n: u64, short: u32) {
     );
 }
 
-/// A FIONREAD client of ours reading `n` bytes from a server of ours.
+/// A FIONREAD client of ours reading `n` bytes from a server of ours,
+/// both outside the cgroup.
 fn fionread_outside(n: u64) {
-    let (server, addr) = local_listener();
-    let mut c = TcpStream::connect(addr).expect("connect");
-    let (mut s, _) = server.accept().expect("accept");
-    let sender = std::thread::spawn(move || send_n(&mut s, n, 5));
-    let got = read_by_fionread(&mut c, n);
-    assert_eq!(
-        sender.join().expect("sender"),
-        got,
-        "FIONREAD client got other bytes"
-    );
+    fionread_client(None, n);
     eprintln!("FIONREAD client outside the cgroup: {n} bytes intact");
 }
 
 /// A FIONREAD client in the cgroup reading from a server outside it: only
 /// one end is in the cgroup, so neither may join the sockhash.
 fn fionread_from_cgroup_to_outside(cgroup: &TestCgroup, n: u64) {
+    fionread_client(Some(cgroup), n);
+    eprintln!("FIONREAD client in the cgroup, server outside: {n} bytes intact");
+}
+
+/// `examples/fionread_peer` reading `n` bytes from a server of ours
+/// outside the cgroup; it must get exactly what was sent.
+fn fionread_client(cgroup: Option<&TestCgroup>, n: u64) {
     let (server, addr) = local_listener();
-    let mut client = spawn_helper(cgroup, &format!("fionread {addr} {n}"));
-    let (mut s, _) = server.accept().expect("accept the helper");
+    let mut client = spawn_peer(cgroup, &format!("fionread {addr} {n}"));
+    let (mut s, _) = server.accept().expect("accept the FIONREAD client");
     let sent = send_n(&mut s, n, 6);
     let got = line_from(&mut client, "digest ");
     assert!(
-        client.wait().expect("helper").success(),
-        "the FIONREAD helper failed"
+        client.wait().expect("fionread_peer").success(),
+        "the FIONREAD client failed"
     );
     assert_eq!(
         got,
         format!("{} {:x}", sent.bytes, sent.hash),
-        "the FIONREAD client in the cgroup got other bytes"
+        "the FIONREAD client (in the cgroup: {}) got other bytes",
+        cgroup.is_some()
     );
-    eprintln!("FIONREAD client in the cgroup, server outside: {n} bytes intact");
 }
 
 fn stats(agent: &Agent) -> serde_json::Value {
@@ -257,7 +160,7 @@ fn the_short_circuit_in_its_cgroup_leaves_every_other_program_intact() {
     let input = agent.dir.join("in");
     let echoed = agent.dir.join("echoed");
     pattern_file(&input, SIZE, 7);
-    let mut echo = spawn_helper(&cgroup, "echo");
+    let mut echo = spawn_peer(Some(&cgroup), "echo");
     let port = line_from(&mut echo, "port ");
     let mut client = cgroup.spawn(&format!(
         "socat -b 262144 OPEN:{}!!CREATE:{} TCP:127.0.0.1:{port}",

@@ -241,16 +241,6 @@ pub struct Proxy {
     pub port: u16,
 }
 
-/// A port free a moment ago, for iperf3 alone, which refuses port 0
-/// (`-p 0`, `--cport 0`); everything else listens on a port the kernel
-/// gives it (see [`listening_port`]).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port()
-}
-
 impl Proxy {
     pub fn start(upstream: SocketAddr) -> Self {
         Self::start_with(upstream, "", &[])

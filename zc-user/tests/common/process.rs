@@ -251,3 +251,21 @@ pub fn listen_port_of(pid: u32) -> Option<u16> {
         u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()
     })
 }
+
+/// The path of `zc-user/examples/NAME`, built beside the test binaries by
+/// `cargo test` (and `cargo xtask test`).
+pub fn example(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .join("examples")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: `cargo xtask test` builds the examples",
+        path.display()
+    );
+    path
+}
