@@ -18,10 +18,7 @@ use std::{os::fd::AsFd, time::Duration};
 
 use log::debug;
 
-use super::{
-    Pair,
-    switch::{Backoff, written},
-};
+use super::{Pair, forward::Backoff, switch::written};
 use crate::sys;
 
 /// How long the psocks may take to send what they queue before the

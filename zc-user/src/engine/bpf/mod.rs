@@ -10,7 +10,9 @@
 //!
 //! Backpressure and the adaptive path, both of which move a direction
 //! between the kernel and user space, live in `switch`.
+mod adaptive;
 mod brake;
+mod forward;
 mod hand_back;
 mod io;
 mod switch;
@@ -29,10 +31,15 @@ use socket2::SockRef;
 use tokio::sync::mpsc::UnboundedReceiver;
 use zc_common::SockKey;
 
-use self::switch::{ADAPT_MSGS, Backoff, Forwarded, wait_caught_up};
+use self::{
+    adaptive::ADAPT_MSGS,
+    forward::{Backoff, wait_caught_up},
+    switch::Forwarded,
+};
 pub use self::{
+    adaptive::DEFAULT_SMALL_SKB,
     hand_back::{HandBack, HandedBack},
-    switch::{DEFAULT_SMALL_SKB, DEFAULT_WINDOW, HELD_RCVBUF, PRESSED_RCVBUF, allowance},
+    switch::{DEFAULT_WINDOW, HELD_RCVBUF, PRESSED_RCVBUF, allowance},
 };
 use super::{
     Summary,
@@ -143,8 +150,8 @@ struct Pair<'a> {
     /// direction moves only after two in a row (see `small_segments`).
     small_before: [bool; 2],
     /// Per direction, while forwarded for its small skbs, or how it last
-    /// came back from that (see [`switch::Dwell`]).
-    dwell: [switch::Dwell; 2],
+    /// came back from that (see [`adaptive::Dwell`]).
+    dwell: [adaptive::Dwell; 2],
     /// Set once the sockets went back to their owner (foreign pairs).
     handed_back: Option<HandedBack>,
 }

@@ -23,27 +23,20 @@
 //! detached (sk_psock_verdict_recv finds no program: SK_DROP). Observed on
 //! 6.18 as lost bytes in the middle of a stream.
 //!
-//! The adaptive path ([`BpfEngine::with_adaptive`]) uses the same hold to
-//! move a direction whose skbs are small to user space, where one read
-//! takes many skbs, and back once the skbs it passes are bulk again.
+//! The adaptive path ([`BpfEngine::with_adaptive`], `adaptive`) uses the
+//! same hold to move a direction whose skbs are small to user space, where
+//! one read takes many skbs, and back once the skbs it passes are bulk
+//! again. The hold's user-space side is `forward`.
 use std::{
     net::TcpStream,
     os::fd::{AsFd, BorrowedFd},
     sync::atomic::{AtomicU64, Ordering},
-    time::Duration,
 };
 
 use log::debug;
-use zc_common::SockKey;
 
-use super::{
-    Abort, Base, BpfEngine, Pair, Task, all_accounted, brake::Brake, broken, duplicated, failure,
-};
-use crate::{
-    ebpf::{Cap, Programs},
-    engine::copy,
-    sys,
-};
+use super::{Abort, Base, Pair, Task, adaptive::back_to_kernel_at, broken, forward::Forwarder};
+use crate::{ebpf::Cap, sys};
 
 /// Default window: per direction, a reader that never reads costs at most
 /// two windows of kernel memory: redirected bytes waiting for the reader
@@ -131,101 +124,6 @@ pub fn allowance(window: u64, dst: BorrowedFd<'_>) -> std::io::Result<u64> {
     }
     let room = sys::sndbuf(dst)? / 2;
     Ok(unacked_allowance(window).min(room).max(1))
-}
-
-/// Default size below which a direction's average skb counts as small and
-/// the direction is moved to user space (`--mode auto`). Each skb the
-/// kernel redirects costs a verdict run, a queue operation and a share of
-/// a worker wake-up, and leaves as a segment of its own; user space reads
-/// many small skbs at once and writes them as one. Measured in
-/// BENCHMARKS.md ("adaptive path", tuning logs 16 and 21).
-///
-/// Not 32 KiB: writes larger than a segment arrive as full skbs
-/// alternating with each write's remainder, so a bulk stream of 64 KiB
-/// writes averages half a full skb, 32,514-32,768 bytes on loopback and
-/// across namespaces, and at 32 KiB moved to user space and back many
-/// times a second. 16 KiB writes average 19.8-24.6 KB (medians), 1 KiB
-/// writes 1-17 KB.
-pub const DEFAULT_SMALL_SKB: u64 = 28 << 10;
-
-/// The average passed-skb size at which a direction moved to user space
-/// for its small skbs goes back to the kernel: twice the threshold, but no
-/// more than nearly full 64 KiB skbs, or a bulk stream could never return.
-/// (Skbs a user-space reader leaves in the queue coalesce, so they come
-/// out larger than the same traffic's skbs on the kernel path: a
-/// threshold without this gap flips the direction back and forth.)
-fn back_to_kernel_at(small_skb: u64) -> u64 {
-    (2 * small_skb).min(60 << 10).max(small_skb)
-}
-
-/// How long a direction moved for its small skbs stays in user space,
-/// in bytes forwarded, before the size of what the verdict passes may
-/// send it back. Passed skbs coalesce while the reader lags (TCP merges
-/// what waits for a busy socket), so 16 KiB writes looked like bulk in
-/// user space (60-260 KB) and like small segments in the kernel (24.5
-/// KB): 29 moves out and back in one second. So the stay doubles each
-/// time a direction comes back for small skbs soon after it left, up to
-/// [`MAX_DWELL`], and starts again at one sample once it stayed away.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Dwell {
-    /// Bytes to forward before a look at the passed skbs counts.
-    bytes: u64,
-    /// The direction's redirected total when it last came back from
-    /// user space, if it did.
-    back_at: Option<u64>,
-    /// Whether the running forwarder came for small skbs.
-    small: bool,
-}
-
-impl Default for Dwell {
-    fn default() -> Self {
-        Self {
-            bytes: ADAPT_SAMPLE,
-            back_at: None,
-            small: false,
-        }
-    }
-}
-
-impl Dwell {
-    /// The direction moves to user space for its small skbs, having
-    /// redirected `sent` in all: returns how much it forwards first.
-    fn leave(&mut self, sent: u64) -> u64 {
-        self.small = true;
-        self.bytes = match self.back_at {
-            Some(at) if sent.saturating_sub(at) < FLAP => (2 * self.bytes).min(MAX_DWELL),
-            _ => ADAPT_SAMPLE,
-        };
-        self.bytes
-    }
-
-    /// A forwarder ended, with the direction's redirected total at `sent`.
-    fn ended(&mut self, sent: u64) {
-        if std::mem::take(&mut self.small) {
-            self.back_at = Some(sent);
-        }
-    }
-}
-
-/// Redirected bytes within which a direction that came back from user
-/// space and leaves again for small skbs counts as flapping.
-const FLAP: u64 = 64 << 20;
-
-/// The longest stay in user space, in bytes forwarded, before a bulk
-/// stream that had flapped may go back to the kernel.
-const MAX_DWELL: u64 = 256 << 20;
-
-impl BpfEngine {
-    /// The redirected-skb total at which the verdict should next report a
-    /// socket that has sent `f` so far: soon when adaptive, so a direction
-    /// of small skbs is found long before a window of them has passed.
-    fn msg_limit(&self, f: zc_common::Flow) -> u64 {
-        if self.small_skb == 0 || self.window == 0 {
-            u64::MAX
-        } else {
-            f.sent_msgs + ADAPT_MSGS
-        }
-    }
 }
 
 /// What a user-space forwarder ended with.
@@ -367,33 +265,10 @@ impl<'a> Pair<'a> {
         };
         Ok(Some(Box::pin(fwd.run())))
     }
-
-    /// The average size of the skbs the verdict redirected from `src`
-    /// since its last report, when adaptive and below the threshold in
-    /// this sample and the one before.
-    ///
-    /// One sample is not enough: the first after a hold, or after the
-    /// start of a stream, can average a few KB for bulk traffic (3.3-4.5
-    /// KB seen for 64 KiB writes both ways on a busy host), and moved
-    /// such streams to user space and back. Small writes stay small for
-    /// sample after sample.
-    fn small_segments(&mut self, src: usize) -> Option<u64> {
-        if self.engine.small_skb == 0 || self.engine.window == 0 {
-            return None;
-        }
-        let now = self.engine.progs.flow(&self.keys[src])?;
-        let now = (now.sent, now.sent_msgs);
-        let last = std::mem::replace(&mut self.sampled[src], now);
-        let (bytes, msgs) = (now.0 - last.0, now.1 - last.1);
-        let avg = bytes.checked_div(msgs)?;
-        let small = avg < self.engine.small_skb;
-        let before = std::mem::replace(&mut self.small_before[src], small);
-        (small && before).then_some(avg)
-    }
 }
 
 /// Bytes written into `s` since pairing and acknowledged by its remote end.
-fn acked(s: &TcpStream, base: Base) -> Result<u64, Abort> {
+pub(super) fn acked(s: &TcpStream, base: Base) -> Result<u64, Abort> {
     Ok(sys::tcp_info(s.as_fd())?
         .bytes_acked
         .saturating_sub(base.written))
@@ -407,7 +282,12 @@ fn acked(s: &TcpStream, base: Base) -> Result<u64, Abort> {
 ///
 /// With it goes the destination's acknowledged count it was reckoned
 /// from, so the verdict can move it on while user space runs late.
-fn cap(dst: &TcpStream, dbase: Base, by_user: &AtomicU64, window: u64) -> Result<Cap, Abort> {
+pub(super) fn cap(
+    dst: &TcpStream,
+    dbase: Base,
+    by_user: &AtomicU64,
+    window: u64,
+) -> Result<Cap, Abort> {
     if window == 0 {
         return Ok(Cap::fixed(0));
     }
@@ -426,298 +306,15 @@ pub(super) fn written(s: &TcpStream, base: Base) -> Result<u64, Abort> {
     Ok(sys::bytes_written(s.as_fd())?.saturating_sub(base.written))
 }
 
-/// Waits until `dst` has taken every byte of the direction from `src`:
-/// what the verdict redirected plus what user space wrote. Returns the
-/// redirected total it saw taken. The kernel signals nothing when its
-/// redirect backlog empties, so this polls.
-pub(super) async fn wait_caught_up(
-    progs: &Programs,
-    src: SockKey,
+/// Bytes of a direction that wait in the kernel for `dst`'s reader:
+/// redirected (`sent`, the verdict's total) or forwarded, and not yet
+/// acknowledged by `dst`'s remote end.
+pub(super) fn waiting(
+    sent: u64,
     dst: &TcpStream,
     dbase: Base,
     by_user: &AtomicU64,
 ) -> Result<u64, Abort> {
-    let mut wait = Backoff::new();
-    loop {
-        let sent = progs.flow(&src).ok_or(Abort(None))?.sent;
-        let expected = sent + by_user.load(Ordering::Relaxed);
-        let w = written(dst, dbase)?;
-        if w >= expected {
-            return Ok(sent);
-        }
-        if let Some(abort) = failure(dst) {
-            debug!("destination failed while taking redirected bytes");
-            return Err(abort);
-        }
-        wait.sleep(|| debug!("destination has taken {w} of {expected} bytes"))
-            .await;
-    }
-}
-
-/// Bytes of a direction that wait in the kernel for `dst`'s reader:
-/// redirected (`sent`, the verdict's total) or forwarded, and not yet
-/// acknowledged by `dst`'s remote end.
-fn waiting(sent: u64, dst: &TcpStream, dbase: Base, by_user: &AtomicU64) -> Result<u64, Abort> {
     let moved = sent + by_user.load(Ordering::Relaxed);
     Ok(moved.saturating_sub(acked(dst, dbase)?))
-}
-
-/// Waits until fewer than `below` bytes of the direction from `src` wait
-/// in the kernel for `dst`'s reader: redirected or forwarded, and not yet
-/// acknowledged by `dst`'s remote end. Meanwhile the verdict may pass
-/// more, so the `brake` keeps looking (what the caller holds counts as
-/// unread here).
-async fn wait_drained(
-    progs: &Programs,
-    src: SockKey,
-    dst: &TcpStream,
-    dbase: Base,
-    by_user: &AtomicU64,
-    below: u64,
-    brake: &mut Brake<'_>,
-) -> Result<(), Abort> {
-    let mut wait = Backoff::new();
-    loop {
-        let f = progs.flow(&src).ok_or(Abort(None))?;
-        brake.update(f.passed.saturating_sub(by_user.load(Ordering::Relaxed)))?;
-        let sent = f.sent;
-        let waiting = waiting(sent, dst, dbase, by_user)?;
-        if waiting < below {
-            return Ok(());
-        }
-        if let Some(abort) = failure(dst) {
-            debug!("destination failed while its reader lagged");
-            return Err(abort);
-        }
-        wait.sleep(|| debug!("{waiting} bytes wait for a slow reader"))
-            .await;
-    }
-}
-
-/// Forwards what the verdict passed to `src`'s own receive queue while
-/// held. First lets the destination take everything already redirected
-/// (so forwarded bytes follow them), then releases the hold: the verdict
-/// keeps passing until user space has forwarded every passed byte, then
-/// redirects again.
-struct Forwarder<'a> {
-    progs: Programs,
-    key: SockKey,
-    src: (&'a TcpStream, Base),
-    src_io: std::sync::Arc<super::io::SockIo>,
-    dst: (&'a TcpStream, Base),
-    dst_io: std::sync::Arc<super::io::SockIo>,
-    by_user: &'a AtomicU64,
-    /// Of `by_user`, what was forwarded while `small_below` was set.
-    small_bytes: &'a AtomicU64,
-    /// The other direction (see [`Brake`]).
-    back: (SockKey, &'a AtomicU64),
-    /// The hold lasts until fewer than half this many bytes wait for the
-    /// destination's reader, so a reader that keeps up only just does not
-    /// flip the direction back and forth.
-    window: u64,
-    /// Set when the direction came for its small skbs: it stays in user
-    /// space (held) while the skbs the verdict passes average less than
-    /// the first, however idle it gets, and until it has forwarded the
-    /// second ([`Dwell`]).
-    small_below: Option<(u64, u64)>,
-}
-
-impl Forwarder<'_> {
-    async fn run(self) -> Result<Forwarded, Abort> {
-        let Forwarder {
-            progs,
-            key,
-            src: (src_std, sbase),
-            src_io: src,
-            dst: (dst, dbase),
-            dst_io,
-            by_user,
-            small_bytes,
-            back,
-            window,
-            mut small_below,
-        } = self;
-        let mut brake = Brake::new((src_std, sbase), &progs, back);
-        if small_below.is_none() {
-            let below = allowance(window, dst.as_fd())?.min(window) / 2;
-            wait_drained(&progs, key, dst, dbase, by_user, below, &mut brake).await?;
-        }
-        // Held, the verdict redirects nothing, so this stays true until
-        // the release below.
-        let mut caught_up = wait_caught_up(&progs, key, dst, dbase, by_user).await?;
-        if small_below.is_none() {
-            progs.release(&key, cap(dst, dbase, by_user, window)?)?;
-        }
-        let mut sample = progs.flow(&key).ok_or(Abort(None))?;
-        let started_at = by_user.load(Ordering::Relaxed);
-        log::trace!(
-            "{}/{}: forwarder starts: sent {} passed {} by_user {}",
-            key.local_port,
-            key.remote_port,
-            sample.sent,
-            sample.passed,
-            by_user.load(Ordering::Relaxed)
-        );
-        let mut buf = vec![0u8; copy::DEFAULT_BUFFER];
-        let mut eof_wait: Option<Backoff> = None;
-        let mut last = (0, zc_common::Flow::default());
-        // The last read found nothing while passed bytes were missing.
-        let mut unreadable = false;
-        loop {
-            match &mut eof_wait {
-                // Passed bytes that are not readable wait in the psock
-                // queue, uncounted: look again soon, for the brake.
-                None if unreadable => {
-                    tokio::select! {
-                        r = src.readable() => r?,
-                        () = tokio::time::sleep(BRAKE_LOOK) => {}
-                    }
-                }
-                None => src.readable().await?,
-                Some(w) => {
-                    let (received, f) = last;
-                    let fwd = by_user.load(Ordering::Relaxed);
-                    w.sleep(|| {
-                    debug!(
-                        "after FIN: {received} received, {} redirected, {} passed, {fwd} forwarded",
-                        f.sent, f.passed
-                    )
-                })
-                .await
-                }
-            }
-            match src.try_read(&mut buf) {
-                // The socket says EOF as soon as the FIN is in and its message
-                // queue is momentarily empty, though passed bytes may still
-                // be on their way into it (the psock backlog). Only an EOF
-                // with every received byte accounted for is the end.
-                Ok(0) => {
-                    let received = sys::tcp_info(src_std.as_fd())?
-                        .bytes_received
-                        .saturating_sub(1 + sbase.read);
-                    let f = progs.flow(&key).ok_or(Abort(None))?;
-                    duplicated(received, f)?;
-                    if all_accounted(received, f, by_user.load(Ordering::Relaxed)) {
-                        return Ok(Forwarded::Eof);
-                    }
-                    last = (received, f);
-                    eof_wait.get_or_insert_with(Backoff::new);
-                }
-                Ok(n) => {
-                    unreadable = false;
-                    // What user space forwards waits for the reader too, so
-                    // it keeps within the verdict's cap. Unbounded, a held
-                    // direction whose reader lagged filled the destination's
-                    // send buffer (32 MiB by default; 29 MB seen both ways
-                    // across namespaces; 15.4 MiB at a 4 MiB window in
-                    // tests/slow_reader_bound.rs, whose bound is 9). At the
-                    // cap it waits for half a window of room: one wait per
-                    // half window, not one per read.
-                    // The redirected total stays put from the read to the
-                    // write: the verdict passes while bytes it passed are
-                    // not yet forwarded.
-                    let f = progs.flow(&key).ok_or(Abort(None))?;
-                    let sent = f.sent;
-                    let forwarded = by_user.load(Ordering::Relaxed);
-                    brake.update(f.passed.saturating_sub(forwarded + n as u64))?;
-                    let allowed = allowance(window, dst.as_fd())?;
-                    if waiting(sent, dst, dbase, by_user)? + n as u64 > allowed {
-                        let below = allowed.min(window) / 2;
-                        wait_drained(&progs, key, dst, dbase, by_user, below, &mut brake).await?;
-                    }
-                    // Released, the verdict redirects again whenever
-                    // everything passed has been forwarded, and passes again
-                    // at its cap: these bytes may follow redirected ones that
-                    // still wait in the kernel's queue for `dst`. Those go
-                    // first. (Forwarded at once, they overtook them: seen as
-                    // a stream of the right length with a block of bytes
-                    // 12 MB early.)
-                    if sent != caught_up {
-                        caught_up = wait_caught_up(&progs, key, dst, dbase, by_user).await?;
-                    }
-                    dst_io.write_all(&buf[..n], by_user).await?;
-                    progs.set_forwarded(&key, by_user.load(Ordering::Relaxed))?;
-                    if let Some((below, stay)) = small_below {
-                        small_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                        let f = progs.flow(&key).ok_or(Abort(None))?;
-                        let (bytes, msgs) =
-                            (f.passed - sample.passed, f.passed_msgs - sample.passed_msgs);
-                        let stayed = by_user.load(Ordering::Relaxed) - started_at >= stay;
-                        if bytes >= ADAPT_SAMPLE && stayed {
-                            sample = f;
-                            if bytes / msgs.max(1) >= below {
-                                // Bulk again: release, and hand the
-                                // direction back once the rest is forwarded.
-                                debug!(
-                                    "skbs average {} bytes again; back to the kernel",
-                                    bytes / msgs.max(1)
-                                );
-                                small_below = None;
-                                progs.release(&key, cap(dst, dbase, by_user, window)?)?;
-                            }
-                        }
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    let f = progs.flow(&key).ok_or(Abort(None))?;
-                    let unread = f.passed.saturating_sub(by_user.load(Ordering::Relaxed));
-                    brake.update(unread)?;
-                    unreadable = unread > 0;
-                    if small_below.is_some() {
-                        continue;
-                    }
-                    // Everything passed is forwarded: every later verdict
-                    // run redirects. One already under way may have read
-                    // the old forwarded count and still pass its skb; it
-                    // runs under the socket's lock, so taking the lock once
-                    // waits it out, and a second look tells.
-                    let done = |f: zc_common::Flow| f.passed == by_user.load(Ordering::Relaxed);
-                    if done(f) {
-                        sys::kick_data_ready(src_std.as_fd())?;
-                        if done(progs.flow(&key).ok_or(Abort(None))?) {
-                            return Ok(Forwarded::BackToKernel);
-                        }
-                    }
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-}
-
-/// How often a forwarder looks at passed bytes it cannot read yet.
-const BRAKE_LOOK: Duration = Duration::from_millis(2);
-
-/// Redirected skbs between looks at a direction's average skb size.
-pub(super) const ADAPT_MSGS: u64 = 512;
-
-/// Bytes a small-skb direction forwards between looks at the size of what
-/// the verdict passes.
-const ADAPT_SAMPLE: u64 = 1 << 20;
-
-/// Polling delay for waits the kernel gives no event for: starts at 50 µs
-/// and doubles to 2 ms; says once, at debug level, when a wait is long.
-pub(super) struct Backoff {
-    wait: Duration,
-    started: std::time::Instant,
-    complained: bool,
-}
-
-impl Backoff {
-    pub(super) fn new() -> Self {
-        Self {
-            wait: Duration::from_micros(50),
-            started: std::time::Instant::now(),
-            complained: false,
-        }
-    }
-
-    pub(super) async fn sleep(&mut self, complain: impl FnOnce()) {
-        if !self.complained && self.started.elapsed() > Duration::from_secs(1) {
-            self.complained = true;
-            complain();
-        }
-        tokio::time::sleep(self.wait).await;
-        self.wait = (self.wait * 2).min(Duration::from_millis(2));
-    }
 }
