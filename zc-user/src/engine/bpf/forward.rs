@@ -15,9 +15,8 @@ use zc_common::SockKey;
 use super::{
     Abort, Base,
     adaptive::ADAPT_SAMPLE,
-    all_accounted,
     brake::Brake,
-    duplicated, failure,
+    ending::{all_accounted, duplicated, failure},
     switch::{Forwarded, allowance, cap, waiting, written},
 };
 use crate::{ebpf::Programs, engine::copy, sys};

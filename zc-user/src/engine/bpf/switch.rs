@@ -35,7 +35,9 @@ use std::{
 
 use log::debug;
 
-use super::{Abort, Base, Pair, Task, adaptive::back_to_kernel_at, broken, forward::Forwarder};
+use super::{
+    Abort, Base, Pair, Task, adaptive::back_to_kernel_at, ending::broken, forward::Forwarder,
+};
 use crate::{ebpf::Cap, sys};
 
 /// Default window: per direction, a reader that never reads costs at most
