@@ -16,6 +16,11 @@ use common::{agent::*, netns::Veth};
 /// Seconds iperf3 sends for; the pairing happens about one second in.
 const SECONDS: u32 = 4;
 
+/// Bytes the kernel must carry in the 2 s the test watches, and iperf3's
+/// server receive in all. Across the server's veth pair: 3.3-4.1 GB alone,
+/// 1.57-2.26 GB beside two busy loops; a fallback to user space carries 0.
+const FLOOR: u64 = 512 << 20;
+
 #[test]
 fn iperf3_through_socat_paired_by_pid_and_fd_while_running() {
     let agent = Agent::start("iperf3-socat");
@@ -127,11 +132,11 @@ fn through_proxy_while_running(
     // in `received` (a paired stream has no bound on that queue: see
     // README); the digest tests check every byte.
     assert!(
-        received <= sent && received > 1 << 30,
+        received <= sent && received > FLOOR,
         "iperf3's server received {received} of {sent} bytes"
     );
     assert!(
-        carried > 1 << 30,
+        carried > FLOOR,
         "the pair carried only {carried} bytes in {} s: {stats}",
         SECONDS - 2
     );
