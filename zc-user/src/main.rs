@@ -284,6 +284,14 @@ struct RelayArgs {
     /// kernel, as `--mode bpf` does.
     #[arg(long, value_name = "BYTES", default_value = "28k", value_parser = zc_user::cli::parse_size)]
     small_skb: u64,
+    /// bpf mode, experimental: end each hold (see --window) by copying the
+    /// held queue with MSG_PEEK while the sender waits and taking it only
+    /// after the direction is back in the kernel, instead of forwarding
+    /// until the sender pauses. Far fewer bytes cross user space (a
+    /// fifth to a tenth in BENCHMARKS.md, tuning log 27), but on 6.18 the
+    /// sender can stall for its 200 ms timer now and then after a hand-back.
+    #[arg(long)]
+    peek_hand_back: bool,
     /// Most connections relayed at once; further clients wait in the
     /// listen backlog until connections end. The relay takes fewer if its
     /// open-file limit (raised to the hard limit at start) has no room for
@@ -387,6 +395,7 @@ async fn relay(args: RelayArgs) -> Result<()> {
                 BpfEngine::new(progs, watcher)
                     .with_sndbuf(args.sndbuf)
                     .with_window(args.window)
+                    .with_peek_hand_back(args.peek_hand_back)
                     // Auto mode picks the faster path per direction; a
                     // forced `--mode bpf` keeps the pure kernel path.
                     .with_adaptive(match args.mode {

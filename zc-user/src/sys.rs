@@ -242,6 +242,27 @@ pub fn kick_data_ready(fd: BorrowedFd<'_>) -> io::Result<()> {
     setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)
 }
 
+/// TCP_WINDOW_CLAMP: the most receive window TCP will offer.
+pub fn window_clamp(fd: BorrowedFd<'_>) -> io::Result<i32> {
+    getsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP)
+}
+
+pub fn set_window_clamp(fd: BorrowedFd<'_>, bytes: i32) -> io::Result<()> {
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, bytes)
+}
+
+/// Copies what the socket holds into `buf` without taking it
+/// (MSG_PEEK); `WouldBlock` when it holds nothing.
+pub fn peek(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    use nix::sys::socket::{MsgFlags, recv};
+    recv(
+        fd.as_raw_fd(),
+        buf,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(io::Error::from)
+}
+
 /// Sets SO_RCVBUF (the kernel doubles it), forcing past `rmem_max` when
 /// privileged.
 pub fn set_rcvbuf(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {

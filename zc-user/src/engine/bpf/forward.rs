@@ -107,6 +107,8 @@ pub(super) struct Forwarder<'a> {
     /// the first, however idle it gets, and until it has forwarded the
     /// second ([`Dwell`]).
     pub(super) small_below: Option<(u64, u64)>,
+    /// End the hold by peeking (see [`peek_round`]).
+    pub(super) peek: bool,
 }
 
 impl Forwarder<'_> {
@@ -123,6 +125,7 @@ impl Forwarder<'_> {
             back,
             window,
             mut small_below,
+            peek,
         } = self;
         let mut brake = Brake::new((src_std, sbase), &progs, back);
         if small_below.is_none() {
@@ -145,7 +148,20 @@ impl Forwarder<'_> {
             sample.passed,
             by_user.load(Ordering::Relaxed)
         );
-        let mut buf = vec![0u8; copy::DEFAULT_BUFFER];
+        // A held queue filled to the brim drops arriving segments; a
+        // window offered at half the buffer never fills it.
+        let _clamp = match peek && small_below.is_none() {
+            true => Some(Clamp::set(src_std, HELD_CLAMP)?),
+            false => None,
+        };
+        let mut buf = vec![
+            0u8;
+            if peek {
+                PEEK_BUFFER
+            } else {
+                copy::DEFAULT_BUFFER
+            }
+        ];
         let mut eof_wait: Option<Backoff> = None;
         let mut last = (0, zc_common::Flow::default());
         // The last read found nothing while passed bytes were missing.
@@ -171,6 +187,21 @@ impl Forwarder<'_> {
                     )
                 })
                 .await
+                }
+            }
+            if peek && small_below.is_none() && eof_wait.is_none() {
+                let round = PeekRound {
+                    progs: &progs,
+                    key,
+                    src: (src_std, &src),
+                    dst: (dst, dbase, &dst_io),
+                    by_user,
+                    window,
+                };
+                match round.run(&mut buf, &mut caught_up, &mut brake).await? {
+                    Peeked::BackToKernel => return Ok(Forwarded::BackToKernel),
+                    Peeked::More => continue,
+                    Peeked::Nothing => {}
                 }
             }
             match src.try_read(&mut buf) {
@@ -301,3 +332,153 @@ impl Backoff {
         self.wait = (self.wait * 2).min(Duration::from_millis(2));
     }
 }
+
+/// The window a held socket offers during a peeking hand-back: half its
+/// buffer (`HELD_RCVBUF`, doubled by the kernel), so the queue the peek
+/// waits on never overflows. With the whole buffer offered, segments
+/// arriving at the full queue were dropped (`TCPZeroWindowDrop`) and the
+/// sender waited 200 ms for its retransmission timer (tuning log 27).
+const HELD_CLAMP: i32 = super::HELD_RCVBUF as i32;
+
+/// Peek buffer: more than a held queue can hold, so one peek takes it all.
+const PEEK_BUFFER: usize = 4 * super::HELD_RCVBUF;
+
+/// How long the verdict must have passed nothing before a peek: the
+/// sender has then used its window up (or paused), so nothing arrives
+/// between the peek and the publish.
+const QUIET: Duration = Duration::from_micros(100);
+
+/// The longest wait for [`QUIET`]; a sender that never pauses that long
+/// gets a round anyway (it then only forwards, as a read would).
+const QUIET_AT_MOST: Duration = Duration::from_millis(5);
+
+/// Restores a socket's TCP_WINDOW_CLAMP when dropped.
+struct Clamp<'a> {
+    s: &'a TcpStream,
+    old: i32,
+}
+
+impl<'a> Clamp<'a> {
+    fn set(s: &'a TcpStream, bytes: i32) -> std::io::Result<Self> {
+        let old = sys::window_clamp(s.as_fd())?;
+        sys::set_window_clamp(s.as_fd(), bytes)?;
+        Ok(Self { s, old })
+    }
+}
+
+impl Drop for Clamp<'_> {
+    fn drop(&mut self) {
+        let _ = sys::set_window_clamp(self.s.as_fd(), self.old);
+    }
+}
+
+/// What a peeking round did.
+enum Peeked {
+    /// The socket held nothing to peek.
+    Nothing,
+    /// Forwarded what was there; the verdict passed more meanwhile.
+    More,
+    /// Forwarded everything passed: the verdict redirects again.
+    BackToKernel,
+}
+
+/// One round of the peeking hand-back: wait until the verdict has passed
+/// nothing for [`QUIET`], copy the held queue without taking it, write
+/// it, publish the forwarded count (from then on the verdict redirects,
+/// if nothing else was passed), and only then take the bytes from the
+/// queue, which reopens the sender's window. Whatever the sender sends
+/// next is redirected behind bytes already written, so order holds; a
+/// plain read instead reopens the window before the write, and the
+/// bytes that then arrive are passed again (a hold ends only when the
+/// sender pauses).
+struct PeekRound<'a, 'b> {
+    progs: &'b Programs,
+    key: SockKey,
+    src: (&'a TcpStream, &'b super::io::SockIo),
+    dst: (&'a TcpStream, Base, &'b super::io::SockIo),
+    by_user: &'a AtomicU64,
+    window: u64,
+}
+
+impl PeekRound<'_, '_> {
+    async fn run(
+        &self,
+        buf: &mut [u8],
+        caught_up: &mut u64,
+        brake: &mut Brake<'_>,
+    ) -> Result<Peeked, Abort> {
+        let (progs, key, by_user) = (self.progs, self.key, self.by_user);
+        let ((src_std, _), (dst, dbase, dst_io)) = (self.src, self.dst);
+        let passed = || progs.flow(&key).map(|f| f.passed).ok_or(Abort(None));
+        let started = std::time::Instant::now();
+        let (mut before, mut since) = (passed()?, started);
+        while started.elapsed() < QUIET_AT_MOST && since.elapsed() < QUIET {
+            tokio::task::yield_now().await;
+            let now = passed()?;
+            if now != before {
+                (before, since) = (now, std::time::Instant::now());
+            }
+        }
+        let n = match sys::peek(src_std.as_fd(), buf) {
+            Ok(n) if n > 0 => n,
+            Ok(_) => return Ok(Peeked::Nothing),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Peeked::Nothing),
+            Err(e) => return Err(e.into()),
+        };
+        let f = progs.flow(&key).ok_or(Abort(None))?;
+        let allowed = allowance(self.window, dst.as_fd())?;
+        if waiting(f.sent, dst, dbase, by_user)? + n as u64 > allowed {
+            let below = allowed.min(self.window) / 2;
+            wait_drained(progs, key, dst, dbase, by_user, below, brake).await?;
+        }
+        if f.sent != *caught_up {
+            *caught_up = wait_caught_up(progs, key, dst, dbase, by_user).await?;
+        }
+        dst_io.write_all(&buf[..n], by_user).await?;
+        progs.set_forwarded(&key, by_user.load(Ordering::Relaxed))?;
+        self.consume(buf, n).await?;
+        let done = |f: zc_common::Flow| f.passed == by_user.load(Ordering::Relaxed);
+        if done(progs.flow(&key).ok_or(Abort(None))?) {
+            // A verdict run under way may have read the old count; it
+            // holds the socket's lock, which this takes (see `run`).
+            sys::kick_data_ready(src_std.as_fd())?;
+            if done(progs.flow(&key).ok_or(Abort(None))?) {
+                debug!("peeking hand-back: {n} bytes; back to the kernel");
+                return Ok(Peeked::BackToKernel);
+            }
+        }
+        Ok(Peeked::More)
+    }
+
+    /// Takes the `n` bytes peeked from the queue. The last byte is read
+    /// on its own once the rest is freed: the window update TCP sends
+    /// after a read is reckoned from the memory free at that moment, and
+    /// one read of the whole queue left the sender without it now and
+    /// then (tuning log 27).
+    async fn consume(&self, buf: &mut [u8], n: usize) -> Result<(), Abort> {
+        let (src_std, src) = self.src;
+        let mut left = n;
+        while left > 0 {
+            if left == 1 && n > 1 {
+                let started = std::time::Instant::now();
+                while started.elapsed() < QUIET_AT_MOST
+                    && sys::meminfo(src_std.as_fd())?.rmem_alloc >= FREED
+                {
+                    tokio::task::yield_now().await;
+                }
+            }
+            let take = if left > 1 { left - 1 } else { left };
+            match src.try_read(&mut buf[..take]) {
+                // The bytes were peeked: an end here is a broken socket.
+                Ok(0) => return Err(Abort(None)),
+                Ok(k) => left -= k,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => src.readable().await?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Receive memory under which a held queue counts as freed.
+const FREED: u64 = 128 << 10;

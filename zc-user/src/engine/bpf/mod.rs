@@ -65,6 +65,8 @@ pub struct BpfEngine {
     /// Average skb size below which a direction is forwarded in user
     /// space (0: never, the pure kernel path).
     small_skb: u64,
+    /// End holds with a peeking hand-back (see `forward::peek_round`).
+    peek_hand_back: bool,
     /// The sockets belong to another process (the agent pairing a proxy's
     /// sockets): zc must never read or write them itself, or it would race
     /// the owner's own reads and writes.
@@ -198,6 +200,7 @@ impl BpfEngine {
             sndbuf: DEFAULT_SNDBUF,
             window: DEFAULT_WINDOW,
             small_skb: 0,
+            peek_hand_back: false,
             foreign: false,
         }
     }
@@ -240,6 +243,12 @@ impl BpfEngine {
     /// Backlog bound per direction (0: unbounded, as the kernel does).
     pub fn with_window(mut self, bytes: u64) -> Self {
         self.window = bytes;
+        self
+    }
+
+    /// Hand held directions back by peeking (`zc relay --peek-hand-back`).
+    pub fn with_peek_hand_back(mut self, on: bool) -> Self {
+        self.peek_hand_back = on;
         self
     }
 

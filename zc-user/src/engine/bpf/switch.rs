@@ -264,6 +264,7 @@ impl<'a> Pair<'a> {
             back: (self.keys[dst], &self.by_user[dst]),
             window,
             small_below: small.map(|_| (back_to_kernel_at(self.engine.small_skb), stay)),
+            peek: self.engine.peek_hand_back,
         };
         Ok(Some(Box::pin(fwd.run())))
     }
