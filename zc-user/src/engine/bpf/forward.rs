@@ -107,7 +107,7 @@ pub(super) struct Forwarder<'a> {
     /// the first, however idle it gets, and until it has forwarded the
     /// second ([`Dwell`]).
     pub(super) small_below: Option<(u64, u64)>,
-    /// End the hold by peeking (see [`peek_round`]).
+    /// End the hold by peeking (see [`PeekRound`]).
     pub(super) peek: bool,
 }
 
@@ -150,18 +150,17 @@ impl Forwarder<'_> {
         );
         // A held queue filled to the brim drops arriving segments; a
         // window offered at half the buffer never fills it.
-        let _clamp = match peek && small_below.is_none() {
-            true => Some(Clamp::set(src_std, HELD_CLAMP)?),
-            false => None,
+        let _clamp = if peek && small_below.is_none() {
+            Some(Clamp::set(src_std, HELD_CLAMP)?)
+        } else {
+            None
         };
-        let mut buf = vec![
-            0u8;
-            if peek {
-                PEEK_BUFFER
-            } else {
-                copy::DEFAULT_BUFFER
-            }
-        ];
+        let size = if peek {
+            PEEK_BUFFER
+        } else {
+            copy::DEFAULT_BUFFER
+        };
+        let mut buf = vec![0u8; size];
         let mut eof_wait: Option<Backoff> = None;
         let mut last = (0, zc_common::Flow::default());
         // The last read found nothing while passed bytes were missing.
