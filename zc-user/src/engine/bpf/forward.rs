@@ -161,6 +161,13 @@ impl Forwarder<'_> {
             copy::DEFAULT_BUFFER
         };
         let mut buf = vec![0u8; size];
+        let out = Out {
+            progs: &progs,
+            key,
+            dst: (dst, dbase, &dst_io),
+            by_user,
+            window,
+        };
         let mut eof_wait: Option<Backoff> = None;
         let mut last = (0, zc_common::Flow::default());
         // The last read found nothing while passed bytes were missing.
@@ -190,12 +197,8 @@ impl Forwarder<'_> {
             }
             if peek && small_below.is_none() && eof_wait.is_none() {
                 let round = PeekRound {
-                    progs: &progs,
-                    key,
+                    out: &out,
                     src: (src_std, &src),
-                    dst: (dst, dbase, &dst_io),
-                    by_user,
-                    window,
                 };
                 match round.run(&mut buf, &mut caught_up, &mut brake).await? {
                     Peeked::BackToKernel => return Ok(Forwarded::BackToKernel),
@@ -222,38 +225,14 @@ impl Forwarder<'_> {
                 }
                 Ok(n) => {
                     unreadable = false;
-                    // What user space forwards waits for the reader too, so
-                    // it keeps within the verdict's cap. Unbounded, a held
-                    // direction whose reader lagged filled the destination's
-                    // send buffer (32 MiB by default; 29 MB seen both ways
-                    // across namespaces; 15.4 MiB at a 4 MiB window in
-                    // tests/slow_reader_bound.rs, whose bound is 9). At the
-                    // cap it waits for half a window of room: one wait per
-                    // half window, not one per read.
                     // The redirected total stays put from the read to the
                     // write: the verdict passes while bytes it passed are
                     // not yet forwarded.
                     let f = progs.flow(&key).ok_or(Abort(None))?;
-                    let sent = f.sent;
                     let forwarded = by_user.load(Ordering::Relaxed);
                     brake.update(f.passed.saturating_sub(forwarded + n as u64))?;
-                    let allowed = allowance(window, dst.as_fd())?;
-                    if waiting(sent, dst, dbase, by_user)? + n as u64 > allowed {
-                        let below = allowed.min(window) / 2;
-                        wait_drained(&progs, key, dst, dbase, by_user, below, &mut brake).await?;
-                    }
-                    // Released, the verdict redirects again whenever
-                    // everything passed has been forwarded, and passes again
-                    // at its cap: these bytes may follow redirected ones that
-                    // still wait in the kernel's queue for `dst`. Those go
-                    // first. (Forwarded at once, they overtook them: seen as
-                    // a stream of the right length with a block of bytes
-                    // 12 MB early.)
-                    if sent != caught_up {
-                        caught_up = wait_caught_up(&progs, key, dst, dbase, by_user).await?;
-                    }
-                    dst_io.write_all(&buf[..n], by_user).await?;
-                    progs.set_forwarded(&key, by_user.load(Ordering::Relaxed))?;
+                    out.pass_on(&buf[..n], f.sent, &mut caught_up, &mut brake)
+                        .await?;
                     if let Some((below, stay)) = small_below {
                         small_bytes.fetch_add(n as u64, Ordering::Relaxed);
                         let f = progs.flow(&key).ok_or(Abort(None))?;
@@ -283,22 +262,78 @@ impl Forwarder<'_> {
                     if small_below.is_some() {
                         continue;
                     }
-                    // Everything passed is forwarded: every later verdict
-                    // run redirects. One already under way may have read
-                    // the old forwarded count and still pass its skb; it
-                    // runs under the socket's lock, so taking the lock once
-                    // waits it out, and a second look tells.
-                    let done = |f: zc_common::Flow| f.passed == by_user.load(Ordering::Relaxed);
-                    if done(f) {
-                        sys::kick_data_ready(src_std.as_fd())?;
-                        if done(progs.flow(&key).ok_or(Abort(None))?) {
-                            return Ok(Forwarded::BackToKernel);
-                        }
+                    if out.all_forwarded(src_std, f)? {
+                        return Ok(Forwarded::BackToKernel);
                     }
                 }
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+}
+
+/// Where a held direction's forwarded bytes go, and how they are
+/// accounted: shared by the reading and the peeking forwarder.
+struct Out<'a, 'b> {
+    progs: &'b Programs,
+    key: SockKey,
+    dst: (&'a TcpStream, Base, &'b super::io::SockIo),
+    by_user: &'a AtomicU64,
+    window: u64,
+}
+
+impl Out<'_, '_> {
+    /// Writes `bytes` the verdict passed, the redirected total being
+    /// `sent`, and publishes the forwarded count.
+    ///
+    /// What user space forwards waits for the reader too, so it keeps
+    /// within the verdict's cap. Unbounded, a held direction whose reader
+    /// lagged filled the destination's send buffer (32 MiB by default; 29
+    /// MB seen both ways across namespaces; 15.4 MiB at a 4 MiB window in
+    /// tests/slow_reader_bound.rs, whose bound is 9). At the cap it waits
+    /// for half a window of room: one wait per half window, not one per
+    /// read.
+    ///
+    /// Released, the verdict redirects again whenever everything passed
+    /// has been forwarded, and passes again at its cap: these bytes may
+    /// follow redirected ones that still wait in the kernel's queue for
+    /// `dst`. Those go first (`caught_up` is the redirected total known
+    /// taken). Forwarded at once, they overtook them: seen as a stream of
+    /// the right length with a block of bytes 12 MB early.
+    async fn pass_on(
+        &self,
+        bytes: &[u8],
+        sent: u64,
+        caught_up: &mut u64,
+        brake: &mut Brake<'_>,
+    ) -> Result<(), Abort> {
+        let (progs, key, by_user, window) = (self.progs, self.key, self.by_user, self.window);
+        let (dst, dbase, dst_io) = self.dst;
+        let allowed = allowance(window, dst.as_fd())?;
+        if waiting(sent, dst, dbase, by_user)? + bytes.len() as u64 > allowed {
+            let below = allowed.min(window) / 2;
+            wait_drained(progs, key, dst, dbase, by_user, below, brake).await?;
+        }
+        if sent != *caught_up {
+            *caught_up = wait_caught_up(progs, key, dst, dbase, by_user).await?;
+        }
+        dst_io.write_all(bytes, by_user).await?;
+        progs.set_forwarded(&key, by_user.load(Ordering::Relaxed))?;
+        Ok(())
+    }
+
+    /// Whether everything the verdict passed (`f` as just read) is
+    /// forwarded, so every later verdict run redirects. One already under
+    /// way may have read the old forwarded count and still pass its skb;
+    /// it runs under the source's lock, so taking the lock once waits it
+    /// out, and a second look tells.
+    fn all_forwarded(&self, src: &TcpStream, f: zc_common::Flow) -> Result<bool, Abort> {
+        let done = |f: zc_common::Flow| f.passed == self.by_user.load(Ordering::Relaxed);
+        if !done(f) {
+            return Ok(false);
+        }
+        sys::kick_data_ready(src.as_fd())?;
+        Ok(done(self.progs.flow(&self.key).ok_or(Abort(None))?))
     }
 }
 
@@ -391,12 +426,8 @@ enum Peeked {
 /// bytes that then arrive are passed again (a hold ends only when the
 /// sender pauses).
 struct PeekRound<'a, 'b> {
-    progs: &'b Programs,
-    key: SockKey,
+    out: &'b Out<'a, 'b>,
     src: (&'a TcpStream, &'b super::io::SockIo),
-    dst: (&'a TcpStream, Base, &'b super::io::SockIo),
-    by_user: &'a AtomicU64,
-    window: u64,
 }
 
 impl PeekRound<'_, '_> {
@@ -406,8 +437,8 @@ impl PeekRound<'_, '_> {
         caught_up: &mut u64,
         brake: &mut Brake<'_>,
     ) -> Result<Peeked, Abort> {
-        let (progs, key, by_user) = (self.progs, self.key, self.by_user);
-        let ((src_std, _), (dst, dbase, dst_io)) = (self.src, self.dst);
+        let (progs, key) = (self.out.progs, self.out.key);
+        let src_std = self.src.0;
         let passed = || progs.flow(&key).map(|f| f.passed).ok_or(Abort(None));
         let started = std::time::Instant::now();
         let (mut before, mut since) = (passed()?, started);
@@ -424,27 +455,13 @@ impl PeekRound<'_, '_> {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Peeked::Nothing),
             Err(e) => return Err(e.into()),
         };
-        let f = progs.flow(&key).ok_or(Abort(None))?;
-        let allowed = allowance(self.window, dst.as_fd())?;
-        if waiting(f.sent, dst, dbase, by_user)? + n as u64 > allowed {
-            let below = allowed.min(self.window) / 2;
-            wait_drained(progs, key, dst, dbase, by_user, below, brake).await?;
-        }
-        if f.sent != *caught_up {
-            *caught_up = wait_caught_up(progs, key, dst, dbase, by_user).await?;
-        }
-        dst_io.write_all(&buf[..n], by_user).await?;
-        progs.set_forwarded(&key, by_user.load(Ordering::Relaxed))?;
+        let sent = progs.flow(&key).ok_or(Abort(None))?.sent;
+        self.out.pass_on(&buf[..n], sent, caught_up, brake).await?;
         self.consume(buf, n).await?;
-        let done = |f: zc_common::Flow| f.passed == by_user.load(Ordering::Relaxed);
-        if done(progs.flow(&key).ok_or(Abort(None))?) {
-            // A verdict run under way may have read the old count; it
-            // holds the socket's lock, which this takes (see `run`).
-            sys::kick_data_ready(src_std.as_fd())?;
-            if done(progs.flow(&key).ok_or(Abort(None))?) {
-                debug!("peeking hand-back: {n} bytes; back to the kernel");
-                return Ok(Peeked::BackToKernel);
-            }
+        let f = progs.flow(&key).ok_or(Abort(None))?;
+        if self.out.all_forwarded(src_std, f)? {
+            debug!("peeking hand-back: {n} bytes; back to the kernel");
+            return Ok(Peeked::BackToKernel);
         }
         Ok(Peeked::More)
     }
