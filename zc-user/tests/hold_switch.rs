@@ -53,21 +53,10 @@ async fn holds_and_releases_at_random_moments_lose_nothing() {
 /// senders). Each stream must arrive in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn senders_that_never_pause_keep_their_order() {
-    const CONNS: u64 = 4;
-    const EACH: u64 = 1 << 30;
-    let _turn = FLAT_OUT.lock().await;
-    let progs = programs();
-    let engine = BpfEngine::new(progs.clone(), watcher()).with_window(WINDOW);
-    let run = switch_many(&progs, engine, WINDOW, CONNS, EACH, 500, Sender::NonStop).await;
-    let (holds, carried) = (run.holds, run.carried);
-    eprintln!("{holds} holds in {CONNS} connections; the kernel redirected {carried} bytes");
     // 571-614 holds and 1.55-1.70 GB of the 4 GiB redirected, seen alone.
+    let carried = non_stop(false, 500).await;
     assert!(
-        holds >= 20,
-        "only {holds} holds: the test did not exercise the switch"
-    );
-    assert!(
-        carried >= CONNS * EACH / 16,
+        carried >= NON_STOP_BYTES / 16,
         "the kernel redirected only {carried} bytes: the streams ran in user space"
     );
 }
@@ -79,28 +68,50 @@ async fn senders_that_never_pause_keep_their_order() {
 /// without the option, leaves it far less under senders that never do).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peeking_hand_backs_keep_order_under_senders_that_never_pause() {
-    const CONNS: u64 = 4;
-    const EACH: u64 = 1 << 30;
+    // Seen alone: 3.53-3.64 GB of the 4 GiB (82-85%), against 1.55-2.69
+    // GB (36-63%) for the test above, whose holds forward until a pause.
+    let carried = non_stop(true, 700).await;
+    assert!(
+        carried >= NON_STOP_BYTES * 7 / 10,
+        "the kernel redirected only {carried} bytes: holds did not end by peeking"
+    );
+}
+
+/// Connections and bytes each of [`non_stop`].
+const NON_STOP_CONNS: u64 = 4;
+const NON_STOP_BYTES: u64 = NON_STOP_CONNS << 30;
+
+/// Four connections of 1 GiB from senders that never pause (seeds from
+/// `seed`), through an engine that hands back by peeking or not; checks
+/// every stream and that the switch was exercised; returns the bytes the
+/// kernel redirected.
+async fn non_stop(peek: bool, seed: u64) -> u64 {
     let _turn = FLAT_OUT.lock().await;
     let progs = programs();
     let engine = BpfEngine::new(progs.clone(), watcher())
         .with_window(WINDOW)
-        .with_peek_hand_back(true);
-    let run = switch_many(&progs, engine, WINDOW, CONNS, EACH, 700, Sender::NonStop).await;
+        .with_peek_hand_back(peek);
+    let each = NON_STOP_BYTES / NON_STOP_CONNS;
+    let run = switch_many(
+        &progs,
+        engine,
+        WINDOW,
+        NON_STOP_CONNS,
+        each,
+        seed,
+        Sender::NonStop,
+    )
+    .await;
     let (holds, carried) = (run.holds, run.carried);
     eprintln!(
-        "peeking: {holds} holds in {CONNS} connections; the kernel redirected {carried} bytes"
+        "peeking {peek}: {holds} holds in {NON_STOP_CONNS} connections; \
+         the kernel redirected {carried} bytes"
     );
     assert!(
         holds >= 20,
         "only {holds} holds: the test did not exercise the switch"
     );
-    // Seen alone: 3.53-3.59 GB of the 4 GiB (82-84%), against 1.55-2.60
-    // GB (36-60%) for the test above, whose holds forward until a pause.
-    assert!(
-        carried >= CONNS * EACH * 7 / 10,
-        "the kernel redirected only {carried} bytes: holds did not end by peeking"
-    );
+    carried
 }
 
 /// What one connection through [`switch_at_random`] did.
