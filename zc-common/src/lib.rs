@@ -114,8 +114,11 @@ pub struct Peer {
     /// arriving bytes to the socket's own receive queue, where they count
     /// against its receive buffer, so TCP flow control holds the sender.
     pub hold: u32,
-    /// Always 0 (keeps `limit` 8-aligned without hidden padding).
-    pub pad: u32,
+    /// Non-zero: parking is allowed, and the verdict asks for it (see
+    /// `PARK` in zc-ebpf) once [`Flow::sent`] comes within this many
+    /// bytes of `cap` (moved as the cap is). 0 while user space forwards
+    /// the direction, so that no park can come under a forwarder.
+    pub park_gap: u32,
     /// Byte total beyond which user space wants to look at the
     /// destination's backlog.
     pub limit: u64,
@@ -139,6 +142,11 @@ pub struct Peer {
     /// from a reader that has caught up.
     pub acked_at: u64,
 }
+
+/// `PARK` states (zc-ebpf `park`): the verdict asked for a park; the
+/// socket is out of `RELAY`.
+pub const PARK_ASKED: u64 = 1;
+pub const PARKED: u64 = 2;
 
 /// [`Peer::acked_at`] when the cap was not set from an acknowledged count.
 pub const ACKED_UNKNOWN: u64 = u64::MAX;

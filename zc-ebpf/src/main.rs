@@ -10,10 +10,12 @@
 //! - `LOCAL`: same-host sockets whose sent bytes go to their peer's
 //!   ingress (`zc_msg`, an sk_msg program).
 //! - `PEERS`: socket -> where its bytes go. `COUNTERS`: what moved.
+//! - `PARK`: relay sockets the verdict asked to park, or parked (out of
+//!   `RELAY`, still in `TARGETS`) by `zc_park`, a sock_ops program.
 //!
 //! One module per program family, mirrored by `zc-user`'s `ebpf` module:
 //! `verdict` (the relay: `zc_verdict`, `zc_verdict_parsed`, `zc_parser`),
-//! `fin_hold` (`zc_fin_hold`), `recording` (`zc_sockops`) and
+//! `park` (`zc_park`), `fin_hold` (`zc_fin_hold`), `recording` (`zc_sockops`) and
 //! `short_circuit` (`zc_msg`, and the sock_ops enrolment). `maps` holds
 //! the maps more than one family uses, `sock` what every family reads
 //! from a socket.
@@ -26,6 +28,8 @@
 mod fin_hold;
 #[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod park;
 #[cfg(target_arch = "bpf")]
 mod recording;
 #[cfg(target_arch = "bpf")]

@@ -23,13 +23,14 @@ use crate::{
 static TARGETS: SockHash<SockKey> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
 #[map]
-static RELAY: SockHash<SockKey> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+pub(crate) static RELAY: SockHash<SockKey> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
 /// What the verdict did with each relay socket's bytes. Only the verdict
 /// writes it, and TCP runs a socket's data-ready hook under that socket's
 /// lock, so the plain read-modify-write is never concurrent for one key.
 #[map]
-static FLOW: HashMap<SockKey, Flow> = HashMap::with_max_entries(MAX_SOCKETS, NO_PREALLOC);
+pub(crate) static FLOW: HashMap<SockKey, Flow> =
+    HashMap::with_max_entries(MAX_SOCKETS, NO_PREALLOC);
 
 /// Every paired socket's key, by its cookie: the verdict's only way to
 /// its key. An sk_skb program cannot ask for its socket's network
@@ -41,12 +42,14 @@ static FLOW: HashMap<SockKey, Flow> = HashMap::with_max_entries(MAX_SOCKETS, NO_
 /// queue, uncounted, and the relay waited for them forever (seen in the
 /// bench's both-ways workload, 1 run in 15 across namespaces).
 #[map]
-static BY_COOKIE: HashMap<u64, SockKey> = HashMap::with_max_entries(MAX_SOCKETS, NO_PREALLOC);
+pub(crate) static BY_COOKIE: HashMap<u64, SockKey> =
+    HashMap::with_max_entries(MAX_SOCKETS, NO_PREALLOC);
 
 /// Bytes user space has read from a held socket and written to its peer.
 /// Only user space writes it.
 #[map]
-static FORWARDED: HashMap<SockKey, u64> = HashMap::with_max_entries(MAX_SOCKETS, NO_PREALLOC);
+pub(crate) static FORWARDED: HashMap<SockKey, u64> =
+    HashMap::with_max_entries(MAX_SOCKETS, NO_PREALLOC);
 
 /// Keys of sockets whose `Flow::sent` passed their `Peer::limit`.
 #[map]
@@ -102,6 +105,26 @@ fn over_cap(peer: &Peer, sent: u64, len: u32) -> bool {
     }
 }
 
+/// Whether redirecting up to `want` leaves less than `park_gap` bytes
+/// under the cap, moved as `over_cap` moves it.
+#[inline(always)]
+fn past_park_line(peer: &Peer, want: u64) -> bool {
+    if peer.cap == 0 {
+        return false;
+    }
+    let line = peer.cap.saturating_sub(u64::from(peer.park_gap));
+    if want <= line {
+        return false;
+    }
+    if peer.acked_at == ACKED_UNKNOWN {
+        return true;
+    }
+    match dst_bytes_acked(&peer.key) {
+        Some(now) if now >= peer.acked_at => want > line + (now - peer.acked_at),
+        _ => true,
+    }
+}
+
 /// The destination's `tcp_sock.bytes_acked`, read through BTF's offset.
 #[inline(always)]
 fn dst_bytes_acked(dst: &SockKey) -> Option<u64> {
@@ -131,7 +154,7 @@ fn check_limit(key: &SockKey, peer: *mut Peer, sent: u64, msgs: u64) {
 
 /// Sends `key` to user space if its report is armed, and disarms it.
 #[inline(always)]
-fn report(key: &SockKey, peer: *mut Peer) {
+pub(crate) fn report(key: &SockKey, peer: *mut Peer) {
     // SAFETY: as in `check_limit`.
     unsafe {
         if (*peer).armed != 0 {
@@ -342,6 +365,13 @@ fn verdict(ctx: &SkBuffContext, parsed: bool, offset: u32) -> u32 {
                 report(&key, p);
             }
             return sk_action::SK_PASS;
+        }
+    }
+    if peer.park_gap != 0 {
+        // SAFETY: see FLOW.
+        let want = unsafe { (*flow).sent } + u64::from(len);
+        if past_park_line(&peer, want) {
+            crate::park::ask(&key, peer_ptr);
         }
     }
     let mut dst = peer.key;

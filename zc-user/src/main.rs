@@ -9,7 +9,7 @@ use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
-use log::{error, info};
+use log::{error, info, warn};
 use zc_user::{
     engine::{
         Engine, Mode,
@@ -294,6 +294,17 @@ struct RelayArgs {
     /// throughput (tuning log 28).
     #[arg(long)]
     peek_hand_back: bool,
+    /// bpf mode: never park. By default, when more than half a window
+    /// waits for a direction's reader, a sock_ops program attached to
+    /// zc's own cgroup takes the source socket out of the redirect map,
+    /// so what arrives stays in its receive queue and TCP flow control
+    /// stops the sender without a byte passing through zc; it goes back
+    /// once the reader has caught up. Only the relay's own sockets (its
+    /// listening port, its upstream) are touched. Without parking (or
+    /// where it cannot attach) a lagging reader is met by holding the
+    /// direction and forwarding it in user space.
+    #[arg(long)]
+    no_park: bool,
     /// Most connections relayed at once; further clients wait in the
     /// listen backlog until connections end. The relay takes fewer if its
     /// open-file limit (raised to the hard limit at start) has no room for
@@ -393,8 +404,16 @@ async fn relay(args: RelayArgs) -> Result<()> {
                 // holds them all when their sum runs the host short.
                 zc_user::pressure::watch(progs.clone()).context("starting the TCP memory watch")?;
             }
+            let park = args.window > 0 && !args.no_park;
+            if park && let Err(e) = progs.enable_parking() {
+                warn!(
+                    "{e}; a lagging reader's sender is held back by forwarding its bytes in \
+                     user space instead"
+                );
+            }
             Engine::Bpf(
                 BpfEngine::new(progs, watcher)
+                    .with_park(park)
                     .with_sndbuf(args.sndbuf)
                     .with_window(args.window)
                     .with_peek_hand_back(args.peek_hand_back)

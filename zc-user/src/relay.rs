@@ -295,6 +295,10 @@ impl Relay {
         }
         let listener =
             listen(config.listen).with_context(|| format!("listening on {}", config.listen))?;
+        if let Engine::Bpf(e) = &engine {
+            e.park_ends(listener.local_addr()?, config.upstream)
+                .context("naming the relay's sockets to the parking program")?;
+        }
         // Counted after the listener, so it is in the reserve.
         let open = open_fds().context("counting open fds in /proc/self/fd")?;
         let capacity = Capacity::of(&engine, config.max_conns, fd_limit, open)?;
@@ -723,10 +727,11 @@ fn access_line(
 ) -> String {
     let path = match engine {
         Engine::Bpf(_) if s.holds + s.small > 0 || by_user > 0 => format!(
-            "bpf ({} holds, {} moves for small segments; {by_user} bytes through user space, \
-             {} of them for small segments)",
-            s.holds, s.small, s.small_bytes
+            "bpf ({} parks, {} holds, {} moves for small segments; {by_user} bytes through user \
+             space, {} of them for small segments)",
+            s.parks, s.holds, s.small, s.small_bytes
         ),
+        Engine::Bpf(_) if s.parks > 0 => format!("bpf ({} parks)", s.parks),
         Engine::Bpf(_) => "bpf".to_string(),
         Engine::Splice(_) => "splice".to_string(),
         Engine::Copy(_) => "copy".to_string(),

@@ -407,7 +407,7 @@ pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
 
 /// Converts a socket address to the words the kernel's socket contexts
 /// carry: network-order 32-bit words, the port in host order.
-fn addr_words(addr: &SocketAddr) -> (u32, [u32; 4], u32) {
+pub fn addr_words(addr: &SocketAddr) -> (u32, [u32; 4], u32) {
     match addr {
         SocketAddr::V4(a) => (
             AF_INET,

@@ -47,6 +47,7 @@ fn a_cap_user_space_never_moves_holds_back_no_reader_that_keeps_up() {
                 acked_at,
             },
             false,
+            0,
         )
         .expect("rearm");
 

@@ -62,8 +62,9 @@ fn relay_process_relays_then_stops_on_sigterm_leaving_no_programs() {
         .collect();
     assert_eq!(
         zc.len(),
-        4,
-        "a running relay has its four programs loaded (two verdicts, parser, sk_msg): {held:?}"
+        5,
+        "a running relay has its five programs loaded (two verdicts, parser, sk_msg, the \
+         parking sock_ops): {held:?}"
     );
     client
         .write_all(b"hello through the kernel")

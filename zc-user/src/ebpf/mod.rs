@@ -16,6 +16,7 @@
 //! - `rings`: draining the ring buffers the programs write to.
 mod fin_hold;
 mod pairs;
+mod park;
 mod recording;
 mod rings;
 mod short_circuit;
@@ -64,6 +65,8 @@ pub enum LoadError {
     Recording(String),
     #[error("the short-circuit is unavailable: {0}")]
     ShortCircuit(String),
+    #[error("parking is unavailable: {0}")]
+    Parking(String),
     // Without CAP_PERFMON the verifier refuses the programs' reads of
     // kernel memory (through BTF) with EACCES, and says nothing of it.
     #[error(
@@ -104,6 +107,8 @@ pub struct Programs {
     /// (network namespace inode, interface index): numbers repeat across
     /// namespaces.
     hold_ifaces: Arc<Mutex<std::collections::HashSet<(u64, u32)>>>,
+    /// `zc_park` is attached ([`Self::enable_parking`]).
+    parking: Arc<std::sync::atomic::AtomicBool>,
     /// Where the maps are pinned ([`Self::load_pinned`]); the FIN hold's
     /// links are pinned there too, so it outlives this process with the
     /// pairs it protects.
@@ -118,7 +123,8 @@ pub struct Programs {
 /// The maps with one entry per socket, sized together
 /// ([`Programs::load_sized`]). Their hash maps allocate entries as they
 /// are used, so a large size costs little until it is used.
-const SOCKET_MAPS: [&str; 14] = [
+const SOCKET_MAPS: [&str; 15] = [
+    "PARK",
     "TARGETS",
     "RELAY",
     "FOREIGN",
@@ -224,6 +230,7 @@ impl Programs {
             retired: Arc::default(),
             retired_failed: Arc::default(),
             hold_ifaces: Arc::default(),
+            parking: Arc::default(),
             pin_dir: None,
             _ebpf: Arc::new(Mutex::new(ebpf)),
             _undrained: Arc::new(Mutex::new(undrained)),

@@ -104,7 +104,7 @@ impl Programs {
                 kind,
                 armed: u32::from(window > 0),
                 hold: 0,
-                pad: 0,
+                park_gap: 0,
                 limit: window / 2,
                 msg_limit: u64::MAX,
                 cap,

@@ -216,19 +216,24 @@ impl Programs {
         msg_limit: u64,
         cap: Cap,
         arm: bool,
+        park_gap: u32,
     ) -> Result<(), PairError> {
         self.update_peer(key, |p| {
             p.limit = limit;
             p.msg_limit = msg_limit;
             (p.cap, p.acked_at) = (cap.total, cap.acked_at);
             p.armed = u32::from(arm);
+            p.park_gap = park_gap;
         })
     }
 
-    /// Asks the verdict to pass what arrives on `key`'s socket; see
-    /// [`Peer::hold`].
+    /// Asks the verdict to pass what arrives on `key`'s socket (see
+    /// [`Peer::hold`]), and allows no park until the next re-arm.
     pub fn hold(&self, key: &SockKey) -> Result<(), PairError> {
-        self.update_peer(key, |p| p.hold = 1)
+        self.update_peer(key, |p| {
+            p.hold = 1;
+            p.park_gap = 0;
+        })
     }
 
     /// Lets the verdict redirect again (once every passed byte has been

@@ -93,6 +93,7 @@ pub fn finish(
         reset: failed,
         cause,
         holds: 0,
+        parks: 0,
         small: 0,
         small_bytes: 0,
     }

@@ -16,6 +16,7 @@ mod ending;
 mod forward;
 mod hand_back;
 mod io;
+mod park;
 mod switch;
 
 use std::{
@@ -67,6 +68,9 @@ pub struct BpfEngine {
     small_skb: u64,
     /// End holds with a peeking hand-back (see `forward::peek_round`).
     peek_hand_back: bool,
+    /// Park a direction whose reader lags (see `park`) before it needs
+    /// holding: the programs' `zc_park` is attached.
+    park: bool,
     /// The sockets belong to another process (the agent pairing a proxy's
     /// sockets): zc must never read or write them itself, or it would race
     /// the owner's own reads and writes.
@@ -145,6 +149,10 @@ struct Pair<'a> {
     holds: u64,
     /// Times a direction of small skbs was moved to user space.
     small: u64,
+    /// Times a direction was parked (asked to be, at least).
+    parks: u64,
+    /// The task in `forwarding` is a parker, not a forwarder.
+    parking: [bool; 2],
     /// Each direction's redirected bytes and skbs at its last report, to
     /// tell the average skb size since.
     sampled: [(u64, u64); 2],
@@ -201,6 +209,7 @@ impl BpfEngine {
             window: DEFAULT_WINDOW,
             small_skb: 0,
             peek_hand_back: false,
+            park: false,
             foreign: false,
         }
     }
@@ -250,6 +259,27 @@ impl BpfEngine {
     pub fn with_peek_hand_back(mut self, on: bool) -> Self {
         self.peek_hand_back = on;
         self
+    }
+
+    /// Park lagging directions (`zc_park` must be attached:
+    /// [`Programs::enable_parking`]; without it this does nothing).
+    pub fn with_park(mut self, on: bool) -> Self {
+        self.park = on && self.progs.parking();
+        self
+    }
+
+    /// Tells the parking program which sockets are this relay's: those
+    /// accepted on `listen`'s port and those connected to `upstream`
+    /// (nothing without parking).
+    pub fn park_ends(
+        &self,
+        listen: std::net::SocketAddr,
+        upstream: std::net::SocketAddr,
+    ) -> Result<()> {
+        if self.park {
+            self.progs.park_ends(listen, upstream)?;
+        }
+        Ok(())
     }
 
     pub async fn relay(&self, a: TcpStream, b: TcpStream) -> Result<Summary> {
@@ -309,6 +339,15 @@ impl BpfEngine {
             s.set_nodelay(true).context("setting TCP_NODELAY")?;
             if self.sndbuf > 0 {
                 sys::set_sndbuf(s.as_fd(), self.sndbuf).context("setting SO_SNDBUF")?;
+            }
+        }
+        if self.park && self.window > 0 {
+            // What a parked socket keeps is what its window promised; a
+            // buffer fixed from the start never promises more than it
+            // holds (cut later, it had promised more, and TCP's later
+            // windows stalled the sender).
+            for s in socks {
+                sys::set_rcvbuf(s.as_fd(), HELD_RCVBUF).context("setting SO_RCVBUF")?;
             }
         }
         let base = [Base::of(a.as_fd())?, Base::of(b.as_fd())?];
@@ -394,9 +433,14 @@ impl BpfEngine {
             for (i, k) in pairing.keys.iter().enumerate() {
                 let armed = (|| -> Result<()> {
                     let cap = switch::allowance(self.window, socks[1 - i].as_fd())?;
-                    Ok(self
-                        .progs
-                        .rearm(k, self.window / 2, ADAPT_MSGS, Cap::fixed(cap), true)?)
+                    Ok(self.progs.rearm(
+                        k,
+                        self.window / 2,
+                        ADAPT_MSGS,
+                        Cap::fixed(cap),
+                        true,
+                        0,
+                    )?)
                 })();
                 if let Err(e) = armed {
                     reset(&socks);
@@ -421,6 +465,8 @@ impl BpfEngine {
             small_bytes: &small_bytes,
             holds: 0,
             small: 0,
+            parks: 0,
+            parking: [false; 2],
             sampled: Default::default(),
             small_before: [false; 2],
             dwell: Default::default(),
@@ -452,6 +498,7 @@ impl BpfEngine {
             reset: reset_happened,
             cause,
             holds: pair.holds,
+            parks: pair.parks,
             small: pair.small,
             small_bytes: small_bytes.iter().map(|b| b.load(Ordering::Relaxed)).sum(),
         })

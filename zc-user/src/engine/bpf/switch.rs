@@ -37,6 +37,7 @@ use log::debug;
 
 use super::{
     Abort, Base, Pair, Task, adaptive::back_to_kernel_at, ending::broken, forward::Forwarder,
+    park::Parker,
 };
 use crate::{ebpf::Cap, sys};
 
@@ -55,13 +56,16 @@ use crate::{ebpf::Cap, sys};
 /// tests/retransmit_overlap.rs).
 pub const DEFAULT_WINDOW: u64 = 8 << 20;
 
-/// SO_RCVBUF of a relay socket from its first hold on (the kernel doubles
-/// it): the most a held direction keeps in its own receive queue. Before
-/// that the kernel's initial 128 KiB applies (autotuning only grows
-/// buffers an application reads). 256 KiB made a held socket's recv fail
-/// with EFAULT now and then on 6.18 (2 of 12 runs of tests/hold_switch.rs;
-/// 0 of 20 at 1 MiB).
-pub const HELD_RCVBUF: usize = 1 << 20;
+/// SO_RCVBUF of a relay socket (the kernel doubles it): the most a held
+/// or parked direction keeps in its own receive queue. Set at pairing
+/// when parking is on, else from the first hold (before that the
+/// kernel's initial 128 KiB applies, and autotuning grows it). 256 KiB
+/// made a held socket's recv fail with EFAULT now and then on 6.18 (2 of
+/// 12 runs of tests/hold_switch.rs; 0 of 20 at 1 MiB). Parked at 1 MiB,
+/// a stream whose sender uses BBR (this host's default) stalled for 200
+/// ms after most put-backs (398 MB in 5 s against 7.3 GB at 2 MiB;
+/// BENCHMARKS.md, tuning log 29).
+pub const HELD_RCVBUF: usize = 2 << 20;
 
 /// SO_RCVBUF of a held socket while TCP's memory is under pressure (see
 /// [`held_rcvbuf`]). The size at which a held socket's recv once failed
@@ -128,6 +132,15 @@ pub fn allowance(window: u64, dst: BorrowedFd<'_>) -> std::io::Result<u64> {
     Ok(unacked_allowance(window).min(room).max(1))
 }
 
+/// How close to its cap a direction may come before the verdict asks
+/// for a park: parked once more than half a window waits for the
+/// reader, it stays within the cap (and needs no hold) as long as the
+/// park comes before the rest of the allowance is sent. 0 (no parking)
+/// when the allowance leaves no room for that.
+fn park_gap(allowance: u64, window: u64) -> u32 {
+    u32::try_from(allowance.saturating_sub(window / 2)).unwrap_or(u32::MAX)
+}
+
 /// What a user-space forwarder ended with.
 pub(super) enum Forwarded {
     /// The source reached EOF; the direction can be finished.
@@ -146,6 +159,7 @@ impl<'a> Pair<'a> {
         how: Forwarded,
     ) -> Result<Task<'a, Forwarded>, Abort> {
         self.forwarding[src] = false;
+        self.parking[src] = false;
         // Neither direction needs the poller now (a direction the kernel
         // refused keeps its copy task's own registrations).
         if !self.forwarding[1 - src] {
@@ -188,12 +202,20 @@ impl<'a> Pair<'a> {
         // needs those reports, since the forwarder's end checks again
         // (`forwarder_ended`), so the report stays disarmed until then.
         let busy = self.forwarding[src] || self.done[src];
+        // The verdict may ask for a park only while no forwarder owns the
+        // direction (a parker may run).
+        let gap = if self.engine.park && (!busy || self.parking[src]) {
+            park_gap(allowance(window, self.socks[dst].as_fd())?, window)
+        } else {
+            0
+        };
         self.engine.progs.rearm(
             &self.keys[src],
             f.sent + window / 2,
             self.engine.msg_limit(f),
             cap,
             !busy,
+            gap,
         )?;
         log::trace!(
             "{}/{} side {src}: rearm limit {} cap {} armed {} (sent {} passed {} by_user {})",
@@ -215,6 +237,20 @@ impl<'a> Pair<'a> {
         let capped = f.passed > self.by_user[src].load(Ordering::Relaxed);
         let small = self.small_segments(src);
         if !capped && small.is_none() {
+            if self.engine.park && self.engine.progs.park_state(&self.keys[src]) != 0 {
+                self.forwarding[src] = true;
+                self.parking[src] = true;
+                self.parks += 1;
+                let parker = Parker {
+                    progs: self.engine.progs.clone(),
+                    key: self.keys[src],
+                    src: self.socks[src],
+                    dst: (self.socks[dst], self.base[dst]),
+                    by_user: &self.by_user[src],
+                    low: window / 8,
+                };
+                return Ok(Some(Box::pin(parker.run())));
+            }
             return Ok(None);
         }
         match small {
@@ -246,6 +282,14 @@ impl<'a> Pair<'a> {
         // It runs under the socket's lock, so taking that lock once (any
         // setsockopt does) waits it out; every later run sees the hold.
         sys::kick_data_ready(self.socks[src].as_fd())?;
+        if self.engine.park {
+            // The hold allows no park from here on (`Programs::hold`); one
+            // that came before it is undone, for the forwarder reads what
+            // the verdict passes.
+            self.engine
+                .progs
+                .unpark(&self.keys[src], self.socks[src].as_fd())?;
+        }
         self.forwarding[src] = true;
         let stay = if small.is_some() {
             self.dwell[src].leave(f.sent)

@@ -1,0 +1,172 @@
+//! Parking (`zc_park`, a sock_ops program on this process's cgroup): the
+//! verdict asks for it when a direction's reader lags, and `zc_park`
+//! takes the socket out of `RELAY` under the socket's own lock, so its
+//! bytes wait in its receive queue and TCP flow control holds its sender
+//! without a byte entering user space. User space puts it back.
+use std::{
+    net::SocketAddr,
+    os::fd::{AsRawFd, BorrowedFd},
+    sync::atomic::Ordering,
+};
+
+use aya::maps::{HashMap, MapData};
+use zc_common::SockKey;
+
+use super::{LoadError, Programs, pairs::PairError};
+
+impl Programs {
+    /// Attaches `zc_park` to this process's cgroup (once) and tells it
+    /// where a socket keeps its receive queue's length (BTF). Sockets
+    /// join only through [`Self::park_ends`].
+    pub fn enable_parking(&self) -> Result<(), LoadError> {
+        if self.parking.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let err = |e: String| LoadError::Parking(e);
+        let o = crate::btf::Offsets::of_running_kernel(&[
+            ("sock", "sk_receive_queue"),
+            ("sk_buff_head", "qlen"),
+        ])
+        .map_err(|e| err(format!("{e:#}")))?;
+        let at = o
+            .get("sock", "sk_receive_queue")
+            .and_then(|a| Ok(a + o.get("sk_buff_head", "qlen")?))
+            .map_err(|e| err(format!("{e:#}")))?;
+        let cgroup = own_cgroup().map_err(err)?;
+        let dir = std::fs::File::open(&cgroup)
+            .map_err(|e| err(format!("opening {}: {e}", cgroup.display())))?;
+        let mut ebpf = self.ebpf();
+        let mut config: aya::maps::Array<_, u64> = aya::maps::Array::try_from(
+            ebpf.map_mut("PARK_CONFIG")
+                .ok_or(LoadError::MissingMap("PARK_CONFIG"))?,
+        )
+        .map_err(|e| LoadError::MapType("PARK_CONFIG", e))?;
+        config
+            .set(0, u64::from(at), 0)
+            .map_err(|e| LoadError::MapType("PARK_CONFIG", e))?;
+        let prog: &mut aya::programs::SockOps = ebpf
+            .program_mut("zc_park")
+            .ok_or(LoadError::MissingProgram("zc_park"))?
+            .try_into()
+            .map_err(|e| LoadError::Program("zc_park", e))?;
+        prog.load().map_err(|e| LoadError::Program("zc_park", e))?;
+        // A link: other programs on the cgroup stay, and it goes with
+        // this process.
+        prog.attach(&dir, aya::programs::CgroupAttachMode::Single)
+            .map_err(|e| LoadError::Program("zc_park", e))?;
+        self.parking.store(true, Ordering::Relaxed);
+        log::debug!("parking on, in cgroup {}", cgroup.display());
+        Ok(())
+    }
+
+    /// Whether [`Self::enable_parking`] succeeded.
+    pub fn parking(&self) -> bool {
+        self.parking.load(Ordering::Relaxed)
+    }
+
+    /// Names the relay's ends to `zc_park`: sockets accepted on port
+    /// `listen.port()`, and sockets connected to `upstream`. Only those
+    /// can be parked; other sockets of the cgroup are left alone.
+    pub fn park_ends(&self, listen: SocketAddr, upstream: SocketAddr) -> Result<(), LoadError> {
+        let blank = |family| SockKey {
+            netns: 0,
+            family,
+            local_port: 0,
+            remote_port: 0,
+            local_ip: [0; 4],
+            remote_ip: [0; 4],
+            pad: 0,
+        };
+        let mut ends = Vec::new();
+        // An IPv6 listener may take IPv4 clients too (keyed as IPv4).
+        for f in [zc_common::AF_INET, zc_common::AF_INET6] {
+            if listen.is_ipv6() || f == zc_common::AF_INET {
+                let mut k = blank(f);
+                k.local_port = u32::from(listen.port());
+                ends.push(k);
+            }
+        }
+        // Keyed as the programs key it: an IPv4-mapped address as IPv4.
+        let upstream = SocketAddr::new(upstream.ip().to_canonical(), upstream.port());
+        let (f, ip, port) = crate::sys::addr_words(&upstream);
+        let mut up = blank(f);
+        up.remote_port = port;
+        up.remote_ip = ip;
+        ends.push(up);
+        let mut ebpf = self.ebpf();
+        let mut map: HashMap<_, SockKey, u8> = HashMap::try_from(
+            ebpf.map_mut("PARK_ENDS")
+                .ok_or(LoadError::MissingMap("PARK_ENDS"))?,
+        )
+        .map_err(|e| LoadError::MapType("PARK_ENDS", e))?;
+        for k in ends {
+            map.insert(k, 1, 0)
+                .map_err(|e| LoadError::MapType("PARK_ENDS", e))?;
+        }
+        Ok(())
+    }
+
+    fn park_map<R>(
+        &self,
+        f: impl FnOnce(&mut HashMap<&mut MapData, SockKey, u64>) -> R,
+    ) -> Option<R> {
+        let mut ebpf = self.ebpf();
+        let mut map: HashMap<_, SockKey, u64> = HashMap::try_from(ebpf.map_mut("PARK")?).ok()?;
+        Some(f(&mut map))
+    }
+
+    /// `zc_common::PARK_ASKED`, `zc_common::PARKED`, or 0.
+    pub fn park_state(&self, key: &SockKey) -> u64 {
+        self.park_map(|m| m.get(key, 0).unwrap_or(0)).unwrap_or(0)
+    }
+
+    /// Withdraws a park the verdict asked for, and puts the socket back
+    /// in `RELAY` if it was parked, kicking the verdict to take what
+    /// waits in its queue. Returns whether it was parked.
+    pub fn unpark(&self, key: &SockKey, fd: BorrowedFd<'_>) -> Result<bool, PairError> {
+        // Withdraw first: once the entry is gone nothing parks it.
+        let _ = self.park_map(|m| m.remove(key));
+        // Whether it was parked meanwhile, the map tells: a socket still in
+        // RELAY is refused (its psock has the verdict: EBUSY).
+        match self.maps().relay.insert(key, fd.as_raw_fd(), 1) {
+            Ok(()) => {
+                crate::sys::kick_data_ready(fd).map_err(PairError::Socket)?;
+                Ok(true)
+            }
+            Err(aya::maps::MapError::SyscallError(e))
+                if matches!(
+                    e.io_error.raw_os_error(),
+                    Some(libc::EBUSY) | Some(libc::EEXIST)
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(PairError::map("RELAY", e)),
+        }
+    }
+
+    /// Parks `zc_park` made, and chances it passed up because a socket's
+    /// queue held skbs, since the programs were loaded.
+    pub fn park_stats(&self) -> (u64, u64) {
+        let ebpf = self.ebpf();
+        let Some(stats) = ebpf
+            .map("PARK_STATS")
+            .and_then(|m| aya::maps::PerCpuArray::<_, u64>::try_from(m).ok())
+        else {
+            return (0, 0);
+        };
+        let sum = |i| stats.get(&i, 0).map_or(0, |v| v.iter().sum::<u64>());
+        (sum(0), sum(1))
+    }
+}
+
+/// This process's cgroup (v2) directory.
+fn own_cgroup() -> Result<std::path::PathBuf, String> {
+    let s = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+    let path = s
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or("no cgroup v2 entry in /proc/self/cgroup")?;
+    let root = crate::host::cgroup2_root().map_err(|e| e.to_string())?;
+    Ok(root.join(path.trim_start_matches('/')))
+}
