@@ -242,6 +242,20 @@ pub fn kick_data_ready(fd: BorrowedFd<'_>) -> io::Result<()> {
     setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)
 }
 
+/// Sends nothing on a TCP socket: TCP still works out the segment size
+/// it would use, which runs its sock_ops header-option callback (with
+/// the socket locked), so a parking program gets a chance at once.
+pub fn nudge(fd: BorrowedFd<'_>) -> io::Result<()> {
+    use nix::sys::socket::{MsgFlags, send};
+    send(
+        fd.as_raw_fd(),
+        &[],
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+    )
+    .map(|_| ())
+    .map_err(io::Error::from)
+}
+
 /// TCP_WINDOW_CLAMP: the most receive window TCP will offer.
 pub fn window_clamp(fd: BorrowedFd<'_>) -> io::Result<i32> {
     getsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP)

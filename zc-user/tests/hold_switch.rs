@@ -46,6 +46,44 @@ async fn holds_and_releases_at_random_moments_lose_nothing() {
     );
 }
 
+/// Parking, as `zc relay` does by default: once half a window waits for
+/// the reader, the verdict asks `zc_park` to take the source out of the
+/// verdict map, TCP flow control stops the sender with the bytes still in
+/// the kernel, and the relay puts the source back once the reader caught
+/// up. Under random traffic both ways and readers that stop at random,
+/// every byte must arrive once and in order, and (no byte of a park
+/// crossing user space) the kernel must carry nearly all of it: holding
+/// instead, the drill above leaves it under half.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parks_at_random_moments_lose_nothing() {
+    let _turn = FLAT_OUT.lock().await;
+    let progs = programs();
+    progs.enable_parking().expect("attaching zc_park");
+    let engine = BpfEngine::new(progs.clone(), watcher())
+        .with_window(WINDOW)
+        .with_park(true);
+    assert!(engine.parks(), "the engine took no parking");
+    let run = switch_many(&progs, engine, WINDOW, 4, TOTAL, 21, Sender::NonStop).await;
+    eprintln!(
+        "{} parks, {} holds; the kernel redirected {} of {} bytes",
+        run.parks,
+        run.holds,
+        run.carried,
+        4 * TOTAL
+    );
+    assert!(
+        run.parks >= 20,
+        "only {} parks: the test did not exercise parking",
+        run.parks
+    );
+    assert!(
+        run.carried >= 4 * TOTAL * 9 / 10,
+        "the kernel redirected only {} of {} bytes: parks did not keep the streams in the kernel",
+        run.carried,
+        4 * TOTAL
+    );
+}
+
 /// Senders that never pause, several connections at once, readers that
 /// stop now and then: a hold then ends while bytes keep arriving, so the
 /// verdict moves between redirecting and passing under a forwarder that
@@ -117,6 +155,7 @@ async fn non_stop(peek: bool, seed: u64) -> u64 {
 /// What one connection through [`switch_at_random`] did.
 struct Switched {
     holds: u64,
+    parks: u64,
     small: u64,
     /// Bytes of the `total` the kernel redirected.
     carried: u64,
@@ -143,12 +182,14 @@ async fn switch_many(
         .collect();
     let mut sum = Switched {
         holds: 0,
+        parks: 0,
         small: 0,
         carried: 0,
     };
     for r in runs {
         let r = r.await.expect("join");
         sum.holds += r.holds;
+        sum.parks += r.parks;
         sum.small += r.small;
         sum.carried += r.carried;
     }
@@ -169,7 +210,11 @@ async fn switch_at_random(
     kernel_share: u64,
     sender: Sender,
 ) -> Switched {
-    let (client, near, far, server) = relay_sockets().await;
+    let (client, near, far, server) = if engine.parks() {
+        relay_sockets_parked(progs).await
+    } else {
+        relay_sockets().await
+    };
     let addr = server.local_addr().expect("addr");
     let near_key = zc_user::sys::sock_key(near.as_fd()).expect("key");
     let far_key = zc_user::sys::sock_key(far.as_fd()).expect("key");
@@ -242,9 +287,9 @@ async fn switch_at_random(
     drop((cw, sw));
     let summary = ended(relay).await;
     eprintln!(
-        "{} holds, {} moves for small skbs; client->server: the kernel redirected {carried} of \
-         {total} bytes",
-        summary.holds, summary.small
+        "{} parks, {} holds, {} moves for small skbs; client->server: the kernel redirected \
+         {carried} of {total} bytes",
+        summary.parks, summary.holds, summary.small
     );
     assert_eq!(got, sent.expect("send"), "client -> server stream damaged");
     assert_eq!(
@@ -259,6 +304,7 @@ async fn switch_at_random(
     );
     Switched {
         holds: summary.holds,
+        parks: summary.parks,
         small: summary.small,
         carried,
     }

@@ -34,6 +34,7 @@ use zc_common::{Counters, Flow, Peer, Recorded, SockKey};
 pub use self::{
     fin_hold::HOLD_LINK_PREFIX,
     pairs::PairError,
+    park::Unparked,
     short_circuit::ShortCircuitTotals,
     verdict::{Cap, RelayPairing},
 };

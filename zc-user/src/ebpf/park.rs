@@ -122,8 +122,8 @@ impl Programs {
 
     /// Withdraws a park the verdict asked for, and puts the socket back
     /// in `RELAY` if it was parked, kicking the verdict to take what
-    /// waits in its queue. Returns whether it was parked.
-    pub fn unpark(&self, key: &SockKey, fd: BorrowedFd<'_>) -> Result<bool, PairError> {
+    /// waits in its queue.
+    pub fn unpark(&self, key: &SockKey, fd: BorrowedFd<'_>) -> Result<Unparked, PairError> {
         // Withdraw first: once the entry is gone nothing parks it.
         let _ = self.park_map(|m| m.remove(key));
         // Whether it was parked meanwhile, the map tells: a socket still in
@@ -131,16 +131,18 @@ impl Programs {
         match self.maps().relay.insert(key, fd.as_raw_fd(), 1) {
             Ok(()) => {
                 crate::sys::kick_data_ready(fd).map_err(PairError::Socket)?;
-                Ok(true)
+                Ok(Unparked::Back)
             }
-            Err(aya::maps::MapError::SyscallError(e))
-                if matches!(
-                    e.io_error.raw_os_error(),
-                    Some(libc::EBUSY) | Some(libc::EEXIST)
-                ) =>
-            {
-                Ok(false)
-            }
+            Err(aya::maps::MapError::SyscallError(e)) => match e.io_error.raw_os_error() {
+                Some(libc::EBUSY) | Some(libc::EEXIST) => Ok(Unparked::NotParked),
+                // A socket joins a sockmap only while established: its
+                // remote end's FIN came while it was parked.
+                Some(libc::EOPNOTSUPP) => Ok(Unparked::Stranded),
+                _ => Err(PairError::map(
+                    "RELAY",
+                    aya::maps::MapError::SyscallError(e),
+                )),
+            },
             Err(e) => Err(PairError::map("RELAY", e)),
         }
     }
@@ -158,6 +160,19 @@ impl Programs {
         let sum = |i| stats.get(&i, 0).map_or(0, |v| v.iter().sum::<u64>());
         (sum(0), sum(1))
     }
+}
+
+/// What [`Programs::unpark`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unparked {
+    /// It was parked and is back in `RELAY`.
+    Back,
+    /// It was not parked (a request withdrawn in time, or none).
+    NotParked,
+    /// It was parked and cannot go back: its remote end's FIN came
+    /// meanwhile, and a socket that is no longer established cannot join
+    /// a sockmap. What it keeps must be forwarded by user space.
+    Stranded,
 }
 
 /// This process's cgroup (v2) directory.

@@ -236,6 +236,11 @@ impl Programs {
         })
     }
 
+    /// Allows no park of `key`'s socket until the next re-arm.
+    pub fn no_park(&self, key: &SockKey) -> Result<(), PairError> {
+        self.update_peer(key, |p| p.park_gap = 0)
+    }
+
     /// Lets the verdict redirect again (once every passed byte has been
     /// forwarded), up to a new cap.
     pub fn release(&self, key: &SockKey, cap: Cap) -> Result<(), PairError> {

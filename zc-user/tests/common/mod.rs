@@ -308,6 +308,34 @@ pub async fn relay_sockets() -> (
     )
 }
 
+/// [`relay_sockets`], named to `progs`' parking program before they
+/// connect (it asks TCP for its per-segment call as a socket is
+/// established), so the relay's two ends can be parked.
+pub async fn relay_sockets_parked(
+    progs: &Programs,
+) -> (
+    TcpStream,
+    std::net::TcpStream,
+    std::net::TcpStream,
+    TcpStream,
+) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    progs
+        .park_ends(addr, addr)
+        .expect("naming the ends to zc_park");
+    let client = TcpStream::connect(addr).await.expect("connect");
+    let (near, _) = l.accept().await.expect("accept");
+    let far = TcpStream::connect(addr).await.expect("connect");
+    let (server, _) = l.accept().await.expect("accept");
+    (
+        client,
+        near.into_std().expect("std"),
+        far.into_std().expect("std"),
+        server,
+    )
+}
+
 /// [`relay_sockets`] as blocking std sockets, for tests without a
 /// runtime: client, near (the relay's end), far, server.
 pub fn relay_sockets_blocking() -> [std::net::TcpStream; 4] {

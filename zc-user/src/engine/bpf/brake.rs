@@ -60,6 +60,9 @@ pub(super) struct Brake<'a> {
     /// The held receive buffer last set ([`held_rcvbuf`]), while released;
     /// 0 until the first look sets it.
     held: usize,
+    /// The buffer was fixed at pairing (a parking pair): left as it is
+    /// but under memory pressure, and restored as it was.
+    fixed: bool,
 }
 
 impl<'a> Brake<'a> {
@@ -67,6 +70,7 @@ impl<'a> Brake<'a> {
         src: (&'a TcpStream, Base),
         progs: &'a Programs,
         back: (SockKey, &'a AtomicU64),
+        fixed: bool,
     ) -> Self {
         Brake {
             src,
@@ -74,7 +78,8 @@ impl<'a> Brake<'a> {
             back,
             saved: None,
             taken: 0,
-            held: 0,
+            held: if fixed { held_rcvbuf() } else { 0 },
+            fixed,
         }
     }
 
@@ -105,7 +110,7 @@ impl<'a> Brake<'a> {
             }
             Some((rcvbuf, since)) if unread < OFF => {
                 self.saved = None;
-                restore(sock, rcvbuf.min(2 * held_rcvbuf() as u64))?;
+                restore(sock, self.restored(rcvbuf))?;
                 debug!(
                     "passed bytes down to {unread} after {:?}: the sender may go on",
                     since.elapsed()
@@ -132,6 +137,15 @@ impl<'a> Brake<'a> {
         Ok(moved.saturating_sub(self.taken))
     }
 
+    /// The buffer to restore after the brake, as SO_RCVBUF reports it.
+    fn restored(&self, saved: u64) -> u64 {
+        if self.fixed {
+            saved
+        } else {
+            saved.min(2 * held_rcvbuf() as u64)
+        }
+    }
+
     /// More passed bytes wait than the socket's receive memory accounts
     /// for.
     fn uncounted(&self, unread: u64) -> std::io::Result<bool> {
@@ -142,7 +156,7 @@ impl<'a> Brake<'a> {
 impl Drop for Brake<'_> {
     fn drop(&mut self) {
         if let Some((rcvbuf, _)) = self.saved.take()
-            && let Err(e) = restore(self.src.0, rcvbuf.min(2 * held_rcvbuf() as u64))
+            && let Err(e) = restore(self.src.0, self.restored(rcvbuf))
         {
             debug!("restoring the receive buffer: {e}");
         }

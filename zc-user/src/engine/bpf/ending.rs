@@ -39,6 +39,9 @@ impl<'a> Pair<'a> {
             debug!("side {src}: read side shut without a FIN from its remote end; relaying on");
             return Ok(None);
         }
+        // Nothing more arrives: a parked socket must give up what it
+        // keeps, and none may be parked again.
+        self.stop_parking(src)?;
         // Every byte before the FIN has been through the verdict once the
         // source's received count equals what the verdict redirected or
         // passed. tcpi_bytes_received counts the FIN as one byte.
@@ -55,6 +58,9 @@ impl<'a> Pair<'a> {
             }
             if f.passed > forwarded {
                 return self.check_backlog(src).await;
+            }
+            if self.stranded[src] {
+                return self.forward_stranded(src);
             }
             wait.sleep(|| {
                 // Bytes in the socket's own queue that the verdict never

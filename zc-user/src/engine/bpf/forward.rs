@@ -109,6 +109,8 @@ pub(super) struct Forwarder<'a> {
     pub(super) small_below: Option<(u64, u64)>,
     /// End the hold by peeking (see [`PeekRound`]).
     pub(super) peek: bool,
+    /// The source's receive buffer was fixed at pairing (parking).
+    pub(super) fixed_rcvbuf: bool,
 }
 
 impl Forwarder<'_> {
@@ -126,8 +128,9 @@ impl Forwarder<'_> {
             window,
             mut small_below,
             peek,
+            fixed_rcvbuf,
         } = self;
-        let mut brake = Brake::new((src_std, sbase), &progs, back);
+        let mut brake = Brake::new((src_std, sbase), &progs, back, fixed_rcvbuf);
         if small_below.is_none() {
             let below = allowance(window, dst.as_fd())?.min(window) / 2;
             wait_drained(&progs, key, dst, dbase, by_user, below, &mut brake).await?;

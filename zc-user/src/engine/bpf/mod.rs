@@ -153,6 +153,9 @@ struct Pair<'a> {
     parks: u64,
     /// The task in `forwarding` is a parker, not a forwarder.
     parking: [bool; 2],
+    /// Out of `RELAY` for good: parked when its remote end's FIN came
+    /// (see `switch::Forwarded::Stranded`).
+    stranded: [bool; 2],
     /// Each direction's redirected bytes and skbs at its last report, to
     /// tell the average skb size since.
     sampled: [(u64, u64); 2],
@@ -268,6 +271,11 @@ impl BpfEngine {
         self
     }
 
+    /// Whether lagging directions are parked ([`Self::with_park`]).
+    pub fn parks(&self) -> bool {
+        self.park
+    }
+
     /// Tells the parking program which sockets are this relay's: those
     /// accepted on `listen`'s port and those connected to `upstream`
     /// (nothing without parking).
@@ -342,12 +350,10 @@ impl BpfEngine {
             }
         }
         if self.park && self.window > 0 {
-            // What a parked socket keeps is what its window promised; a
-            // buffer fixed from the start never promises more than it
-            // holds (cut later, it had promised more, and TCP's later
-            // windows stalled the sender).
+            // See `switch::park_rcvbuf`.
             for s in socks {
-                sys::set_rcvbuf(s.as_fd(), HELD_RCVBUF).context("setting SO_RCVBUF")?;
+                sys::set_rcvbuf(s.as_fd(), switch::park_rcvbuf(self.window))
+                    .context("setting SO_RCVBUF")?;
             }
         }
         let base = [Base::of(a.as_fd())?, Base::of(b.as_fd())?];
@@ -467,6 +473,7 @@ impl BpfEngine {
             small: 0,
             parks: 0,
             parking: [false; 2],
+            stranded: [false; 2],
             sampled: Default::default(),
             small_before: [false; 2],
             dwell: Default::default(),

@@ -19,7 +19,7 @@ use super::{
     forward::Backoff,
     switch::{Forwarded, waiting},
 };
-use crate::ebpf::Programs;
+use crate::ebpf::{Programs, Unparked};
 
 /// Watches a direction the verdict asked to park, and puts it back.
 pub(super) struct Parker<'a> {
@@ -41,6 +41,7 @@ impl Parker<'_> {
         let (dst, dbase) = self.dst;
         let mut wait = Backoff::new();
         let started = std::time::Instant::now();
+        crate::sys::nudge(self.src.as_fd())?;
         loop {
             let f = self.progs.flow(&self.key).ok_or(Abort(None))?;
             if let Some(abort) = failure(dst) {
@@ -50,13 +51,20 @@ impl Parker<'_> {
             let now = waiting(f.sent, dst, dbase, self.by_user)?;
             let passed = f.passed > self.by_user.load(Ordering::Relaxed);
             if now < self.low || passed {
-                let parked = self.progs.unpark(&self.key, self.src.as_fd())?;
+                let how = self.progs.unpark(&self.key, self.src.as_fd())?;
                 debug!(
-                    "park ends after {:?} (parked: {parked}, {now} bytes waiting{})",
+                    "park ends after {:?} ({how:?}, {now} bytes waiting{})",
                     started.elapsed(),
                     if passed { ", bytes passed" } else { "" }
                 );
-                return Ok(Forwarded::BackToKernel);
+                return Ok(match how {
+                    Unparked::Stranded => Forwarded::Stranded,
+                    _ => Forwarded::BackToKernel,
+                });
+            }
+            if self.progs.park_state(&self.key) == zc_common::PARK_ASKED {
+                // zc_park acts when TCP calls it; make it call now.
+                crate::sys::nudge(self.src.as_fd())?;
             }
             wait.sleep(|| debug!("parked: {now} bytes wait for a slow reader"))
                 .await;

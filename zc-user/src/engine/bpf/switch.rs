@@ -56,16 +56,27 @@ use crate::{ebpf::Cap, sys};
 /// tests/retransmit_overlap.rs).
 pub const DEFAULT_WINDOW: u64 = 8 << 20;
 
-/// SO_RCVBUF of a relay socket (the kernel doubles it): the most a held
-/// or parked direction keeps in its own receive queue. Set at pairing
-/// when parking is on, else from the first hold (before that the
-/// kernel's initial 128 KiB applies, and autotuning grows it). 256 KiB
-/// made a held socket's recv fail with EFAULT now and then on 6.18 (2 of
-/// 12 runs of tests/hold_switch.rs; 0 of 20 at 1 MiB). Parked at 1 MiB,
-/// a stream whose sender uses BBR (this host's default) stalled for 200
-/// ms after most put-backs (398 MB in 5 s against 7.3 GB at 2 MiB;
-/// BENCHMARKS.md, tuning log 29).
-pub const HELD_RCVBUF: usize = 2 << 20;
+/// SO_RCVBUF of a relay socket from its first hold on (the kernel doubles
+/// it): the most a held direction keeps in its own receive queue. Before
+/// that the kernel's initial 128 KiB applies (autotuning only grows
+/// buffers an application reads). 256 KiB made a held socket's recv fail
+/// with EFAULT now and then on 6.18 (2 of 12 runs of tests/hold_switch.rs;
+/// 0 of 20 at 1 MiB). With parking, see [`park_rcvbuf`] instead.
+pub const HELD_RCVBUF: usize = 1 << 20;
+
+/// SO_RCVBUF of both sockets of a pair that parks (set at pairing, the
+/// kernel doubles it): what a parked or held direction keeps in its own
+/// queue. Fixed from the start, so its window never promised more than
+/// it holds: cut at a hold after autotuning had grown it, the window
+/// stood at 14 MB over a 2 MiB buffer, segments were pruned, and the
+/// windows TCP offered afterwards stalled a BBR sender for 200 ms after
+/// each put-back. A quarter of the window, 1-2 MiB: parked at 1 MiB, a
+/// BBR stream moved 398 MB in 5 s against 7.3 GB at 2 MiB (BENCHMARKS.md,
+/// tuning log 29).
+pub fn park_rcvbuf(window: u64) -> usize {
+    let quarter = usize::try_from(window / 4).unwrap_or(usize::MAX);
+    quarter.clamp(HELD_RCVBUF, 2 * HELD_RCVBUF)
+}
 
 /// SO_RCVBUF of a held socket while TCP's memory is under pressure (see
 /// [`held_rcvbuf`]). The size at which a held socket's recv once failed
@@ -107,7 +118,8 @@ fn skb_overhead(window: u64) -> u64 {
 /// beyond their bytes, so that all of it stays within two windows; a
 /// window at least.
 fn unacked_allowance(window: u64) -> u64 {
-    let held = 2 * HELD_RCVBUF as u64;
+    // A parked pair's buffer (at least a held one's), doubled by the kernel.
+    let held = 2 * park_rcvbuf(window) as u64;
     (2 * window)
         .saturating_sub(held + skb_overhead(window))
         .max(window)
@@ -147,6 +159,9 @@ pub(super) enum Forwarded {
     Eof,
     /// Nothing passed is left and the verdict redirects again.
     BackToKernel,
+    /// A parker could not put the source back (see
+    /// [`crate::ebpf::Unparked::Stranded`]): user space forwards the rest.
+    Stranded,
 }
 
 impl<'a> Pair<'a> {
@@ -171,13 +186,19 @@ impl<'a> Pair<'a> {
         self.dwell[src].ended(self.flow(src)?.sent);
         debug!(
             "side {src}: forwarder ended ({}), {} bytes forwarded",
-            matches!(how, Forwarded::Eof)
-                .then_some("EOF")
-                .unwrap_or("back to the kernel"),
+            match how {
+                Forwarded::Eof => "EOF",
+                Forwarded::BackToKernel => "back to the kernel",
+                Forwarded::Stranded => "stranded out of the kernel",
+            },
             self.by_user[src].load(Ordering::Relaxed)
         );
         let fin = match how {
             Forwarded::Eof => true,
+            Forwarded::Stranded => {
+                self.stranded[src] = true;
+                return self.forward_stranded(src);
+            }
             // Its FIN may have come while the forwarder owned the source.
             Forwarded::BackToKernel => sys::fin_received(&sys::tcp_info(self.socks[src].as_fd())?),
         };
@@ -185,6 +206,44 @@ impl<'a> Pair<'a> {
             return self.finish_direction(src).await;
         }
         self.check_backlog(src).await
+    }
+
+    /// Allows `src` no park until the next re-arm, and puts it back if it
+    /// was parked. Returns whether it is out of `RELAY` for good
+    /// ([`Forwarded::Stranded`]).
+    pub(super) fn stop_parking(&mut self, src: usize) -> Result<bool, Abort> {
+        if self.engine.park && !self.stranded[src] {
+            self.engine.progs.no_park(&self.keys[src])?;
+            // zc_park runs under the socket's lock: taking it once waits
+            // out a run that read the old entry.
+            sys::kick_data_ready(self.socks[src].as_fd())?;
+            self.unpark(src)?;
+        }
+        Ok(self.stranded[src])
+    }
+
+    /// Puts `src` back in `RELAY` if it was parked; notes it stranded if
+    /// it cannot go back.
+    fn unpark(&mut self, src: usize) -> Result<(), Abort> {
+        if self.engine.park && !self.stranded[src] {
+            let how = self
+                .engine
+                .progs
+                .unpark(&self.keys[src], self.socks[src].as_fd())?;
+            if how == crate::ebpf::Unparked::Stranded {
+                debug!("side {src}: its FIN came while parked; forwarding the rest");
+                self.stranded[src] = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// A forwarder for what a stranded source keeps (see
+    /// [`Forwarded::Stranded`]): the verdict no longer sees it, so the
+    /// forwarder reads it all, after every byte redirected before.
+    pub(super) fn forward_stranded(&mut self, src: usize) -> Result<Task<'a, Forwarded>, Abort> {
+        self.engine.progs.hold(&self.keys[src])?;
+        self.forwarder(src, None)
     }
 
     /// The verdict reported `src`: it passed its report limit, or its cap.
@@ -276,26 +335,38 @@ impl<'a> Pair<'a> {
         // to tcp_rmem's maximum (32 MiB here). Fixed only from the first
         // hold: a fixed buffer on every relay socket made the kernel path
         // stall now and then (2 of 25 runs of tests/relay_modes.rs).
-        sys::set_rcvbuf(self.socks[src].as_fd(), held_rcvbuf())?;
+        // A parking pair's buffer is fixed from pairing; cutting it now
+        // would strand the window it promised (see `park_rcvbuf`).
+        if !self.engine.park || crate::pressure::under() {
+            sys::set_rcvbuf(self.socks[src].as_fd(), held_rcvbuf())?;
+        }
         self.engine.progs.hold(&self.keys[src])?;
         // A verdict run that read the old entry may still be redirecting.
         // It runs under the socket's lock, so taking that lock once (any
         // setsockopt does) waits it out; every later run sees the hold.
         sys::kick_data_ready(self.socks[src].as_fd())?;
-        if self.engine.park {
-            // The hold allows no park from here on (`Programs::hold`); one
-            // that came before it is undone, for the forwarder reads what
-            // the verdict passes.
-            self.engine
-                .progs
-                .unpark(&self.keys[src], self.socks[src].as_fd())?;
-        }
+        // The hold allows no park from here on (`Programs::hold`); one that
+        // came before it is undone, for the forwarder reads what the
+        // verdict passes.
+        self.unpark(src)?;
+        let small = small.map(|_| {
+            (
+                back_to_kernel_at(self.engine.small_skb),
+                self.dwell[src].leave(f.sent),
+            )
+        });
+        self.forwarder(src, small)
+    }
+
+    /// Starts the forwarder of held `src` (`small`: see
+    /// [`Forwarder::small_below`]).
+    fn forwarder(
+        &mut self,
+        src: usize,
+        small: Option<(u64, u64)>,
+    ) -> Result<Task<'a, Forwarded>, Abort> {
+        let dst = 1 - src;
         self.forwarding[src] = true;
-        let stay = if small.is_some() {
-            self.dwell[src].leave(f.sent)
-        } else {
-            0
-        };
         let fwd = Forwarder {
             progs: self.engine.progs.clone(),
             key: self.keys[src],
@@ -306,9 +377,10 @@ impl<'a> Pair<'a> {
             by_user: &self.by_user[src],
             small_bytes: &self.small_bytes[src],
             back: (self.keys[dst], &self.by_user[dst]),
-            window,
-            small_below: small.map(|_| (back_to_kernel_at(self.engine.small_skb), stay)),
+            window: self.engine.window,
+            small_below: small,
             peek: self.engine.peek_hand_back,
+            fixed_rcvbuf: self.engine.park,
         };
         Ok(Some(Box::pin(fwd.run())))
     }
