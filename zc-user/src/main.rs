@@ -257,14 +257,17 @@ struct RelayArgs {
     #[arg(long, value_name = "BYTES", default_value = "16m", value_parser = zc_user::cli::parse_size_usize)]
     sndbuf: usize,
     /// bpf mode: bounds what one direction may have waiting in the kernel
-    /// for a slow reader. The verdict redirects no byte that would leave
-    /// more than two windows less 2 MiB and a quarter window (but at least
-    /// one window) unacknowledged by the reader (the held queue below, and
-    /// what skbs cost beyond their bytes);
-    /// beyond, it passes arriving bytes to the socket's own receive queue
-    /// (2 MiB), where TCP flow control stops the sender, and zc forwards
-    /// them once the reader caught up, keeping within the same bound; then
-    /// the kernel path takes over again. A reader that never reads, or
+    /// for a slow reader. Past half a window the source is parked (see
+    /// --no-park): its bytes wait in its own receive queue (a quarter
+    /// window, 1-2 MiB, doubled by the kernel) and TCP flow control stops
+    /// the sender. The verdict redirects no byte that would leave more
+    /// than two windows less that queue and a quarter window (but at least
+    /// one window) unacknowledged by the reader (the quarter window is
+    /// what skbs cost beyond their bytes); beyond, it passes arriving bytes
+    /// to the socket's own receive queue, where TCP flow control stops the
+    /// sender, and zc forwards them once the reader caught up, keeping
+    /// within the same bound; then the kernel path takes over again. A
+    /// reader that never reads, or
     /// reads slowly, costs at most two windows per direction. The bound is
     /// per connection; for the host, while TCP's memory is under pressure
     /// (net.ipv4.tcp_mem) every direction is held and forwarded in user
