@@ -294,18 +294,7 @@ pub async fn relay_sockets() -> (
     std::net::TcpStream,
     TcpStream,
 ) {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let client = TcpStream::connect(addr).await.expect("connect");
-    let (near, _) = l.accept().await.expect("accept");
-    let far = TcpStream::connect(addr).await.expect("connect");
-    let (server, _) = l.accept().await.expect("accept");
-    (
-        client,
-        near.into_std().expect("std"),
-        far.into_std().expect("std"),
-        server,
-    )
+    relay_sockets_with(|_| {}).await
 }
 
 /// [`relay_sockets`], named to `progs`' parking program before they
@@ -319,11 +308,27 @@ pub async fn relay_sockets_parked(
     std::net::TcpStream,
     TcpStream,
 ) {
+    relay_sockets_with(|addr| {
+        progs
+            .park_ends(addr, addr)
+            .expect("naming the ends to zc_park")
+    })
+    .await
+}
+
+/// [`relay_sockets`], calling `before` with the listener's address
+/// before anything connects.
+async fn relay_sockets_with(
+    before: impl FnOnce(std::net::SocketAddr),
+) -> (
+    TcpStream,
+    std::net::TcpStream,
+    std::net::TcpStream,
+    TcpStream,
+) {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
-    progs
-        .park_ends(addr, addr)
-        .expect("naming the ends to zc_park");
+    before(addr);
     let client = TcpStream::connect(addr).await.expect("connect");
     let (near, _) = l.accept().await.expect("accept");
     let far = TcpStream::connect(addr).await.expect("connect");

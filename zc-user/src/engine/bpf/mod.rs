@@ -350,9 +350,9 @@ impl BpfEngine {
             }
         }
         if self.park && self.window > 0 {
-            // See `switch::park_rcvbuf`.
+            // See `park::park_rcvbuf`.
             for s in socks {
-                sys::set_rcvbuf(s.as_fd(), switch::park_rcvbuf(self.window))
+                sys::set_rcvbuf(s.as_fd(), park::park_rcvbuf(self.window))
                     .context("setting SO_RCVBUF")?;
             }
         }

@@ -14,12 +14,15 @@ use log::debug;
 use zc_common::SockKey;
 
 use super::{
-    Abort, Base,
+    Abort, Base, Pair, Task,
     ending::failure,
     forward::Backoff,
-    switch::{Forwarded, waiting},
+    switch::{Forwarded, HELD_RCVBUF, waiting},
 };
-use crate::ebpf::{Programs, Unparked};
+use crate::{
+    ebpf::{Programs, Unparked},
+    sys,
+};
 
 /// Watches a direction the verdict asked to park, and puts it back.
 pub(super) struct Parker<'a> {
@@ -69,5 +72,67 @@ impl Parker<'_> {
             wait.sleep(|| debug!("parked: {now} bytes wait for a slow reader"))
                 .await;
         }
+    }
+}
+
+/// SO_RCVBUF of both sockets of a pair that parks (set at pairing, the
+/// kernel doubles it): what a parked or held direction keeps in its own
+/// queue. Fixed from the start, so its window never promised more than
+/// it holds: cut at a hold after autotuning had grown it, the window
+/// stood at 14 MB over a 2 MiB buffer, segments were pruned, and the
+/// windows TCP offered afterwards stalled a BBR sender for 200 ms after
+/// each put-back. A quarter of the window, 1-2 MiB: parked at 1 MiB, a
+/// BBR stream moved 398 MB in 5 s against 7.3 GB at 2 MiB (BENCHMARKS.md,
+/// tuning log 29).
+pub fn park_rcvbuf(window: u64) -> usize {
+    let quarter = usize::try_from(window / 4).unwrap_or(usize::MAX);
+    quarter.clamp(HELD_RCVBUF, 2 * HELD_RCVBUF)
+}
+
+/// How close to its cap a direction may come before the verdict asks
+/// for a park: parked once more than half a window waits for the
+/// reader, it stays within the cap (and needs no hold) as long as the
+/// park comes before the rest of the allowance is sent. 0 (no parking)
+/// when the allowance leaves no room for that.
+pub(super) fn park_gap(allowance: u64, window: u64) -> u32 {
+    u32::try_from(allowance.saturating_sub(window / 2)).unwrap_or(u32::MAX)
+}
+
+impl<'a> Pair<'a> {
+    /// Allows `src` no park until the next re-arm, and puts it back if it
+    /// was parked (or notes it stranded).
+    pub(super) fn stop_parking(&mut self, src: usize) -> Result<(), Abort> {
+        if self.engine.park && !self.stranded[src] {
+            self.engine.progs.no_park(&self.keys[src])?;
+            // zc_park runs under the socket's lock: taking it once waits
+            // out a run that read the old entry.
+            sys::kick_data_ready(self.socks[src].as_fd())?;
+            self.unpark(src)?;
+        }
+        Ok(())
+    }
+
+    /// Puts `src` back in `RELAY` if it was parked; notes it stranded if
+    /// it cannot go back.
+    pub(super) fn unpark(&mut self, src: usize) -> Result<(), Abort> {
+        if self.engine.park && !self.stranded[src] {
+            let how = self
+                .engine
+                .progs
+                .unpark(&self.keys[src], self.socks[src].as_fd())?;
+            if how == Unparked::Stranded {
+                debug!("side {src}: its FIN came while parked; forwarding the rest");
+                self.stranded[src] = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// A forwarder for what a stranded source keeps (see
+    /// [`Forwarded::Stranded`]): the verdict no longer sees it, so the
+    /// forwarder reads it all, after every byte redirected before.
+    pub(super) fn forward_stranded(&mut self, src: usize) -> Result<Task<'a, Forwarded>, Abort> {
+        self.engine.progs.hold(&self.keys[src])?;
+        self.forwarder(src, None)
     }
 }

@@ -36,8 +36,11 @@ use std::{
 use log::debug;
 
 use super::{
-    Abort, Base, Pair, Task, adaptive::back_to_kernel_at, ending::broken, forward::Forwarder,
-    park::Parker,
+    Abort, Base, Pair, Task,
+    adaptive::back_to_kernel_at,
+    ending::broken,
+    forward::Forwarder,
+    park::{Parker, park_gap, park_rcvbuf},
 };
 use crate::{ebpf::Cap, sys};
 
@@ -63,20 +66,6 @@ pub const DEFAULT_WINDOW: u64 = 8 << 20;
 /// with EFAULT now and then on 6.18 (2 of 12 runs of tests/hold_switch.rs;
 /// 0 of 20 at 1 MiB). With parking, see [`park_rcvbuf`] instead.
 pub const HELD_RCVBUF: usize = 1 << 20;
-
-/// SO_RCVBUF of both sockets of a pair that parks (set at pairing, the
-/// kernel doubles it): what a parked or held direction keeps in its own
-/// queue. Fixed from the start, so its window never promised more than
-/// it holds: cut at a hold after autotuning had grown it, the window
-/// stood at 14 MB over a 2 MiB buffer, segments were pruned, and the
-/// windows TCP offered afterwards stalled a BBR sender for 200 ms after
-/// each put-back. A quarter of the window, 1-2 MiB: parked at 1 MiB, a
-/// BBR stream moved 398 MB in 5 s against 7.3 GB at 2 MiB (BENCHMARKS.md,
-/// tuning log 29).
-pub fn park_rcvbuf(window: u64) -> usize {
-    let quarter = usize::try_from(window / 4).unwrap_or(usize::MAX);
-    quarter.clamp(HELD_RCVBUF, 2 * HELD_RCVBUF)
-}
 
 /// SO_RCVBUF of a held socket while TCP's memory is under pressure (see
 /// [`held_rcvbuf`]). The size at which a held socket's recv once failed
@@ -144,15 +133,6 @@ pub fn allowance(window: u64, dst: BorrowedFd<'_>) -> std::io::Result<u64> {
     Ok(unacked_allowance(window).min(room).max(1))
 }
 
-/// How close to its cap a direction may come before the verdict asks
-/// for a park: parked once more than half a window waits for the
-/// reader, it stays within the cap (and needs no hold) as long as the
-/// park comes before the rest of the allowance is sent. 0 (no parking)
-/// when the allowance leaves no room for that.
-fn park_gap(allowance: u64, window: u64) -> u32 {
-    u32::try_from(allowance.saturating_sub(window / 2)).unwrap_or(u32::MAX)
-}
-
 /// What a user-space forwarder ended with.
 pub(super) enum Forwarded {
     /// The source reached EOF; the direction can be finished.
@@ -206,44 +186,6 @@ impl<'a> Pair<'a> {
             return self.finish_direction(src).await;
         }
         self.check_backlog(src).await
-    }
-
-    /// Allows `src` no park until the next re-arm, and puts it back if it
-    /// was parked. Returns whether it is out of `RELAY` for good
-    /// ([`Forwarded::Stranded`]).
-    pub(super) fn stop_parking(&mut self, src: usize) -> Result<bool, Abort> {
-        if self.engine.park && !self.stranded[src] {
-            self.engine.progs.no_park(&self.keys[src])?;
-            // zc_park runs under the socket's lock: taking it once waits
-            // out a run that read the old entry.
-            sys::kick_data_ready(self.socks[src].as_fd())?;
-            self.unpark(src)?;
-        }
-        Ok(self.stranded[src])
-    }
-
-    /// Puts `src` back in `RELAY` if it was parked; notes it stranded if
-    /// it cannot go back.
-    fn unpark(&mut self, src: usize) -> Result<(), Abort> {
-        if self.engine.park && !self.stranded[src] {
-            let how = self
-                .engine
-                .progs
-                .unpark(&self.keys[src], self.socks[src].as_fd())?;
-            if how == crate::ebpf::Unparked::Stranded {
-                debug!("side {src}: its FIN came while parked; forwarding the rest");
-                self.stranded[src] = true;
-            }
-        }
-        Ok(())
-    }
-
-    /// A forwarder for what a stranded source keeps (see
-    /// [`Forwarded::Stranded`]): the verdict no longer sees it, so the
-    /// forwarder reads it all, after every byte redirected before.
-    pub(super) fn forward_stranded(&mut self, src: usize) -> Result<Task<'a, Forwarded>, Abort> {
-        self.engine.progs.hold(&self.keys[src])?;
-        self.forwarder(src, None)
     }
 
     /// The verdict reported `src`: it passed its report limit, or its cap.
@@ -360,7 +302,7 @@ impl<'a> Pair<'a> {
 
     /// Starts the forwarder of held `src` (`small`: see
     /// [`Forwarder::small_below`]).
-    fn forwarder(
+    pub(super) fn forwarder(
         &mut self,
         src: usize,
         small: Option<(u64, u64)>,
