@@ -257,10 +257,10 @@ struct RelayArgs {
     #[arg(long, value_name = "BYTES", default_value = "16m", value_parser = zc_user::cli::parse_size_usize)]
     sndbuf: usize,
     /// bpf mode: bounds what one direction may have waiting in the kernel
-    /// for a slow reader. Past half a window the source is parked (see
-    /// --no-park): its bytes wait in its own receive queue (a quarter
-    /// window, 1-2 MiB, doubled by the kernel) and TCP flow control stops
-    /// the sender. The verdict redirects no byte that would leave more
+    /// for a slow reader. With --park, past half a window the source is
+    /// parked: its bytes wait in its own receive queue (a quarter window,
+    /// 1-2 MiB, doubled by the kernel) and TCP flow control stops the
+    /// sender. The verdict redirects no byte that would leave more
     /// than two windows less that queue and a quarter window (but at least
     /// one window) unacknowledged by the reader (the quarter window is
     /// what skbs cost beyond their bytes); beyond, it passes arriving bytes
@@ -297,17 +297,18 @@ struct RelayArgs {
     /// throughput (tuning log 28).
     #[arg(long)]
     peek_hand_back: bool,
-    /// bpf mode: never park. By default, when more than half a window
-    /// waits for a direction's reader, a sock_ops program attached to
-    /// zc's own cgroup takes the source socket out of the redirect map,
-    /// so what arrives stays in its receive queue and TCP flow control
-    /// stops the sender without a byte passing through zc; it goes back
-    /// once the reader has caught up. Only the relay's own sockets (its
-    /// listening port, its upstream) are touched. Without parking (or
-    /// where it cannot attach) a lagging reader is met by holding the
+    /// bpf mode, experimental: park. When more than half a window waits
+    /// for a direction's reader, a sock_ops program attached to zc's own
+    /// cgroup takes the source socket out of the redirect map, so what
+    /// arrives stays in its receive queue and TCP flow control stops the
+    /// sender without a byte passing through zc; it goes back once the
+    /// reader has caught up. Only the relay's own sockets (its listening
+    /// port, its upstream) are touched. Off by default: with traffic both
+    /// ways at once, connections were reset now and then (BENCHMARKS.md,
+    /// tuning log 29). Without it a lagging reader is met by holding the
     /// direction and forwarding it in user space.
     #[arg(long)]
-    no_park: bool,
+    park: bool,
     /// Most connections relayed at once; further clients wait in the
     /// listen backlog until connections end. The relay takes fewer if its
     /// open-file limit (raised to the hard limit at start) has no room for
@@ -407,7 +408,7 @@ async fn relay(args: RelayArgs) -> Result<()> {
                 // holds them all when their sum runs the host short.
                 zc_user::pressure::watch(progs.clone()).context("starting the TCP memory watch")?;
             }
-            let park = args.window > 0 && !args.no_park;
+            let park = args.window > 0 && args.park;
             if park && let Err(e) = progs.enable_parking() {
                 warn!(
                     "{e}; a lagging reader's sender is held back by forwarding its bytes in \

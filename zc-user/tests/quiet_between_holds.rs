@@ -40,9 +40,7 @@ fn a_direction_back_in_the_kernel_does_not_wake_the_relay() {
     let server = TcpListener::bind("127.0.0.1:0").expect("bind");
     let mut relay = RelayProcess::start(
         server.local_addr().expect("addr"),
-        // Holds are what this is about; parking (the default) would
-        // stop the pushing client without one.
-        &["--mode", "bpf", "--window", "1m", "--no-park"],
+        &["--mode", "bpf", "--window", "1m"],
         &[("RUST_LOG", "info,zc_user::engine::bpf::switch=debug")],
         false,
     );

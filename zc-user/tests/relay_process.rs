@@ -62,9 +62,8 @@ fn relay_process_relays_then_stops_on_sigterm_leaving_no_programs() {
         .collect();
     assert_eq!(
         zc.len(),
-        5,
-        "a running relay has its five programs loaded (two verdicts, parser, sk_msg, the \
-         parking sock_ops): {held:?}"
+        4,
+        "a running relay has its four programs loaded (two verdicts, parser, sk_msg): {held:?}"
     );
     client
         .write_all(b"hello through the kernel")
