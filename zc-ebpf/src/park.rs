@@ -21,7 +21,7 @@ use aya_ebpf::{
         generated::{bpf_get_socket_cookie, bpf_map_delete_elem},
     },
     macros::{map, sock_ops},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap},
     programs::SockOpsContext,
 };
 use zc_common::{MAX_SOCKETS, PARK_ASKED, PARKED, Peer, SockKey};
@@ -51,24 +51,9 @@ static PARK_ENDS: HashMap<SockKey, u8> = HashMap::with_max_entries(64, 0);
 #[map]
 static PARK_CONFIG: Array<u64> = Array::with_max_entries(1, 0);
 
-/// [PARKS] parks done; [BUSY] chances passed up because the queue held
-/// skbs.
-#[map]
-static PARK_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
-const PARKS: u32 = 0;
-const BUSY: u32 = 1;
-
 // include/uapi/linux/bpf.h
 const SOCK_OPS_ACTIVE_ESTABLISHED: u32 = 4;
 const SOCK_OPS_PASSIVE_ESTABLISHED: u32 = 5;
-
-#[inline(always)]
-fn stat(i: u32) {
-    if let Some(v) = PARK_STATS.get_ptr_mut(i) {
-        // SAFETY: per-CPU value, so no other CPU writes it concurrently.
-        unsafe { *v += 1 };
-    }
-}
 
 /// The verdict asks for a park of `key`'s socket, and tells user space
 /// (its report, if armed), which will put the socket back.
@@ -170,7 +155,6 @@ fn park(ctx: &SockOpsContext) {
         }
     };
     if qlen != Some(0) {
-        stat(BUSY);
         return;
     }
     // SAFETY: the helper takes the map and a key on this stack.
@@ -183,6 +167,5 @@ fn park(ctx: &SockOpsContext) {
     if gone == 0 {
         // SAFETY: as above.
         unsafe { *state = PARKED };
-        stat(PARKS);
     }
 }

@@ -727,9 +727,16 @@ fn access_line(
 ) -> String {
     let path = match engine {
         Engine::Bpf(_) if s.holds + s.small > 0 || by_user > 0 => format!(
-            "bpf ({} parks, {} holds, {} moves for small segments; {by_user} bytes through user \
-             space, {} of them for small segments)",
-            s.parks, s.holds, s.small, s.small_bytes
+            "bpf ({}{} holds, {} moves for small segments; {by_user} bytes through user space, \
+             {} of them for small segments)",
+            if s.parks > 0 {
+                format!("{} parks, ", s.parks)
+            } else {
+                String::new()
+            },
+            s.holds,
+            s.small,
+            s.small_bytes
         ),
         Engine::Bpf(_) if s.parks > 0 => format!("bpf ({} parks)", s.parks),
         Engine::Bpf(_) => "bpf".to_string(),

@@ -146,20 +146,6 @@ impl Programs {
             Err(e) => Err(PairError::map("RELAY", e)),
         }
     }
-
-    /// Parks `zc_park` made, and chances it passed up because a socket's
-    /// queue held skbs, since the programs were loaded.
-    pub fn park_stats(&self) -> (u64, u64) {
-        let ebpf = self.ebpf();
-        let Some(stats) = ebpf
-            .map("PARK_STATS")
-            .and_then(|m| aya::maps::PerCpuArray::<_, u64>::try_from(m).ok())
-        else {
-            return (0, 0);
-        };
-        let sum = |i| stats.get(&i, 0).map_or(0, |v| v.iter().sum::<u64>());
-        (sum(0), sum(1))
-    }
 }
 
 /// What [`Programs::unpark`] found.
