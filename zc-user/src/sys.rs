@@ -245,15 +245,23 @@ pub fn kick_data_ready(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// Sends nothing on a TCP socket: TCP still works out the segment size
 /// it would use, which runs its sock_ops header-option callback (with
 /// the socket locked), so a parking program gets a chance at once.
+/// TCP works the size out before it checks the send side, so on a socket
+/// already shut for writing (its direction's FIN passed on while the
+/// other direction still flows) the callback runs too, and the EPIPE
+/// that follows is no failure.
 pub fn nudge(fd: BorrowedFd<'_>) -> io::Result<()> {
-    use nix::sys::socket::{MsgFlags, send};
-    send(
+    use nix::{
+        errno::Errno,
+        sys::socket::{MsgFlags, send},
+    };
+    match send(
         fd.as_raw_fd(),
         &[],
         MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
-    )
-    .map(|_| ())
-    .map_err(io::Error::from)
+    ) {
+        Ok(_) | Err(Errno::EPIPE) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// TCP_WINDOW_CLAMP: the most receive window TCP will offer.

@@ -84,6 +84,174 @@ async fn parks_at_random_moments_lose_nothing() {
     );
 }
 
+/// The other direction ends while one is parked: the server pushes to a
+/// reader that stops at random, and once the relay has parked that
+/// direction the client uploads a little and half-closes, so the relay
+/// passes the FIN on by shutting the upstream socket for writing. That
+/// socket is the parked direction's source: it must go back to `RELAY`
+/// before the shutdown (a socket that is no longer established cannot
+/// rejoin a sockmap), and the parker's nudges must not fail on its shut
+/// send side. Seen in `zc bench` both ways with `--park`: the nudge's
+/// EPIPE reset the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_direction_outlives_the_other_directions_end() {
+    use tokio::io::AsyncWriteExt;
+    const DOWN: u64 = 256 << 20;
+    let _turn = FLAT_OUT.lock().await;
+    let progs = programs();
+    progs.enable_parking().expect("attaching zc_park");
+    let engine = BpfEngine::new(progs.clone(), watcher())
+        .with_window(WINDOW)
+        .with_park(true);
+    let (client, near, far, server) = relay_sockets_parked(&progs).await;
+    let far_key = zc_user::sys::sock_key(far.as_fd()).expect("key");
+    let relay = tokio::spawn(async move { engine.relay(near, far).await.expect("relay") });
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+
+    let down = tokio::spawn(async move {
+        let d = send_sized(&mut sw, DOWN, Writes::Exactly(256 << 10), 32).await;
+        (d, sw)
+    });
+    let reader =
+        tokio::spawn(async move { read_with_pauses(&mut cr, DOWN, WINDOW, 33, false).await });
+    // The event this test is about: the verdict asked to park the
+    // server's direction (the state map says so), then the client ends.
+    tokio::time::timeout(HANG, async {
+        while progs.park_state(&far_key) == 0 {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    })
+    .await
+    .expect("the server's direction was never parked");
+    let up = send_random(&mut cw, 1 << 20, 64 << 10, 31)
+        .await
+        .expect("send up");
+    cw.shutdown().await.expect("half-close");
+    let got_up = tokio::time::timeout(HANG, recv_all(&mut sr))
+        .await
+        .expect("the client's FIN never reached the server")
+        .expect("read up");
+    assert_eq!(got_up, up, "client -> server stream damaged");
+    let got = tokio::time::timeout(HANG, reader)
+        .await
+        .expect("server -> client stalled")
+        .expect("join");
+    let (sent, sw) = down.await.expect("join");
+    let carried = progs.counters(&far_key).expect("counters").bytes;
+    drop(sw);
+    let summary = ended(relay).await;
+    eprintln!(
+        "{} parks, {} holds; the kernel redirected {carried} of {DOWN} bytes",
+        summary.parks, summary.holds
+    );
+    assert_eq!(
+        got,
+        sent.expect("send down"),
+        "server -> client stream damaged"
+    );
+    assert!(!summary.reset, "the relay reset an intact stream");
+    assert!(summary.parks >= 1, "the summary counted no park");
+    // Seen: 88-109 MB. Once the upstream socket is shut its direction
+    // cannot park, and holds forward the rest of a sender that never
+    // pauses; what must be the kernel's is what came before.
+    assert!(
+        carried >= DOWN / 8,
+        "the kernel redirected only {carried} of {DOWN} bytes"
+    );
+}
+
+/// Both directions flat out until each end half-closes, connection after
+/// connection, as `zc bench`'s both-ways workload runs: the ends come
+/// while either direction may be parked, and a FIN arriving meanwhile
+/// must still end its direction. One in eight such connections hung with
+/// `--park` (the FIN of a socket already shut for writing leaves it in
+/// TCP_CLOSE, which the parker's end did not take for a FIN).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_ways_to_the_end_while_parking() {
+    use tokio::io::AsyncWriteExt;
+    const CONNS: u64 = 24;
+    const PUSH: Duration = Duration::from_millis(300);
+    let _turn = FLAT_OUT.lock().await;
+    let progs = programs();
+    progs.enable_parking().expect("attaching zc_park");
+    let engine = BpfEngine::new(progs.clone(), watcher())
+        .with_window(WINDOW)
+        .with_park(true);
+    let (mut parks, mut carried, mut pushed) = (0, 0, 0);
+    for i in 0..CONNS {
+        let (client, near, far, server) = relay_sockets_parked(&progs).await;
+        let keys = [&near, &far].map(|s| zc_user::sys::sock_key(s.as_fd()).expect("key"));
+        let e = engine.clone();
+        let relay = tokio::spawn(async move { e.relay(near, far).await.expect("relay") });
+        let (mut cr, mut cw) = client.into_split();
+        let (mut sr, mut sw) = server.into_split();
+        let down = tokio::spawn(async move {
+            let d = push_for(&mut sw, PUSH, 2 * i).await;
+            sw.shutdown().await.expect("server half-close");
+            d
+        });
+        let got_down = tokio::spawn(async move { recv_all(&mut cr).await });
+        let got_up = tokio::spawn(async move { recv_all(&mut sr).await });
+        let up = push_for(&mut cw, PUSH, 2 * i + 1).await;
+        // Before the last FIN the pair's counters are still there.
+        for k in &keys {
+            carried += progs.counters(k).map_or(0, |c| c.bytes);
+        }
+        cw.shutdown().await.expect("client half-close");
+        let ends = async {
+            (
+                got_up.await.expect("join").expect("read up"),
+                got_down.await.expect("join").expect("read down"),
+                down.await.expect("join"),
+            )
+        };
+        let Ok((got_up, got_down, sent_down)) = tokio::time::timeout(HANG, ends).await else {
+            panic!("connection {i} hung at its end");
+        };
+        let summary = ended(relay).await;
+        assert_eq!(got_up, up, "connection {i}: client -> server damaged");
+        assert_eq!(
+            got_down, sent_down,
+            "connection {i}: server -> client damaged"
+        );
+        assert!(
+            !summary.reset,
+            "connection {i}: the relay reset an intact pair"
+        );
+        parks += summary.parks;
+        pushed += up.bytes + sent_down.bytes;
+    }
+    eprintln!("{parks} parks; the kernel redirected {carried} of {pushed} bytes (before the ends)");
+    assert!(
+        parks >= CONNS,
+        "only {parks} parks: parking was not exercised"
+    );
+    assert!(
+        carried >= pushed / 2,
+        "the kernel redirected only {carried} of {pushed} bytes"
+    );
+}
+
+/// Writes 64 KiB at a time for `dur`; what it wrote.
+async fn push_for(w: &mut tokio::net::tcp::OwnedWriteHalf, dur: Duration, seed: u64) -> Digest {
+    use tokio::io::AsyncWriteExt;
+    let mut pattern = zc_user::traffic::Pattern::new(seed);
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut bytes = 0u64;
+    let t = std::time::Instant::now();
+    while t.elapsed() < dur {
+        let buf = pattern.next(64 << 10);
+        w.write_all(buf).await.expect("write");
+        h.update(buf);
+        bytes += buf.len() as u64;
+    }
+    Digest {
+        bytes,
+        hash: h.digest(),
+    }
+}
+
 /// Senders that never pause, several connections at once, readers that
 /// stop now and then: a hold then ends while bytes keep arriving, so the
 /// verdict moves between redirecting and passing under a forwarder that

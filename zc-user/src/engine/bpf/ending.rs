@@ -90,6 +90,10 @@ impl<'a> Pair<'a> {
             &self.by_user[src],
         )
         .await?;
+        // Once shut for writing, dst could not go back to `RELAY` after a
+        // park: its direction must not be parked from here on.
+        self.stop_parking(dst)?;
+        self.shut[dst] = true;
         if self.engine.foreign && owner_passed_fin(self.socks[dst]).await {
             debug!("side {src}: the owner passed the FIN on itself");
         } else {

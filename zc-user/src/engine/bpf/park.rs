@@ -115,13 +115,15 @@ impl<'a> Pair<'a> {
     /// Puts `src` back in `RELAY` if it was parked; notes it stranded if
     /// it cannot go back.
     pub(super) fn unpark(&mut self, src: usize) -> Result<(), Abort> {
-        if self.engine.park && !self.stranded[src] {
+        // A shut socket was put back before its shutdown and has not been
+        // asked since; `RELAY` refuses it now whether it is there or not.
+        if self.engine.park && !self.stranded[src] && !self.shut[src] {
             let how = self
                 .engine
                 .progs
                 .unpark(&self.keys[src], self.socks[src].as_fd())?;
             if how == Unparked::Stranded {
-                debug!("side {src}: its FIN came while parked; forwarding the rest");
+                debug!("side {src}: no longer established after a park; forwarding the rest");
                 self.stranded[src] = true;
             }
         }

@@ -175,17 +175,28 @@ impl<'a> Pair<'a> {
         );
         let fin = match how {
             Forwarded::Eof => true,
+            // Shut for writing meanwhile, the source was put back before
+            // its shutdown (`finish_direction`); only the parker's own
+            // try came too late.
+            Forwarded::Stranded if self.shut[src] => self.fin_came(src)?,
             Forwarded::Stranded => {
                 self.stranded[src] = true;
                 return self.forward_stranded(src);
             }
-            // Its FIN may have come while the forwarder owned the source.
-            Forwarded::BackToKernel => sys::fin_received(&sys::tcp_info(self.socks[src].as_fd())?),
+            Forwarded::BackToKernel => self.fin_came(src)?,
         };
         if fin && !self.done[src] {
             return self.finish_direction(src).await;
         }
         self.check_backlog(src).await
+    }
+
+    /// Whether `src`'s FIN came while a forwarder or parker owned it (its
+    /// event was left to them). A source already shut for writing goes
+    /// from FIN_WAIT2 to TCP_CLOSE as the FIN arrives, so that counts too;
+    /// missed, the direction waited for an event that had come.
+    fn fin_came(&self, src: usize) -> Result<bool, Abort> {
+        Ok(sys::fin_arrived(&sys::tcp_info(self.socks[src].as_fd())?))
     }
 
     /// The verdict reported `src`: it passed its report limit, or its cap.
@@ -205,7 +216,7 @@ impl<'a> Pair<'a> {
         let busy = self.forwarding[src] || self.done[src];
         // The verdict may ask for a park only while no forwarder owns the
         // direction (a parker may run).
-        let gap = if self.engine.park && (!busy || self.parking[src]) {
+        let gap = if self.engine.park && (!busy || self.parking[src]) && !self.shut[src] {
             park_gap(allowance(window, self.socks[dst].as_fd())?, window)
         } else {
             0
