@@ -303,9 +303,10 @@ struct RelayArgs {
     /// arrives stays in its receive queue and TCP flow control stops the
     /// sender without a byte passing through zc; it goes back once the
     /// reader has caught up. Only the relay's own sockets (its listening
-    /// port, its upstream) are touched. Off by default: with traffic both
-    /// ways at once, connections were reset now and then (BENCHMARKS.md,
-    /// tuning log 29). Without it a lagging reader is met by holding the
+    /// port, its upstream) are touched. Off by default: across network
+    /// namespaces senders stall for 200-600 ms after some put-backs and
+    /// bulk throughput falls far below copy mode's (BENCHMARKS.md, tuning
+    /// logs 29 and 30). Without it a lagging reader is met by holding the
     /// direction and forwarding it in user space.
     #[arg(long)]
     park: bool,

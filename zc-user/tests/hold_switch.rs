@@ -152,11 +152,13 @@ async fn a_parked_direction_outlives_the_other_directions_end() {
     );
     assert!(!summary.reset, "the relay reset an intact stream");
     assert!(summary.parks >= 1, "the summary counted no park");
-    // Seen: 88-109 MB. Once the upstream socket is shut its direction
-    // cannot park, and holds forward the rest of a sender that never
-    // pauses; what must be the kernel's is what came before.
+    // Seen: 34-110 MB, depending on when the client ends. Once the
+    // upstream socket is shut its direction cannot park, and holds
+    // forward much of a sender that never pauses; what must be the
+    // kernel's is what came before the park was asked: more than half a
+    // window waiting for the reader, every byte of it redirected.
     assert!(
-        carried >= DOWN / 8,
+        carried >= WINDOW / 2,
         "the kernel redirected only {carried} of {DOWN} bytes"
     );
 }

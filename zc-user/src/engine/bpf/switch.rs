@@ -38,7 +38,7 @@ use log::debug;
 use super::{
     Abort, Base, Pair, Task,
     adaptive::back_to_kernel_at,
-    ending::broken,
+    ending::{broken, failure},
     forward::Forwarder,
     park::{Parker, park_gap, park_rcvbuf},
 };
@@ -194,8 +194,12 @@ impl<'a> Pair<'a> {
     /// Whether `src`'s FIN came while a forwarder or parker owned it (its
     /// event was left to them). A source already shut for writing goes
     /// from FIN_WAIT2 to TCP_CLOSE as the FIN arrives, so that counts too;
-    /// missed, the direction waited for an event that had come.
+    /// missed, the direction waited for an event that had come. A reset
+    /// also ends in TCP_CLOSE: its error is taken first, and ends the pair.
     fn fin_came(&self, src: usize) -> Result<bool, Abort> {
+        if let Some(abort) = failure(self.socks[src]) {
+            return Err(abort);
+        }
         Ok(sys::fin_arrived(&sys::tcp_info(self.socks[src].as_fd())?))
     }
 
