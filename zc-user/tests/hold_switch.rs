@@ -57,11 +57,7 @@ async fn holds_and_releases_at_random_moments_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parks_at_random_moments_lose_nothing() {
     let _turn = FLAT_OUT.lock().await;
-    let progs = programs();
-    progs.enable_parking().expect("attaching zc_park");
-    let engine = BpfEngine::new(progs.clone(), watcher())
-        .with_window(WINDOW)
-        .with_park(true);
+    let (progs, engine) = parking_engine();
     assert!(engine.parks(), "the engine took no parking");
     let run = switch_many(&progs, engine, WINDOW, 4, TOTAL, 21, Sender::NonStop).await;
     eprintln!(
@@ -98,11 +94,7 @@ async fn a_parked_direction_outlives_the_other_directions_end() {
     use tokio::io::AsyncWriteExt;
     const DOWN: u64 = 256 << 20;
     let _turn = FLAT_OUT.lock().await;
-    let progs = programs();
-    progs.enable_parking().expect("attaching zc_park");
-    let engine = BpfEngine::new(progs.clone(), watcher())
-        .with_window(WINDOW)
-        .with_park(true);
+    let (progs, engine) = parking_engine();
     let (client, near, far, server) = relay_sockets_parked(&progs).await;
     let far_key = zc_user::sys::sock_key(far.as_fd()).expect("key");
     let relay = tokio::spawn(async move { engine.relay(near, far).await.expect("relay") });
@@ -175,11 +167,7 @@ async fn both_ways_to_the_end_while_parking() {
     const CONNS: u64 = 24;
     const PUSH: Duration = Duration::from_millis(300);
     let _turn = FLAT_OUT.lock().await;
-    let progs = programs();
-    progs.enable_parking().expect("attaching zc_park");
-    let engine = BpfEngine::new(progs.clone(), watcher())
-        .with_window(WINDOW)
-        .with_park(true);
+    let (progs, engine) = parking_engine();
     let (mut parks, mut carried, mut pushed) = (0, 0, 0);
     for i in 0..CONNS {
         let (client, near, far, server) = relay_sockets_parked(&progs).await;
@@ -478,6 +466,17 @@ async fn switch_at_random(
         small: summary.small,
         carried,
     }
+}
+
+/// Programs with `zc_park` attached, and an engine that parks at
+/// [`WINDOW`].
+fn parking_engine() -> (zc_user::ebpf::Programs, BpfEngine) {
+    let progs = programs();
+    progs.enable_parking().expect("attaching zc_park");
+    let engine = BpfEngine::new(progs.clone(), watcher())
+        .with_window(WINDOW)
+        .with_park(true);
+    (progs, engine)
 }
 
 fn watcher() -> zc_user::watch::Watcher {
