@@ -91,9 +91,8 @@ impl<'a> Pair<'a> {
         )
         .await?;
         // Once shut for writing, dst could not go back to `RELAY` after a
-        // park: its direction must not be parked from here on.
+        // park: put it back now; `Pair::shut` keeps it out of parks after.
         self.stop_parking(dst)?;
-        self.shut[dst] = true;
         if self.engine.foreign && owner_passed_fin(self.socks[dst]).await {
             debug!("side {src}: the owner passed the FIN on itself");
         } else {

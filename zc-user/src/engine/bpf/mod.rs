@@ -156,10 +156,6 @@ struct Pair<'a> {
     /// Out of `RELAY` for good: parked when its remote end's FIN came
     /// (see `switch::Forwarded::Stranded`).
     stranded: [bool; 2],
-    /// Shut for writing by zc (the other direction's FIN passed on): a
-    /// socket rejoins a sockmap only while established, so its direction
-    /// parks no more.
-    shut: [bool; 2],
     /// Each direction's redirected bytes and skbs at its last report, to
     /// tell the average skb size since.
     sampled: [(u64, u64); 2],
@@ -477,7 +473,6 @@ impl BpfEngine {
             small: 0,
             parks: 0,
             parking: [false; 2],
-            shut: [false; 2],
             stranded: [false; 2],
             sampled: Default::default(),
             small_before: [false; 2],
@@ -577,6 +572,13 @@ impl<'a> Pair<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Whether zc has shut socket `i` for writing: the other direction
+    /// ended and its FIN was passed on. A socket rejoins a sockmap only
+    /// while established, so `i`'s own direction parks no more.
+    fn shut(&self, i: usize) -> bool {
+        self.done[1 - i]
     }
 
     fn flow(&self, src: usize) -> Result<zc_common::Flow, Abort> {

@@ -117,7 +117,7 @@ impl<'a> Pair<'a> {
     pub(super) fn unpark(&mut self, src: usize) -> Result<(), Abort> {
         // A shut socket was put back before its shutdown and has not been
         // asked since; `RELAY` refuses it now whether it is there or not.
-        if self.engine.park && !self.stranded[src] && !self.shut[src] {
+        if self.engine.park && !self.stranded[src] && !self.shut(src) {
             let how = self
                 .engine
                 .progs

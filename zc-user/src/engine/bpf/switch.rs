@@ -178,7 +178,7 @@ impl<'a> Pair<'a> {
             // Shut for writing meanwhile, the source was put back before
             // its shutdown (`finish_direction`); only the parker's own
             // try came too late.
-            Forwarded::Stranded if self.shut[src] => self.fin_came(src)?,
+            Forwarded::Stranded if self.shut(src) => self.fin_came(src)?,
             Forwarded::Stranded => {
                 self.stranded[src] = true;
                 return self.forward_stranded(src);
@@ -220,7 +220,7 @@ impl<'a> Pair<'a> {
         let busy = self.forwarding[src] || self.done[src];
         // The verdict may ask for a park only while no forwarder owns the
         // direction (a parker may run).
-        let gap = if self.engine.park && (!busy || self.parking[src]) && !self.shut[src] {
+        let gap = if self.engine.park && (!busy || self.parking[src]) && !self.shut(src) {
             park_gap(allowance(window, self.socks[dst].as_fd())?, window)
         } else {
             0
