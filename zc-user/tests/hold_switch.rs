@@ -172,6 +172,7 @@ async fn both_ways_to_the_end_while_parking() {
     for i in 0..CONNS {
         let (client, near, far, server) = relay_sockets_parked(&progs).await;
         let keys = [&near, &far].map(|s| zc_user::sys::sock_key(s.as_fd()).expect("key"));
+        let ports = [client.peer_addr(), server.local_addr()].map(|a| a.expect("addr").port());
         let e = engine.clone();
         let relay = tokio::spawn(async move { e.relay(near, far).await.expect("relay") });
         let (mut cr, mut cw) = client.into_split();
@@ -187,7 +188,10 @@ async fn both_ways_to_the_end_while_parking() {
             // Seen once in CI, on a loaded host: both relay sockets with
             // full queues, client and server in retransmission backoff.
             let state = keys.map(|k| (progs.flow(&k), progs.park_state(&k)));
-            panic!("connection {i} stalled while both ways flowed; (flow, park state): {state:?}");
+            let ss = sockets_on(&ports);
+            panic!(
+                "connection {i} stalled while both ways flowed; (flow, park state): {state:?}\n{ss}"
+            );
         };
         // Before the last FIN the pair's counters are still there.
         for k in &keys {
@@ -226,6 +230,20 @@ async fn both_ways_to_the_end_while_parking() {
         carried >= pushed / 2,
         "the kernel redirected only {carried} of {pushed} bytes"
     );
+}
+
+/// What `ss` says of the TCP sockets on `ports`, for a failure message.
+fn sockets_on(ports: &[u16]) -> String {
+    let filter = ports
+        .iter()
+        .map(|p| format!("sport = :{p} or dport = :{p}"))
+        .collect::<Vec<_>>()
+        .join(" or ");
+    std::process::Command::new("ss")
+        .args(["-tnmie", &format!("( {filter} )")])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_else(|e| format!("(ss: {e})"))
 }
 
 /// Writes 64 KiB at a time for `dur`; what it wrote.
