@@ -208,7 +208,8 @@ async fn both_ways_to_the_end_while_parking() {
             )
         };
         let Ok((got_up, got_down, sent_down)) = tokio::time::timeout(HANG, ends).await else {
-            panic!("connection {i} hung at its end");
+            let ss = sockets_on(&ports);
+            panic!("connection {i} hung at its end\n{ss}");
         };
         let summary = ended(relay).await;
         assert_eq!(got_up, up, "connection {i}: client -> server damaged");
