@@ -409,14 +409,7 @@ async fn switch_at_random(
     let relay = tokio::spawn(async move { engine.relay(near, far).await.expect("relay") });
     let stalled = |what: &str| -> ! {
         let flows = [near_key, far_key].map(|k| progs.flow(&k));
-        let ss = std::process::Command::new("ss")
-            .args([
-                "-tnmi",
-                &format!("( sport = :{0} or dport = :{0} )", addr.port()),
-            ])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
+        let ss = sockets_on(&[addr.port()]);
         let peek = dups.each_ref().map(|d| {
             let mut b = vec![0u8; 1 << 20];
             let r = nix::sys::socket::recv(
