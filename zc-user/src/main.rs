@@ -305,9 +305,8 @@ struct RelayArgs {
     /// reader has caught up. Only the relay's own sockets (its listening
     /// port, its upstream) are touched. Off by default: across network
     /// namespaces senders stall for 200-600 ms after some put-backs and
-    /// bulk throughput falls far below copy mode's, and a connection
-    /// flat out both ways can stall for minutes (BENCHMARKS.md, tuning
-    /// logs 29-31). Without it a lagging reader is met by holding the
+    /// bulk throughput falls far below copy mode's (BENCHMARKS.md, tuning
+    /// logs 29-32). Without it a lagging reader is met by holding the
     /// direction and forwarding it in user space.
     #[arg(long)]
     park: bool,

@@ -259,9 +259,58 @@ pub fn nudge(fd: BorrowedFd<'_>) -> io::Result<()> {
         &[],
         MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
     ) {
-        Ok(_) | Err(Errno::EPIPE) => Ok(()),
+        // EINVAL: the other direction had the socket in repair mode for
+        // a moment (`announce_window`); the caller nudges again.
+        Ok(_) | Err(Errno::EPIPE) | Err(Errno::EINVAL) => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Makes an established TCP socket send a window probe now: an empty
+/// segment that carries the receive window it has (TCP sends one as a
+/// socket leaves repair mode, `tcp_send_window_probe`). With `open` > 0
+/// the window reaches at least that far past the last one announced
+/// (`TCP_REPAIR_WINDOW`), even when the socket's memory is past its
+/// buffer and TCP would offer none. Needs CAP_NET_ADMIN (EPERM
+/// without). While the socket is in repair mode, for these few calls,
+/// sends and reads on it fail with EINVAL.
+pub fn announce_window(fd: BorrowedFd<'_>, open: u32) -> io::Result<()> {
+    const TCP_REPAIR_WINDOW: i32 = 29; // include/uapi/linux/tcp.h
+    const ON: i32 = 1; // TCP_REPAIR_ON
+    const OFF: i32 = 0; // TCP_REPAIR_OFF: leave, sending the probe
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, ON)?;
+    let widened = if open > 0 {
+        // snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup
+        let mut w = [0u32; 5];
+        getsockopt_u32s(fd, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, &mut w).and_then(|_| {
+            if w[3] >= open {
+                return Ok(());
+            }
+            w[3] = open;
+            // SAFETY: `w` is the kernel's struct tcp_repair_window, 20
+            // bytes, read just above.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    TCP_REPAIR_WINDOW,
+                    w.as_ptr().cast(),
+                    mem::size_of_val(&w) as libc::socklen_t,
+                )
+            };
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        })
+    } else {
+        Ok(())
+    };
+    // Left in repair mode the socket would refuse every send: try twice.
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, OFF)
+        .or_else(|_| setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, OFF))?;
+    widened
 }
 
 /// TCP_WINDOW_CLAMP: the most receive window TCP will offer.
@@ -351,6 +400,16 @@ pub fn getsockopt_u32s(
         }
     }
     Ok((len as usize).div_ceil(mem::size_of::<u32>()))
+}
+
+/// The receive window the socket last announced (`tcpi_rcv_wnd`, Linux
+/// 6.2 on; None before), in bytes.
+pub fn rcv_wnd(fd: BorrowedFd<'_>) -> io::Result<Option<u32>> {
+    // struct tcp_info holds 232 bytes before tcpi_rcv_wnd.
+    const AT: usize = 232 / 4;
+    let mut v = [0u32; AT + 1];
+    let n = getsockopt_u32s(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut v)?;
+    Ok((n > AT).then_some(v[AT]))
 }
 
 /// The socket's receive buffer as the kernel keeps it (SO_RCVBUF: twice

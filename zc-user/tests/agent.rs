@@ -420,7 +420,17 @@ fn ended_under_load(
                 );
                 eprintln!("{what}: reset, an honest end ({how})");
                 if let Ending::Unpair = ending {
-                    assert!(how.contains("reset"), "reset, but unpair said: {how}");
+                    // Which reset (a read's own or one its socket's sender
+                    // took) and what each sender saw, for a failure that
+                    // came once in many runs and is not understood yet.
+                    let senders: Vec<_> = ended
+                        .iter()
+                        .map(|(w, sent, _, got)| format!("{w}: sent {sent:?}, read {got:?}"))
+                        .collect();
+                    assert!(
+                        how.contains("reset"),
+                        "{what}: reset ({e}), but unpair said: {how}; {senders:?}"
+                    );
                 }
                 return;
             }

@@ -185,10 +185,11 @@ async fn both_ways_to_the_end_while_parking() {
         let got_down = tokio::spawn(async move { recv_all(&mut cr).await });
         let got_up = tokio::spawn(async move { recv_all(&mut sr).await });
         let Ok(up) = tokio::time::timeout(HANG, push_for(&mut cw, PUSH, 2 * i + 1)).await else {
-            // An open bug, about one run in six (BENCHMARKS.md, tuning
-            // log 31): both directions held, each relay socket over its
-            // buffer and dropping its end's acknowledgments as out of
-            // window, each end in retransmission backoff.
+            // Seen once in six runs or so before the relay made a deaf
+            // destination announce its window (BENCHMARKS.md, tuning logs
+            // 31 and 32; `Unstick`): both directions held, each relay
+            // socket with its window shut, dropping its end's
+            // acknowledgments as out of window, each end in backoff.
             let state = keys.map(|k| (progs.flow(&k), progs.park_state(&k)));
             let ss = sockets_on(&ports);
             panic!(

@@ -18,6 +18,7 @@ use super::{
     brake::Brake,
     ending::{all_accounted, duplicated, failure},
     switch::{Forwarded, allowance, cap, waiting, written},
+    unstick::Unstick,
 };
 use crate::{ebpf::Programs, engine::copy, sys};
 
@@ -64,6 +65,7 @@ async fn wait_drained(
     brake: &mut Brake<'_>,
 ) -> Result<(), Abort> {
     let mut wait = Backoff::new();
+    let mut deaf = Unstick::new();
     loop {
         let f = progs.flow(&src).ok_or(Abort(None))?;
         brake.update(f.passed.saturating_sub(by_user.load(Ordering::Relaxed)))?;
@@ -72,6 +74,7 @@ async fn wait_drained(
         if waiting < below {
             return Ok(());
         }
+        deaf.check(dst, dbase, sent + by_user.load(Ordering::Relaxed))?;
         if let Some(abort) = failure(dst) {
             debug!("destination failed while its reader lagged");
             return Err(abort);

@@ -18,6 +18,7 @@ mod hand_back;
 mod io;
 mod park;
 mod switch;
+mod unstick;
 
 use std::{
     net::{Shutdown, TcpStream},

@@ -18,6 +18,7 @@ use super::{
     ending::failure,
     forward::Backoff,
     switch::{Forwarded, HELD_RCVBUF, waiting},
+    unstick::Unstick,
 };
 use crate::{
     ebpf::{Programs, Unparked},
@@ -44,6 +45,7 @@ impl Parker<'_> {
         let (dst, dbase) = self.dst;
         let mut wait = Backoff::new();
         let started = std::time::Instant::now();
+        let mut deaf = Unstick::new();
         crate::sys::nudge(self.src.as_fd())?;
         loop {
             let f = self.progs.flow(&self.key).ok_or(Abort(None))?;
@@ -65,9 +67,15 @@ impl Parker<'_> {
                     _ => Forwarded::BackToKernel,
                 });
             }
-            if self.progs.park_state(&self.key) == zc_common::PARK_ASKED {
+            match self.progs.park_state(&self.key) {
                 // zc_park acts when TCP calls it; make it call now.
-                crate::sys::nudge(self.src.as_fd())?;
+                zc_common::PARK_ASKED => crate::sys::nudge(self.src.as_fd())?,
+                // Out of `RELAY`, the source redirects nothing more into
+                // the destination, so it may be kicked.
+                zc_common::PARKED => {
+                    deaf.check(dst, dbase, f.sent + self.by_user.load(Ordering::Relaxed))?
+                }
+                _ => {}
             }
             wait.sleep(|| debug!("parked: {now} bytes wait for a slow reader"))
                 .await;

@@ -1,0 +1,136 @@
+//! A socket that hears nothing from its peer, and the kick that ends it
+//! (`sys::announce_window`, used by the relay's `Unstick`).
+//!
+//! After a memory squeeze TCP (6.15 on) answers with a window of exactly
+//! zero. A Linux peer that already sent a little past it, less than one
+//! window-scale unit, then stamps its acknowledgments with that sequence
+//! number (`tcp_acceptable_seq`), and the squeezed socket drops every one
+//! of them as out of window: it hears of the bytes it sent only when the
+//! peer retransmits, on a timer that backs off to a minute. With both
+//! directions of a relay pair waiting, that stalled
+//! `hold_switch::both_ways_to_the_end_while_parking` (BENCHMARKS.md,
+//! tuning logs 31 and 32). Plain sockets show it: no BPF is involved.
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    time::Instant,
+};
+
+use common::HANG;
+use zc_user::sys;
+
+/// More than R's receive buffer will hold once cut.
+const HELD: usize = 1 << 20;
+/// Less than one window-scale unit (1 KiB at loopback's scale of 10).
+const PAST: usize = 500;
+/// What R sends while it cannot hear: within the window P starts with,
+/// since R would not hear that window grow either.
+const SENT: usize = 32_000;
+
+#[test]
+fn a_socket_with_its_window_shut_hears_its_peer_again_once_it_announces_one() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test puts a socket in TCP repair mode, which needs CAP_NET_ADMIN; run the suite as root: `cargo xtask test`"
+    );
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let mut p = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+    let (mut r, _) = l.accept().expect("accept");
+    sys::set_rcvbuf(r.as_fd(), HELD).expect("SO_RCVBUF");
+
+    // R holds a megabyte it does not read, then its buffer is cut under
+    // it and its window shut, as TCP does after a squeeze.
+    p.write_all(&vec![1; HELD]).expect("P writes");
+    wait_for("R to receive what P wrote", || {
+        sys::bytes_received(r.as_fd()).expect("tcp_info") >= HELD as u64
+    });
+    sys::set_rcvbuf(r.as_fd(), 0).expect("SO_RCVBUF");
+    shut_window(r.as_fd());
+
+    // P sends a little past the shut window: R drops it, and P's
+    // acknowledgments carry a sequence number past R's window from now on.
+    p.write_all(&[2; PAST]).expect("P writes past the window");
+    wait_for("P to hear of the shut window", || snd_wnd(p.as_fd()) == 0);
+
+    // R sends; P takes every byte, but R hears none of P's acknowledgments.
+    r.write_all(&[3; SENT]).expect("R writes");
+    let mut got = vec![0; SENT];
+    p.read_exact(&mut got).expect("P reads what R sent");
+    let deaf = acked(&r);
+    assert!(
+        deaf < SENT as u64,
+        "R heard P's acknowledgments ({deaf} bytes acked) without help: the setup did not make it deaf"
+    );
+
+    sys::announce_window(r.as_fd(), 16 << 10).expect("announcing R's window");
+    wait_for("R to hear P acknowledge what it sent", || {
+        acked(&r) >= SENT as u64
+    });
+    // Heard thanks to the kick, not to a retransmission of P's (which
+    // would also have let one acknowledgment through, 200 ms or more on).
+    let retrans = sys::tcp_info(p.as_fd()).expect("tcp_info").total_retrans;
+    assert_eq!(
+        retrans, 0,
+        "P retransmitted before R heard it: the kick did not end the deafness"
+    );
+}
+
+/// Bytes R sent that its peer acknowledged (R accepted the connection,
+/// so no SYN is counted).
+fn acked(s: &TcpStream) -> u64 {
+    sys::tcp_info(s.as_fd()).expect("tcp_info").bytes_acked
+}
+
+/// The window the peer last announced to `fd` (`tcpi_snd_wnd`).
+fn snd_wnd(fd: BorrowedFd<'_>) -> u32 {
+    const AT: usize = 228 / 4;
+    let mut v = [0u32; AT + 1];
+    let n = sys::getsockopt_u32s(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut v).expect("tcp_info");
+    assert!(
+        n > AT,
+        "this kernel's tcp_info has no tcpi_snd_wnd (Linux 5.4 on)"
+    );
+    v[AT]
+}
+
+/// Sets the window `fd` announced to zero, in repair mode, leaving it
+/// without a probe (`TCP_REPAIR_OFF_NO_WP`), so nothing tells the peer.
+fn shut_window(fd: BorrowedFd<'_>) {
+    const TCP_REPAIR_WINDOW: i32 = 29;
+    const OFF_NO_WP: i32 = -1;
+    sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, 1).expect("TCP_REPAIR on");
+    // snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup
+    let mut w = [0u32; 5];
+    sys::getsockopt_u32s(fd, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, &mut w).expect("window");
+    w[3] = 0;
+    // SAFETY: `w` is the kernel's struct tcp_repair_window, read above.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            TCP_REPAIR_WINDOW,
+            w.as_ptr().cast(),
+            std::mem::size_of_val(&w) as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "TCP_REPAIR_WINDOW: {}",
+        std::io::Error::last_os_error()
+    );
+    sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, OFF_NO_WP)
+        .expect("TCP_REPAIR off");
+}
+
+/// Polls `done` until it holds; fails after [`HANG`].
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < HANG, "waited {HANG:?} for {what}");
+        std::thread::yield_now();
+    }
+}
