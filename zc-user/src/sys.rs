@@ -275,34 +275,16 @@ pub fn nudge(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// without). While the socket is in repair mode, for these few calls,
 /// sends and reads on it fail with EINVAL.
 pub fn announce_window(fd: BorrowedFd<'_>, open: u32) -> io::Result<()> {
-    const TCP_REPAIR_WINDOW: i32 = 29; // include/uapi/linux/tcp.h
     const ON: i32 = 1; // TCP_REPAIR_ON
     const OFF: i32 = 0; // TCP_REPAIR_OFF: leave, sending the probe
     setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, ON)?;
     let widened = if open > 0 {
-        // snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup
-        let mut w = [0u32; 5];
-        getsockopt_u32s(fd, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, &mut w).and_then(|_| {
-            if w[3] >= open {
+        repair_window(fd).and_then(|mut w| {
+            if w.rcv_wnd >= open {
                 return Ok(());
             }
-            w[3] = open;
-            // SAFETY: `w` is the kernel's struct tcp_repair_window, 20
-            // bytes, read just above.
-            let rc = unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::IPPROTO_TCP,
-                    TCP_REPAIR_WINDOW,
-                    w.as_ptr().cast(),
-                    mem::size_of_val(&w) as libc::socklen_t,
-                )
-            };
-            if rc == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::last_os_error())
-            }
+            w.rcv_wnd = open;
+            set_repair_window(fd, &w)
         })
     } else {
         Ok(())
@@ -311,6 +293,58 @@ pub fn announce_window(fd: BorrowedFd<'_>, open: u32) -> io::Result<()> {
     setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, OFF)
         .or_else(|_| setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, OFF))?;
     widened
+}
+
+/// `struct tcp_repair_window` (include/uapi/linux/tcp.h).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RepairWindow {
+    pub snd_wl1: u32,
+    pub snd_wnd: u32,
+    pub max_window: u32,
+    pub rcv_wnd: u32,
+    pub rcv_wup: u32,
+}
+
+const TCP_REPAIR_WINDOW: i32 = 29;
+
+/// The windows of a socket in repair mode.
+pub fn repair_window(fd: BorrowedFd<'_>) -> io::Result<RepairWindow> {
+    let mut w = RepairWindow::default();
+    let mut len = mem::size_of::<RepairWindow>() as libc::socklen_t;
+    // SAFETY: the buffer is a writable RepairWindow of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            TCP_REPAIR_WINDOW,
+            (&raw mut w).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(w)
+}
+
+/// Sets the windows of a socket in repair mode (TCP checks them against
+/// what it has received).
+pub fn set_repair_window(fd: BorrowedFd<'_>, w: &RepairWindow) -> io::Result<()> {
+    // SAFETY: `w` is a RepairWindow, the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            TCP_REPAIR_WINDOW,
+            (w as *const RepairWindow).cast(),
+            mem::size_of::<RepairWindow>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// TCP_WINDOW_CLAMP: the most receive window TCP will offer.

@@ -15,7 +15,7 @@ mod common;
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    os::fd::{AsFd, BorrowedFd},
     time::Instant,
 };
 
@@ -99,29 +99,11 @@ fn snd_wnd(fd: BorrowedFd<'_>) -> u32 {
 /// Sets the window `fd` announced to zero, in repair mode, leaving it
 /// without a probe (`TCP_REPAIR_OFF_NO_WP`), so nothing tells the peer.
 fn shut_window(fd: BorrowedFd<'_>) {
-    const TCP_REPAIR_WINDOW: i32 = 29;
     const OFF_NO_WP: i32 = -1;
     sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, 1).expect("TCP_REPAIR on");
-    // snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup
-    let mut w = [0u32; 5];
-    sys::getsockopt_u32s(fd, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, &mut w).expect("window");
-    w[3] = 0;
-    // SAFETY: `w` is the kernel's struct tcp_repair_window, read above.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            TCP_REPAIR_WINDOW,
-            w.as_ptr().cast(),
-            std::mem::size_of_val(&w) as libc::socklen_t,
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "TCP_REPAIR_WINDOW: {}",
-        std::io::Error::last_os_error()
-    );
+    let mut w = sys::repair_window(fd).expect("TCP_REPAIR_WINDOW");
+    w.rcv_wnd = 0;
+    sys::set_repair_window(fd, &w).expect("TCP_REPAIR_WINDOW");
     sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, OFF_NO_WP)
         .expect("TCP_REPAIR off");
 }
