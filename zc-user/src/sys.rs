@@ -436,14 +436,15 @@ pub fn getsockopt_u32s(
     Ok((len as usize).div_ceil(mem::size_of::<u32>()))
 }
 
-/// The receive window the socket last announced (`tcpi_rcv_wnd`, Linux
-/// 6.2 on; None before), in bytes.
-pub fn rcv_wnd(fd: BorrowedFd<'_>) -> io::Result<Option<u32>> {
-    // struct tcp_info holds 232 bytes before tcpi_rcv_wnd.
-    const AT: usize = 232 / 4;
-    let mut v = [0u32; AT + 1];
+/// The windows of a TCP socket in bytes, from TCP_INFO (Linux 6.2 on;
+/// None before): what its peer last offered it (`tcpi_snd_wnd`) and what
+/// it last announced (`tcpi_rcv_wnd`).
+pub fn windows(fd: BorrowedFd<'_>) -> io::Result<Option<(u32, u32)>> {
+    // struct tcp_info holds 228 bytes before tcpi_snd_wnd, then rcv_wnd.
+    const AT: usize = 228 / 4;
+    let mut v = [0u32; AT + 2];
     let n = getsockopt_u32s(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut v)?;
-    Ok((n > AT).then_some(v[AT]))
+    Ok((n > AT + 1).then_some((v[AT], v[AT + 1])))
 }
 
 /// The socket's receive buffer as the kernel keeps it (SO_RCVBUF: twice

@@ -86,14 +86,10 @@ fn acked(s: &TcpStream) -> u64 {
 
 /// The window the peer last announced to `fd` (`tcpi_snd_wnd`).
 fn snd_wnd(fd: BorrowedFd<'_>) -> u32 {
-    const AT: usize = 228 / 4;
-    let mut v = [0u32; AT + 1];
-    let n = sys::getsockopt_u32s(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut v).expect("tcp_info");
-    assert!(
-        n > AT,
-        "this kernel's tcp_info has no tcpi_snd_wnd (Linux 5.4 on)"
-    );
-    v[AT]
+    let windows = sys::windows(fd).expect("tcp_info");
+    windows
+        .expect("this kernel's tcp_info has no windows (Linux 6.2 on)")
+        .0
 }
 
 /// Sets the window `fd` announced to zero, in repair mode, leaving it

@@ -69,12 +69,13 @@ async fn wait_drained(
     loop {
         let f = progs.flow(&src).ok_or(Abort(None))?;
         brake.update(f.passed.saturating_sub(by_user.load(Ordering::Relaxed)))?;
-        let sent = f.sent;
-        let waiting = waiting(sent, dst, dbase, by_user)?;
+        let waiting = waiting(f.sent, dst, dbase, by_user)?;
         if waiting < below {
             return Ok(());
         }
-        deaf.check(dst, dbase, sent + by_user.load(Ordering::Relaxed))?;
+        // Held, nothing but this forwarder moves `by_user` meanwhile.
+        let expected = f.sent + by_user.load(Ordering::Relaxed);
+        deaf.check(dst, dbase, expected, waiting)?;
         if let Some(abort) = failure(dst) {
             debug!("destination failed while its reader lagged");
             return Err(abort);

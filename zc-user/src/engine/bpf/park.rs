@@ -73,7 +73,8 @@ impl Parker<'_> {
                 // Out of `RELAY`, the source redirects nothing more into
                 // the destination, so it may be kicked.
                 zc_common::PARKED => {
-                    deaf.check(dst, dbase, f.sent + self.by_user.load(Ordering::Relaxed))?
+                    let expected = f.sent + self.by_user.load(Ordering::Relaxed);
+                    deaf.check(dst, dbase, expected, now)?
                 }
                 _ => {}
             }

@@ -29,10 +29,7 @@ use std::{
 
 use log::debug;
 
-use super::{
-    Abort, Base,
-    switch::{acked, written},
-};
+use super::{Abort, Base, switch::written};
 use crate::sys;
 
 /// How long a destination with bytes in flight may hear nothing before
@@ -63,20 +60,22 @@ impl Unstick {
     }
 
     /// Looks at `dst` once more: `expected` is every byte of the direction
-    /// handed to it so far (redirected plus forwarded).
+    /// handed to it so far (redirected plus forwarded), `waiting` those of
+    /// them not yet acknowledged (the caller has just read both).
     pub(super) fn check(
         &mut self,
         dst: &TcpStream,
         dbase: Base,
         expected: u64,
+        waiting: u64,
     ) -> Result<(), Abort> {
-        let now = acked(dst, dbase)?;
+        let now = expected.saturating_sub(waiting);
         if now != self.acked {
             self.acked = now;
             self.since = Instant::now();
             return Ok(());
         }
-        if self.off || self.since.elapsed() < AFTER || now >= expected {
+        if self.off || self.since.elapsed() < AFTER || waiting == 0 {
             return Ok(());
         }
         // The kernel's worker may still be sending redirected bytes.
@@ -92,7 +91,7 @@ impl Unstick {
             return Ok(());
         }
         let over = sys::meminfo(fd)?.rmem_alloc >= sys::rcvbuf(fd)?;
-        if !over && sys::rcv_wnd(fd)? != Some(0) {
+        if !over && sys::windows(fd)?.map(|(_, rcv)| rcv) != Some(0) {
             return Ok(());
         }
         // Past its buffer, the socket would announce no window: open a
@@ -105,7 +104,7 @@ impl Unstick {
                 debug!(
                     "destination heard nothing for {AFTER:?} with {} bytes in flight: \
                      made it announce its window{}",
-                    expected - now,
+                    waiting,
                     if over {
                         " (opened: its memory was past its buffer)"
                     } else {
