@@ -429,7 +429,9 @@ fn ended_under_load(
                         .collect();
                     assert!(
                         how.contains("reset"),
-                        "{what}: reset ({e}), but unpair said: {how}; {senders:?}"
+                        "{what}: reset ({e}), but unpair said: {how}; {senders:?}; the proxy's \
+                         log: {}",
+                        proxy.log()
                     );
                 }
                 return;

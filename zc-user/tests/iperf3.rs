@@ -32,7 +32,11 @@ fn iperf3_through_socat_paired_by_pid_and_fd_while_running() {
         .spawn()
         .expect("socat must be installed (cargo xtask test installs it)");
     let port = listening_port(socat.id(), "socat");
-    let socat = Proxy { child: socat, port };
+    let socat = Proxy {
+        child: socat,
+        port,
+        log: None,
+    };
     through_proxy_while_running(&agent, port, server.addr, |data, upstream| {
         // socat serves each connection in a child of its own.
         let hold = |local: SocketAddr, remote: SocketAddr| {

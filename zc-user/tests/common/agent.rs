@@ -239,6 +239,8 @@ pub fn cpu_secs(pid: u32) -> f64 {
 pub struct Proxy {
     pub child: Child,
     pub port: u16,
+    /// HAProxy's log: one line per connection with how it ended.
+    pub log: Option<std::path::PathBuf>,
 }
 
 impl Proxy {
@@ -257,7 +259,11 @@ impl Proxy {
             .spawn()
             .expect("socat must be installed (cargo xtask test installs it)");
         let port = listening_port(child.id(), "socat");
-        Self { child, port }
+        Self {
+            child,
+            port,
+            log: None,
+        }
     }
 
     pub fn haproxy(upstream: SocketAddr, dir: &std::path::Path) -> Self {
@@ -293,7 +299,8 @@ impl Proxy {
         std::fs::write(
             &cfg,
             format!(
-                "global\n  nbthread {threads}\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
+                "global\n  nbthread {threads}\n  log stderr format raw local0\ndefaults\n  \
+                 mode tcp\n  log global\n  option tcplog\n  timeout connect 5s\n  \
                  timeout client 120s\n  timeout server 120s\nlisten zc\n  \
                  bind fd@3\n{options}  server up {upstream}\n"
             ),
@@ -301,7 +308,14 @@ impl Proxy {
         .expect("haproxy config");
         let fd = listener.as_raw_fd();
         let mut cmd = Command::new("haproxy");
-        cmd.args(["-db", "-f"]).arg(&cfg).stdin(Stdio::null());
+        // Its log says how each connection ended (termination state:
+        // `--` normal, `CD`/`SD` a client or server side that failed).
+        let log = dir.join(format!("haproxy-{port}.log"));
+        let log_file = std::fs::File::create(&log).expect("haproxy log");
+        cmd.args(["-db", "-f"])
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stderr(log_file);
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -321,7 +335,18 @@ impl Proxy {
             .expect("haproxy must be installed (cargo xtask test installs it)");
         // HAProxy has the socket now; ours closes.
         drop(listener);
-        Self { child, port }
+        Self {
+            child,
+            port,
+            log: Some(log),
+        }
+    }
+
+    /// What the proxy logged, for a failure message (socat logs nothing).
+    pub fn log(&self) -> String {
+        self.log.as_ref().map_or_else(String::new, |p| {
+            std::fs::read_to_string(p).unwrap_or_else(|e| format!("{}: {e}", p.display()))
+        })
     }
 }
 
