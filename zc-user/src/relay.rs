@@ -67,6 +67,9 @@ pub struct Stats {
     /// space for its small segments (see [`Summary`]).
     pub holds: AtomicU64,
     pub small_moves: AtomicU64,
+    /// BPF engine: relay sockets made to announce their window (see
+    /// [`Summary`]).
+    pub kicks: AtomicU64,
     /// Connections ended by --idle-timeout (counted in `finished` too).
     pub idle: AtomicU64,
 }
@@ -621,6 +624,7 @@ async fn serve_one(
     stats
         .small_moves
         .fetch_add(summary.small, Ordering::Relaxed);
+    stats.kicks.fetch_add(summary.kicks, Ordering::Relaxed);
     info!(
         "{}",
         access_line(
@@ -697,6 +701,13 @@ fn render_metrics(s: &Stats, engine: &Engine, mode: &str, max_conns: usize) -> S
     )
     .sample(&[("reason", "window")], get(&s.holds))
     .sample(&[("reason", "small_segments")], get(&s.small_moves));
+    Family::new(
+        &mut out,
+        "zc_relay_window_kicks_total",
+        "counter",
+        "Times a relay socket that heard nothing from its end for 250 ms, with bytes in flight and its own window shut, was made to announce its window (TCP repair mode). Each one ended a stall that TCP's timers would have let grow to a minute.",
+    )
+    .sample(&[], get(&s.kicks));
     match crate::sock_diag::own_socket_memory() {
         Ok(bytes) => {
             Family::new(
@@ -742,6 +753,11 @@ fn access_line(
         Engine::Bpf(_) => "bpf".to_string(),
         Engine::Splice(_) => "splice".to_string(),
         Engine::Copy(_) => "copy".to_string(),
+    };
+    let path = match s.kicks {
+        0 => path,
+        1 => format!("{path}, 1 window kick"),
+        n => format!("{path}, {n} window kicks"),
     };
     let end = match (s.reset, s.cause, idle) {
         (true, Some(cause), _) => format!("reset ({cause})"),

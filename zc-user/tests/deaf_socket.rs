@@ -10,6 +10,8 @@
 //! directions of a relay pair waiting, that stalled
 //! `hold_switch::both_ways_to_the_end_while_parking` (BENCHMARKS.md,
 //! tuning logs 31 and 32). Plain sockets show it: no BPF is involved.
+//! The second test makes a relay socket deaf the same way while the
+//! direction into it is held, and checks that the relay kicks it.
 mod common;
 
 use std::{
@@ -20,7 +22,8 @@ use std::{
 };
 
 use common::HANG;
-use zc_user::sys;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use zc_user::{engine::bpf::BpfEngine, sys};
 
 /// More than R's receive buffer will hold once cut.
 const HELD: usize = 1 << 20;
@@ -76,6 +79,132 @@ fn a_socket_with_its_window_shut_hears_its_peer_again_once_it_announces_one() {
         retrans, 0,
         "P retransmitted before R heard it: the kick did not end the deafness"
     );
+}
+
+/// The relay's side of it: a relay socket made deaf the same way while
+/// the direction into it is held, waiting for its end to acknowledge.
+/// Nothing but the kick (`Unstick`, in the hold's wait) can end it: the
+/// socket's memory stays past its buffer (the other direction is held
+/// too, its server never reading), so its own retransmissions announce a
+/// window of zero and its end's acknowledgments stay outside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_direction_whose_relay_socket_cannot_hear_its_end_is_unstuck() {
+    let progs = common::programs();
+    let watcher = zc_user::watch::Watcher::start().expect("watcher");
+    let engine = BpfEngine::new(progs.clone(), watcher).with_window(1 << 20);
+    let (mut client, near, far, mut server) = common::relay_sockets().await;
+    let near_view = near.try_clone().expect("dup");
+    let near_key = sys::sock_key(near.as_fd()).expect("key");
+    let far_key = sys::sock_key(far.as_fd()).expect("key");
+    let relay = tokio::spawn(async move { engine.relay(near, far).await.expect("relay") });
+
+    // Client -> server is held: the server never reads, and the verdict
+    // passes what it cannot redirect into near's own queue.
+    let mut up = xxhash_rust::xxh3::Xxh3::new();
+    let mut written = 0u64;
+    let chunk = vec![4u8; 64 << 10];
+    while progs.flow(&near_key).map_or(0, |f| f.passed) < UP_PASSED {
+        client.write_all(&chunk).await.expect("client writes");
+        up.update(&chunk);
+        written += chunk.len() as u64;
+        wait_async("near to take what the client wrote", || {
+            sys::tcp_info(client.as_fd()).expect("tcp_info").bytes_acked > written
+        })
+        .await;
+    }
+    // Near is squeezed (its buffer cut under what it holds) and its
+    // window shut; the client then sends a little past it.
+    sys::set_rcvbuf(near_view.as_fd(), 0).expect("SO_RCVBUF");
+    shut_window(near_view.as_fd());
+    client
+        .write_all(&[5; PAST])
+        .await
+        .expect("client writes past");
+    up.update(&[5; PAST]);
+    written += PAST as u64;
+    wait_async("the client to hear of the shut window", || {
+        snd_wnd(client.as_fd()) == 0
+    })
+    .await;
+
+    // Server -> client: more than the window, so the direction is held
+    // and its hold waits for near to hear the client acknowledge.
+    let pusher = tokio::spawn(async move {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let chunk = vec![6u8; 64 << 10];
+        for _ in 0..DOWN / chunk.len() as u64 {
+            server.write_all(&chunk).await.expect("server writes");
+            h.update(&chunk);
+        }
+        server.shutdown().await.expect("shutdown");
+        (h.digest(), server)
+    });
+    let mut got = vec![0u8; DOWN as usize];
+    tokio::time::timeout(HANG, client.read_exact(&mut got))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "the client got stuck: near never heard its acknowledgments; flows (near, far): \
+                 {:?}, {:?}",
+                progs.flow(&near_key),
+                progs.flow(&far_key)
+            )
+        })
+        .expect("client reads");
+    let (down, mut server) = pusher.await.expect("join");
+    assert_eq!(
+        xxhash_rust::xxh3::xxh3_64(&got),
+        down,
+        "the stream to the client arrived damaged"
+    );
+
+    // The server reads what the client sent; both ends close.
+    client.shutdown().await.expect("shutdown");
+    let mut back = Vec::new();
+    tokio::time::timeout(HANG, server.read_to_end(&mut back))
+        .await
+        .expect("the server's stream stalled")
+        .expect("server reads");
+    assert_eq!(back.len() as u64, written, "client -> server lost bytes");
+    assert_eq!(
+        xxhash_rust::xxh3::xxh3_64(&back),
+        up.digest(),
+        "client -> server arrived damaged"
+    );
+    let mut rest = Vec::new();
+    client
+        .read_to_end(&mut rest)
+        .await
+        .expect("client reads EOF");
+    drop((client, server, near_view));
+    let summary = tokio::time::timeout(HANG, relay)
+        .await
+        .expect("relay hung")
+        .expect("join");
+    assert!(!summary.reset, "the relay reset an intact stream");
+    // The client's own retransmissions also carry an acknowledgment near
+    // takes in (their sequence number is near's next), but on a timer that
+    // doubles each time: without the kick this took 54 s and 10 of them.
+    assert!(
+        summary.kicks > 0,
+        "near was never kicked, yet the stream ended: {summary:?}"
+    );
+    common::assert_maps_empty(&progs).await;
+}
+
+/// Passed bytes near holds (client -> server) before it is squeezed:
+/// far past its cut buffer, under the brake's threshold.
+const UP_PASSED: u64 = 512 << 10;
+/// Bytes server -> client: past the relay's 1 MiB window.
+const DOWN: u64 = 4 << 20;
+
+/// [`wait_for`] in a runtime.
+async fn wait_async(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < HANG, "waited {HANG:?} for {what}");
+        tokio::task::yield_now().await;
+    }
 }
 
 /// Bytes R sent that its peer acknowledged (R accepted the connection,

@@ -96,6 +96,7 @@ pub fn finish(
         parks: 0,
         small: 0,
         small_bytes: 0,
+        kicks: 0,
     }
 }
 

@@ -36,6 +36,9 @@ pub struct Summary {
     /// those it forwarded while a direction was there for its small skbs
     /// (the rest went through user space for a slow reader).
     pub small_bytes: u64,
+    /// BPF engine: times a relay socket that heard nothing from its end
+    /// was made to announce its window (see `bpf::unstick`).
+    pub kicks: u64,
 }
 
 /// Which data path moves the bytes.

@@ -50,41 +50,6 @@ pub(super) async fn wait_caught_up(
     }
 }
 
-/// Waits until fewer than `below` bytes of the direction from `src` wait
-/// in the kernel for `dst`'s reader: redirected or forwarded, and not yet
-/// acknowledged by `dst`'s remote end. Meanwhile the verdict may pass
-/// more, so the `brake` keeps looking (what the caller holds counts as
-/// unread here).
-async fn wait_drained(
-    progs: &Programs,
-    src: SockKey,
-    dst: &TcpStream,
-    dbase: Base,
-    by_user: &AtomicU64,
-    below: u64,
-    brake: &mut Brake<'_>,
-) -> Result<(), Abort> {
-    let mut wait = Backoff::new();
-    let mut deaf = Unstick::new();
-    loop {
-        let f = progs.flow(&src).ok_or(Abort(None))?;
-        brake.update(f.passed.saturating_sub(by_user.load(Ordering::Relaxed)))?;
-        let waiting = waiting(f.sent, dst, dbase, by_user)?;
-        if waiting < below {
-            return Ok(());
-        }
-        // Held, nothing but this forwarder moves `by_user` meanwhile.
-        let expected = f.sent + by_user.load(Ordering::Relaxed);
-        deaf.check(dst, dbase, expected, waiting)?;
-        if let Some(abort) = failure(dst) {
-            debug!("destination failed while its reader lagged");
-            return Err(abort);
-        }
-        wait.sleep(|| debug!("{waiting} bytes wait for a slow reader"))
-            .await;
-    }
-}
-
 /// Forwards what the verdict passed to `src`'s own receive queue while
 /// held. First lets the destination take everything already redirected
 /// (so forwarded bytes follow them), then releases the hold: the verdict
@@ -115,6 +80,8 @@ pub(super) struct Forwarder<'a> {
     pub(super) peek: bool,
     /// The source's receive buffer was fixed at pairing (parking).
     pub(super) fixed_rcvbuf: bool,
+    /// Counts the destination's kicks ([`Unstick`]).
+    pub(super) kicks: &'a AtomicU64,
 }
 
 impl Forwarder<'_> {
@@ -133,11 +100,20 @@ impl Forwarder<'_> {
             mut small_below,
             peek,
             fixed_rcvbuf,
+            kicks,
         } = self;
         let mut brake = Brake::new((src_std, sbase), &progs, back, fixed_rcvbuf);
+        let out = Out {
+            progs: &progs,
+            key,
+            dst: (dst, dbase, &dst_io),
+            by_user,
+            window,
+            kicks,
+        };
         if small_below.is_none() {
             let below = allowance(window, dst.as_fd())?.min(window) / 2;
-            wait_drained(&progs, key, dst, dbase, by_user, below, &mut brake).await?;
+            out.wait_drained(below, &mut brake).await?;
         }
         // Held, the verdict redirects nothing, so this stays true until
         // the release below.
@@ -168,13 +144,6 @@ impl Forwarder<'_> {
             copy::DEFAULT_BUFFER
         };
         let mut buf = vec![0u8; size];
-        let out = Out {
-            progs: &progs,
-            key,
-            dst: (dst, dbase, &dst_io),
-            by_user,
-            window,
-        };
         let mut eof_wait: Option<Backoff> = None;
         let mut last = (0, zc_common::Flow::default());
         // The last read found nothing while passed bytes were missing.
@@ -287,9 +256,39 @@ struct Out<'a, 'b> {
     dst: (&'a TcpStream, Base, &'b super::io::SockIo),
     by_user: &'a AtomicU64,
     window: u64,
+    kicks: &'a AtomicU64,
 }
 
 impl Out<'_, '_> {
+    /// Waits until fewer than `below` bytes of the direction from `src` wait
+    /// in the kernel for `dst`'s reader: redirected or forwarded, and not yet
+    /// acknowledged by `dst`'s remote end. Meanwhile the verdict may pass
+    /// more, so the `brake` keeps looking (what the caller holds counts as
+    /// unread here).
+    async fn wait_drained(&self, below: u64, brake: &mut Brake<'_>) -> Result<(), Abort> {
+        let (progs, src, by_user) = (self.progs, self.key, self.by_user);
+        let (dst, dbase, _) = self.dst;
+        let mut wait = Backoff::new();
+        let mut deaf = Unstick::new(self.kicks);
+        loop {
+            let f = progs.flow(&src).ok_or(Abort(None))?;
+            brake.update(f.passed.saturating_sub(by_user.load(Ordering::Relaxed)))?;
+            let waiting = waiting(f.sent, dst, dbase, by_user)?;
+            if waiting < below {
+                return Ok(());
+            }
+            // Held, nothing but this forwarder moves `by_user` meanwhile.
+            let expected = f.sent + by_user.load(Ordering::Relaxed);
+            deaf.check(dst, dbase, expected, waiting)?;
+            if let Some(abort) = failure(dst) {
+                debug!("destination failed while its reader lagged");
+                return Err(abort);
+            }
+            wait.sleep(|| debug!("{waiting} bytes wait for a slow reader"))
+                .await;
+        }
+    }
+
     /// Writes `bytes` the verdict passed, the redirected total being
     /// `sent`, and publishes the forwarded count.
     ///
@@ -319,7 +318,7 @@ impl Out<'_, '_> {
         let allowed = allowance(window, dst.as_fd())?;
         if waiting(sent, dst, dbase, by_user)? + bytes.len() as u64 > allowed {
             let below = allowed.min(window) / 2;
-            wait_drained(progs, key, dst, dbase, by_user, below, brake).await?;
+            self.wait_drained(below, brake).await?;
         }
         if sent != *caught_up {
             *caught_up = wait_caught_up(progs, key, dst, dbase, by_user).await?;

@@ -152,6 +152,8 @@ struct Pair<'a> {
     small: u64,
     /// Times a direction was parked (asked to be, at least).
     parks: u64,
+    /// Times a destination was made to announce its window (`unstick`).
+    kicks: &'a AtomicU64,
     /// The task in `forwarding` is a parker, not a forwarder.
     parking: [bool; 2],
     /// Out of `RELAY` for good: parked when its remote end's FIN came
@@ -457,6 +459,7 @@ impl BpfEngine {
         }
         let by_user: &[AtomicU64; 2] = &by_user;
         let small_bytes: [AtomicU64; 2] = Default::default();
+        let kicks = AtomicU64::new(0);
         // Dropped (deregistered) before `a` and `b`, which close last.
         let io = io::Registrations::default();
         let mut pair = Pair {
@@ -473,6 +476,7 @@ impl BpfEngine {
             holds: 0,
             small: 0,
             parks: 0,
+            kicks: &kicks,
             parking: [false; 2],
             stranded: [false; 2],
             sampled: Default::default(),
@@ -509,6 +513,7 @@ impl BpfEngine {
             parks: pair.parks,
             small: pair.small,
             small_bytes: small_bytes.iter().map(|b| b.load(Ordering::Relaxed)).sum(),
+            kicks: kicks.load(Ordering::Relaxed),
         })
     }
 }

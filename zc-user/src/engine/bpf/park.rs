@@ -35,6 +35,8 @@ pub(super) struct Parker<'a> {
     /// Back in `RELAY` once fewer than this many bytes wait for the
     /// destination's reader.
     pub(super) low: u64,
+    /// Counts the destination's kicks ([`Unstick`]).
+    pub(super) kicks: &'a AtomicU64,
 }
 
 impl Parker<'_> {
@@ -45,7 +47,7 @@ impl Parker<'_> {
         let (dst, dbase) = self.dst;
         let mut wait = Backoff::new();
         let started = std::time::Instant::now();
-        let mut deaf = Unstick::new();
+        let mut deaf = Unstick::new(self.kicks);
         crate::sys::nudge(self.src.as_fd())?;
         loop {
             let f = self.progs.flow(&self.key).ok_or(Abort(None))?;

@@ -264,6 +264,7 @@ impl<'a> Pair<'a> {
                     dst: (self.socks[dst], self.base[dst]),
                     by_user: &self.by_user[src],
                     low: window / 8,
+                    kicks: self.kicks,
                 };
                 return Ok(Some(Box::pin(parker.run())));
             }
@@ -338,6 +339,7 @@ impl<'a> Pair<'a> {
             small_below: small,
             peek: self.engine.peek_hand_back,
             fixed_rcvbuf: self.engine.park,
+            kicks: self.kicks,
         };
         Ok(Some(Box::pin(fwd.run())))
     }

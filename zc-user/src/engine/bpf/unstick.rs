@@ -10,11 +10,11 @@
 //! the source of one direction and the destination of the other, so
 //! with both directions waiting for their destinations neither heard
 //! anything (BENCHMARKS.md, tuning logs 31 and 32; tests/deaf_socket.rs
-//! shows it on plain sockets). TCP announces its window only with a
-//! segment, and a socket waiting for acknowledgments sends none; leaving
-//! repair mode makes it send one at once, with its window opened a
-//! little if its memory would allow none, and the peer's next
-//! acknowledgment lies inside it.
+//! shows it on plain sockets, and in a held relay pair). TCP announces
+//! its window only with a segment, and a socket waiting for
+//! acknowledgments sends none; leaving repair mode makes it send one at
+//! once, with its window opened a little if its memory would allow none,
+//! and the peer's next acknowledgment lies inside it.
 //!
 //! Repair mode refuses sends (EINVAL), so the kick happens only while
 //! nothing may send into the socket: every redirected byte of the
@@ -24,6 +24,7 @@
 use std::{
     net::TcpStream,
     os::fd::AsFd,
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -43,19 +44,22 @@ const AFTER: Duration = Duration::from_millis(250);
 const OPEN: u32 = 16 << 10;
 
 /// Watches one destination while a forwarder or parker waits for it.
-pub(super) struct Unstick {
+pub(super) struct Unstick<'a> {
     acked: u64,
     since: Instant,
     /// Repair mode is not allowed here (no CAP_NET_ADMIN).
     off: bool,
+    /// The pair's count of kicks (the access log's).
+    kicks: &'a AtomicU64,
 }
 
-impl Unstick {
-    pub(super) fn new() -> Self {
+impl<'a> Unstick<'a> {
+    pub(super) fn new(kicks: &'a AtomicU64) -> Self {
         Unstick {
             acked: 0,
             since: Instant::now(),
             off: false,
+            kicks,
         }
     }
 
@@ -101,6 +105,7 @@ impl Unstick {
         // once more after it).
         match sys::announce_window(fd, if over { OPEN } else { 0 }) {
             Ok(()) => {
+                self.kicks.fetch_add(1, Ordering::Relaxed);
                 debug!(
                     "destination heard nothing for {AFTER:?} with {} bytes in flight: \
                      made it announce its window{}",
