@@ -705,7 +705,7 @@ fn render_metrics(s: &Stats, engine: &Engine, mode: &str, max_conns: usize) -> S
         &mut out,
         "zc_relay_window_kicks_total",
         "counter",
-        "Times a relay socket that heard nothing from its end for 250 ms, with bytes in flight and its own window shut, was made to announce its window (TCP repair mode). Each one ended a stall that TCP's timers would have let grow to a minute.",
+        "Times a relay socket that heard no acknowledgment from its end for 250 ms while a held or parked direction waited for it, with bytes in flight and its own window shut or its memory past its buffer, was made to announce its window (TCP repair mode), so that acknowledgments its end stamped past that window count again.",
     )
     .sample(&[], get(&s.kicks));
     match crate::sock_diag::own_socket_memory() {

@@ -37,7 +37,8 @@ pub struct Summary {
     /// (the rest went through user space for a slow reader).
     pub small_bytes: u64,
     /// BPF engine: times a relay socket that heard nothing from its end
-    /// was made to announce its window (see `bpf::unstick`).
+    /// was made to announce its window (see `bpf::unstick`). Always 0 for
+    /// an agent's pairs, which are never held or parked.
     pub kicks: u64,
 }
 

@@ -299,7 +299,7 @@ impl Proxy {
         std::fs::write(
             &cfg,
             format!(
-                "global\n  nbthread {threads}\n  log stderr format raw local0\ndefaults\n  \
+                "global\n  nbthread {threads}\n  log stdout format raw local0\ndefaults\n  \
                  mode tcp\n  log global\n  option tcplog\n  timeout connect 5s\n  \
                  timeout client 120s\n  timeout server 120s\nlisten zc\n  \
                  bind fd@3\n{options}  server up {upstream}\n"
@@ -308,14 +308,15 @@ impl Proxy {
         .expect("haproxy config");
         let fd = listener.as_raw_fd();
         let mut cmd = Command::new("haproxy");
-        // Its log says how each connection ended (termination state:
-        // `--` normal, `CD`/`SD` a client or server side that failed).
+        // Its log (stdout; alerts stay on stderr) says how each connection
+        // ended (termination state: `--` normal, `CD`/`SD` a client or
+        // server side that failed).
         let log = dir.join(format!("haproxy-{port}.log"));
         let log_file = std::fs::File::create(&log).expect("haproxy log");
         cmd.args(["-db", "-f"])
             .arg(&cfg)
             .stdin(Stdio::null())
-            .stderr(log_file);
+            .stdout(log_file);
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -343,6 +344,8 @@ impl Proxy {
     }
 
     /// What the proxy logged, for a failure message (socat logs nothing).
+    /// HAProxy writes a connection's line when it ends, which may come
+    /// just after an end saw it: a failure quoting it may miss that line.
     pub fn log(&self) -> String {
         self.log.as_ref().map_or_else(String::new, |p| {
             std::fs::read_to_string(p).unwrap_or_else(|e| format!("{}: {e}", p.display()))
