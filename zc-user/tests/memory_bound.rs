@@ -12,7 +12,7 @@ use std::{os::fd::AsFd, time::Duration};
 
 use common::{sockmem::meminfo, *};
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use zc_user::{engine::bpf::BpfEngine, sys};
 
 const WINDOW: u64 = 4 << 20;
@@ -110,7 +110,11 @@ async fn a_reader_that_never_reads_costs_at_most_two_windows() {
     let carried_before = progs.counters(&far_key).expect("counters").bytes;
     let (seen_tx, mut seen) = tokio::sync::watch::channel(0u64);
     let reader = tokio::spawn(async move {
-        let got = recv_counting(&mut client, &seen_tx).await.expect("recv");
+        let got = recv_all_telling(&mut client, |n| {
+            seen_tx.send_replace(n);
+        })
+        .await
+        .expect("recv");
         (got, client)
     });
     // Finish the chunk the timeout cut short, then send more.
@@ -174,28 +178,6 @@ async fn a_reader_that_never_reads_costs_at_most_two_windows() {
     );
     drop((near_view, far_view));
     assert_maps_empty(&progs).await;
-}
-
-/// [`recv_all`], telling `seen` how many bytes came so far.
-async fn recv_counting(
-    r: &mut tokio::net::TcpStream,
-    seen: &tokio::sync::watch::Sender<u64>,
-) -> std::io::Result<Digest> {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    let mut buf = vec![0u8; 256 << 10];
-    let mut bytes = 0;
-    loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(Digest {
-                bytes,
-                hash: h.digest(),
-            });
-        }
-        h.update(&buf[..n]);
-        bytes += n as u64;
-        seen.send_replace(bytes);
-    }
 }
 
 fn mib(b: u64) -> f64 {

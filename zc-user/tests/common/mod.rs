@@ -185,6 +185,14 @@ pub async fn send_sized<W: AsyncWriteExt + Unpin>(
 
 /// Reads to EOF.
 pub async fn recv_all<R: AsyncReadExt + Unpin>(r: &mut R) -> std::io::Result<Digest> {
+    recv_all_telling(r, |_| {}).await
+}
+
+/// [`recv_all`], telling `seen` the bytes received so far after each read.
+pub async fn recv_all_telling<R: AsyncReadExt + Unpin>(
+    r: &mut R,
+    mut seen: impl FnMut(u64),
+) -> std::io::Result<Digest> {
     let mut h = Xxh3::new();
     let mut buf = vec![0u8; 256 << 10];
     let mut bytes = 0;
@@ -198,6 +206,7 @@ pub async fn recv_all<R: AsyncReadExt + Unpin>(r: &mut R) -> std::io::Result<Dig
         }
         h.update(&buf[..n]);
         bytes += n as u64;
+        seen(bytes);
     }
 }
 
