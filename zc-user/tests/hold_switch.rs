@@ -168,7 +168,7 @@ async fn both_ways_to_the_end_while_parking() {
     const PUSH: Duration = Duration::from_millis(300);
     let _turn = FLAT_OUT.lock().await;
     let (progs, engine) = parking_engine();
-    let (mut parks, mut carried, mut pushed) = (0, 0, 0);
+    let (mut parks, mut kicks, mut carried, mut pushed) = (0, 0, 0, 0);
     for i in 0..CONNS {
         let (client, near, far, server) = relay_sockets_parked(&progs).await;
         let keys = [&near, &far].map(|s| zc_user::sys::sock_key(s.as_fd()).expect("key"));
@@ -223,9 +223,13 @@ async fn both_ways_to_the_end_while_parking() {
             "connection {i}: the relay reset an intact pair"
         );
         parks += summary.parks;
+        kicks += summary.kicks;
         pushed += up.bytes + sent_down.bytes;
     }
-    eprintln!("{parks} parks; the kernel redirected {carried} of {pushed} bytes (before the ends)");
+    eprintln!(
+        "{parks} parks, {kicks} window kicks; the kernel redirected {carried} of {pushed} bytes \
+         (before the ends)"
+    );
     assert!(
         parks >= CONNS,
         "only {parks} parks: parking was not exercised"
