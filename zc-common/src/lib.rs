@@ -144,9 +144,11 @@ pub struct Peer {
 }
 
 /// `PARK` states (zc-ebpf `park`): the verdict asked for a park; the
-/// socket is out of `RELAY`.
+/// socket is out of `RELAY`; user space asked for a park to read the
+/// socket itself (the adaptive path's small segments, no cap involved).
 pub const PARK_ASKED: u64 = 1;
 pub const PARKED: u64 = 2;
+pub const PARK_TO_READ: u64 = 3;
 
 /// [`Peer::acked_at`] when the cap was not set from an acknowledged count.
 pub const ACKED_UNKNOWN: u64 = u64::MAX;

@@ -24,7 +24,7 @@ use aya_ebpf::{
     maps::{Array, HashMap},
     programs::SockOpsContext,
 };
-use zc_common::{MAX_SOCKETS, PARK_ASKED, PARKED, Peer, SockKey};
+use zc_common::{MAX_SOCKETS, PARK_ASKED, PARK_TO_READ, PARKED, Peer, SockKey};
 
 use crate::{
     maps::{NO_PREALLOC, PEERS},
@@ -124,14 +124,17 @@ fn park(ctx: &SockOpsContext) {
         return;
     };
     // SAFETY: a live map element; user space only removes it.
-    if unsafe { *state } != PARK_ASKED {
-        return;
-    }
+    let to_read = match unsafe { *state } {
+        PARK_ASKED => false,
+        PARK_TO_READ => true,
+        _ => return,
+    };
     // Held, or forwarded by user space (which clears the gap first): a
-    // park now would take bytes from under the forwarder.
+    // park now would take bytes from under the forwarder. A park user
+    // space asked for to read the socket needs no gap.
     // SAFETY: copied out at once.
     match unsafe { PEERS.get(&key) } {
-        Some(p) if p.hold == 0 && p.park_gap != 0 => {}
+        Some(p) if p.hold == 0 && (to_read || p.park_gap != 0) => {}
         _ => return,
     }
     // SAFETY: values copied out at once.

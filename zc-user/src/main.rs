@@ -279,12 +279,17 @@ struct RelayArgs {
     window: u64,
     /// auto mode on the BPF path: a direction whose segments average fewer
     /// bytes than this in two checks in a row (one every 512 segments) is
-    /// forwarded in user space, where one read takes many of them, and
-    /// goes back to the kernel once they average twice this (at most
-    /// 60 KiB; a direction that keeps coming back stays longer each
-    /// time, up to 256 MiB of forwarding). Bulk writes average about half a full segment (32 KiB on
-    /// loopback), 16 KiB writes 20-25 KiB. 0 keeps every direction in the
-    /// kernel, as `--mode bpf` does.
+    /// forwarded in user space, where one read takes many of them. It is
+    /// parked (a sock_ops program on zc's own cgroup takes the socket out
+    /// of the redirect map, touching only the relay's own sockets) and read
+    /// as a plain socket, as copy mode reads, and goes back to the kernel
+    /// after a stay of 1 MiB of forwarding, longer each time it comes back
+    /// soon (up to 256 MiB). Where that program cannot attach, or with
+    /// --passed-small-reads, it is held, zc reads what the verdict passes
+    /// (a program run and a message per segment), and it goes back once
+    /// those average twice this (at most 60 KiB). Bulk writes average
+    /// about half a full segment (32 KiB on loopback), 16 KiB writes 20-25
+    /// KiB. 0 keeps every direction in the kernel, as `--mode bpf` does.
     #[arg(long, value_name = "BYTES", default_value = "28k", value_parser = zc_user::cli::parse_size)]
     small_skb: u64,
     /// bpf mode, experimental: end each hold (see --window) by copying the
@@ -297,6 +302,11 @@ struct RelayArgs {
     /// throughput (tuning log 28).
     #[arg(long)]
     peek_hand_back: bool,
+    /// auto mode: read a direction of small segments from what the verdict
+    /// passes instead of parking it (see --small-skb): the behaviour before
+    /// parked reads, kept for comparison.
+    #[arg(long)]
+    passed_small_reads: bool,
     /// bpf mode, experimental: park. When more than half a window waits
     /// for a direction's reader, a sock_ops program attached to zc's own
     /// cgroup takes the source socket out of the redirect map, so what
@@ -416,18 +426,24 @@ async fn relay(args: RelayArgs) -> Result<()> {
                      user space instead"
                 );
             }
+            let small_skb = match args.mode {
+                Mode::Auto => args.small_skb,
+                _ => 0,
+            };
+            let read_parked = args.window > 0 && small_skb > 0 && !args.passed_small_reads;
+            if read_parked && let Err(e) = progs.enable_parking() {
+                warn!("{e}; small segments are read from what the verdict passes instead");
+            }
             Engine::Bpf(
                 BpfEngine::new(progs, watcher)
                     .with_park(park)
+                    .with_parked_reads(read_parked)
                     .with_sndbuf(args.sndbuf)
                     .with_window(args.window)
                     .with_peek_hand_back(args.peek_hand_back)
                     // Auto mode picks the faster path per direction; a
                     // forced `--mode bpf` keeps the pure kernel path.
-                    .with_adaptive(match args.mode {
-                        Mode::Auto => args.small_skb,
-                        _ => 0,
-                    }),
+                    .with_adaptive(small_skb),
             )
         }
         Mode::Splice => {

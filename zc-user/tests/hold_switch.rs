@@ -399,7 +399,7 @@ async fn switch_at_random(
     kernel_share: u64,
     sender: Sender,
 ) -> Switched {
-    let (client, near, far, server) = if engine.parks() {
+    let (client, near, far, server) = if engine.parks() || engine.reads_parked() {
         relay_sockets_parked(progs).await
     } else {
         relay_sockets().await
@@ -501,6 +501,22 @@ fn parking_engine() -> (zc_user::ebpf::Programs, BpfEngine) {
         .with_window(WINDOW)
         .with_park(true);
     (progs, engine)
+}
+
+/// An engine on the adaptive path at the default threshold, reading
+/// small skbs as `how` says.
+fn adaptive_engine(progs: &zc_user::ebpf::Programs, how: Small) -> BpfEngine {
+    let engine = BpfEngine::new(progs.clone(), watcher())
+        .with_adaptive(zc_user::engine::bpf::DEFAULT_SMALL_SKB);
+    match how {
+        Small::Parked => {
+            progs.enable_parking().expect("attaching zc_park");
+            let engine = engine.with_parked_reads(true);
+            assert!(engine.reads_parked(), "the engine took no parked reads");
+            engine
+        }
+        Small::Held => engine,
+    }
 }
 
 fn watcher() -> zc_user::watch::Watcher {
@@ -701,6 +717,19 @@ async fn read_with_pauses(
 /// kernel; every byte arrives once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_writes_move_to_user_space_and_bulk_returns_to_the_kernel() {
+    small_then_bulk(Small::Parked).await;
+}
+
+/// The same where parking is not at hand: the direction of small writes
+/// is held, and zc reads what the verdict passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_writes_held_without_parking_and_bulk_returns_to_the_kernel() {
+    small_then_bulk(Small::Held).await;
+}
+
+/// 4 MiB of 64-byte writes, then 256 MiB of 1 MiB writes, through the
+/// adaptive path, the small phase read as `how` says.
+async fn small_then_bulk(how: Small) {
     use tokio::io::AsyncWriteExt;
     const SMALL: u64 = 4 << 20;
     const BULK: u64 = 256 << 20;
@@ -708,7 +737,7 @@ async fn small_writes_move_to_user_space_and_bulk_returns_to_the_kernel() {
     // of the bulk through user space (see the assertions at the end).
     let _turn = FLAT_OUT.lock().await;
     let progs = programs();
-    let (client, server, relay) = adaptive_relay(&progs).await;
+    let (client, server, relay) = adaptive_relay_with(&progs, how).await;
     // Small segments, as an interactive client sends them: Nagle would
     // merge the writes whenever an ACK is late.
     client.set_nodelay(true).expect("nodelay");
@@ -778,11 +807,25 @@ async fn small_writes_move_to_user_space_and_bulk_returns_to_the_kernel() {
         summary.small >= 1,
         "64-byte writes never left the kernel path"
     );
+    // Parked, the small phase is read as a plain socket; held, the verdict
+    // passes it (the engine parks nothing else: no `with_park`).
+    match how {
+        Small::Parked => assert!(summary.parks >= 1, "the small phase was never parked"),
+        Small::Held => assert_eq!(summary.parks, 0, "parked without parking on"),
+    }
     // The stay for small skbs ends within a sample or two of the bulk
     // (4.7-6.2 MB forwarded for the 4 MiB of small writes, alone and
     // beside two busy loops); without the way back it is the whole stream.
+    // Parked, nothing looks at the skbs' size: a stay ends the reads
+    // (doubling from 1 MiB while the small phase flaps back and forth:
+    // 7.5 MB forwarded after three moves), and the bulk is read in user
+    // space for the rest of the last stay at most.
+    let slack = match how {
+        Small::Parked => 8 << 20,
+        Small::Held => 4 << 20,
+    };
     assert!(
-        summary.small_bytes <= SMALL + (4 << 20),
+        summary.small_bytes <= SMALL + slack,
         "the bulk phase stayed in user space for small skbs: {} bytes forwarded there",
         summary.small_bytes
     );
@@ -795,8 +838,19 @@ async fn small_writes_move_to_user_space_and_bulk_returns_to_the_kernel() {
     );
 }
 
-/// A relay through the adaptive path at the default threshold: the
-/// client's end, the server's end and the relay's task.
+/// How the adaptive path reads a direction of small skbs.
+#[derive(Clone, Copy, Debug)]
+enum Small {
+    /// Parked out of the verdict's map, read as a plain socket (the
+    /// relay's default where `zc_park` attaches).
+    Parked,
+    /// Held: the verdict passes its skbs and zc reads them.
+    Held,
+}
+
+/// A relay through the adaptive path at the default threshold, as `zc
+/// relay` runs it (small skbs parked): the client's end, the server's end
+/// and the relay's task.
 async fn adaptive_relay(
     progs: &zc_user::ebpf::Programs,
 ) -> (
@@ -804,9 +858,23 @@ async fn adaptive_relay(
     tokio::net::TcpStream,
     tokio::task::JoinHandle<zc_user::engine::Summary>,
 ) {
-    let engine = BpfEngine::new(progs.clone(), watcher())
-        .with_adaptive(zc_user::engine::bpf::DEFAULT_SMALL_SKB);
-    let (client, near, far, server) = relay_sockets().await;
+    adaptive_relay_with(progs, Small::Parked).await
+}
+
+/// [`adaptive_relay`], reading small skbs as `how` says.
+async fn adaptive_relay_with(
+    progs: &zc_user::ebpf::Programs,
+    how: Small,
+) -> (
+    tokio::net::TcpStream,
+    tokio::net::TcpStream,
+    tokio::task::JoinHandle<zc_user::engine::Summary>,
+) {
+    let engine = adaptive_engine(progs, how);
+    let (client, near, far, server) = match how {
+        Small::Parked => relay_sockets_parked(progs).await,
+        Small::Held => relay_sockets().await,
+    };
     let relay = tokio::spawn(async move { engine.relay(near, far).await.expect("relay") });
     (client, server, relay)
 }
@@ -930,9 +998,8 @@ async fn thousands_of_switches_under_random_traffic_lose_nothing() {
     const EACH: u64 = 2 << 30;
     let _turn = FLAT_OUT.lock().await;
     let progs = programs();
-    let engine = BpfEngine::new(progs.clone(), watcher())
-        .with_window(DRILL_WINDOW)
-        .with_adaptive(zc_user::engine::bpf::DEFAULT_SMALL_SKB);
+    // Small skbs parked and read, as `zc relay` does by default.
+    let engine = adaptive_engine(&progs, Small::Parked).with_window(DRILL_WINDOW);
     // A reader that stops often keeps a small window in user space most
     // of the time, and random write sizes can keep one connection's skbs
     // small for all of its 2 GiB (1.8 MB carried seen), so the kernel's
@@ -942,7 +1009,7 @@ async fn thousands_of_switches_under_random_traffic_lose_nothing() {
     // alone, 626-1019 beside two busy loops (a held direction waits
     // longer for its sender to pause). So a round short of a thousand
     // is followed by another, with other seeds, up to three.
-    let (mut switches, mut carried, mut rounds) = (0, 0, 0);
+    let (mut switches, mut carried, mut rounds, mut parks) = (0, 0, 0, 0);
     while switches < 1000 && rounds < 3 {
         let run = switch_many(
             &progs,
@@ -956,13 +1023,15 @@ async fn thousands_of_switches_under_random_traffic_lose_nothing() {
         .await;
         switches += run.holds + run.small;
         carried += run.carried;
+        parks += run.parks;
         rounds += 1;
     }
     eprintln!(
-        "{switches} switches to user space in {rounds} round(s) of {CONNS} connections; the \
-         kernel redirected {carried} bytes"
+        "{switches} switches to user space in {rounds} round(s) of {CONNS} connections \
+         ({parks} parked reads); the kernel redirected {carried} bytes"
     );
     assert!(switches >= 1000, "only {switches} switches");
+    assert!(parks > 0, "no direction of small skbs was parked and read");
     assert!(
         carried >= rounds * CONNS * EACH / 1024,
         "the kernel redirected only {carried} bytes: the drill ran in user space"

@@ -183,6 +183,7 @@ impl Programs {
             let _ = m.counters.remove(k);
         }
         drop(m);
+        self.forget_parks(keys);
         self.retire_failed(failed);
     }
 
@@ -205,6 +206,7 @@ impl Programs {
     pub fn unpair(&self, keys: &[SockKey]) {
         let failed = self.retire_carried(keys);
         remove_locked(&mut self.maps(), keys);
+        self.forget_parks(keys);
         self.retire_failed(failed);
         let mut l = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
         for k in keys {

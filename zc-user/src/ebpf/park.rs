@@ -115,6 +115,48 @@ impl Programs {
         Some(f(&mut map))
     }
 
+    /// Asks `zc_park` to take `key`'s socket out of `RELAY` so that user
+    /// space reads it as a plain socket (no verdict run, no message per
+    /// skb): the adaptive path's small segments. It acts at the socket's
+    /// next segment with an empty receive queue (see [`crate::sys::nudge`]).
+    /// False if the programs have no `PARK` map.
+    pub fn park_to_read(&self, key: &SockKey) -> Result<bool, PairError> {
+        match self.park_map(|m| m.insert(key, zc_common::PARK_TO_READ, 0)) {
+            Some(r) => r.map(|()| true).map_err(|e| PairError::map("PARK", e)),
+            None => Ok(false),
+        }
+    }
+
+    /// Counts `n` bytes user space read from `key`'s parked socket as if
+    /// the verdict had passed them: `passed` (so the verdict, once the
+    /// socket is back, finds them forwarded like any pass) and its
+    /// sequence cursor (so a retransmission overlapping them is cut).
+    /// Only the verdict writes `FLOW` otherwise, and it does not run for
+    /// a socket out of `RELAY`.
+    pub fn count_parked_read(&self, key: &SockKey, n: u64) -> Result<(), PairError> {
+        let mut m = self.maps();
+        let mut f = m.flow.get(key, 0).map_err(|e| PairError::map("FLOW", e))?;
+        f.passed += n;
+        f.passed_msgs += 1;
+        if f.seq_known != 0 {
+            // Sequence numbers wrap at 32 bits.
+            f.next_seq = f.next_seq.wrapping_add(n as u32);
+        }
+        m.flow
+            .insert(key, f, 0)
+            .map_err(|e| PairError::map("FLOW", e))
+    }
+
+    /// Drops the park entries of `keys` (a pair that ended while parked
+    /// leaves one, and a later socket may get the same key).
+    pub(super) fn forget_parks(&self, keys: &[SockKey]) {
+        self.park_map(|m| {
+            for k in keys {
+                let _ = m.remove(k);
+            }
+        });
+    }
+
     /// `zc_common::PARK_ASKED`, `zc_common::PARKED`, or 0.
     pub fn park_state(&self, key: &SockKey) -> u64 {
         self.park_map(|m| m.get(key, 0).unwrap_or(0)).unwrap_or(0)

@@ -113,7 +113,7 @@ impl Forwarder<'_> {
         };
         if small_below.is_none() {
             let below = allowance(window, dst.as_fd())?.min(window) / 2;
-            out.wait_drained(below, &mut brake).await?;
+            out.wait_drained(below, Some(&mut brake)).await?;
         }
         // Held, the verdict redirects nothing, so this stays true until
         // the release below.
@@ -249,14 +249,15 @@ impl Forwarder<'_> {
 }
 
 /// Where a held direction's forwarded bytes go, and how they are
-/// accounted: shared by the reading and the peeking forwarder.
-struct Out<'a, 'b> {
-    progs: &'b Programs,
-    key: SockKey,
-    dst: (&'a TcpStream, Base, &'b super::io::SockIo),
-    by_user: &'a AtomicU64,
-    window: u64,
-    kicks: &'a AtomicU64,
+/// accounted: shared by the reading and the peeking forwarder, and the
+/// parked reader.
+pub(super) struct Out<'a, 'b> {
+    pub(super) progs: &'b Programs,
+    pub(super) key: SockKey,
+    pub(super) dst: (&'a TcpStream, Base, &'b super::io::SockIo),
+    pub(super) by_user: &'a AtomicU64,
+    pub(super) window: u64,
+    pub(super) kicks: &'a AtomicU64,
 }
 
 impl Out<'_, '_> {
@@ -264,15 +265,21 @@ impl Out<'_, '_> {
     /// in the kernel for `dst`'s reader: redirected or forwarded, and not yet
     /// acknowledged by `dst`'s remote end. Meanwhile the verdict may pass
     /// more, so the `brake` keeps looking (what the caller holds counts as
-    /// unread here).
-    async fn wait_drained(&self, below: u64, brake: &mut Brake<'_>) -> Result<(), Abort> {
+    /// unread here; a parked source has none).
+    pub(super) async fn wait_drained(
+        &self,
+        below: u64,
+        mut brake: Option<&mut Brake<'_>>,
+    ) -> Result<(), Abort> {
         let (progs, src, by_user) = (self.progs, self.key, self.by_user);
         let (dst, dbase, _) = self.dst;
         let mut wait = Backoff::new();
         let mut deaf = Unstick::new(self.kicks);
         loop {
             let f = progs.flow(&src).ok_or(Abort(None))?;
-            brake.update(f.passed.saturating_sub(by_user.load(Ordering::Relaxed)))?;
+            if let Some(b) = brake.as_deref_mut() {
+                b.update(f.passed.saturating_sub(by_user.load(Ordering::Relaxed)))?;
+            }
             let waiting = waiting(f.sent, dst, dbase, by_user)?;
             if waiting < below {
                 return Ok(());
@@ -318,7 +325,7 @@ impl Out<'_, '_> {
         let allowed = allowance(window, dst.as_fd())?;
         if waiting(sent, dst, dbase, by_user)? + bytes.len() as u64 > allowed {
             let below = allowed.min(window) / 2;
-            self.wait_drained(below, brake).await?;
+            self.wait_drained(below, Some(brake)).await?;
         }
         if sent != *caught_up {
             *caught_up = wait_caught_up(progs, key, dst, dbase, by_user).await?;

@@ -17,6 +17,7 @@ mod forward;
 mod hand_back;
 mod io;
 mod park;
+mod parked_read;
 mod switch;
 mod unstick;
 
@@ -72,6 +73,10 @@ pub struct BpfEngine {
     /// Park a direction whose reader lags (see `park`) before it needs
     /// holding: the programs' `zc_park` is attached.
     park: bool,
+    /// Park a direction of small skbs and read it as a plain socket
+    /// (`zc_park` is attached), rather than hold it and read what the
+    /// verdict passes.
+    read_parked: bool,
     /// The sockets belong to another process (the agent pairing a proxy's
     /// sockets): zc must never read or write them itself, or it would race
     /// the owner's own reads and writes.
@@ -216,6 +221,7 @@ impl BpfEngine {
             small_skb: 0,
             peek_hand_back: false,
             park: false,
+            read_parked: false,
             foreign: false,
         }
     }
@@ -274,6 +280,20 @@ impl BpfEngine {
         self
     }
 
+    /// Park directions of small skbs to read them (`zc_park` must be
+    /// attached; without it they are held, and what the verdict passes is
+    /// read).
+    pub fn with_parked_reads(mut self, on: bool) -> Self {
+        self.read_parked = on && self.progs.parking();
+        self
+    }
+
+    /// Whether directions of small skbs are parked to be read
+    /// ([`Self::with_parked_reads`]).
+    pub fn reads_parked(&self) -> bool {
+        self.read_parked
+    }
+
     /// Whether lagging directions are parked ([`Self::with_park`]).
     pub fn parks(&self) -> bool {
         self.park
@@ -287,7 +307,7 @@ impl BpfEngine {
         listen: std::net::SocketAddr,
         upstream: std::net::SocketAddr,
     ) -> Result<()> {
-        if self.park {
+        if self.park || self.read_parked {
             self.progs.park_ends(listen, upstream)?;
         }
         Ok(())

@@ -41,6 +41,7 @@ use super::{
     ending::{broken, failure},
     forward::Forwarder,
     park::{Parker, park_gap, park_rcvbuf},
+    parked_read::ParkedReader,
 };
 use crate::{ebpf::Cap, sys};
 
@@ -288,6 +289,12 @@ impl<'a> Pair<'a> {
                 self.holds += 1;
             }
         }
+        if small.is_some() && self.engine.read_parked {
+            // Parked, the source is read as a plain socket: its skbs cost
+            // no verdict run and no message each.
+            let stay = self.dwell[src].leave(f.sent);
+            return self.parked_reader(src, stay);
+        }
         // What the verdict passes while held waits in the receive queue,
         // and autotuning (user space reads now) would let the buffer grow
         // to tcp_rmem's maximum (32 MiB here). Fixed only from the first
@@ -342,6 +349,30 @@ impl<'a> Pair<'a> {
             kicks: self.kicks,
         };
         Ok(Some(Box::pin(fwd.run())))
+    }
+}
+
+impl<'a> Pair<'a> {
+    /// Starts the reader of `src`, parked for its small skbs, for `stay`
+    /// bytes (see `parked_read`).
+    fn parked_reader(&mut self, src: usize, stay: u64) -> Result<Task<'a, Forwarded>, Abort> {
+        let dst = 1 - src;
+        self.forwarding[src] = true;
+        self.parks += 1;
+        let reader = ParkedReader {
+            progs: self.engine.progs.clone(),
+            key: self.keys[src],
+            src: (self.socks[src], self.base[src]),
+            src_io: self.io(src)?,
+            dst: (self.socks[dst], self.base[dst]),
+            dst_io: self.io(dst)?,
+            by_user: &self.by_user[src],
+            small_bytes: &self.small_bytes[src],
+            window: self.engine.window,
+            stay,
+            kicks: self.kicks,
+        };
+        Ok(Some(Box::pin(reader.run())))
     }
 }
 

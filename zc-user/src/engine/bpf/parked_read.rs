@@ -1,0 +1,196 @@
+//! The adaptive path with parking at hand: a direction of small skbs is
+//! taken out of `RELAY` (zc-ebpf `park`, asked for by user space) and read
+//! as a plain socket, the way copy mode reads it: no verdict run and no
+//! message per skb, and no map access per read. What it read is counted
+//! once, as if the verdict had passed it, before the socket goes back.
+//! It goes back after its dwell, at a read that finds the queue empty, so
+//! no skb is left half read: what arrives after that waits whole in the
+//! queue, and the verdict takes it from there, behind every byte written.
+use std::{
+    net::TcpStream,
+    os::fd::AsFd,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use zc_common::SockKey;
+
+use super::{
+    Abort, Base,
+    ending::{all_accounted, failure},
+    forward::{Backoff, Out, wait_caught_up},
+    io::SockIo,
+    switch::{Forwarded, allowance, waiting},
+};
+use crate::{
+    ebpf::{Programs, Unparked},
+    engine::copy,
+    sys,
+};
+
+/// Reads a parked direction of small skbs until its dwell is over.
+pub(super) struct ParkedReader<'a> {
+    pub(super) progs: Programs,
+    pub(super) key: SockKey,
+    pub(super) src: (&'a TcpStream, Base),
+    pub(super) src_io: std::sync::Arc<SockIo>,
+    pub(super) dst: (&'a TcpStream, Base),
+    pub(super) dst_io: std::sync::Arc<SockIo>,
+    pub(super) by_user: &'a AtomicU64,
+    /// Of `by_user`, what was forwarded for small skbs.
+    pub(super) small_bytes: &'a AtomicU64,
+    pub(super) window: u64,
+    /// Bytes to forward before the direction goes back to the kernel.
+    pub(super) stay: u64,
+    /// Counts the destination's kicks (`unstick`).
+    pub(super) kicks: &'a AtomicU64,
+}
+
+/// How long a park asked for reading may take before the reader gives up
+/// on it (zc_park acts only while the source's receive queue is empty).
+const PARK_WAIT: Duration = Duration::from_millis(100);
+
+impl ParkedReader<'_> {
+    pub(super) async fn run(self) -> Result<Forwarded, Abort> {
+        let (src, sbase) = self.src;
+        let (dst, dbase) = self.dst;
+        if !self.parked().await? {
+            return self.back();
+        }
+        // Out of `RELAY`, the verdict redirects nothing more: its total is
+        // final until the socket goes back.
+        let sent = wait_caught_up(&self.progs, self.key, dst, dbase, self.by_user).await?;
+        let out = Out {
+            progs: &self.progs,
+            key: self.key,
+            dst: (dst, dbase, &self.dst_io),
+            by_user: self.by_user,
+            window: self.window,
+            kicks: self.kicks,
+        };
+        let started = self.by_user.load(Ordering::Relaxed);
+        let cursor = self.progs.flow(&self.key).ok_or(Abort(None))?.seq_known != 0;
+        // Read and not yet counted in `FLOW`.
+        let mut read = 0u64;
+        let mut unlooked = 0u64;
+        let mut stranded = false;
+        let mut buf = vec![0u8; copy::DEFAULT_BUFFER];
+        loop {
+            match self.src_io.try_read(&mut buf) {
+                Ok(0) => {
+                    self.count(read)?;
+                    // Not established any more, it stays out of `RELAY`;
+                    // this only withdraws the entry.
+                    let _ = self.progs.unpark(&self.key, src.as_fd());
+                    let received = sys::tcp_info(src.as_fd())?
+                        .bytes_received
+                        .saturating_sub(1 + sbase.read);
+                    let f = self.progs.flow(&self.key).ok_or(Abort(None))?;
+                    if !all_accounted(received, f, self.by_user.load(Ordering::Relaxed)) {
+                        log::error!(
+                            "a parked socket ended with {received} bytes received, {} redirected \
+                             and {} forwarded; resetting the connection",
+                            f.sent,
+                            self.by_user.load(Ordering::Relaxed)
+                        );
+                        return Err(Abort(None));
+                    }
+                    return Ok(Forwarded::Eof);
+                }
+                Ok(n) => {
+                    // What waits for the destination's reader keeps within
+                    // the window, looked at every eighth of it.
+                    unlooked += n as u64;
+                    if unlooked >= self.window / 8 {
+                        unlooked = 0;
+                        let allowed = allowance(self.window, dst.as_fd())?;
+                        if waiting(sent, dst, dbase, self.by_user)? > allowed {
+                            out.wait_drained(allowed.min(self.window) / 2, None).await?;
+                        }
+                    }
+                    self.dst_io.write_all(&buf[..n], self.by_user).await?;
+                    self.small_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    read += n as u64;
+                    // With its cursor known, the verdict cuts off what
+                    // was read of a half-read skb, as it does for a
+                    // retransmission (`skip_handled`), so the direction
+                    // may go back without waiting for an empty queue,
+                    // which a sender that never pauses does not leave.
+                    if cursor
+                        && !stranded
+                        && self.by_user.load(Ordering::Relaxed) - started >= self.stay
+                    {
+                        self.count(std::mem::take(&mut read))?;
+                        match self.progs.unpark(&self.key, src.as_fd())? {
+                            Unparked::Back | Unparked::NotParked => {
+                                return Ok(Forwarded::BackToKernel);
+                            }
+                            Unparked::Stranded => stranded = true,
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if !stranded && self.by_user.load(Ordering::Relaxed) - started >= self.stay {
+                        self.count(std::mem::take(&mut read))?;
+                        match self.progs.unpark(&self.key, src.as_fd())? {
+                            Unparked::Back | Unparked::NotParked => {
+                                return Ok(Forwarded::BackToKernel);
+                            }
+                            // Shut for writing meanwhile (the other
+                            // direction's FIN passed on), or its own FIN
+                            // came: it cannot rejoin, so this reads on to
+                            // the end.
+                            Unparked::Stranded => stranded = true,
+                        }
+                    }
+                    self.src_io.readable().await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Asks for the park and waits until it is done; false if it was not
+    /// done in [`PARK_WAIT`] (the caller withdraws the request).
+    async fn parked(&self) -> Result<bool, Abort> {
+        let src = self.src.0;
+        if !self.progs.park_to_read(&self.key)? {
+            return Ok(false);
+        }
+        let started = std::time::Instant::now();
+        let mut wait = Backoff::new();
+        loop {
+            match self.progs.park_state(&self.key) {
+                zc_common::PARKED => return Ok(true),
+                zc_common::PARK_TO_READ if started.elapsed() < PARK_WAIT => {}
+                _ => return Ok(false),
+            }
+            if let Some(abort) = failure(src) {
+                return Err(abort);
+            }
+            // zc_park acts when TCP calls it; make it call now.
+            sys::nudge(src.as_fd())?;
+            wait.sleep(|| {}).await;
+        }
+    }
+
+    /// Counts `read` bytes as passed and forwarded, so that the verdict,
+    /// once the socket is back, finds nothing left to forward.
+    fn count(&self, read: u64) -> Result<(), Abort> {
+        if read == 0 {
+            return Ok(());
+        }
+        self.progs.count_parked_read(&self.key, read)?;
+        self.progs
+            .set_forwarded(&self.key, self.by_user.load(Ordering::Relaxed))?;
+        Ok(())
+    }
+
+    /// Puts the source back in `RELAY` (or withdraws the request).
+    fn back(&self) -> Result<Forwarded, Abort> {
+        Ok(match self.progs.unpark(&self.key, self.src.0.as_fd())? {
+            Unparked::Stranded => Forwarded::Stranded,
+            Unparked::Back | Unparked::NotParked => Forwarded::BackToKernel,
+        })
+    }
+}
