@@ -18,7 +18,7 @@ use zc_common::SockKey;
 use super::{
     Abort, Base,
     ending::{all_accounted, failure},
-    forward::{Backoff, Out, wait_caught_up},
+    forward::{Backoff, Out, in_repair, repair_pause, wait_caught_up},
     io::SockIo,
     switch::{Forwarded, allowance, waiting},
 };
@@ -145,6 +145,7 @@ impl ParkedReader<'_> {
                     }
                     self.src_io.readable().await?;
                 }
+                Err(e) if in_repair(&e) => repair_pause().await,
                 Err(e) => return Err(e.into()),
             }
         }

@@ -289,9 +289,11 @@ impl<'a> Pair<'a> {
                 self.holds += 1;
             }
         }
-        if small.is_some() && self.engine.read_parked {
+        if small.is_some() && self.engine.read_parked && !capped {
             // Parked, the source is read as a plain socket: its skbs cost
-            // no verdict run and no message each.
+            // no verdict run and no message each. (Bytes the verdict
+            // passed at its cap need the held way: `zc_park` parks nothing
+            // while passed bytes wait.)
             let stay = self.dwell[src].leave(f.sent);
             return self.parked_reader(src, stay);
         }
