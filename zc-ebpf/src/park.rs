@@ -33,8 +33,10 @@ use crate::{
 };
 
 /// Per relay socket: [PARK_ASKED] once the verdict asked for a park,
-/// [PARKED] once the socket is out of `RELAY`. User space removes the
-/// entry when it puts the socket back.
+/// [PARK_TO_READ] once user space asked for one to read the socket
+/// itself (the adaptive path's small skbs), [PARKED] once the socket is
+/// out of `RELAY`. User space removes the entry when it puts the socket
+/// back.
 #[map]
 static PARK: HashMap<SockKey, u64> = HashMap::with_max_entries(MAX_SOCKETS, NO_PREALLOC);
 

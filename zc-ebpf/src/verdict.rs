@@ -26,8 +26,10 @@ static TARGETS: SockHash<SockKey> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 pub(crate) static RELAY: SockHash<SockKey> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
 /// What the verdict did with each relay socket's bytes. Only the verdict
-/// writes it, and TCP runs a socket's data-ready hook under that socket's
-/// lock, so the plain read-modify-write is never concurrent for one key.
+/// writes it (and user space, for a socket it parked to read, which no
+/// verdict runs for), and TCP runs a socket's data-ready hook under that
+/// socket's lock, so the plain read-modify-write is never concurrent for
+/// one key.
 #[map]
 pub(crate) static FLOW: HashMap<SockKey, Flow> =
     HashMap::with_max_entries(MAX_SOCKETS, NO_PREALLOC);
@@ -45,8 +47,8 @@ pub(crate) static FLOW: HashMap<SockKey, Flow> =
 pub(crate) static BY_COOKIE: HashMap<u64, SockKey> =
     HashMap::with_max_entries(MAX_SOCKETS, NO_PREALLOC);
 
-/// Bytes user space has read from a held socket and written to its peer.
-/// Only user space writes it.
+/// Bytes user space has read from a held (or parked) socket and written
+/// to its peer. Only user space writes it.
 #[map]
 pub(crate) static FORWARDED: HashMap<SockKey, u64> =
     HashMap::with_max_entries(MAX_SOCKETS, NO_PREALLOC);

@@ -1070,6 +1070,31 @@ async fn parked_reads_at_random_moments_lose_nothing() {
     );
 }
 
+/// Parked reads and `--park` on one relay: a direction may be parked for
+/// a lagging reader and for its small skbs, and neither may take the
+/// socket from the other's owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_reads_beside_lag_parks_lose_nothing() {
+    const CONNS: u64 = 4;
+    const EACH: u64 = 256 << 20;
+    let _turn = FLAT_OUT.lock().await;
+    let progs = programs();
+    let engine = adaptive_engine(&progs, Small::Parked)
+        .with_window(WINDOW)
+        .with_park(true);
+    assert!(engine.parks(), "the engine took no parking");
+    let run = switch_many(&progs, engine, WINDOW, CONNS, EACH, 71, Sender::Phased).await;
+    eprintln!(
+        "{} parks, {} holds, {} moves for small skbs; the kernel redirected {} of {} bytes",
+        run.parks,
+        run.holds,
+        run.small,
+        run.carried,
+        CONNS * EACH
+    );
+    assert!(run.small > 0, "no direction moved for its small skbs");
+}
+
 /// The drill: a small window, the adaptive path on, several connections at
 /// once, each switching between the kernel and user space, over a thousand
 /// switches in all and 10 GiB of random traffic (2 GiB up and 512 MiB

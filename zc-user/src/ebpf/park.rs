@@ -119,10 +119,21 @@ impl Programs {
     /// space reads it as a plain socket (no verdict run, no message per
     /// skb): the adaptive path's small segments. It acts at the socket's
     /// next segment with an empty receive queue (see [`crate::sys::nudge`]).
-    /// False if the programs have no `PARK` map.
+    /// A request already there (`--park`'s, or a park it made) stays: it
+    /// ends as [`zc_common::PARKED`] too. False if the programs have no
+    /// `PARK` map.
     pub fn park_to_read(&self, key: &SockKey) -> Result<bool, PairError> {
-        match self.park_map(|m| m.insert(key, zc_common::PARK_TO_READ, 0)) {
-            Some(r) => r.map(|()| true).map_err(|e| PairError::map("PARK", e)),
+        let asked = |m: &mut HashMap<&mut MapData, SockKey, u64>| {
+            m.insert(key, zc_common::PARK_TO_READ, NOEXIST)
+        };
+        match self.park_map(asked) {
+            Some(Ok(())) => Ok(true),
+            Some(Err(aya::maps::MapError::SyscallError(e)))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(true)
+            }
+            Some(Err(e)) => Err(PairError::map("PARK", e)),
             None => Ok(false),
         }
     }
@@ -157,7 +168,8 @@ impl Programs {
         });
     }
 
-    /// `zc_common::PARK_ASKED`, `zc_common::PARKED`, or 0.
+    /// `zc_common::PARK_ASKED`, `zc_common::PARK_TO_READ`,
+    /// `zc_common::PARKED`, or 0.
     pub fn park_state(&self, key: &SockKey) -> u64 {
         self.park_map(|m| m.get(key, 0).unwrap_or(0)).unwrap_or(0)
     }
@@ -189,6 +201,9 @@ impl Programs {
         }
     }
 }
+
+/// `BPF_NOEXIST`: an insert that leaves an entry already there.
+const NOEXIST: u64 = 1;
 
 /// What [`Programs::unpark`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

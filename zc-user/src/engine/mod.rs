@@ -26,8 +26,11 @@ pub struct Summary {
     /// BPF engine: times a direction was held back because its reader lagged
     /// by more than the window, and forwarded in user space until it caught up.
     pub holds: u64,
-    /// BPF engine with parking: times a direction was parked (its sender
-    /// held by TCP flow control while the bytes stayed in the kernel).
+    /// BPF engine with parking: times a direction was parked (asked to
+    /// be, at least): with `--park` for a lagging reader (its sender held
+    /// by TCP flow control while the bytes stayed in the kernel), and on
+    /// the adaptive path for small skbs, read as a plain socket (also
+    /// counted in `small`).
     pub parks: u64,
     /// BPF engine with the adaptive path: times a direction of small skbs
     /// was moved to user space.

@@ -242,7 +242,6 @@ impl Forwarder<'_> {
                         return Ok(Forwarded::BackToKernel);
                     }
                 }
-                Err(e) if in_repair(&e) => repair_pause().await,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -349,19 +348,6 @@ impl Out<'_, '_> {
         sys::kick_data_ready(src.as_fd())?;
         Ok(done(self.progs.flow(&self.key).ok_or(Abort(None))?))
     }
-}
-
-/// Whether a read failed because the socket was in repair mode for a
-/// moment: the other direction's kick (`unstick`) makes the socket it
-/// waits for announce its window that way, and that socket may be the
-/// one this reads (TCP refuses reads in repair mode with EPERM).
-pub(super) fn in_repair(e: &std::io::Error) -> bool {
-    e.raw_os_error() == Some(libc::EPERM)
-}
-
-/// Lets a kick's few calls in repair mode end before the next read.
-pub(super) async fn repair_pause() {
-    tokio::time::sleep(Duration::from_millis(1)).await;
 }
 
 /// How often a forwarder looks at passed bytes it cannot read yet.

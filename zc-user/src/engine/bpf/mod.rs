@@ -161,6 +161,11 @@ struct Pair<'a> {
     kicks: &'a AtomicU64,
     /// The task in `forwarding` is a parker, not a forwarder.
     parking: [bool; 2],
+    /// The task in `forwarding` reads a socket parked for its small skbs
+    /// (`parked_read`).
+    reading_parked: [bool; 2],
+    /// A park asked for reading did not happen: small skbs are held.
+    park_failed: [bool; 2],
     /// Out of `RELAY` for good: parked when its remote end's FIN came
     /// (see `switch::Forwarded::Stranded`).
     stranded: [bool; 2],
@@ -498,6 +503,8 @@ impl BpfEngine {
             parks: 0,
             kicks: &kicks,
             parking: [false; 2],
+            reading_parked: [false; 2],
+            park_failed: [false; 2],
             stranded: [false; 2],
             sampled: Default::default(),
             small_before: [false; 2],

@@ -128,7 +128,9 @@ impl<'a> Pair<'a> {
     pub(super) fn unpark(&mut self, src: usize) -> Result<(), Abort> {
         // A shut socket was put back before its shutdown and has not been
         // asked since; `RELAY` refuses it now whether it is there or not.
-        if self.engine.park && !self.stranded[src] && !self.shut(src) {
+        // A socket parked to be read stays with its reader, which puts it
+        // back itself (or reads on to the end once it cannot go back).
+        if self.engine.park && !self.stranded[src] && !self.shut(src) && !self.reading_parked[src] {
             let how = self
                 .engine
                 .progs

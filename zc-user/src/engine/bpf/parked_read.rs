@@ -2,10 +2,12 @@
 //! taken out of `RELAY` (zc-ebpf `park`, asked for by user space) and read
 //! as a plain socket, the way copy mode reads it: no verdict run and no
 //! message per skb, and no map access per read. What it read is counted
-//! once, as if the verdict had passed it, before the socket goes back.
-//! It goes back after its dwell, at a read that finds the queue empty, so
-//! no skb is left half read: what arrives after that waits whole in the
-//! queue, and the verdict takes it from there, behind every byte written.
+//! once, as if the verdict had passed it, before the socket goes back
+//! after its stay: the verdict's sequence cursor moves past it, so an skb
+//! read only in part is cut where the reading stopped (`skip_handled`),
+//! and what arrives later is taken by the verdict behind every byte
+//! written. Without that cursor (no BTF offset for the skb's sequence
+//! number) it goes back only at a read that finds the queue empty.
 use std::{
     net::TcpStream,
     os::fd::AsFd,
@@ -18,7 +20,7 @@ use zc_common::SockKey;
 use super::{
     Abort, Base,
     ending::{all_accounted, failure},
-    forward::{Backoff, Out, in_repair, repair_pause, wait_caught_up},
+    forward::{Backoff, Out, wait_caught_up},
     io::SockIo,
     switch::{Forwarded, allowance, waiting},
 };
@@ -55,7 +57,10 @@ impl ParkedReader<'_> {
         let (src, sbase) = self.src;
         let (dst, dbase) = self.dst;
         if !self.parked().await? {
-            return self.back();
+            return Ok(match self.back()? {
+                Forwarded::BackToKernel => Forwarded::ParkFailed,
+                other => other,
+            });
         }
         // Out of `RELAY`, the verdict redirects nothing more: its total is
         // final until the socket goes back.
@@ -145,7 +150,6 @@ impl ParkedReader<'_> {
                     }
                     self.src_io.readable().await?;
                 }
-                Err(e) if in_repair(&e) => repair_pause().await,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -163,7 +167,10 @@ impl ParkedReader<'_> {
         loop {
             match self.progs.park_state(&self.key) {
                 zc_common::PARKED => return Ok(true),
-                zc_common::PARK_TO_READ if started.elapsed() < PARK_WAIT => {}
+                // With `--park` the verdict may have asked first; either
+                // request ends as PARKED.
+                zc_common::PARK_TO_READ | zc_common::PARK_ASKED
+                    if started.elapsed() < PARK_WAIT => {}
                 _ => return Ok(false),
             }
             if let Some(abort) = failure(src) {

@@ -23,10 +23,11 @@
 //! detached (sk_psock_verdict_recv finds no program: SK_DROP). Observed on
 //! 6.18 as lost bytes in the middle of a stream.
 //!
-//! The adaptive path ([`BpfEngine::with_adaptive`], `adaptive`) uses the
-//! same hold to move a direction whose skbs are small to user space, where
-//! one read takes many skbs, and back once the skbs it passes are bulk
-//! again. The hold's user-space side is `forward`.
+//! The adaptive path ([`BpfEngine::with_adaptive`], `adaptive`) moves a
+//! direction whose skbs are small to user space, where one read takes
+//! many skbs: parked and read as a plain socket where `zc_park` attaches
+//! (`parked_read`), else with the same hold, back once the skbs it passes
+//! are bulk again. The hold's user-space side is `forward`.
 use std::{
     net::TcpStream,
     os::fd::{AsFd, BorrowedFd},
@@ -143,6 +144,10 @@ pub(super) enum Forwarded {
     /// A parker could not put the source back (see
     /// [`crate::ebpf::Unparked::Stranded`]): user space forwards the rest.
     Stranded,
+    /// A park asked for reading did not happen (see `parked_read`): the
+    /// direction is still in the kernel, and is held the next time its
+    /// skbs are small.
+    ParkFailed,
 }
 
 impl<'a> Pair<'a> {
@@ -156,6 +161,7 @@ impl<'a> Pair<'a> {
     ) -> Result<Task<'a, Forwarded>, Abort> {
         self.forwarding[src] = false;
         self.parking[src] = false;
+        self.reading_parked[src] = false;
         // Neither direction needs the poller now (a direction the kernel
         // refused keeps its copy task's own registrations).
         if !self.forwarding[1 - src] {
@@ -171,6 +177,7 @@ impl<'a> Pair<'a> {
                 Forwarded::Eof => "EOF",
                 Forwarded::BackToKernel => "back to the kernel",
                 Forwarded::Stranded => "stranded out of the kernel",
+                Forwarded::ParkFailed => "not parked; held from now on",
             },
             self.by_user[src].load(Ordering::Relaxed)
         );
@@ -185,6 +192,10 @@ impl<'a> Pair<'a> {
                 return self.forward_stranded(src);
             }
             Forwarded::BackToKernel => self.fin_came(src)?,
+            Forwarded::ParkFailed => {
+                self.park_failed[src] = true;
+                self.fin_came(src)?
+            }
         };
         if fin && !self.done[src] {
             return self.finish_direction(src).await;
@@ -208,7 +219,8 @@ impl<'a> Pair<'a> {
     /// Moves the cap to what the destination's reader has acknowledged
     /// plus the window, and re-arms. If the verdict had to pass bytes at
     /// the cap (or the direction's skbs are small), holds `src` and returns
-    /// a forwarder for what the verdict passes meanwhile.
+    /// a forwarder for what the verdict passes meanwhile; small skbs are
+    /// parked and read instead where that works (`parked_read`).
     pub(super) async fn check_backlog(&mut self, src: usize) -> Result<Task<'a, Forwarded>, Abort> {
         let dst = 1 - src;
         let window = self.engine.window;
@@ -289,11 +301,18 @@ impl<'a> Pair<'a> {
                 self.holds += 1;
             }
         }
-        if small.is_some() && self.engine.read_parked && !capped {
-            // Parked, the source is read as a plain socket: its skbs cost
-            // no verdict run and no message each. (Bytes the verdict
-            // passed at its cap need the held way: `zc_park` parks nothing
-            // while passed bytes wait.)
+        // Parked, the source is read as a plain socket: its skbs cost no
+        // verdict run and no message each. Held instead: bytes the verdict
+        // passed at its cap (`zc_park` parks nothing while passed bytes
+        // wait), a source shut for writing (it could not rejoin `RELAY`),
+        // and a direction whose park did not happen before.
+        let parkable = self.engine.read_parked && !self.park_failed[src] && !self.shut(src);
+        if small.is_some() && parkable && !capped {
+            // Like a held buffer (see below): the window's bound counts on
+            // it, and autotuning would grow it while zc reads.
+            if !self.engine.park || crate::pressure::under() {
+                sys::set_rcvbuf(self.socks[src].as_fd(), held_rcvbuf())?;
+            }
             let stay = self.dwell[src].leave(f.sent);
             return self.parked_reader(src, stay);
         }
@@ -360,6 +379,7 @@ impl<'a> Pair<'a> {
     fn parked_reader(&mut self, src: usize, stay: u64) -> Result<Task<'a, Forwarded>, Abort> {
         let dst = 1 - src;
         self.forwarding[src] = true;
+        self.reading_parked[src] = true;
         self.parks += 1;
         let reader = ParkedReader {
             progs: self.engine.progs.clone(),
