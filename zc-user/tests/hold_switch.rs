@@ -1035,27 +1035,17 @@ async fn sixteen_kib_writes_do_not_flap() {
 /// part; every stream arrives whole and in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parked_reads_at_random_moments_lose_nothing() {
-    const CONNS: u64 = 4;
     const EACH: u64 = 512 << 20;
     let _turn = FLAT_OUT.lock().await;
     let progs = programs();
     // A window the readers' pauses seldom fill: a hold met by a small
     // phase keeps it (a held direction reads what the verdict passes).
     let engine = adaptive_engine(&progs, Small::Parked).with_window(8 * WINDOW);
-    let run = switch_many(&progs, engine, WINDOW, CONNS, EACH, 61, Sender::Phased).await;
-    eprintln!(
-        "{} parked reads, {} holds, {} moves for small skbs; the kernel redirected {} of {} \
-         bytes",
-        run.parks,
-        run.holds,
-        run.small,
-        run.carried,
-        CONNS * EACH
-    );
+    let run = in_phases(&progs, engine, EACH, 61).await;
     // Each connection has about 20 small phases (36 parked reads in all in
     // four runs out of four).
     assert!(
-        run.parks >= 4 * CONNS,
+        run.parks >= 4 * PHASED_CONNS,
         "only {} parked reads: the test did not exercise them",
         run.parks
     );
@@ -1064,7 +1054,7 @@ async fn parked_reads_at_random_moments_lose_nothing() {
     // phases (1-32 MiB) fall inside one: the kernel carried 378-389 MB of
     // the 2 GiB in four runs.
     assert!(
-        run.carried >= CONNS * EACH / 16,
+        run.carried >= PHASED_CONNS * EACH / 16,
         "the kernel redirected only {} bytes: bulk phases stayed in user space",
         run.carried
     );
@@ -1075,24 +1065,46 @@ async fn parked_reads_at_random_moments_lose_nothing() {
 /// socket from the other's owner.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parked_reads_beside_lag_parks_lose_nothing() {
-    const CONNS: u64 = 4;
-    const EACH: u64 = 256 << 20;
     let _turn = FLAT_OUT.lock().await;
     let progs = programs();
     let engine = adaptive_engine(&progs, Small::Parked)
         .with_window(WINDOW)
         .with_park(true);
     assert!(engine.parks(), "the engine took no parking");
-    let run = switch_many(&progs, engine, WINDOW, CONNS, EACH, 71, Sender::Phased).await;
+    let run = in_phases(&progs, engine, 256 << 20, 71).await;
+    assert!(run.small > 0, "no direction moved for its small skbs");
+}
+
+/// Connections at once for [`in_phases`].
+const PHASED_CONNS: u64 = 4;
+
+/// [`switch_many`] with [`Sender::Phased`]: `PHASED_CONNS` connections of `each`
+/// bytes through `engine`, the readers' pauses sized for [`WINDOW`].
+async fn in_phases(
+    progs: &zc_user::ebpf::Programs,
+    engine: BpfEngine,
+    each: u64,
+    seed: u64,
+) -> Switched {
+    let run = switch_many(
+        progs,
+        engine,
+        WINDOW,
+        PHASED_CONNS,
+        each,
+        seed,
+        Sender::Phased,
+    )
+    .await;
     eprintln!(
         "{} parks, {} holds, {} moves for small skbs; the kernel redirected {} of {} bytes",
         run.parks,
         run.holds,
         run.small,
         run.carried,
-        CONNS * EACH
+        PHASED_CONNS * each
     );
-    assert!(run.small > 0, "no direction moved for its small skbs");
+    run
 }
 
 /// The drill: a small window, the adaptive path on, several connections at
