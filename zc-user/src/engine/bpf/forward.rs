@@ -56,21 +56,9 @@ pub(super) async fn wait_caught_up(
 /// keeps passing until user space has forwarded every passed byte, then
 /// redirects again.
 pub(super) struct Forwarder<'a> {
-    pub(super) progs: Programs,
-    pub(super) key: SockKey,
-    pub(super) src: (&'a TcpStream, Base),
-    pub(super) src_io: std::sync::Arc<super::io::SockIo>,
-    pub(super) dst: (&'a TcpStream, Base),
-    pub(super) dst_io: std::sync::Arc<super::io::SockIo>,
-    pub(super) by_user: &'a AtomicU64,
-    /// Of `by_user`, what was forwarded while `small_below` was set.
-    pub(super) small_bytes: &'a AtomicU64,
+    pub(super) dir: Direction<'a>,
     /// The other direction (see [`Brake`]).
     pub(super) back: (SockKey, &'a AtomicU64),
-    /// The hold lasts until fewer than half this many bytes wait for the
-    /// destination's reader, so a reader that keeps up only just does not
-    /// flip the direction back and forth.
-    pub(super) window: u64,
     /// Set when the direction came for its small skbs: it stays in user
     /// space (held) while the skbs the verdict passes average less than
     /// the first, however idle it gets, and until it has forwarded the
@@ -80,6 +68,24 @@ pub(super) struct Forwarder<'a> {
     pub(super) peek: bool,
     /// The source's receive buffer was fixed at pairing (parking).
     pub(super) fixed_rcvbuf: bool,
+}
+
+/// One direction of a pair as user space forwards it: held ([`Forwarder`])
+/// or parked for its small skbs (`parked_read`).
+pub(super) struct Direction<'a> {
+    pub(super) progs: Programs,
+    pub(super) key: SockKey,
+    pub(super) src: (&'a TcpStream, Base),
+    pub(super) src_io: std::sync::Arc<super::io::SockIo>,
+    pub(super) dst: (&'a TcpStream, Base),
+    pub(super) dst_io: std::sync::Arc<super::io::SockIo>,
+    pub(super) by_user: &'a AtomicU64,
+    /// Of `by_user`, what was forwarded for small skbs.
+    pub(super) small_bytes: &'a AtomicU64,
+    /// A hold lasts until fewer than half this many bytes wait for the
+    /// destination's reader, so a reader that keeps up only just does not
+    /// flip the direction back and forth.
+    pub(super) window: u64,
     /// Counts the destination's kicks ([`Unstick`]).
     pub(super) kicks: &'a AtomicU64,
 }
@@ -87,20 +93,23 @@ pub(super) struct Forwarder<'a> {
 impl Forwarder<'_> {
     pub(super) async fn run(self) -> Result<Forwarded, Abort> {
         let Forwarder {
-            progs,
-            key,
-            src: (src_std, sbase),
-            src_io: src,
-            dst: (dst, dbase),
-            dst_io,
-            by_user,
-            small_bytes,
+            dir:
+                Direction {
+                    progs,
+                    key,
+                    src: (src_std, sbase),
+                    src_io: src,
+                    dst: (dst, dbase),
+                    dst_io,
+                    by_user,
+                    small_bytes,
+                    window,
+                    kicks,
+                },
             back,
-            window,
             mut small_below,
             peek,
             fixed_rcvbuf,
-            kicks,
         } = self;
         let mut brake = Brake::new((src_std, sbase), &progs, back, fixed_rcvbuf);
         let out = Out {

@@ -8,44 +8,21 @@
 //! and what arrives later is taken by the verdict behind every byte
 //! written. Without that cursor (no BTF offset for the skb's sequence
 //! number) it goes back only at a read that finds the queue empty.
-use std::{
-    net::TcpStream,
-    os::fd::AsFd,
-    sync::atomic::{AtomicU64, Ordering},
-    time::Duration,
-};
-
-use zc_common::SockKey;
+use std::{os::fd::AsFd, sync::atomic::Ordering, time::Duration};
 
 use super::{
-    Abort, Base,
+    Abort,
     ending::{all_accounted, failure},
-    forward::{Backoff, Out, wait_caught_up},
-    io::SockIo,
+    forward::{Backoff, Direction, Out, wait_caught_up},
     switch::{Forwarded, allowance, waiting},
 };
-use crate::{
-    ebpf::{Programs, Unparked},
-    engine::copy,
-    sys,
-};
+use crate::{ebpf::Unparked, engine::copy, sys};
 
-/// Reads a parked direction of small skbs until its dwell is over.
+/// Reads a parked direction of small skbs until its stay is over.
 pub(super) struct ParkedReader<'a> {
-    pub(super) progs: Programs,
-    pub(super) key: SockKey,
-    pub(super) src: (&'a TcpStream, Base),
-    pub(super) src_io: std::sync::Arc<SockIo>,
-    pub(super) dst: (&'a TcpStream, Base),
-    pub(super) dst_io: std::sync::Arc<SockIo>,
-    pub(super) by_user: &'a AtomicU64,
-    /// Of `by_user`, what was forwarded for small skbs.
-    pub(super) small_bytes: &'a AtomicU64,
-    pub(super) window: u64,
+    pub(super) dir: Direction<'a>,
     /// Bytes to forward before the direction goes back to the kernel.
     pub(super) stay: u64,
-    /// Counts the destination's kicks (`unstick`).
-    pub(super) kicks: &'a AtomicU64,
 }
 
 /// How long a park asked for reading may take before the reader gives up
@@ -54,8 +31,8 @@ const PARK_WAIT: Duration = Duration::from_millis(100);
 
 impl ParkedReader<'_> {
     pub(super) async fn run(self) -> Result<Forwarded, Abort> {
-        let (src, sbase) = self.src;
-        let (dst, dbase) = self.dst;
+        let (src, sbase) = self.dir.src;
+        let (dst, dbase) = self.dir.dst;
         if !self.parked().await? {
             return Ok(match self.back()? {
                 Forwarded::BackToKernel => Forwarded::ParkFailed,
@@ -64,39 +41,46 @@ impl ParkedReader<'_> {
         }
         // Out of `RELAY`, the verdict redirects nothing more: its total is
         // final until the socket goes back.
-        let sent = wait_caught_up(&self.progs, self.key, dst, dbase, self.by_user).await?;
+        let sent =
+            wait_caught_up(&self.dir.progs, self.dir.key, dst, dbase, self.dir.by_user).await?;
         let out = Out {
-            progs: &self.progs,
-            key: self.key,
-            dst: (dst, dbase, &self.dst_io),
-            by_user: self.by_user,
-            window: self.window,
-            kicks: self.kicks,
+            progs: &self.dir.progs,
+            key: self.dir.key,
+            dst: (dst, dbase, &self.dir.dst_io),
+            by_user: self.dir.by_user,
+            window: self.dir.window,
+            kicks: self.dir.kicks,
         };
-        let started = self.by_user.load(Ordering::Relaxed);
-        let cursor = self.progs.flow(&self.key).ok_or(Abort(None))?.seq_known != 0;
+        let started = self.dir.by_user.load(Ordering::Relaxed);
+        let cursor = self
+            .dir
+            .progs
+            .flow(&self.dir.key)
+            .ok_or(Abort(None))?
+            .seq_known
+            != 0;
         // Read and not yet counted in `FLOW`.
         let mut read = 0u64;
         let mut unlooked = 0u64;
         let mut stranded = false;
         let mut buf = vec![0u8; copy::DEFAULT_BUFFER];
         loop {
-            match self.src_io.try_read(&mut buf) {
+            match self.dir.src_io.try_read(&mut buf) {
                 Ok(0) => {
                     self.count(read)?;
                     // Not established any more, it stays out of `RELAY`;
                     // this only withdraws the entry.
-                    let _ = self.progs.unpark(&self.key, src.as_fd());
+                    let _ = self.dir.progs.unpark(&self.dir.key, src.as_fd());
                     let received = sys::tcp_info(src.as_fd())?
                         .bytes_received
                         .saturating_sub(1 + sbase.read);
-                    let f = self.progs.flow(&self.key).ok_or(Abort(None))?;
-                    if !all_accounted(received, f, self.by_user.load(Ordering::Relaxed)) {
+                    let f = self.dir.progs.flow(&self.dir.key).ok_or(Abort(None))?;
+                    if !all_accounted(received, f, self.dir.by_user.load(Ordering::Relaxed)) {
                         log::error!(
                             "a parked socket ended with {received} bytes received, {} redirected \
                              and {} forwarded; resetting the connection",
                             f.sent,
-                            self.by_user.load(Ordering::Relaxed)
+                            self.dir.by_user.load(Ordering::Relaxed)
                         );
                         return Err(Abort(None));
                     }
@@ -106,15 +90,19 @@ impl ParkedReader<'_> {
                     // What waits for the destination's reader keeps within
                     // the window, looked at every eighth of it.
                     unlooked += n as u64;
-                    if unlooked >= self.window / 8 {
+                    if unlooked >= self.dir.window / 8 {
                         unlooked = 0;
-                        let allowed = allowance(self.window, dst.as_fd())?;
-                        if waiting(sent, dst, dbase, self.by_user)? > allowed {
-                            out.wait_drained(allowed.min(self.window) / 2, None).await?;
+                        let allowed = allowance(self.dir.window, dst.as_fd())?;
+                        if waiting(sent, dst, dbase, self.dir.by_user)? > allowed {
+                            out.wait_drained(allowed.min(self.dir.window) / 2, None)
+                                .await?;
                         }
                     }
-                    self.dst_io.write_all(&buf[..n], self.by_user).await?;
-                    self.small_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    self.dir
+                        .dst_io
+                        .write_all(&buf[..n], self.dir.by_user)
+                        .await?;
+                    self.dir.small_bytes.fetch_add(n as u64, Ordering::Relaxed);
                     read += n as u64;
                     // With its cursor known, the verdict cuts off what
                     // was read of a half-read skb, as it does for a
@@ -123,10 +111,10 @@ impl ParkedReader<'_> {
                     // which a sender that never pauses does not leave.
                     if cursor
                         && !stranded
-                        && self.by_user.load(Ordering::Relaxed) - started >= self.stay
+                        && self.dir.by_user.load(Ordering::Relaxed) - started >= self.stay
                     {
                         self.count(std::mem::take(&mut read))?;
-                        match self.progs.unpark(&self.key, src.as_fd())? {
+                        match self.dir.progs.unpark(&self.dir.key, src.as_fd())? {
                             Unparked::Back | Unparked::NotParked => {
                                 return Ok(Forwarded::BackToKernel);
                             }
@@ -135,9 +123,10 @@ impl ParkedReader<'_> {
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if !stranded && self.by_user.load(Ordering::Relaxed) - started >= self.stay {
+                    if !stranded && self.dir.by_user.load(Ordering::Relaxed) - started >= self.stay
+                    {
                         self.count(std::mem::take(&mut read))?;
-                        match self.progs.unpark(&self.key, src.as_fd())? {
+                        match self.dir.progs.unpark(&self.dir.key, src.as_fd())? {
                             Unparked::Back | Unparked::NotParked => {
                                 return Ok(Forwarded::BackToKernel);
                             }
@@ -148,7 +137,7 @@ impl ParkedReader<'_> {
                             Unparked::Stranded => stranded = true,
                         }
                     }
-                    self.src_io.readable().await?;
+                    self.dir.src_io.readable().await?;
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -158,14 +147,14 @@ impl ParkedReader<'_> {
     /// Asks for the park and waits until it is done; false if it was not
     /// done in [`PARK_WAIT`] (the caller withdraws the request).
     async fn parked(&self) -> Result<bool, Abort> {
-        let src = self.src.0;
-        if !self.progs.park_to_read(&self.key)? {
+        let src = self.dir.src.0;
+        if !self.dir.progs.park_to_read(&self.dir.key)? {
             return Ok(false);
         }
         let started = std::time::Instant::now();
         let mut wait = Backoff::new();
         loop {
-            match self.progs.park_state(&self.key) {
+            match self.dir.progs.park_state(&self.dir.key) {
                 zc_common::PARKED => return Ok(true),
                 // With `--park` the verdict may have asked first; either
                 // request ends as PARKED.
@@ -188,17 +177,24 @@ impl ParkedReader<'_> {
         if read == 0 {
             return Ok(());
         }
-        self.progs.count_parked_read(&self.key, read)?;
-        self.progs
-            .set_forwarded(&self.key, self.by_user.load(Ordering::Relaxed))?;
+        self.dir.progs.count_parked_read(&self.dir.key, read)?;
+        self.dir
+            .progs
+            .set_forwarded(&self.dir.key, self.dir.by_user.load(Ordering::Relaxed))?;
         Ok(())
     }
 
     /// Puts the source back in `RELAY` (or withdraws the request).
     fn back(&self) -> Result<Forwarded, Abort> {
-        Ok(match self.progs.unpark(&self.key, self.src.0.as_fd())? {
-            Unparked::Stranded => Forwarded::Stranded,
-            Unparked::Back | Unparked::NotParked => Forwarded::BackToKernel,
-        })
+        Ok(
+            match self
+                .dir
+                .progs
+                .unpark(&self.dir.key, self.dir.src.0.as_fd())?
+            {
+                Unparked::Stranded => Forwarded::Stranded,
+                Unparked::Back | Unparked::NotParked => Forwarded::BackToKernel,
+            },
+        )
     }
 }

@@ -40,7 +40,7 @@ use super::{
     Abort, Base, Pair, Task,
     adaptive::back_to_kernel_at,
     ending::{broken, failure},
-    forward::Forwarder,
+    forward::{Direction, Forwarder},
     park::{Parker, park_gap, park_rcvbuf},
     parked_read::ParkedReader,
 };
@@ -354,34 +354,32 @@ impl<'a> Pair<'a> {
         let dst = 1 - src;
         self.forwarding[src] = true;
         let fwd = Forwarder {
-            progs: self.engine.progs.clone(),
-            key: self.keys[src],
-            src: (self.socks[src], self.base[src]),
-            src_io: self.io(src)?,
-            dst: (self.socks[dst], self.base[dst]),
-            dst_io: self.io(dst)?,
-            by_user: &self.by_user[src],
-            small_bytes: &self.small_bytes[src],
+            dir: self.direction(src)?,
             back: (self.keys[dst], &self.by_user[dst]),
-            window: self.engine.window,
             small_below: small,
             peek: self.engine.peek_hand_back,
             fixed_rcvbuf: self.engine.park,
-            kicks: self.kicks,
         };
         Ok(Some(Box::pin(fwd.run())))
     }
-}
 
-impl<'a> Pair<'a> {
     /// Starts the reader of `src`, parked for its small skbs, for `stay`
     /// bytes (see `parked_read`).
     fn parked_reader(&mut self, src: usize, stay: u64) -> Result<Task<'a, Forwarded>, Abort> {
-        let dst = 1 - src;
         self.forwarding[src] = true;
         self.reading_parked[src] = true;
         self.parks += 1;
         let reader = ParkedReader {
+            dir: self.direction(src)?,
+            stay,
+        };
+        Ok(Some(Box::pin(reader.run())))
+    }
+
+    /// What a forwarder of `src` works with.
+    fn direction(&self, src: usize) -> Result<Direction<'a>, Abort> {
+        let dst = 1 - src;
+        Ok(Direction {
             progs: self.engine.progs.clone(),
             key: self.keys[src],
             src: (self.socks[src], self.base[src]),
@@ -391,10 +389,8 @@ impl<'a> Pair<'a> {
             by_user: &self.by_user[src],
             small_bytes: &self.small_bytes[src],
             window: self.engine.window,
-            stay,
             kicks: self.kicks,
-        };
-        Ok(Some(Box::pin(reader.run())))
+        })
     }
 }
 
