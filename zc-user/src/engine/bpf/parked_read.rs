@@ -31,56 +31,62 @@ const PARK_WAIT: Duration = Duration::from_millis(100);
 
 impl ParkedReader<'_> {
     pub(super) async fn run(self) -> Result<Forwarded, Abort> {
-        let (src, sbase) = self.dir.src;
-        let (dst, dbase) = self.dir.dst;
         if !self.parked().await? {
             return Ok(match self.back()? {
                 Forwarded::BackToKernel => Forwarded::ParkFailed,
                 other => other,
             });
         }
+        let Direction {
+            progs,
+            key,
+            src: (src, sbase),
+            src_io,
+            dst: (dst, dbase),
+            dst_io,
+            by_user,
+            small_bytes,
+            window,
+            kicks,
+        } = &self.dir;
+        let (src, dst, window) = (*src, *dst, *window);
         // Out of `RELAY`, the verdict redirects nothing more: its total is
         // final until the socket goes back.
-        let sent =
-            wait_caught_up(&self.dir.progs, self.dir.key, dst, dbase, self.dir.by_user).await?;
+        let sent = wait_caught_up(progs, *key, dst, *dbase, by_user).await?;
         let out = Out {
-            progs: &self.dir.progs,
-            key: self.dir.key,
-            dst: (dst, dbase, &self.dir.dst_io),
-            by_user: self.dir.by_user,
-            window: self.dir.window,
-            kicks: self.dir.kicks,
+            progs,
+            key: *key,
+            dst: (dst, *dbase, dst_io),
+            by_user,
+            window,
+            kicks,
         };
-        let started = self.dir.by_user.load(Ordering::Relaxed);
-        let cursor = self
-            .dir
-            .progs
-            .flow(&self.dir.key)
-            .ok_or(Abort(None))?
-            .seq_known
-            != 0;
+        let started = by_user.load(Ordering::Relaxed);
+        let stayed = || by_user.load(Ordering::Relaxed) - started >= self.stay;
+        let cursor = progs.flow(key).ok_or(Abort(None))?.seq_known != 0;
         // Read and not yet counted in `FLOW`.
         let mut read = 0u64;
         let mut unlooked = 0u64;
+        // It cannot go back: read on to the end.
         let mut stranded = false;
         let mut buf = vec![0u8; copy::DEFAULT_BUFFER];
         loop {
-            match self.dir.src_io.try_read(&mut buf) {
+            match src_io.try_read(&mut buf) {
                 Ok(0) => {
                     self.count(read)?;
                     // Not established any more, it stays out of `RELAY`;
                     // this only withdraws the entry.
-                    let _ = self.dir.progs.unpark(&self.dir.key, src.as_fd());
+                    let _ = progs.unpark(key, src.as_fd());
                     let received = sys::tcp_info(src.as_fd())?
                         .bytes_received
                         .saturating_sub(1 + sbase.read);
-                    let f = self.dir.progs.flow(&self.dir.key).ok_or(Abort(None))?;
-                    if !all_accounted(received, f, self.dir.by_user.load(Ordering::Relaxed)) {
+                    let f = progs.flow(key).ok_or(Abort(None))?;
+                    let forwarded = by_user.load(Ordering::Relaxed);
+                    if !all_accounted(received, f, forwarded) {
                         log::error!(
                             "a parked socket ended with {received} bytes received, {} redirected \
-                             and {} forwarded; resetting the connection",
-                            f.sent,
-                            self.dir.by_user.load(Ordering::Relaxed)
+                             and {forwarded} forwarded; resetting the connection",
+                            f.sent
                         );
                         return Err(Abort(None));
                     }
@@ -90,58 +96,51 @@ impl ParkedReader<'_> {
                     // What waits for the destination's reader keeps within
                     // the window, looked at every eighth of it.
                     unlooked += n as u64;
-                    if unlooked >= self.dir.window / 8 {
+                    if unlooked >= window / 8 {
                         unlooked = 0;
-                        let allowed = allowance(self.dir.window, dst.as_fd())?;
-                        if waiting(sent, dst, dbase, self.dir.by_user)? > allowed {
-                            out.wait_drained(allowed.min(self.dir.window) / 2, None)
-                                .await?;
+                        let allowed = allowance(window, dst.as_fd())?;
+                        if waiting(sent, dst, *dbase, by_user)? > allowed {
+                            out.wait_drained(allowed.min(window) / 2, None).await?;
                         }
                     }
-                    self.dir
-                        .dst_io
-                        .write_all(&buf[..n], self.dir.by_user)
-                        .await?;
-                    self.dir.small_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    dst_io.write_all(&buf[..n], by_user).await?;
+                    small_bytes.fetch_add(n as u64, Ordering::Relaxed);
                     read += n as u64;
                     // With its cursor known, the verdict cuts off what
                     // was read of a half-read skb, as it does for a
                     // retransmission (`skip_handled`), so the direction
                     // may go back without waiting for an empty queue,
                     // which a sender that never pauses does not leave.
-                    if cursor
-                        && !stranded
-                        && self.dir.by_user.load(Ordering::Relaxed) - started >= self.stay
-                    {
-                        self.count(std::mem::take(&mut read))?;
-                        match self.dir.progs.unpark(&self.dir.key, src.as_fd())? {
-                            Unparked::Back | Unparked::NotParked => {
-                                return Ok(Forwarded::BackToKernel);
-                            }
-                            Unparked::Stranded => stranded = true,
+                    if cursor && !stranded && stayed() {
+                        match self.go_back(&mut read)? {
+                            Some(how) => return Ok(how),
+                            None => stranded = true,
                         }
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if !stranded && self.dir.by_user.load(Ordering::Relaxed) - started >= self.stay
-                    {
-                        self.count(std::mem::take(&mut read))?;
-                        match self.dir.progs.unpark(&self.dir.key, src.as_fd())? {
-                            Unparked::Back | Unparked::NotParked => {
-                                return Ok(Forwarded::BackToKernel);
-                            }
-                            // Shut for writing meanwhile (the other
-                            // direction's FIN passed on), or its own FIN
-                            // came: it cannot rejoin, so this reads on to
-                            // the end.
-                            Unparked::Stranded => stranded = true,
+                    if !stranded && stayed() {
+                        match self.go_back(&mut read)? {
+                            Some(how) => return Ok(how),
+                            None => stranded = true,
                         }
                     }
-                    self.dir.src_io.readable().await?;
+                    src_io.readable().await?;
                 }
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// Counts what was `read` and puts the source back; `None` if it
+    /// cannot go back (shut for writing meanwhile, as the other
+    /// direction's FIN was passed on, or its own FIN came).
+    fn go_back(&self, read: &mut u64) -> Result<Option<Forwarded>, Abort> {
+        self.count(std::mem::take(read))?;
+        Ok(match self.back()? {
+            Forwarded::Stranded => None,
+            how => Some(how),
+        })
     }
 
     /// Asks for the park and waits until it is done; false if it was not
