@@ -14,7 +14,7 @@ use super::{
     Abort,
     ending::{all_accounted, failure},
     forward::{Backoff, Direction, Out, wait_caught_up},
-    switch::{Forwarded, allowance, waiting},
+    switch::{Forwarded, allowance, held_rcvbuf, waiting},
 };
 use crate::{ebpf::Unparked, engine::copy, sys};
 
@@ -23,6 +23,8 @@ pub(super) struct ParkedReader<'a> {
     pub(super) dir: Direction<'a>,
     /// Bytes to forward before the direction goes back to the kernel.
     pub(super) stay: u64,
+    /// The source's receive buffer was fixed at pairing (`--park`).
+    pub(super) fixed_rcvbuf: bool,
 }
 
 /// How long a park asked for reading may take before the reader gives up
@@ -69,6 +71,8 @@ impl ParkedReader<'_> {
         let mut unlooked = 0u64;
         // It cannot go back: read on to the end.
         let mut stranded = false;
+        // The source's receive buffer was cut to a held one's.
+        let mut cut = false;
         let mut buf = vec![0u8; copy::DEFAULT_BUFFER];
         loop {
             match src_io.try_read(&mut buf) {
@@ -93,6 +97,9 @@ impl ParkedReader<'_> {
                     return Ok(Forwarded::Eof);
                 }
                 Ok(n) => {
+                    dst_io.write_all(&buf[..n], by_user).await?;
+                    small_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    read += n as u64;
                     // What waits for the destination's reader keeps within
                     // the window, looked at every eighth of it.
                     unlooked += n as u64;
@@ -100,12 +107,25 @@ impl ParkedReader<'_> {
                         unlooked = 0;
                         let allowed = allowance(window, dst.as_fd())?;
                         if waiting(sent, dst, *dbase, by_user)? > allowed {
+                            // A lagging reader is the window's business:
+                            // back in the kernel, the verdict's cap holds
+                            // the sender, and a hold cuts the source's
+                            // buffer. (Cut here, autotuning stopped for
+                            // good: a fifth of the throughput at 16 KiB
+                            // writes; BENCHMARKS.md, tuning log 34.)
+                            if cursor && !stranded {
+                                match self.go_back(&mut read)? {
+                                    Some(how) => return Ok(how),
+                                    None => stranded = true,
+                                }
+                            }
+                            if !cut && (!self.fixed_rcvbuf || crate::pressure::under()) {
+                                sys::set_rcvbuf(src.as_fd(), held_rcvbuf())?;
+                                cut = true;
+                            }
                             out.wait_drained(allowed.min(window) / 2, None).await?;
                         }
                     }
-                    dst_io.write_all(&buf[..n], by_user).await?;
-                    small_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                    read += n as u64;
                     // With its cursor known, the verdict cuts off what
                     // was read of a half-read skb, as it does for a
                     // retransmission (`skip_handled`), so the direction

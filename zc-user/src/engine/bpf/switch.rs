@@ -308,11 +308,6 @@ impl<'a> Pair<'a> {
         // and a direction whose park did not happen before.
         let parkable = self.engine.read_parked && !self.park_failed[src] && !self.shut(src);
         if small.is_some() && parkable && !capped {
-            // Like a held buffer (see below): the window's bound counts on
-            // it, and autotuning would grow it while zc reads.
-            if !self.engine.park || crate::pressure::under() {
-                sys::set_rcvbuf(self.socks[src].as_fd(), held_rcvbuf())?;
-            }
             let stay = self.dwell[src].leave(f.sent);
             return self.parked_reader(src, stay);
         }
@@ -372,6 +367,7 @@ impl<'a> Pair<'a> {
         let reader = ParkedReader {
             dir: self.direction(src)?,
             stay,
+            fixed_rcvbuf: self.engine.park,
         };
         Ok(Some(Box::pin(reader.run())))
     }
