@@ -90,43 +90,49 @@ pub(super) struct Direction<'a> {
     pub(super) kicks: &'a AtomicU64,
 }
 
+impl<'a> Direction<'a> {
+    /// Where this direction's forwarded bytes go.
+    pub(super) fn out(&self) -> Out<'a, '_> {
+        Out {
+            progs: &self.progs,
+            key: self.key,
+            dst: (self.dst.0, self.dst.1, &self.dst_io),
+            by_user: self.by_user,
+            window: self.window,
+            kicks: self.kicks,
+        }
+    }
+}
+
 impl Forwarder<'_> {
     pub(super) async fn run(self) -> Result<Forwarded, Abort> {
         let Forwarder {
-            dir:
-                Direction {
-                    progs,
-                    key,
-                    src: (src_std, sbase),
-                    src_io: src,
-                    dst: (dst, dbase),
-                    dst_io,
-                    by_user,
-                    small_bytes,
-                    window,
-                    kicks,
-                },
+            dir,
             back,
             mut small_below,
             peek,
             fixed_rcvbuf,
         } = self;
-        let mut brake = Brake::new((src_std, sbase), &progs, back, fixed_rcvbuf);
-        let out = Out {
-            progs: &progs,
+        let out = dir.out();
+        let Direction {
+            ref progs,
             key,
-            dst: (dst, dbase, &dst_io),
+            src: (src_std, sbase),
+            src_io: ref src,
+            dst: (dst, dbase),
             by_user,
+            small_bytes,
             window,
-            kicks,
-        };
+            ..
+        } = dir;
+        let mut brake = Brake::new((src_std, sbase), progs, back, fixed_rcvbuf);
         if small_below.is_none() {
             let below = allowance(window, dst.as_fd())?.min(window) / 2;
             out.wait_drained(below, Some(&mut brake)).await?;
         }
         // Held, the verdict redirects nothing, so this stays true until
         // the release below.
-        let mut caught_up = wait_caught_up(&progs, key, dst, dbase, by_user).await?;
+        let mut caught_up = wait_caught_up(progs, key, dst, dbase, by_user).await?;
         if small_below.is_none() {
             progs.release(&key, cap(dst, dbase, by_user, window)?)?;
         }
@@ -183,7 +189,7 @@ impl Forwarder<'_> {
             if peek && small_below.is_none() && eof_wait.is_none() {
                 let round = PeekRound {
                     out: &out,
-                    src: (src_std, &src),
+                    src: (src_std, src),
                 };
                 match round.run(&mut buf, &mut caught_up, &mut brake).await? {
                     Peeked::BackToKernel => return Ok(Forwarded::BackToKernel),
@@ -261,12 +267,12 @@ impl Forwarder<'_> {
 /// accounted: shared by the reading and the peeking forwarder, and the
 /// parked reader.
 pub(super) struct Out<'a, 'b> {
-    pub(super) progs: &'b Programs,
-    pub(super) key: SockKey,
-    pub(super) dst: (&'a TcpStream, Base, &'b super::io::SockIo),
-    pub(super) by_user: &'a AtomicU64,
-    pub(super) window: u64,
-    pub(super) kicks: &'a AtomicU64,
+    progs: &'b Programs,
+    key: SockKey,
+    dst: (&'a TcpStream, Base, &'b super::io::SockIo),
+    by_user: &'a AtomicU64,
+    window: u64,
+    kicks: &'a AtomicU64,
 }
 
 impl Out<'_, '_> {

@@ -13,7 +13,7 @@ use std::{os::fd::AsFd, sync::atomic::Ordering, time::Duration};
 use super::{
     Abort,
     ending::{all_accounted, failure},
-    forward::{Backoff, Direction, Out, wait_caught_up},
+    forward::{Backoff, Direction, wait_caught_up},
     switch::{Forwarded, allowance, held_rcvbuf, waiting},
 };
 use crate::{ebpf::Unparked, engine::copy, sys};
@@ -39,6 +39,7 @@ impl ParkedReader<'_> {
                 other => other,
             });
         }
+        let out = self.dir.out();
         let Direction {
             progs,
             key,
@@ -49,20 +50,12 @@ impl ParkedReader<'_> {
             by_user,
             small_bytes,
             window,
-            kicks,
+            ..
         } = &self.dir;
         let (src, dst, window) = (*src, *dst, *window);
         // Out of `RELAY`, the verdict redirects nothing more: its total is
         // final until the socket goes back.
         let sent = wait_caught_up(progs, *key, dst, *dbase, by_user).await?;
-        let out = Out {
-            progs,
-            key: *key,
-            dst: (dst, *dbase, dst_io),
-            by_user,
-            window,
-            kicks,
-        };
         let started = by_user.load(Ordering::Relaxed);
         let stayed = || by_user.load(Ordering::Relaxed) - started >= self.stay;
         let cursor = progs.flow(key).ok_or(Abort(None))?.seq_known != 0;
